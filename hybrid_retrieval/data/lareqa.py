@@ -100,9 +100,7 @@ class LareqaSplit:
     def candidate_language_ids(self) -> np.ndarray:
         """Index into ``self.languages`` of each candidate's language (int64)."""
         index = {language: i for i, language in enumerate(self.languages)}
-        return np.fromiter(
-            (index[c.language] for c in self.candidates), dtype=np.int64, count=len(self.candidates)
-        )
+        return np.fromiter((index[c.language] for c in self.candidates), dtype=np.int64, count=len(self.candidates))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -271,10 +269,10 @@ def load_language_files(
     name: str, root: str | os.PathLike[str] | None = None, languages: Sequence[str] | str | None = None
 ) -> dict[str, LanguageFile]:
     """Parsed files of dataset `name` for `languages` (all when None), keyed in the requested order."""
-    get_source(name)
+    source = get_source(name)
     chosen = check_languages(name, languages)
     folder = resolve_dataset_dir(name, root, chosen)
-    return {lang: read_language_file(folder / f"{lang}.json", lang) for lang in chosen}
+    return {lang: read_language_file(folder / source.filename(lang), lang) for lang in chosen}
 
 
 def load_split(

@@ -15,8 +15,10 @@ Sources:
   (a non-empty string or null). Other keys are rejected so that a misspelt key is noticed. Groups and
   languages are numbered in order of first appearance.
 
-Both are plain functions so that Hydra can build them from a ``train_data`` config, e.g.
-``{_target_: hybrid_retrieval.data.pairs.from_lareqa, name: mlqa_r, passage_text: sentence}``.
+Both are plain functions so that Hydra can build them from a ``train_data`` config, whose ``datasets`` list
+holds entries like ``{_target_: hybrid_retrieval.data.pairs.from_lareqa, name: mlqa_r}``; build them with
+:func:`build_datasets` (a bare ``hydra.utils.instantiate`` with the default ``_convert_`` would turn the
+dataclasses back into DictConfigs).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ __all__ = [
     "JSONL_FIELDS",
     "PASSAGE_TEXTS",
     "ParallelPairs",
+    "build_datasets",
     "from_jsonl",
     "from_lareqa",
 ]
@@ -108,8 +111,9 @@ class ParallelPairs:
         if self.hard_negatives is not None:
             bad = next((i for i, v in enumerate(self.hard_negatives) if v is not None and not isinstance(v, str)), None)
             if bad is not None:
-                raise ValueError(f"{where}: hard_negatives[{bad}] is {type(self.hard_negatives[bad]).__name__}, "
-                                 f"expected str or None")
+                raise ValueError(
+                    f"{where}: hard_negatives[{bad}] is {type(self.hard_negatives[bad]).__name__}, expected str or None"
+                )
         return self
 
     def rows_by_group(self) -> list[np.ndarray]:
@@ -121,9 +125,7 @@ class ParallelPairs:
     def summary(self) -> dict[str, Any]:
         """Counts for logging: rows, groups, rows per language, groups by how many languages they span."""
         per_language = Counter(self.languages.tolist())
-        spans = Counter(
-            len(np.unique(self.languages[rows])) for rows in self.rows_by_group()
-        )
+        spans = Counter(len(np.unique(self.languages[rows])) for rows in self.rows_by_group())
         return {
             "name": self.name,
             "rows": len(self),
@@ -151,10 +153,12 @@ def from_lareqa(
 ) -> ParallelPairs:
     """Training rows from XQuAD-R / MLQA-R: one per (question, language), grouped by question id.
 
-    passage_text: "sentence" (the gold sentence) or "sentence_paragraph" (sentence + " " + paragraph, as the
-    evaluation's ``candidate_text`` option). max_groups: keep the first this many question ids in the stable
-    sha1 order that ``load_split``'s cap uses, with their rows in every language. hard_negative: None, or "same_paragraph" (the sentence
-    after the gold one in its paragraph, else the one before; None for one-sentence paragraphs).
+    - passage_text: "sentence" (the gold sentence) or "sentence_paragraph" (sentence + " " + paragraph, like
+      the evaluation's ``candidate_text`` option).
+    - max_groups: keep the first this many question ids in the stable sha1 order that ``load_split``'s cap
+      uses, with their rows in every language.
+    - hard_negative: None, or "same_paragraph": the sentence after the gold one in its paragraph, else the one
+      before (None for one-sentence paragraphs); formatted like the passage.
     """
     if passage_text not in PASSAGE_TEXTS:
         raise ValueError(f"passage_text must be one of {list(PASSAGE_TEXTS)}, got {passage_text!r}")
@@ -259,3 +263,28 @@ def from_jsonl(path: str | os.PathLike[str], name: str | None = None) -> Paralle
         passages=passages,
         hard_negatives=negatives if any(n is not None for n in negatives) else None,
     )
+
+
+def build_datasets(train_data: Any) -> list[ParallelPairs]:
+    """Instantiate a ``train_data`` config (or its ``datasets`` list) into a list of :class:`ParallelPairs`."""
+    from hydra.utils import instantiate
+    from omegaconf import DictConfig
+    from omegaconf.errors import MissingMandatoryValue
+
+    entries = train_data.datasets if isinstance(train_data, (DictConfig, dict)) else train_data
+    if isinstance(entries, (DictConfig, dict)) or not entries:
+        raise ValueError("train_data.datasets must be a non-empty list of dataset configs with a _target_")
+    try:
+        built = instantiate(entries, _convert_="all")
+    except MissingMandatoryValue as exc:
+        raise ValueError(
+            f"train_data config lacks a required value ({exc.full_key}); for train_data=jsonl set "
+            f"train_data.path=/path/to/file.jsonl"
+        ) from exc
+    for i, item in enumerate(built):
+        if not isinstance(item, ParallelPairs):
+            raise ValueError(
+                f"train_data.datasets[{i}] built a {type(item).__name__}, expected ParallelPairs "
+                f"(use _target_: hybrid_retrieval.data.pairs.from_lareqa or from_jsonl)"
+            )
+    return list(built)

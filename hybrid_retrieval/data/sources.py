@@ -14,6 +14,11 @@ looked up in this order:
    replaces the origin: files are then fetched from ``<base_url>/<folder>/<lang>.json``. Setting
    ``HYBRID_RETRIEVAL_OFFLINE=1`` (or ``download=False``) skips this step.
 5. otherwise :class:`DataNotFoundError`, saying which files are missing where and what to set.
+
+Every file used, wherever it was found, must have its pinned sha256 (:class:`DataChecksumError` otherwise),
+so results are always on the published benchmark and a folder of the other dataset is never mistaken for
+this one. Hashes are computed once per process and file version (about 50 ms for all of XQuAD-R).
+``HYBRID_RETRIEVAL_VERIFY=0`` (or ``verify=False``) skips the check for deliberately edited copies.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 __all__ = [
@@ -33,6 +39,7 @@ __all__ = [
     "DATA_ENV",
     "DATA_URL_ENV",
     "OFFLINE_ENV",
+    "VERIFY_ENV",
     "DataChecksumError",
     "DataNotFoundError",
     "DatasetSource",
@@ -47,6 +54,7 @@ DATA_ENV = "HYBRID_RETRIEVAL_DATA"
 CACHE_ENV = "HYBRID_RETRIEVAL_CACHE"
 DATA_URL_ENV = "HYBRID_RETRIEVAL_DATA_URL"
 OFFLINE_ENV = "HYBRID_RETRIEVAL_OFFLINE"
+VERIFY_ENV = "HYBRID_RETRIEVAL_VERIFY"
 DEFAULT_TIMEOUT_S = 20.0
 
 _LAREQA_RAW = "https://raw.githubusercontent.com/google-research-datasets/lareqa"
@@ -57,7 +65,7 @@ class DataNotFoundError(FileNotFoundError):
 
 
 class DataChecksumError(RuntimeError):
-    """A downloaded file's sha256 differs from the pinned one; nothing was written to the cache."""
+    """A data file's sha256 differs from the pinned one (a download is then not written to the cache)."""
 
 
 @dataclass(frozen=True)
@@ -177,6 +185,40 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+@lru_cache(maxsize=256)
+def _cached_sha256(path_str: str, mtime_ns: int, size: int) -> str:
+    # mtime and size in the key: an edited file is hashed again.
+    return _sha256(Path(path_str))
+
+
+def _known_files() -> dict[str, str]:
+    """sha256 -> "<folder>/<lang>.json" over all datasets, to say what a wrong file actually is."""
+    return {
+        digest: f"{src.folder}/{src.filename(lang)}" for src in DATASETS.values() for lang, digest in src.sha256.items()
+    }
+
+
+def _verify(folder: Path, source: DatasetSource, languages: Sequence[str]) -> None:
+    for language in languages:
+        path = (folder / source.filename(language)).resolve()
+        stat = path.stat()
+        actual = _cached_sha256(str(path), stat.st_mtime_ns, stat.st_size)
+        expected = source.sha256[language]
+        if actual != expected:
+            other = _known_files().get(actual)
+            what = f"it is {other}, not {source.folder}/{source.filename(language)}" if other else "edited or corrupt"
+            raise DataChecksumError(
+                f"{path}: sha256 is {actual}, expected {expected} ({what}). Point dataset.root at the "
+                f"{source.folder}/ files, or set {VERIFY_ENV}=0 to use an edited copy."
+            )
+
+
+def _verify_enabled(verify: bool | None) -> bool:
+    if verify is not None:
+        return verify
+    return os.environ.get(VERIFY_ENV, "").strip().lower() not in {"0", "false", "no", "off"}
+
+
 def _download(url: str, target: Path, expected_sha256: str, timeout: float) -> None:
     """Fetch `url` into `target` atomically, only if its sha256 matches; the cache never holds a partial file."""
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -210,18 +252,26 @@ def resolve_dataset_dir(
     languages: Sequence[str] | str | None = None,
     *,
     download: bool | None = None,
+    verify: bool | None = None,
     base_url: str | None = None,
     timeout: float = DEFAULT_TIMEOUT_S,
 ) -> Path:
     """Folder holding ``<lang>.json`` for every requested language of dataset `name` ("xquad_r" | "mlqa_r").
 
     `languages` limits which files must exist (default: all of the dataset's languages). `download`
-    None means "allowed unless $HYBRID_RETRIEVAL_OFFLINE is set". `base_url` (else $HYBRID_RETRIEVAL_DATA_URL,
+    None means "allowed unless $HYBRID_RETRIEVAL_OFFLINE is set"; `verify` None means "check sha256 unless
+    $HYBRID_RETRIEVAL_VERIFY=0". `base_url` (else $HYBRID_RETRIEVAL_DATA_URL,
     else the pinned GitHub commit) is where missing files are fetched from. See the module docstring for
     the search order.
     """
     source = get_source(name)
     wanted = check_languages(name, languages)
+
+    def checked(folder: Path) -> Path:
+        if _verify_enabled(verify):
+            _verify(folder, source, wanted)
+        return folder
+
     hint = (
         f"Set dataset.root=/path (the folder holding {source.folder}/, or {source.folder}/ itself) "
         f"or export {DATA_ENV}=/path."
@@ -240,7 +290,7 @@ def resolve_dataset_dir(
         missing = _missing(folder, source, wanted)
         if missing:
             raise DataNotFoundError(f"{name}: missing {', '.join(missing)} in {folder}. {hint}")
-        return folder
+        return checked(folder)
 
     looked: list[str] = []
     env_root = os.environ.get(DATA_ENV, "")
@@ -250,10 +300,8 @@ def resolve_dataset_dir(
         if folder is not None:
             missing = _missing(folder, source, wanted)
             if missing:
-                raise DataNotFoundError(
-                    f"{name}: missing {', '.join(missing)} in {folder} (from ${DATA_ENV}). {hint}"
-                )
-            return folder
+                raise DataNotFoundError(f"{name}: missing {', '.join(missing)} in {folder} (from ${DATA_ENV}). {hint}")
+            return checked(folder)
         looked.append(f"${DATA_ENV}={env_root} (no {source.folder}/ there)")
     else:
         looked.append(f"${DATA_ENV} (not set)")
@@ -261,7 +309,7 @@ def resolve_dataset_dir(
     cache_folder = default_cache_dir() / source.folder
     missing = _missing(cache_folder, source, wanted)
     if not missing:
-        return cache_folder
+        return checked(cache_folder)
     looked.append(f"cache {cache_folder} (missing {', '.join(missing)})")
 
     allowed = (not _offline()) if download is None else download
@@ -281,7 +329,7 @@ def resolve_dataset_dir(
                 reason = getattr(exc, "reason", None) or exc
                 failures.append(f"{url}: {reason}")
         if not failures:
-            return cache_folder
+            return checked(cache_folder)
         looked.append("download failed: " + "; ".join(failures))
 
     still_missing = _missing(cache_folder, source, wanted)

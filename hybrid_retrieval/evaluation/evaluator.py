@@ -38,6 +38,9 @@ class EvaluationResult:
     summary: dict[str, dict[str, float]]
     per_language: dict[str, dict[str, dict[str, float]]]  # setting -> "en" or "en-de" -> metric -> value
     timings: dict[str, float] = field(default_factory=dict)
+    # Embeddings the result was computed from, when they were computed here (not serialised).
+    query_emb: np.ndarray | None = field(default=None, repr=False)
+    candidate_emb: np.ndarray | None = field(default=None, repr=False)
 
     def flat(self, prefix: str = "") -> dict[str, float]:
         """Metric names valid for MLflow: ``mono/map``, ``cross/en-de/map``, ``multi/rank_distance``..."""
@@ -160,4 +163,5 @@ def evaluate_encoder(encoder: Any, split: Any, candidate_text: str = "sentence",
     result = evaluate_split(query_emb, candidate_emb, split, num_threads=num_threads)
     result.timings["encode_s"] = encode_s
     result.timings["texts"] = float(len(query_emb) + len(candidate_emb))
+    result.query_emb, result.candidate_emb = query_emb, candidate_emb
     return result

@@ -152,11 +152,12 @@ class Encoder(nn.Module):
             raise ValueError(f"batch_size={batch_size}: expected a positive integer")
         if dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"dtype={dtype}: expected None, torch.float32, torch.bfloat16 or torch.float16")
+        self._check_kind(kind)
         texts = list(texts) if not isinstance(texts, str) else texts
+        if not texts:  # the tokenizer rejects an empty batch
+            return np.empty((0, self.embedding_dim), dtype=np.float32)
         ids = self._token_ids(texts, kind)
         out = np.empty((len(ids), self.embedding_dim), dtype=np.float32)
-        if not ids:
-            return out
         lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
         # Longest first: the peak-memory batch comes first and fails fast if it does not fit.
         order = np.argsort(-lengths, kind="stable")

@@ -190,13 +190,13 @@ class _DatasetIndex:
         start, count = self.start[groups], self.count[groups]
         # Offsetting from the query's own position never lands on the query row itself, so with one row per
         # (group, language) the first draw is always valid.
-        step = 1 + np.floor(rng.random(len(queries)) * (count - 1)).astype(np.int64)
+        step = 1 + (rng.random(len(queries)) * (count - 1)).astype(np.int64)
         passages = self.by_group[start + (self.pos_in_group[queries] + step) % count]
         bad = np.flatnonzero(self.languages[passages] == self.languages[queries])
         for _ in range(_MAX_REJECTION_ROUNDS):
             if len(bad) == 0:
                 return passages
-            redraw = self.by_group[start[bad] + np.floor(rng.random(len(bad)) * count[bad]).astype(np.int64)]
+            redraw = self.by_group[start[bad] + (rng.random(len(bad)) * count[bad]).astype(np.int64)]
             passages[bad] = redraw
             bad = bad[self.languages[redraw] == self.languages[queries[bad]]]
         for i in bad:  # groups dominated by one language: choose exactly among the other-language rows
@@ -299,7 +299,7 @@ class HybridBatchSampler(torch.utils.data.Sampler[list[tuple[int, int, int]]]):
                 log.warning("HybridBatchSampler: dataset %r: languages left out of monolingual batches, fewer "
                             "distinct groups than the global batch of %d rows: %s", d.name, n, ", ".join(dropped))
             weights = (np.ones(len(usable)) if language_weighting == "uniform"
-                       else np.array([len(d.rows_by_language[lang]) for lang in usable], dtype=float))
+                       else np.ones(len(usable)))
             self._mono_languages.append(usable)
             self._mono_language_choice.append(_Choice(weights) if len(usable) else None)
         mono_sizes = np.array([d.n_rows if len(u) else 0 for d, u in zip(self._datasets, self._mono_languages)], float)

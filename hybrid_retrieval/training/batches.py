@@ -1,0 +1,53 @@
+"""Turning sampler rows into tokenized model inputs.
+
+The sampler (:mod:`hybrid_retrieval.training.sampler`) decides which rows form a batch; this module looks up
+their texts and tokenizes queries and passages (and hard negatives when every row of the batch has one).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch.utils.data import Dataset
+
+from hybrid_retrieval.data.pairs import ParallelPairs
+
+
+class PairTexts(Dataset):
+    """Maps a sampler item ``(dataset_index, query_row, passage_row)`` to its texts."""
+
+    def __init__(self, datasets: Sequence[ParallelPairs]) -> None:
+        self.datasets = list(datasets)
+
+    def __len__(self) -> int:
+        return sum(len(d) for d in self.datasets)
+
+    def __getitem__(self, item: tuple[int, int, int]) -> dict[str, Any]:
+        dataset_index, query_row, passage_row = item
+        data = self.datasets[dataset_index]
+        negatives = data.hard_negatives
+        return {
+            "query": data.queries[query_row],
+            "passage": data.passages[passage_row],
+            "hard_negative": negatives[passage_row] if negatives is not None else None,
+        }
+
+
+class PairCollator:
+    """Tokenizes a list of :class:`PairTexts` items with the encoder's prefixes and maximum lengths."""
+
+    def __init__(self, tokenize: Any, use_hard_negatives: bool = True) -> None:
+        self.tokenize = tokenize
+        self.use_hard_negatives = use_hard_negatives
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, dict[str, torch.Tensor]]:
+        batch = {
+            "query": self.tokenize([i["query"] for i in items], "query"),
+            "passage": self.tokenize([i["passage"] for i in items], "passage"),
+        }
+        negatives = [i["hard_negative"] for i in items]
+        # Hard negatives are all-or-nothing per batch so the score matrix stays rectangular.
+        if self.use_hard_negatives and all(n is not None for n in negatives):
+            batch["hard_negative"] = self.tokenize(negatives, "passage")
+        return batch

@@ -1,0 +1,15 @@
+"""Train and evaluate: ``python run.py model=xlmr sampler=hybrid`` (see conf/config.yaml and README.md)."""
+
+import hydra
+from omegaconf import DictConfig
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> float:
+    from hybrid_retrieval.training.train import train  # imported here so --help and --cfg stay fast
+
+    return train(cfg)
+
+
+if __name__ == "__main__":
+    main()
