@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import CONF_DIR, REPO_ROOT, model_config
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 
 from hybrid_retrieval.models.encoder import Encoder, ModelNotFoundError, cosine, load_encoder
@@ -174,15 +175,15 @@ def test_concurrent_materialisation_and_rebuild(tmp_path: Path) -> None:
 
 
 def test_encode_preserves_order_and_equals_per_text_encoding(me5_small: Encoder) -> None:
-    texts = [SENTENCES[i] * (1 + i % 3) for i in range(len(SENTENCES))] + ["short", "a bit longer text here"]
-    batched = me5_small.encode(texts, "passage", batch_size=4)
+    texts = [SENTENCES[0] * 2, "short", SENTENCES[7], "a bit longer text here", SENTENCES[5], SENTENCES[8], "x"]
+    batched = me5_small.encode(texts, "passage", batch_size=3)
     single = []
     with torch.inference_mode():
         for t in texts:
             single.append(me5_small(**me5_small.tokenize([t], "passage"))[0].numpy())
     np.testing.assert_allclose(batched, np.stack(single), atol=2e-5)
     perm = np.random.default_rng(1).permutation(len(texts))
-    np.testing.assert_allclose(me5_small.encode([texts[i] for i in perm], "passage", batch_size=5), batched[perm],
+    np.testing.assert_allclose(me5_small.encode([texts[i] for i in perm], "passage", batch_size=4), batched[perm],
                                atol=2e-5)
     assert me5_small.encode([], "query").shape == (0, 384)
 
@@ -291,11 +292,12 @@ def test_hub_model_without_local_copy_fails_fast(name: str) -> None:
     if isinstance(try_to_load_from_cache(cfg.checkpoint, "config.json"), str):
         pytest.skip(f"{cfg.checkpoint} is in the local Hugging Face cache")
     started = time.perf_counter()
-    with pytest.raises(ModelNotFoundError) as err:
+    with pytest.raises(InstantiationException) as err:
         instantiate(cfg)
     assert time.perf_counter() - started < 3.0
-    message = str(err.value)
-    assert cfg.checkpoint in message and "model.path" in message
+    cause = err.value.__cause__
+    assert isinstance(cause, ModelNotFoundError)
+    assert cfg.checkpoint in str(cause) and "model.path" in str(cause)
 
 
 def test_bad_model_options_are_named(tmp_path: Path, tiny_encoder: Encoder) -> None:

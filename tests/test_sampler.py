@@ -240,25 +240,41 @@ def test_languages_with_too_few_groups_are_left_out_of_mono_batches():
     assert {info.language for info in sampler.batch_infos()} == {"l0"}
 
 
-def test_an_epoch_walks_through_each_language_without_repeats():
+def first_repeat(rows: list[int]) -> int:
+    """Index of the first element of rows that occurred before (len(rows) if none)."""
+    seen: set[int] = set()
+    for i, row in enumerate(rows):
+        if row in seen:
+            return i
+        seen.add(row)
+    return len(rows)
+
+
+def test_mono_batches_walk_through_a_language_before_repeating_it():
     members = [[0, 1, 2] if g < 30 else [0, 2] for g in range(60)]
     ds = make_pairs("a", members, 3)
-    sampler = HybridBatchSampler([ds], 6, 1.0, batches_per_epoch=400)
-    drawn: dict[str, list[int]] = {}
-    for batch, info in zip(sampler, sampler.batch_infos()):
-        drawn.setdefault(info.language, []).extend(q for _, q, _ in batch)
-    for lang, rows in drawn.items():
-        n_lang = int(np.sum(ds.languages == ds.language_names.index(lang)))
-        for start in range(0, len(rows) - n_lang + 1, n_lang):
-            cycle = rows[start : start + n_lang]
-            assert len(set(cycle)) == n_lang, f"{lang}: every row once per pass over the language"
+    for seed in range(5):
+        sampler = HybridBatchSampler([ds], 7, 1.0, seed=seed, batches_per_epoch=200)
+        drawn: dict[str, list[int]] = {}
+        for batch, info in zip(sampler, sampler.batch_infos()):
+            drawn.setdefault(info.language, []).extend(q for _, q, _ in batch)
+        for lang, rows in drawn.items():
+            n_lang = int(np.sum(ds.languages == ds.language_names.index(lang)))
+            assert len(rows) > n_lang
+            assert first_repeat(rows) >= n_lang, f"{lang}: every row once before any repeats"
 
 
-def test_cross_epoch_uses_every_row_once_as_query():
-    ds = full_pairs("a", 50, 4)  # 200 rows
-    sampler = HybridBatchSampler([ds], 10, 0.0)
-    queries = [q for batch in sampler for _, q, _ in batch]
-    assert len(queries) == 200 and len(set(queries)) == 200
+@pytest.mark.parametrize("batch_size", [5, 7, 13, 30])
+def test_cross_batches_use_every_query_row_before_repeating_one(batch_size):
+    for seed in range(5):
+        rng = np.random.default_rng(seed)
+        members = [sorted(rng.choice(5, size=rng.integers(2, 6), replace=False).tolist()) for _ in range(60)]
+        ds = make_pairs("a", members, 5, seed=seed)
+        sampler = HybridBatchSampler([ds], batch_size, 0.0, seed=seed, batches_per_epoch=100)
+        queries = [q for batch in sampler for _, q, _ in batch]
+        # A fresh pass starts only once the rows left cannot fill a batch with distinct groups: fewer than
+        # batch_size groups of at most 5 rows each.
+        assert first_repeat(queries) >= len(ds.groups) - (batch_size - 1) * 5
 
 
 def test_validation_errors():

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["DEFAULT_TINY_CONFIG", "Encoder", "ModelNotFoundError", "cosine", "load_encoder"]
+__all__ = ["DEFAULT_TINY_CONFIG", "Encoder", "ModelNotFoundError", "cosine", "load_encoder", "plan_batches"]
 
 Kind = Literal["query", "passage"]
 POOLINGS = ("mean", "cls")
@@ -145,8 +145,9 @@ class Encoder(nn.Module):
     ) -> np.ndarray:
         """Embed `texts` as float32 array (n, embedding_dim), rows in input order.
 
-        All texts are tokenised once, sorted by length and batched with padding only to each batch's longest
-        text, which removes most padding work. ``dtype=torch.bfloat16`` runs the backbone under autocast.
+        All texts are tokenised once, sorted by length and cut into batches of at most `batch_size` texts (see
+        :func:`plan_batches`), each padded only to its own longest text, which removes most padding work.
+        ``dtype=torch.bfloat16`` runs the backbone under autocast (fast only where the CPU/GPU has bf16 units).
         """
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size}: expected a positive integer")
@@ -163,7 +164,7 @@ class Encoder(nn.Module):
         order = np.argsort(-lengths, kind="stable")
         device = _module_device(self)
         use_autocast = dtype in (torch.bfloat16, torch.float16)
-        batches = range(0, len(order), batch_size)
+        batches = plan_batches(lengths[order], batch_size)
         if progress:
             from tqdm.auto import tqdm
 
@@ -172,8 +173,8 @@ class Encoder(nn.Module):
         self.eval()
         try:
             with torch.inference_mode():
-                for start in batches:
-                    idx = order[start : start + batch_size]
+                for start, stop in batches:
+                    idx = order[start:stop]
                     input_ids, attention_mask = _pad([ids[i] for i in idx], self.pad_token_id)
                     autocast = (
                         torch.autocast(device_type=device.type, dtype=dtype)
@@ -196,6 +197,38 @@ class Encoder(nn.Module):
         if self.dense is not None:
             _save_dense(self.dense, folder / "2_Dense")
         return folder
+
+
+BATCH_OVERHEAD_TOKENS = 64
+
+
+def plan_batches(
+    sorted_lengths: np.ndarray, batch_size: int, overhead_tokens: int = BATCH_OVERHEAD_TOKENS
+) -> list[tuple[int, int]]:
+    """Cut length-sorted (descending) texts into contiguous batches of at most `batch_size` texts.
+
+    Minimises the padded work: a batch [i, j) costs (j - i) * sorted_lengths[i] token slots (everything is
+    padded to its first, longest text) plus `overhead_tokens` for the fixed cost of a forward pass. Fixed
+    chunks of `batch_size` would pad a whole batch to one outlier; this dynamic programme, O(n * batch_size),
+    splits the batch where that saves work. Returns (start, stop) pairs covering range(len(sorted_lengths)).
+    """
+    lengths = np.asarray(sorted_lengths, dtype=np.int64)
+    n = len(lengths)
+    if n and np.any(np.diff(lengths) > 0):
+        raise ValueError("plan_batches expects lengths sorted in descending order")
+    best = np.zeros(n + 1, dtype=np.int64)
+    cut = np.zeros(n + 1, dtype=np.int64)
+    for stop in range(1, n + 1):
+        starts = np.arange(max(0, stop - batch_size), stop)
+        costs = best[starts] + (stop - starts) * lengths[starts] + overhead_tokens
+        k = int(np.argmin(costs))
+        best[stop], cut[stop] = costs[k], starts[k]
+    batches = []
+    stop = n
+    while stop > 0:
+        batches.append((int(cut[stop]), stop))
+        stop = int(cut[stop])
+    return batches[::-1]
 
 
 def _module_device(module: nn.Module) -> torch.device:

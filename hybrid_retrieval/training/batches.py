@@ -31,6 +31,7 @@ class PairTexts(Dataset):
             "query": data.queries[query_row],
             "passage": data.passages[passage_row],
             "hard_negative": negatives[passage_row] if negatives is not None else None,
+            "monolingual": query_row == passage_row,
         }
 
 
@@ -41,13 +42,15 @@ class PairCollator:
         self.tokenize = tokenize
         self.use_hard_negatives = use_hard_negatives
 
-    def __call__(self, items: list[dict[str, Any]]) -> dict[str, dict[str, torch.Tensor]]:
-        batch = {
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        batch: dict[str, Any] = {
             "query": self.tokenize([i["query"] for i in items], "query"),
             "passage": self.tokenize([i["passage"] for i in items], "passage"),
+            # Read from the rows themselves: with DataLoader workers the sampler runs ahead of training.
+            "monolingual": all(i["monolingual"] for i in items),
         }
-        negatives = [i["hard_negative"] for i in items]
-        # Hard negatives are all-or-nothing per batch so the score matrix stays rectangular.
-        if self.use_hard_negatives and all(n is not None for n in negatives):
+        negatives = [i["hard_negative"] for i in items if i["hard_negative"] is not None]
+        # Every hard negative present serves as a negative for every query of the batch.
+        if self.use_hard_negatives and negatives:
             batch["hard_negative"] = self.tokenize(negatives, "passage")
         return batch

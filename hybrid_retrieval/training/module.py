@@ -75,6 +75,7 @@ class HybridRetrievalModule(pl.LightningModule):
         self.num_threads = num_threads
         # (global step, logged metrics, results per evaluation set) of every validation, in order.
         self.history: list[tuple[int, dict[str, float], dict[str, EvaluationResult]]] = []
+        encoder.train()  # loaders hand back encoders in eval mode
         if freeze_embeddings:
             # The 250k-row vocabulary matrix is most of a multilingual encoder's parameters; freezing it keeps
             # CPU steps fast and protects languages absent from the training data.
@@ -100,16 +101,14 @@ class HybridRetrievalModule(pl.LightningModule):
     def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.encoder(**inputs)
 
-    def training_step(self, batch: dict[str, dict[str, torch.Tensor]], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         queries = self(batch["query"])
         passages = self(batch["passage"])
         negatives = self(batch["hard_negative"]) if "hard_negative" in batch else None
         loss = self.loss(queries, passages, negatives)
         size = queries.shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
-        info = getattr(self.train_sampler, "last_batch_info", None)
-        if info is not None:
-            self.log("train/mono_batch", float(info.kind == "mono"), batch_size=size)
+        self.log("train/mono_batch", float(batch["monolingual"]), batch_size=size)
         temperature = getattr(self.loss, "temperature", None)
         if isinstance(temperature, torch.Tensor):
             self.log("train/temperature", temperature.detach().float(), batch_size=size)

@@ -81,8 +81,11 @@ class _GroupQueue:
         self._rank_in_group = np.arange(len(rows)) - np.repeat(starts, counts)
         self._one_per_group = bool(len(rows) == 0 or counts.max() == 1)
         self._sorted_groups = sorted_groups
+        self.n_distinct = len(starts) if len(rows) else 0
 
     def pop(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        if n > self.n_distinct:  # would never terminate; the sampler excludes such queues up front
+            raise RuntimeError(f"a queue with {self.n_distinct} distinct groups cannot supply {n} distinct rows")
         while True:
             if len(self.buffer) - self.pos >= n:
                 taken = self._pop_distinct(n)
@@ -299,7 +302,7 @@ class HybridBatchSampler(torch.utils.data.Sampler[list[tuple[int, int, int]]]):
                 log.warning("HybridBatchSampler: dataset %r: languages left out of monolingual batches, fewer "
                             "distinct groups than the global batch of %d rows: %s", d.name, n, ", ".join(dropped))
             weights = (np.ones(len(usable)) if language_weighting == "uniform"
-                       else np.ones(len(usable)))
+                       else np.array([len(d.rows_by_language[lang]) for lang in usable], dtype=float))
             self._mono_languages.append(usable)
             self._mono_language_choice.append(_Choice(weights) if len(usable) else None)
         mono_sizes = np.array([d.n_rows if len(u) else 0 for d, u in zip(self._datasets, self._mono_languages)], float)

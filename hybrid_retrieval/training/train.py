@@ -23,7 +23,8 @@ log = logging.getLogger(__name__)
 
 def _monitored(history: list[tuple[int, dict[str, float], dict[str, Any]]], metric: str,
                mode: str) -> tuple[int, dict[str, float], dict[str, Any]]:
-    scored = [entry for entry in history if metric in entry[1]]
+    # Validations during fit only (step > 0): the ones the best checkpoint was chosen from.
+    scored = [entry for entry in history if metric in entry[1] and entry[0] > 0]
     if not scored:
         raise RuntimeError(f"no validation logged {metric!r}; check train.monitor")
     pick = max if mode == "max" else min

@@ -1,0 +1,145 @@
+"""Encoding throughput on XQuAD-R (en + zh questions and candidate sentences): naive loop vs Encoder.encode.
+
+Three ways to embed the same texts with the same model, timed in one run:
+
+* naive: batches of 64 in file order, every text padded to 128 tokens;
+* encode: ``Encoder.encode`` (tokenise once, sort by length, pad each batch only to its longest text);
+* encode-bf16: the same under bfloat16 autocast.
+
+All use a 128-token truncation limit, so the embeddings are comparable (their agreement is printed too).
+
+    python benchmarks/bench_encode.py --threads 2 --limit 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hybrid_retrieval.models.encoder import Encoder, cosine, load_encoder
+
+DATA_ENV = "HYBRID_RETRIEVAL_DATA"
+DEFAULT_DATA = Path("/work/shared/data")
+PAD_TO = 128
+
+
+def xquad_r_texts(root: Path, languages: list[str]) -> tuple[list[str], list[str]]:
+    """Questions and candidate sentences of the given XQuAD-R languages, in file order."""
+    questions: list[str] = []
+    sentences: list[str] = []
+    for lang in languages:
+        path = root / "xquad-r" / f"{lang}.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found; set {DATA_ENV} to the folder that holds xquad-r/")
+        data = json.loads(path.read_text(encoding="utf-8"))
+        for article in data["data"]:
+            for paragraph in article["paragraphs"]:
+                questions.extend(qa["question"] for qa in paragraph["qas"])
+                sentences.extend(paragraph["sentences"])
+    return questions, sentences
+
+
+def evenly_spaced(items: list[str], limit: int) -> list[str]:
+    """`limit` items spread over the whole list (file order kept); all of them when limit <= 0."""
+    if limit <= 0 or limit >= len(items):
+        return list(items)
+    return [items[i] for i in np.linspace(0, len(items) - 1, limit).round().astype(int)]
+
+
+def naive_encode(encoder: Encoder, texts: list[str], kind: str, batch_size: int = 64) -> np.ndarray:
+    """The straightforward loop: fixed batches in input order, each padded to PAD_TO tokens."""
+    prefix = encoder.prefixes[kind]
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(texts), batch_size):
+            batch = encoder.tokenizer(
+                [prefix + t for t in texts[start : start + batch_size]], padding="max_length", truncation=True,
+                max_length=PAD_TO, return_tensors="pt",
+            )
+            out.append(encoder(batch["input_ids"], batch["attention_mask"]).numpy())
+    return np.concatenate(out)
+
+
+def timed(fn: Callable[[], np.ndarray], repeats: int) -> tuple[float, np.ndarray]:
+    best, result = float("inf"), None
+    for _ in range(repeats):
+        started = time.perf_counter()
+        result = fn()
+        best = min(best, time.perf_counter() - started)
+    assert result is not None
+    return best, result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    parser.add_argument("--limit", type=int, default=256,
+                        help="texts per kind (questions, sentences), spread over the files; 0 = all (default 256)")
+    parser.add_argument("--languages", default="en,zh")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=1, help="best of this many runs per method")
+    parser.add_argument("--no-bf16", action="store_true", help="skip the bfloat16 run")
+    parser.add_argument("--model", default="me5_small", help="conf/model/<name>.yaml to load (default me5_small)")
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    root = Path(os.environ.get(DATA_ENV) or DEFAULT_DATA)
+    questions, sentences = xquad_r_texts(root, args.languages.split(","))
+    questions, sentences = evenly_spaced(questions, args.limit), evenly_spaced(sentences, args.limit)
+
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.to_container(OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "model"
+                                                / f"{args.model}.yaml"))
+    for key in ("_target_", "_convert_"):
+        cfg.pop(key, None)
+    cfg.update(max_query_length=PAD_TO, max_passage_length=PAD_TO)
+    encoder = load_encoder(**cfg)
+
+    work = [("query", questions), ("passage", sentences)]
+    n_texts = len(questions) + len(sentences)
+    lengths = np.array([len(ids) for kind, texts in work for ids in encoder._token_ids(texts, kind)])
+    print(f"model {args.model}, threads {args.threads}, {len(questions)} questions + {len(sentences)} sentences "
+          f"({args.languages}); tokens per text: mean {lengths.mean():.1f}, max {lengths.max()}, "
+          f"padded naive {PAD_TO}")
+
+    # Warm-up so one-time costs (allocator, kernel selection) are not timed.
+    encoder.encode(questions[:8], "query")
+    naive_encode(encoder, questions[:8], "query")
+
+    methods: dict[str, Callable[[], np.ndarray]] = {
+        "naive (file order, pad 128)": lambda: np.concatenate(
+            [naive_encode(encoder, t, k, args.batch_size) for k, t in work]),
+        "encode (sorted, dynamic pad)": lambda: np.concatenate(
+            [encoder.encode(t, k, batch_size=args.batch_size) for k, t in work]),
+    }
+    if not args.no_bf16:
+        methods["encode bf16 autocast"] = lambda: np.concatenate(
+            [encoder.encode(t, k, batch_size=args.batch_size, dtype=torch.bfloat16) for k, t in work])
+
+    results: dict[str, tuple[float, np.ndarray]] = {}
+    for label, fn in methods.items():
+        results[label] = timed(fn, args.repeats)
+        seconds = results[label][0]
+        print(f"  {label:30s} {seconds:8.2f} s  {n_texts / seconds:8.1f} texts/s", flush=True)
+
+    base_seconds, base = results["naive (file order, pad 128)"]
+    print("ratios to naive (same run):")
+    summary = {"threads": args.threads, "texts": n_texts}
+    for label, (seconds, emb) in results.items():
+        agreement = cosine(base, emb).min()
+        print(f"  {label:30s} x{base_seconds / seconds:6.2f}   min cosine to naive {agreement:.6f}")
+        summary[label] = {"seconds": round(seconds, 3), "texts_per_s": round(n_texts / seconds, 1),
+                          "speedup": round(base_seconds / seconds, 2), "min_cosine": round(float(agreement), 6)}
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
