@@ -105,7 +105,8 @@ def main() -> None:
 
     work = [("query", questions), ("passage", sentences)]
     n_texts = len(questions) + len(sentences)
-    lengths = np.array([len(ids) for kind, texts in work for ids in encoder._token_ids(texts, kind)])
+    lengths = np.array([len(ids) for kind, texts in work for ids in encoder.tokenizer(
+        [encoder.prefixes[kind] + t for t in texts], truncation=True, max_length=PAD_TO)["input_ids"]])
     print(f"model {args.model}, threads {args.threads}, {len(questions)} questions + {len(sentences)} sentences "
           f"({args.languages}); tokens per text: mean {lengths.mean():.1f}, max {lengths.max()}, "
           f"padded naive {PAD_TO}")

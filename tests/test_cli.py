@@ -15,7 +15,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SMALL_EVAL = ["dataset.languages=[en,de,el]", "dataset.max_questions_per_language=20"]
 SMALL_TRAIN = SMALL_EVAL + ["model=tiny", "train.batch_size=8", "trainer.limit_train_batches=3",
                             "train_data.datasets.0.max_groups=60", "train_data.datasets.0.languages=[en,de,es]",
-                            "trainer.enable_progress_bar=false"]
+                            "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1"]
 
 
 def run_command(args: list[str], data_root: Path, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:

