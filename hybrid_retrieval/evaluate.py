@@ -56,6 +56,9 @@ def evaluate(cfg: DictConfig) -> EvaluationResult:
                                   num_threads=cfg.hardware.num_threads)
         folder = Path(tracking.job_context()["output_dir"])
         files = write_report(result, split, folder)
+        if cfg.get("save_embeddings"):
+            for name, matrix in (("query_emb", result.query_emb), ("candidate_emb", result.candidate_emb)):
+                np.save(folder / f"{name}.npy", matrix)
         if cfg.get("rankings_top_k"):
             # Rankings re-encode nothing: they reuse the embeddings kept on the result.
             files.append(write_rankings(folder / "rankings.jsonl", split, result.query_emb, result.candidate_emb,
