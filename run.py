@@ -6,7 +6,10 @@ from omegaconf import DictConfig
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float:
-    from hybrid_retrieval.training.train import train  # imported here so --help and --cfg stay fast
+    from hybrid_retrieval.config_checks import check_train_config
+
+    check_train_config(cfg)  # before the heavy imports: a bad option fails in seconds
+    from hybrid_retrieval.training.train import train
 
     return train(cfg)
 

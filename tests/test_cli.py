@@ -88,9 +88,11 @@ def test_two_job_multirun_logs_both_runs_grouped(tmp_path: Path, data_root: Path
         artifacts = artifact_paths(client, run.info.run_id)
         assert {"metrics.json", "cross_lingual_map.png", "config/config.yaml", "config/overrides.yaml"} <= artifacts
         history = client.get_metric_history(run.info.run_id, "val/multi/map")
-        assert [m.step for m in history] == [0, 3]  # before training, and after the 3 training batches
+        steps = sorted(m.step for m in history)
+        assert len(steps) == 2 and steps[0] == 0 < steps[1]  # before training, and after the 3 training batches
         best = run.data.metrics["best/val/multi/map"]
-        assert best == pytest.approx(max(m.value for m in history))
+        # the best checkpoint is chosen among validations during training (step > 0)
+        assert best == pytest.approx(max(m.value for m in history if m.step > 0))
         assert Path(run.data.tags["best_checkpoint"]).is_file()
     mono_job = next(r for r in jobs if r.data.tags["sampler"] == "mono")
     assert mono_job.data.metrics["train/mono_batch"] == 1.0
@@ -109,5 +111,5 @@ def test_bad_config_fails_before_any_work(tmp_path: Path, data_root: Path, overr
                         f"hydra.run.dir={tmp_path / 'run'}"], data_root, REPO_ROOT)
     assert proc.returncode != 0
     assert named in proc.stderr
-    assert time.perf_counter() - started < 60
+    assert time.perf_counter() - started < 30
     assert not (tmp_path / "mlflow.db").exists()  # nothing was started, so nothing half-written
