@@ -41,6 +41,11 @@ def check_model(model: DictConfig, option: str = "model") -> None:
     _require(model.get("pooling") in POOLINGS, f"{option}.pooling", f"one of {POOLINGS}", model.get("pooling"))
     for key in ("max_query_length", "max_passage_length"):
         _require(_positive_int(model.get(key)), f"{option}.{key}", "a positive integer", model.get(key))
+    if model.source == "hub":
+        # A missing local copy must stop the run here, not after data loading and MLflow set-up.
+        from hybrid_retrieval.models.encoder import resolve_hub_folder
+
+        resolve_hub_folder(model.name, model.get("checkpoint"), model.get("path"))
 
 
 def check_dataset(dataset: DictConfig, option: str = "dataset") -> None:

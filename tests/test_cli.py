@@ -103,11 +103,12 @@ def test_two_job_multirun_logs_both_runs_grouped(tmp_path: Path, data_root: Path
     ("dataset.languages=[en,xx]", "xx"),
     ("dataset.candidate_text=title", "dataset.candidate_text"),
     ("train.monitor=val/multi/map@10", "train.monitor"),
+    ("model=xlmr", "model.path=/local/copy"),
 ])
 def test_bad_config_fails_before_any_work(tmp_path: Path, data_root: Path, override: str, named: str) -> None:
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     started = time.perf_counter()
-    proc = run_command(["run.py", "model=tiny", override, f"logger.tracking_uri={uri}",
+    proc = run_command(["run.py", *([] if override.startswith("model=") else ["model=tiny"]), override, f"logger.tracking_uri={uri}",
                         f"hydra.run.dir={tmp_path / 'run'}"], data_root, REPO_ROOT)
     assert proc.returncode != 0
     assert named in proc.stderr

@@ -388,7 +388,7 @@ def _load_backbone(folder: Path) -> nn.Module:
         return AutoModel.from_pretrained(str(folder), **kwargs)
 
 
-def _resolve_hub_folder(name: str, checkpoint: str | None, path: str | Path | None) -> Path:
+def resolve_hub_folder(name: str, checkpoint: str | None, path: str | Path | None) -> Path:
     """Local folder of a hub model, from ``path`` or the Hugging Face cache; never touches the network."""
     if path is not None:
         folder = Path(path).expanduser()
@@ -479,7 +479,7 @@ def load_encoder(
     tiny_spec = _as_dict(tiny, "tiny") or {}
 
     if source == "hub":  # resolve first: a missing model must fail before anything slow happens
-        model_dir: Path | None = _resolve_hub_folder(name, checkpoint, path)
+        model_dir: Path | None = resolve_hub_folder(name, checkpoint, path)
         tokenizer = _load_tokenizer(str(model_dir))
         backbone = _load_backbone(model_dir)
     else:

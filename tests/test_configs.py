@@ -1,0 +1,71 @@
+"""Every config group composes, presets carry what they promise, and config checks name the bad option."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from hybrid_retrieval.config_checks import ConfigError, check_train_config
+
+CONF = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+def composed(overrides: list[str], name: str = "config") -> DictConfig:
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose(config_name=name, overrides=overrides)
+
+
+def test_default_is_the_cpu_sized_hybrid_run() -> None:
+    cfg = composed([])
+    assert cfg.model.name == "me5_small" and cfg.sampler.name == "hybrid" and cfg.sampler.mono_ratio == 0.5
+    assert cfg.train_data.datasets[0].name == "mlqa_r" and cfg.dataset.name == "xquad_r"
+    check_train_config(cfg)
+
+
+@pytest.mark.parametrize("sampler,alpha", [("mono", 1.0), ("cross", 0.0), ("hybrid", 0.5)])
+def test_sampler_options(sampler: str, alpha: float) -> None:
+    cfg = composed([f"sampler={sampler}", "model=tiny"])
+    assert cfg.sampler.mono_ratio == alpha
+    check_train_config(cfg)
+
+
+@pytest.mark.parametrize("preset,model,batch,lr", [("paper_xlmr", "xlmr", 100, 3e-5),
+                                                    ("paper_labse", "labse", 100, 3e-5),
+                                                    ("demo", "me5_small", 32, 5e-5)])
+def test_experiment_presets(preset: str, model: str, batch: int, lr: float) -> None:
+    cfg = composed([f"experiment={preset}"])
+    assert cfg.model.name == model
+    assert cfg.train.batch_size == batch and cfg.train.lr == pytest.approx(lr)
+    assert cfg.train.weight_decay == 0.01
+    if preset.startswith("paper"):
+        assert cfg.dataset.languages is None and cfg.dataset.max_questions_per_language is None
+        assert cfg.hardware.accelerator == "gpu" and cfg.sampler.mono_ratio == 0.5
+        assert cfg.model.query_prefix == "Query: " and cfg.model.passage_prefix == "Passage: "
+
+
+def test_labse_is_cls_dense_tanh_normalised() -> None:
+    cfg = composed(["model=labse"])
+    assert cfg.model.pooling == "cls" and cfg.model.normalize
+    assert cfg.model.dense.activation == "tanh" and cfg.model.dense.out_features == 768
+
+
+@pytest.mark.parametrize("override,option", [
+    ("sampler.mono_ratio=-0.1", "sampler.mono_ratio"),
+    ("train.batch_size=0", "train.batch_size"),
+    ("train.schedule=step", "train.schedule"),
+    ("train.monitor=val/mono/accuracy", "train.monitor"),
+    ("dataset.max_questions_per_language=0", "dataset.max_questions_per_language"),
+    ("hardware.encode_dtype=float16", "hardware.encode_dtype"),
+    ("model.pooling=max", "model.pooling"),
+])
+def test_bad_values_name_the_option(override: str, option: str) -> None:
+    with pytest.raises(ConfigError, match=option.replace(".", r"\.")):
+        check_train_config(composed(["model=tiny", override]))
+
+
+def test_evaluate_config_composes() -> None:
+    cfg = composed(["model=tiny", "dataset=mlqa_r"], name="evaluate")
+    assert cfg.dataset.name == "mlqa_r" and cfg.logger.experiment_name == "hybrid_retrieval"
