@@ -1,5 +1,7 @@
 """Train and evaluate: ``python run.py model=xlmr sampler=hybrid`` (see conf/config.yaml and README.md)."""
 
+import logging
+
 import hydra
 from omegaconf import DictConfig
 
@@ -9,6 +11,7 @@ def main(cfg: DictConfig) -> float:
     from hybrid_retrieval.config_checks import check_train_config
 
     check_train_config(cfg)  # before the heavy imports: a bad option fails in seconds
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # it reports which SIMD build it picked
     from hybrid_retrieval.training.train import train
 
     return train(cfg)

@@ -6,6 +6,7 @@ table, writes ``metrics.json`` (and the top-10 rankings) into the run folder and
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import hydra
@@ -82,6 +83,7 @@ def evaluate(cfg: DictConfig) -> EvaluationResult:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
 def main(cfg: DictConfig) -> float:
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     result = evaluate(cfg)
     return float(np.nan_to_num(result.summary["multi"]["map"]))
 
