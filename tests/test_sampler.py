@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -300,12 +299,10 @@ def test_validation_errors():
     assert len(HybridBatchSampler(only_english, 4, 1.0)) == 5, "mono-only batching needs no parallel rows"
 
 
-def test_speed():
+def test_long_epoch_yields_every_batch():
     ds = [full_pairs("a", 2000, 5), full_pairs("b", 1000, 3)]
     sampler = HybridBatchSampler(ds, 100, 0.5, batches_per_epoch=2000)
-    start = time.perf_counter()
-    assert sum(1 for _ in sampler) == 2000
-    assert time.perf_counter() - start < 2.0  # about 0.15 s on a 2-core CPU
+    assert sum(1 for _ in sampler) == 2000 == len(sampler)
 
 
 def test_real_mlqa_r_epoch(data_root):
