@@ -49,12 +49,6 @@ def with_retry(action: Callable[[], T], attempts: int = 8, base_delay: float = 0
     raise AssertionError("unreachable")
 
 
-def sqlite_uri(path: str | Path) -> str:
-    path = Path(path).expanduser().resolve()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{path}"
-
-
 def get_client(tracking_uri: str):
     from mlflow.tracking import MlflowClient
 

@@ -20,6 +20,7 @@ from hybrid_retrieval.data.lareqa import LareqaSplit
 from hybrid_retrieval.data.pairs import ParallelPairs
 from hybrid_retrieval.evaluation.evaluator import EvaluationResult, evaluate_encoder
 from hybrid_retrieval.models.encoder import Encoder
+from hybrid_retrieval.tracking import finite_metrics
 from hybrid_retrieval.training.batches import PairCollator, PairTexts
 
 
@@ -128,7 +129,7 @@ class HybridRetrievalModule(pl.LightningModule):
             metrics.update({f"val/{s}/{m}": v for s, values in result.summary.items() for m, v in values.items()})
         metrics[f"time/{evaluation_set.name}/encode_s"] = result.timings["encode_s"]
         metrics[f"time/{evaluation_set.name}/metrics_s"] = result.timings["metrics_s"]
-        finite = {k: float(v) for k, v in metrics.items() if math.isfinite(v)}
+        finite = finite_metrics(metrics)
         # Only rank 0's numbers matter: every rank evaluates the same split with the same weights.
         self.log_dict(finite, batch_size=1, rank_zero_only=True)
         if batch_idx == 0 or not self.history or self.history[-1][0] != self.global_step:
