@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sklearn.metrics import average_precision_score, ndcg_score
 
 from hybrid_retrieval.evaluation.evaluator import evaluate_embeddings
@@ -185,3 +187,53 @@ def test_bad_input_is_named() -> None:
         evaluate_embeddings(q, c, ql + 10, cl, rel, ["a", "b", "c", "d"])
     with pytest.raises(ValueError, match="no relevant"):
         evaluate_embeddings(q, c, ql, cl, [np.array([], dtype=int)] + rel[1:], ["a", "b", "c", "d"])
+    outside = list(rel)
+    outside[5] = np.array([0, len(c)])
+    with pytest.raises(ValueError, match="query 5 has a relevant index outside"):
+        evaluate_embeddings(q, c, ql, cl, outside, ["a", "b", "c", "d"])
+    broken = c.copy()
+    broken[3, 0] = np.nan
+    with pytest.raises(ValueError, match="candidate embeddings hold NaN"):
+        evaluate_embeddings(q, broken, ql, cl, rel, ["a", "b", "c", "d"])
+    with pytest.raises(ValueError, match="negative language ids"):
+        relevant_ranks(q, c, cl - 1, rel)
+
+
+def test_fast_ranks_when_every_candidate_ties() -> None:
+    """All scores equal: every relevant item takes the last position (pool size, language size)."""
+    q = np.ones((4, 3), dtype=np.float32)
+    c = np.ones((9, 3), dtype=np.float32)
+    cl = np.array([0, 0, 0, 1, 1, 2, 2, 2, 2])
+    rel = [np.array([0]), np.array([3, 8]), np.array([1, 2, 4, 5, 6]), np.array([7])]
+    ranks = relevant_ranks(q, c, cl, rel, num_threads=3)
+    np.testing.assert_array_equal(ranks.rank_overall, np.full(9, 9))
+    np.testing.assert_array_equal(ranks.rank_in_language, [3, 2, 4, 3, 3, 2, 4, 4, 4])
+
+
+def test_fast_ranks_hand_worked() -> None:
+    """Scores 0.9, 0.5, 0.5, 0.1 (languages 0, 1, 0, 1); relevant: candidates 2 and 3."""
+    q = np.array([[1.0]], dtype=np.float32)
+    c = np.array([[0.9], [0.5], [0.5], [0.1]], dtype=np.float32)
+    ranks = relevant_ranks(q, c, np.array([0, 1, 0, 1]), [np.array([2, 3])])
+    # Candidate 2 ties with candidate 1: both take position 3 overall; in language 0 it is second.
+    np.testing.assert_array_equal(ranks.rank_overall, [3, 4])
+    np.testing.assert_array_equal(ranks.rank_in_language, [2, 2])
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), n_queries=st.integers(1, 12), n_candidates=st.integers(1, 40),
+       languages=st.lists(st.integers(0, 5), min_size=1, max_size=3, unique=True),
+       levels=st.integers(1, 4), threads=st.integers(1, 3), chunk=st.integers(1, 16))
+def test_fast_ranks_property(seed: int, n_queries: int, n_candidates: int, languages: list[int], levels: int,
+                             threads: int, chunk: int) -> None:
+    """Any sizes, language ids with gaps, few distinct score levels (many ties), any chunking and threads."""
+    rng = np.random.default_rng(seed)
+    q = rng.integers(0, levels, (n_queries, 3)).astype(np.float32)
+    c = rng.integers(0, levels, (n_candidates, 3)).astype(np.float32)
+    cl = rng.choice(languages, n_candidates)
+    rel = [rng.choice(n_candidates, int(rng.integers(1, n_candidates + 1)), replace=False)
+           for _ in range(n_queries)]
+    fast = relevant_ranks(q, c, cl, rel, chunk_size=chunk, num_threads=threads)
+    ref = relevant_ranks_reference(q @ c.T, cl, rel)
+    for name in ("query_index", "candidate_index", "candidate_language", "rank_in_language", "rank_overall"):
+        np.testing.assert_array_equal(getattr(fast, name), getattr(ref, name), err_msg=name)

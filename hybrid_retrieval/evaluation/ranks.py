@@ -2,7 +2,7 @@
 
 Every metric of the evaluation protocol (AP over the full ranking, R@k, MRR@10, nDCG@10, rank distance) is a
 function of where the relevant candidates land in a ranking. So instead of sorting full rankings per query and
-per setting, one pass over the score matrix records, for every (query, relevant candidate) pair:
+per setting, one counting pass over the score matrix records, for every (query, relevant candidate) pair:
 
 - ``rank_in_language``: its rank among the candidates of its own language (monolingual and cross-lingual
   settings: queries in X against the candidates of one language Y);
@@ -19,8 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
+import numba
 import numpy as np
-import torch
 
 
 @dataclass(frozen=True)
@@ -56,11 +56,20 @@ def _validate(query_emb: np.ndarray, candidate_emb: np.ndarray, candidate_langua
     if len(candidate_language) != len(candidate_emb):
         raise ValueError(
             f"candidate_language has {len(candidate_language)} entries for {len(candidate_emb)} candidates")
-    for i, rel in enumerate(relevant):
-        if len(rel) == 0:
-            raise ValueError(f"query {i} has no relevant candidate")
-        if np.min(rel) < 0 or np.max(rel) >= len(candidate_emb):
-            raise ValueError(f"query {i} has a relevant index outside 0..{len(candidate_emb) - 1}")
+    if len(candidate_language) and candidate_language.min() < 0:
+        raise ValueError("candidate_language holds negative language ids; expected ids 0, 1, 2, ...")
+    for name, emb in (("query", query_emb), ("candidate", candidate_emb)):
+        if not np.isfinite(emb).all():
+            raise ValueError(f"{name} embeddings hold NaN or infinite values; ranks would be undefined")
+    lengths = np.fromiter((len(rel) for rel in relevant), dtype=np.int64, count=len(relevant))
+    if np.any(lengths == 0):
+        raise ValueError(f"query {int(np.argmin(lengths))} has no relevant candidate")
+    if len(relevant):
+        flat = np.concatenate([np.asarray(rel, dtype=np.int64) for rel in relevant])
+        outside = (flat < 0) | (flat >= len(candidate_emb))
+        if outside.any():
+            query = int(np.searchsorted(np.cumsum(lengths), np.argmax(outside), side="right"))
+            raise ValueError(f"query {query} has a relevant index outside 0..{len(candidate_emb) - 1}")
 
 
 def score_chunks(query_emb: np.ndarray, candidate_emb: np.ndarray,
@@ -79,46 +88,76 @@ def score_chunks(query_emb: np.ndarray, candidate_emb: np.ndarray,
         yield start, block
 
 
+@numba.njit(nogil=True, cache=True)
+def _count_at_least(scores: np.ndarray, threshold: float) -> int:  # pragma: no cover - compiled
+    count = 0
+    for c in range(scores.shape[0]):
+        count += scores[c] >= threshold  # branch-free, so the loop compiles to SIMD compares
+    return count
+
+
+@numba.njit(nogil=True, cache=True)
+def _count_ranks(block: np.ndarray, thresholds: np.ndarray, width: np.ndarray, threshold_language: np.ndarray,
+                 bounds: np.ndarray, rank_overall: np.ndarray,
+                 rank_in_language: np.ndarray) -> None:  # pragma: no cover - compiled
+    """For each row and each of its ``width`` thresholds: how many scores are >= it, per language segment.
+
+    Columns are grouped by language (``bounds[l]:bounds[l + 1]`` is language l), so each count is a
+    contiguous SIMD scan; its own language's count is the in-language rank, the sum over languages the
+    overall rank. The row stays in cache across its thresholds, so the cost is about one read of the block.
+    """
+    n_languages = len(bounds) - 1
+    for i in range(block.shape[0]):
+        row = block[i]
+        for j in range(width[i]):
+            threshold = thresholds[i, j]
+            total = 0
+            for language in range(n_languages):
+                count = _count_at_least(row[bounds[language]:bounds[language + 1]], threshold)
+                total += count
+                if language == threshold_language[i, j]:
+                    rank_in_language[i, j] = count
+            rank_overall[i, j] = total
+
+
 def relevant_ranks(query_emb: np.ndarray, candidate_emb: np.ndarray, candidate_language: np.ndarray,
                    relevant: Sequence[np.ndarray], chunk_size: int = 1024,
                    num_threads: int = 2) -> RelevantRanks:
     """Exact ranks of each query's relevant candidates under inner-product scoring.
 
-    Scores are computed one chunk of queries at a time (one BLAS matmul, :func:`score_chunks`); each
-    language's part of a score row is sorted once and every relevant score is located in every language's
-    sorted part by binary search. Cost: one matmul plus one sort of the score matrix, instead of a sort per
-    query and per setting. Identical to :func:`relevant_ranks_reference` on the same scores.
+    Candidates are grouped by language, scores computed one chunk of queries at a time (one BLAS matmul,
+    :func:`score_chunks`), and a compiled pass counts, per row, the scores at or above each relevant score in
+    each language. No sorting of score rows; rows of a chunk are split over ``num_threads`` threads.
+    Identical to :func:`relevant_ranks_reference`, ties included.
     """
     candidate_language = np.asarray(candidate_language, dtype=np.int64)
     _validate(query_emb, candidate_emb, candidate_language, relevant)
-    languages = np.unique(candidate_language)
-    members = [np.flatnonzero(candidate_language == language) for language in languages]
+    order = np.argsort(candidate_language, kind="stable")
+    position = np.empty_like(order)
+    position[order] = np.arange(len(order))
+    counts = np.bincount(candidate_language) if len(candidate_language) else np.zeros(1, dtype=np.int64)
+    bounds = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     padded, mask = pad_relevant(relevant)
+    width = mask.sum(axis=1).astype(np.int64)
     padded_lang = candidate_language[padded]
+    padded_position = position[padded]
     rank_in_language = np.zeros(padded.shape, dtype=np.int64)
     rank_overall = np.zeros(padded.shape, dtype=np.int64)
 
-    def count_at_least(block: np.ndarray, thresholds: torch.Tensor, columns: np.ndarray) -> np.ndarray:
-        # np.sort releases the GIL, so languages are sorted in parallel threads.
-        segment = torch.from_numpy(np.sort(block.take(columns, axis=1), axis=1))
-        below = torch.searchsorted(segment, thresholds, side="left")
-        return len(columns) - below.numpy()
-
     with ThreadPoolExecutor(max_workers=max(1, num_threads)) as pool:
-        for start, block in score_chunks(query_emb, candidate_emb, chunk_size):
+        for start, block in score_chunks(query_emb, np.asarray(candidate_emb)[order], chunk_size):
             stop = start + len(block)
             # Thresholds are read back from the same matrix so they compare bit-exactly with it.
-            thresholds = torch.from_numpy(np.ascontiguousarray(
-                np.take_along_axis(block, padded[start:stop], axis=1)))
-            counts = list(pool.map(lambda cols: count_at_least(block, thresholds, cols), members))
-            chunk_lang = padded_lang[start:stop]
-            total = np.zeros(chunk_lang.shape, dtype=np.int64)
-            own = np.zeros_like(total)
-            for language, count in zip(languages, counts):
-                total += count
-                own = np.where(chunk_lang == language, count, own)
-            rank_overall[start:stop] = total
-            rank_in_language[start:stop] = own
+            thresholds = np.take_along_axis(block, padded_position[start:stop], axis=1)
+
+            def count(rows: range, start: int = start, block: np.ndarray = block,
+                      thresholds: np.ndarray = thresholds) -> None:
+                lo, hi = start + rows.start, start + rows.stop
+                _count_ranks(block[rows.start:rows.stop], thresholds[rows.start:rows.stop], width[lo:hi],
+                             padded_lang[lo:hi], bounds, rank_overall[lo:hi], rank_in_language[lo:hi])
+
+            step = -(-len(block) // max(1, num_threads))
+            list(pool.map(count, [range(lo, min(lo + step, len(block))) for lo in range(0, len(block), step)]))
 
     rows, cols = np.nonzero(mask)
     return RelevantRanks(
