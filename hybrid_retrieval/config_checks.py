@@ -94,5 +94,12 @@ def check_train_config(cfg: DictConfig) -> None:
     _require(float(cfg.train.get("warmup_ratio", 0)) >= 0 and float(cfg.train.get("warmup_ratio", 0)) < 1,
              "train.warmup_ratio", "a number in [0, 1)", cfg.train.get("warmup_ratio"))
     check_monitor(cfg.train.monitor, cfg.train.monitor_mode, "train.monitor")
+    extra = cfg.get("extra_datasets") or {}
+    for key, dataset in extra.items():
+        _require(key != cfg.dataset.name, f"extra_datasets.{key}",
+                 f"a key other than the main dataset's name {cfg.dataset.name!r} (metrics are logged under it)", key)
+        _require(isinstance(dataset, DictConfig) and "name" in dataset, f"extra_datasets.{key}",
+                 "a dataset config, e.g. +dataset@extra_datasets.mlqa=mlqa_r", dataset)
+        check_dataset(dataset, f"extra_datasets.{key}")
     _require(len(cfg.train_data.get("datasets") or []) > 0, "train_data.datasets", "at least one dataset",
              cfg.train_data.get("datasets"))

@@ -66,7 +66,9 @@ def test_evaluate_cli_writes_metrics_and_logs_to_mlflow(tmp_path: Path, data_roo
 @pytest.mark.slow
 def test_two_job_multirun_logs_both_runs_grouped(tmp_path: Path, data_root: Path) -> None:
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    proc = run_command(["run.py", "-m", "sampler=mono,cross", *SMALL_TRAIN, f"logger.tracking_uri={uri}",
+    extra = ["+dataset@extra_datasets.mlqa=mlqa_r", "extra_datasets.mlqa.languages=[en,de]",
+             "extra_datasets.mlqa.max_questions_per_language=15"]
+    proc = run_command(["run.py", "-m", "sampler=mono,cross", *SMALL_TRAIN, *extra, f"logger.tracking_uri={uri}",
                         f"hydra.sweep.dir={tmp_path / 'sweep'}"], data_root, REPO_ROOT)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
@@ -81,12 +83,15 @@ def test_two_job_multirun_logs_both_runs_grouped(tmp_path: Path, data_root: Path
         assert run.info.status == "FINISHED"
         assert run.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
         for name in ("val/multi/map", "val/mono/map", "val/cross/map", "val/multi/rank_distance", "train/loss",
-                     "val/xquad_r/cross/en-el/map"):
+                     "val/xquad_r/cross/en-el/map", "val/mlqa/multi/map", "val/mlqa/cross/de-en/map"):
             assert name in run.data.metrics, name
         assert not any("@" in name for name in run.data.metrics)
         assert run.data.params["sampler.mono_ratio"] in {"1.0", "0.0"}
         artifacts = artifact_paths(client, run.info.run_id)
-        assert {"metrics.json", "cross_lingual_map.png", "config/config.yaml", "config/overrides.yaml"} <= artifacts
+        assert {"metrics.json", "cross_lingual_map.png", "config/config.yaml", "config/overrides.yaml",
+                "mlqa_metrics.json", "mlqa_cross_lingual_map.png"} <= artifacts
+        # The extra set does not feed the monitored metric: val/multi/map is the main dataset's.
+        assert run.data.metrics["val/multi/map"] == run.data.metrics["val/xquad_r/multi/map"]
         history = client.get_metric_history(run.info.run_id, "val/multi/map")
         steps = sorted(m.step for m in history)
         assert len(steps) == 2 and steps[0] == 0 < steps[1]  # before training, and after the 3 training batches
@@ -104,11 +109,14 @@ def test_two_job_multirun_logs_both_runs_grouped(tmp_path: Path, data_root: Path
     ("dataset.candidate_text=title", "dataset.candidate_text"),
     ("train.monitor=val/multi/map@10", "train.monitor"),
     ("model=xlmr", "model.path=/local/copy"),
+    ("+dataset@extra_datasets.mlqa=mlqa_r extra_datasets.mlqa.languages=[th]", "extra_datasets.mlqa"),
+    ("+dataset@extra_datasets.xquad_r=mlqa_r", "extra_datasets.xquad_r"),
 ])
 def test_bad_config_fails_before_any_work(tmp_path: Path, data_root: Path, override: str, named: str) -> None:
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     started = time.perf_counter()
-    proc = run_command(["run.py", *([] if override.startswith("model=") else ["model=tiny"]), override, f"logger.tracking_uri={uri}",
+    proc = run_command(["run.py", *([] if override.startswith("model=") else ["model=tiny"]), *override.split(),
+                        f"logger.tracking_uri={uri}",
                         f"hydra.run.dir={tmp_path / 'run'}"], data_root, REPO_ROOT)
     assert proc.returncode != 0
     assert named in proc.stderr

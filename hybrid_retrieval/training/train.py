@@ -44,6 +44,9 @@ def train(cfg: DictConfig) -> float:
     except ValueError as error:
         raise ConfigError(f"sampler={cfg.sampler.name} with train.batch_size={cfg.train.batch_size}: {error}") from error
     split = load_dataset(cfg.dataset)
+    evaluation_sets = [EvaluationSet(cfg.dataset.name, split, cfg.dataset.candidate_text)]
+    for key, extra in (cfg.get("extra_datasets") or {}).items():
+        evaluation_sets.append(EvaluationSet(key, load_dataset(extra), extra.candidate_text))
     encoder = instantiate(cfg.model)
     loss = instantiate(cfg.loss)
 
@@ -57,7 +60,7 @@ def train(cfg: DictConfig) -> float:
         module = HybridRetrievalModule(
             encoder=encoder, loss=loss, train_datasets=datasets, sampler_factory=sampler_factory,
             batch_size=cfg.train.batch_size,
-            evaluation_sets=[EvaluationSet(cfg.dataset.name, split, cfg.dataset.candidate_text)],
+            evaluation_sets=evaluation_sets,
             optimizer=OptimizerSettings(cfg.train.lr, cfg.train.weight_decay, cfg.train.warmup_ratio,
                                         cfg.train.schedule),
             seed=cfg.train.seed, use_hard_negatives=cfg.train.use_hard_negatives,
@@ -81,6 +84,8 @@ def train(cfg: DictConfig) -> float:
 
         step, best_metrics, best_results = _monitored(module.history, cfg.train.monitor, cfg.train.monitor_mode)
         files = write_report(best_results[cfg.dataset.name], split, output_dir)
+        for extra in evaluation_sets[1:]:
+            files += write_report(best_results[extra.name], extra.split, output_dir, prefix=f"{extra.name}_")
         tracking.log_hydra_configs(client, run_id)
         for path in files:
             tracking.with_retry(lambda: client.log_artifact(run_id, str(path)))
@@ -97,6 +102,10 @@ def train(cfg: DictConfig) -> float:
           f"model {cfg.model.name}, sampler {cfg.sampler.name} (alpha={cfg.sampler.mono_ratio}); "
           f"best {cfg.train.monitor} = {best:.4f} at step {step}")
     print(best_results[cfg.dataset.name].table())
+    for extra in evaluation_sets[1:]:
+        print(f"\n{extra.name}: {extra.split.name} ({len(extra.split.queries)} queries, "
+              f"{len(extra.split.candidates)} candidates), at the same checkpoint")
+        print(best_results[extra.name].table())
     if cfg.train.evaluate_before and first_step == 0:
         print(f"(before training: {cfg.train.monitor} = {first_metrics.get(cfg.train.monitor, math.nan):.4f})")
     print(f"\nrun folder: {output_dir}")
