@@ -103,6 +103,19 @@ def test_two_job_multirun_logs_both_runs_grouped(tmp_path: Path, data_root: Path
     assert mono_job.data.metrics["train/mono_batch"] == 1.0
 
 
+@pytest.mark.slow
+def test_training_is_reproducible_with_or_without_the_step_0_validation(tmp_path: Path, data_root: Path) -> None:
+    finals = []
+    for before in ("true", "false"):
+        out = tmp_path / before
+        proc = run_command(["run.py", *SMALL_TRAIN, "trainer.deterministic=true", f"train.evaluate_before={before}",
+                            f"logger.tracking_uri=sqlite:///{tmp_path}/mlflow.db", f"hydra.run.dir={out}"],
+                           data_root, REPO_ROOT)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        finals.append(json.loads((out / "metrics.json").read_text())["summary"])
+    assert finals[0] == finals[1]
+
+
 @pytest.mark.parametrize("override,named", [
     ("sampler.mono_ratio=1.5", "sampler.mono_ratio"),
     ("dataset.languages=[en,xx]", "xx"),

@@ -80,6 +80,9 @@ def train(cfg: DictConfig) -> float:
             **cfg.trainer)
         if cfg.train.evaluate_before:
             trainer.validate(module, verbose=False)  # the zero-shot starting point, logged at step 0
+            # Building the validation loader draws from torch's RNG; re-seed so training (dropout, sampler)
+            # is the same with or without this extra validation.
+            pl.seed_everything(cfg.train.seed, workers=True, verbose=False)
         trainer.fit(module)
 
         step, best_metrics, best_results = _monitored(module.history, cfg.train.monitor, cfg.train.monitor_mode)
