@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,27 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from hybrid_retrieval.data.lareqa import load_split
 from hybrid_retrieval.models.encoder import Encoder, cosine, load_encoder
 
-DATA_ENV = "HYBRID_RETRIEVAL_DATA"
-DEFAULT_DATA = Path("/work/shared/data")
 PAD_TO = 128
-
-
-def xquad_r_texts(root: Path, languages: list[str]) -> tuple[list[str], list[str]]:
-    """Questions and candidate sentences of the given XQuAD-R languages, in file order."""
-    questions: list[str] = []
-    sentences: list[str] = []
-    for lang in languages:
-        path = root / "xquad-r" / f"{lang}.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} not found; set {DATA_ENV} to the folder that holds xquad-r/")
-        data = json.loads(path.read_text(encoding="utf-8"))
-        for article in data["data"]:
-            for paragraph in article["paragraphs"]:
-                questions.extend(qa["question"] for qa in paragraph["qas"])
-                sentences.extend(paragraph["sentences"])
-    return questions, sentences
 
 
 def evenly_spaced(items: list[str], limit: int) -> list[str]:
@@ -83,6 +65,8 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=256,
                         help="texts per kind (questions, sentences), spread over the files; 0 = all (default 256)")
     parser.add_argument("--languages", default="en,zh")
+    parser.add_argument("--data-root", default=None,
+                        help="folder holding xquad-r/ (default: $HYBRID_RETRIEVAL_DATA, then the cache)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=1, help="best of this many runs per method")
     parser.add_argument("--no-bf16", action="store_true", help="skip the bfloat16 run")
@@ -90,8 +74,9 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
-    root = Path(os.environ.get(DATA_ENV) or DEFAULT_DATA)
-    questions, sentences = xquad_r_texts(root, args.languages.split(","))
+    # Questions and candidate sentences of the chosen XQuAD-R languages, in file order.
+    split = load_split("xquad_r", root=args.data_root, languages=args.languages.split(","))
+    questions, sentences = split.query_texts(), split.candidate_texts("sentence")
     questions, sentences = evenly_spaced(questions, args.limit), evenly_spaced(sentences, args.limit)
 
     from omegaconf import OmegaConf
