@@ -10,10 +10,11 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from hybrid_retrieval.data.lareqa import CANDIDATE_TEXTS
+from pathlib import Path
+
+from hybrid_retrieval.data.lareqa import PASSAGE_TEXTS
 from hybrid_retrieval.data.sources import check_languages
-from hybrid_retrieval.evaluation.evaluator import SETTINGS
-from hybrid_retrieval.evaluation.metrics import METRICS
+from hybrid_retrieval.evaluation.sets import LOWER_IS_BETTER, monitor_keys
 from hybrid_retrieval.models.encoder import POOLINGS, resolve_hub_folder
 from hybrid_retrieval.models.encoder import SOURCES as MODEL_SOURCES
 
@@ -41,8 +42,8 @@ def check_model(model: DictConfig, option: str = "model") -> None:
     _require(model.get("pooling") in POOLINGS, f"{option}.pooling", f"one of {POOLINGS}", model.get("pooling"))
     for key in ("max_query_length", "max_passage_length"):
         _require(_positive_int(model.get(key)), f"{option}.{key}", "a positive integer", model.get(key))
-    if model.source == "hub":
-        # A missing local copy must stop the run here, not after data loading and MLflow set-up.
+    if model.source == "hub" or model.get("path") is not None:
+        # A missing model must stop the run here, not after data loading and MLflow set-up.
         resolve_hub_folder(model.name, model.get("checkpoint"), model.get("path"))
 
 
@@ -54,8 +55,8 @@ def check_dataset(dataset: DictConfig, option: str = "dataset") -> None:
     cap = dataset.get("max_questions_per_language")
     _require(cap is None or _positive_int(cap), f"{option}.max_questions_per_language",
              "null or a positive integer", cap)
-    _require(dataset.get("candidate_text") in CANDIDATE_TEXTS, f"{option}.candidate_text",
-             f"one of {CANDIDATE_TEXTS}", dataset.get("candidate_text"))
+    _require(dataset.get("passage_text") in PASSAGE_TEXTS, f"{option}.passage_text",
+             f"one of {PASSAGE_TEXTS}", dataset.get("passage_text"))
 
 
 def check_hardware(hardware: DictConfig) -> None:
@@ -67,22 +68,53 @@ def check_hardware(hardware: DictConfig) -> None:
              "a positive integer", hardware.get("encode_batch_size"))
 
 
-def check_monitor(metric: str, mode: str, option: str) -> None:
-    parts = metric.split("/")
-    valid = (len(parts) == 3 and parts[0] == "val" and parts[1] in SETTINGS and parts[2] in METRICS) or \
-        metric == "val/loss"
-    _require(valid, option, f"'val/loss' or 'val/<{'|'.join(SETTINGS)}>/<{'|'.join(METRICS)}>'", metric)
-    _require(mode in ("max", "min"), f"{option} mode", "max or min", mode)
+def check_monitor(cfg: DictConfig) -> None:
+    """``train.monitor`` must be a key validation logs (validation logs no loss), with the matching mode."""
+    extra = list((cfg.get("extra_datasets") or {}).keys())
+    valid = monitor_keys(cfg.dataset.name, extra)
+    metric, mode = cfg.train.monitor, cfg.train.monitor_mode
+    if metric not in valid:
+        shown = [k for k in valid if k.count("/") == 2]
+        raise ConfigError(f"train.monitor={metric!r}: expected a metric validation logs: one of {shown}, or the "
+                          f"same per evaluation set as val/<{'|'.join([cfg.dataset.name, *extra])}>/<setting>/<metric>"
+                          " (validation computes retrieval metrics only; it logs no loss)")
+    expected = "min" if metric.rsplit("/", 1)[-1] in LOWER_IS_BETTER else "max"
+    _require(mode == expected, "train.monitor_mode", f"{expected!r} for {metric} (higher is "
+             f"{'worse' if expected == 'min' else 'better'})", mode)
+
+
+def check_checkpoint_path(path: str | None, option: str = "checkpoint") -> None:
+    if path is None:
+        return
+    file = Path(str(path)).expanduser()
+    _require(file.is_file(), option, "an existing checkpoint file written by run.py (e.g. "
+             "<run folder>/checkpoints/best.ckpt)", str(path))
+
+
+def check_extra_datasets(cfg: DictConfig) -> None:
+    for key, dataset in (cfg.get("extra_datasets") or {}).items():
+        _require(key != cfg.dataset.name, f"extra_datasets.{key}",
+                 f"a key other than the main dataset's name {cfg.dataset.name!r} (metrics are logged under it)", key)
+        _require(isinstance(dataset, DictConfig) and "name" in dataset, f"extra_datasets.{key}",
+                 "a dataset config, e.g. +dataset@extra_datasets.mlqa=mlqa_r", dataset)
+        check_dataset(dataset, f"extra_datasets.{key}")
 
 
 def check_evaluate_config(cfg: DictConfig) -> None:
-    check_model(cfg.model)
+    checkpoint = cfg.get("checkpoint")
+    check_checkpoint_path(checkpoint)
+    if checkpoint is None:  # a checkpoint carries its own model config
+        check_model(cfg.model)
     check_dataset(cfg.dataset)
+    check_extra_datasets(cfg)
     check_hardware(cfg.hardware)
 
 
 def check_train_config(cfg: DictConfig) -> None:
-    check_evaluate_config(cfg)
+    check_model(cfg.model)
+    check_dataset(cfg.dataset)
+    check_extra_datasets(cfg)
+    check_hardware(cfg.hardware)
     ratio = cfg.sampler.get("mono_ratio")
     _require(isinstance(ratio, (int, float)) and 0.0 <= float(ratio) <= 1.0, "sampler.mono_ratio",
              "a number in [0, 1] (1 = monolingual batches only, 0 = cross-lingual only)", ratio)
@@ -93,13 +125,6 @@ def check_train_config(cfg: DictConfig) -> None:
              "linear, cosine or constant", cfg.train.get("schedule"))
     _require(float(cfg.train.get("warmup_ratio", 0)) >= 0 and float(cfg.train.get("warmup_ratio", 0)) < 1,
              "train.warmup_ratio", "a number in [0, 1)", cfg.train.get("warmup_ratio"))
-    check_monitor(cfg.train.monitor, cfg.train.monitor_mode, "train.monitor")
-    extra = cfg.get("extra_datasets") or {}
-    for key, dataset in extra.items():
-        _require(key != cfg.dataset.name, f"extra_datasets.{key}",
-                 f"a key other than the main dataset's name {cfg.dataset.name!r} (metrics are logged under it)", key)
-        _require(isinstance(dataset, DictConfig) and "name" in dataset, f"extra_datasets.{key}",
-                 "a dataset config, e.g. +dataset@extra_datasets.mlqa=mlqa_r", dataset)
-        check_dataset(dataset, f"extra_datasets.{key}")
     _require(len(cfg.train_data.get("datasets") or []) > 0, "train_data.datasets", "at least one dataset",
              cfg.train_data.get("datasets"))
+    check_monitor(cfg)

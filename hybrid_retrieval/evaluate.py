@@ -1,13 +1,16 @@
-"""Zero-shot evaluation from the command line: ``python -m hybrid_retrieval.evaluate model=me5_small dataset=xquad_r``.
+"""Evaluation from the command line: ``python -m hybrid_retrieval.evaluate model=me5_small dataset=xquad_r``.
 
-Encodes the dataset's queries and candidates, computes the protocol (mono / cross / multilingual), prints the
-table, writes ``metrics.json`` (and the top-10 rankings) into the run folder and logs everything to MLflow.
+Any model: a configured one (``model=...``), an exported folder (``model.path=<run folder>/model``) or a training
+checkpoint (``checkpoint=<run folder>/checkpoints/best.ckpt``). Encodes the evaluation sets, computes the protocol
+(mono / cross / multilingual), prints the table, writes ``metrics.json``, the heatmap and the top-10 rankings into
+the run folder, and logs everything to MLflow under the same metric names as training's validation.
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import hydra
 import numpy as np
@@ -15,77 +18,70 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from hybrid_retrieval.config_checks import check_evaluate_config
-from hybrid_retrieval.data.lareqa import LareqaSplit, load_split
-from hybrid_retrieval.evaluation.evaluator import EvaluationResult, evaluate_encoder
-from hybrid_retrieval.evaluation.heatmap import plot_cross_lingual_heatmap
-from hybrid_retrieval.evaluation.index import write_rankings
 from hybrid_retrieval import tracking
+from hybrid_retrieval.config_checks import check_evaluate_config
+from hybrid_retrieval.evaluation.evaluator import EvaluationResult
+from hybrid_retrieval.evaluation.index import write_rankings
+from hybrid_retrieval.evaluation.sets import (describe, encode_dtype, evaluate_set, load_evaluation_sets,
+                                              metric_values, write_reports)
 
 
-def load_dataset(dataset: DictConfig) -> LareqaSplit:
-    return load_split(dataset.name, root=dataset.get("root"), languages=dataset.get("languages"),
-                      max_questions_per_language=dataset.get("max_questions_per_language"))
+def load_model(cfg: DictConfig) -> Any:
+    """The encoder to evaluate: from ``checkpoint`` when set, else from the ``model`` config."""
+    if cfg.get("checkpoint"):
+        from hybrid_retrieval.models.checkpoint import load_checkpoint_encoder
+
+        encoder = load_checkpoint_encoder(cfg.checkpoint)
+    else:
+        encoder = instantiate(cfg.model)
+    return encoder.eval()
 
 
-def encode_dtype(hardware: DictConfig) -> torch.dtype | None:
-    return torch.bfloat16 if hardware.encode_dtype == "bfloat16" else None
-
-
-def write_report(result: EvaluationResult, split: LareqaSplit, folder: Path, prefix: str = "") -> list[Path]:
-    """metrics.json and the cross-lingual heatmap, in ``folder``; returns the files written."""
-    metrics = result.save_json(folder / f"{prefix}metrics.json")
-    heatmap = plot_cross_lingual_heatmap(result.cross_matrix(split.languages), split.languages,
-                                         folder / f"{prefix}cross_lingual_map.png",
-                                         title=f"{split.name} mAP: query x candidate language")
-    return [metrics, heatmap]
-
-
-def evaluate(cfg: DictConfig) -> EvaluationResult:
-    """Run the evaluation that ``cfg`` describes (validated first) and log it; returns the result."""
+def evaluate(cfg: DictConfig) -> dict[str, EvaluationResult]:
+    """Run the evaluation that ``cfg`` describes (validated first) and log it; returns the result of each set."""
     check_evaluate_config(cfg)
     torch.set_num_threads(cfg.hardware.num_threads)
-    split = load_dataset(cfg.dataset)
-    encoder = instantiate(cfg.model)
-    encoder.eval()
-    client, run_id = tracking.start_run(cfg.logger.tracking_uri, cfg.logger.experiment_name,
-                                        cfg.get("run_name"), tags={"job": "evaluate"})
-    try:
-        tracking.log_params(client, run_id, tracking.flatten_config(cfg))
-        result = evaluate_encoder(encoder, split, candidate_text=cfg.dataset.candidate_text,
-                                  batch_size=cfg.hardware.encode_batch_size, dtype=encode_dtype(cfg.hardware),
-                                  num_threads=cfg.hardware.num_threads)
-        folder = Path(tracking.job_context()["output_dir"])
-        files = write_report(result, split, folder)
+    sets = load_evaluation_sets(cfg.dataset, cfg.get("extra_datasets"))
+    encoder = load_model(cfg)
+    folder = Path(tracking.job_context()["output_dir"])
+    results: dict[str, EvaluationResult] = {}
+    tags = {"model": encoder.name, "dataset": cfg.dataset.name}
+    if cfg.get("checkpoint"):
+        tags["checkpoint"] = str(cfg.checkpoint)
+    with tracking.mlflow_run(cfg, job="evaluate", tags=tags) as run:
+        metrics: dict[str, float] = {}
+        for i, evaluation_set in enumerate(sets):
+            result = evaluate_set(encoder, evaluation_set, batch_size=cfg.hardware.encode_batch_size,
+                                  dtype=encode_dtype(cfg.hardware), num_threads=cfg.hardware.num_threads)
+            results[evaluation_set.key] = result
+            metrics.update(metric_values(result, evaluation_set.key, main=i == 0))
+        files = write_reports(results, sets, folder)
+        main, result = sets[0], results[sets[0].key]
         if cfg.get("save_embeddings"):
             for name, matrix in (("query_emb", result.query_emb), ("candidate_emb", result.candidate_emb)):
                 np.save(folder / f"{name}.npy", matrix)
         if cfg.get("rankings_top_k"):
             # Rankings re-encode nothing: they reuse the embeddings kept on the result.
-            files.append(write_rankings(folder / "rankings.jsonl", split, result.query_emb, result.candidate_emb,
-                                        k=int(cfg.rankings_top_k)))
-        tracking.log_metrics(client, run_id, {**result.flat(), **{f"time/{k}": v for k, v in result.timings.items()}})
-        tracking.log_hydra_configs(client, run_id)
+            files.append(write_rankings(folder / "rankings.jsonl", main.split, result.query_emb,
+                                        result.candidate_emb, k=int(cfg.rankings_top_k)))
+        run.log_metrics(metrics)
         for path in files:
-            tracking.with_retry(lambda: client.log_artifact(run_id, str(path)))
-        client.set_terminated(run_id, "FINISHED")
-    except BaseException:
-        client.set_terminated(run_id, "FAILED")
-        raise
-    print(f"\n{split.name}: {len(split.queries)} queries, {len(split.candidates)} candidates, "
-          f"candidate text = {cfg.dataset.candidate_text}, model = {cfg.model.name}")
-    print(result.table())
-    print(f"\nencoding {result.timings['encode_s']:.1f} s, metrics {result.timings['metrics_s']:.2f} s")
-    print(f"metrics: {folder / 'metrics.json'}")
+            run.log_artifact(path)
+    for i, evaluation_set in enumerate(sets):
+        print(f"\n{'' if i == 0 else evaluation_set.key + ': '}{describe(evaluation_set)}, model = {encoder.name}")
+        print(results[evaluation_set.key].table())
+        timings = results[evaluation_set.key].timings
+        print(f"encoding {timings['encode_s']:.1f} s, metrics {timings['metrics_s']:.2f} s")
+    print(f"\nmetrics: {folder / 'metrics.json'}")
     print(f"MLflow UI: {tracking.ui_command(cfg.logger.tracking_uri)}")
-    return result
+    return results
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
 def main(cfg: DictConfig) -> float:
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
-    result = evaluate(cfg)
-    return float(np.nan_to_num(result.summary["multi"]["map"]))
+    results = evaluate(cfg)
+    return float(np.nan_to_num(results[cfg.dataset.name].summary["multi"]["map"]))
 
 
 if __name__ == "__main__":

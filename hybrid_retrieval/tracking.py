@@ -7,11 +7,12 @@ file (MLflow >= 3.13 refuses a plain ``./mlruns`` folder store).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping, TypeVar
+from typing import Any, Callable, Iterator, Mapping, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -154,3 +155,55 @@ def log_hydra_configs(client: Any, run_id: str) -> None:
 
 def ui_command(tracking_uri: str) -> str:
     return f"mlflow ui --backend-store-uri {tracking_uri}"
+
+
+class TrackedRun:
+    """One MLflow run, written through the retrying client; what :func:`mlflow_run` yields."""
+
+    def __init__(self, client: Any, run_id: str, tracking_uri: str) -> None:
+        self.client = client
+        self.run_id = run_id
+        self.tracking_uri = tracking_uri
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
+        log_metrics(self.client, self.run_id, metrics, step)
+
+    def log_params(self, params: Mapping[str, str]) -> None:
+        log_params(self.client, self.run_id, params)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        with_retry(lambda: self.client.log_artifact(self.run_id, str(path), artifact_path))
+
+    def log_artifacts(self, folder: str | Path, artifact_path: str | None = None) -> None:
+        with_retry(lambda: self.client.log_artifacts(self.run_id, str(folder), artifact_path))
+
+    def set_tag(self, key: str, value: Any) -> None:
+        with_retry(lambda: self.client.set_tag(self.run_id, key, str(value)[:MAX_TAG_LENGTH]))
+
+
+MAX_TAG_LENGTH = 5000
+
+
+@contextlib.contextmanager
+def mlflow_run(cfg: DictConfig, job: str, tags: Mapping[str, str] | None = None) -> Iterator[TrackedRun]:
+    """The run lifecycle every command shares.
+
+    Creates the run (nested under its sweep's parent run in a multirun), logs the flattened config as params and
+    the composed config files of ``.hydra/``; ends it FINISHED, or FAILED (KILLED on an interrupt) with the
+    error as the ``error`` tag, and lets the exception propagate. Check inputs before entering: a bad value then
+    leaves no run behind.
+    """
+    client, run_id = start_run(cfg.logger.tracking_uri, cfg.logger.experiment_name, cfg.get("run_name"),
+                               tags={"job": job, **(tags or {})})
+    run = TrackedRun(client, run_id, cfg.logger.tracking_uri)
+    try:
+        run.log_params(flatten_config(cfg))
+        log_hydra_configs(client, run_id)
+        yield run
+    except BaseException as error:
+        status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+        with contextlib.suppress(Exception):  # the original error matters more than a failed status update
+            run.set_tag("error", f"{type(error).__name__}: {error}")
+            with_retry(lambda: client.set_terminated(run_id, status))
+        raise
+    with_retry(lambda: client.set_terminated(run_id, "FINISHED"))

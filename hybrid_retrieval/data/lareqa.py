@@ -33,7 +33,7 @@ import numpy as np
 from hybrid_retrieval.data.sources import check_languages, get_source, resolve_dataset_dir
 
 __all__ = [
-    "CANDIDATE_TEXTS",
+    "PASSAGE_TEXTS",
     "Candidate",
     "DataFormatError",
     "LanguageFile",
@@ -42,13 +42,24 @@ __all__ = [
     "Query",
     "Question",
     "cap_groups",
+    "format_passage",
     "load_language_files",
     "load_split",
     "read_language_file",
     "sha1_order",
 ]
 
-CANDIDATE_TEXTS = ("sentence", "sentence_paragraph")
+PASSAGE_TEXTS = ("sentence", "sentence_paragraph")
+
+
+def format_passage(sentence: str, paragraph: str, passage_text: str) -> str:
+    """The text a passage is encoded as, in training and evaluation alike: the sentence alone
+    (``passage_text="sentence"``) or the sentence followed by its paragraph (``"sentence_paragraph"``)."""
+    if passage_text == "sentence":
+        return sentence
+    if passage_text == "sentence_paragraph":
+        return f"{sentence} {paragraph}"
+    raise ValueError(f"passage_text={passage_text!r}: expected one of {list(PASSAGE_TEXTS)}")
 
 
 class DataFormatError(ValueError):
@@ -81,13 +92,10 @@ class LareqaSplit:
     candidates: list[Candidate]
     relevant: list[np.ndarray]  # relevant[i]: sorted int64 indices into candidates, all languages
 
-    def candidate_texts(self, text: str = "sentence") -> list[str]:
-        """Candidate strings to encode: the sentence alone, or ``sentence + " " + paragraph``."""
-        if text == "sentence":
-            return [c.sentence for c in self.candidates]
-        if text == "sentence_paragraph":
-            return [f"{c.sentence} {c.paragraph}" for c in self.candidates]
-        raise ValueError(f"candidate_text must be one of {list(CANDIDATE_TEXTS)}, got {text!r}")
+    def candidate_texts(self, passage_text: str = "sentence") -> list[str]:
+        """Candidate strings to encode, formatted by :func:`format_passage`."""
+        format_passage("", "", passage_text)  # a bad option fails even on an empty split
+        return [format_passage(c.sentence, c.paragraph, passage_text) for c in self.candidates]
 
     def query_texts(self) -> list[str]:
         return [q.text for q in self.queries]

@@ -33,10 +33,11 @@ from typing import Any
 
 import numpy as np
 
-from hybrid_retrieval.data.lareqa import load_language_files, sha1_order
+from hybrid_retrieval.data.lareqa import PASSAGE_TEXTS, format_passage, load_language_files, sha1_order
 
 __all__ = [
     "HARD_NEGATIVE_SOURCES",
+    "JSONL_HARD_NEGATIVES",
     "JSONL_FIELDS",
     "PASSAGE_TEXTS",
     "ParallelPairs",
@@ -45,8 +46,8 @@ __all__ = [
     "from_lareqa",
 ]
 
-PASSAGE_TEXTS = ("sentence", "sentence_paragraph")
-HARD_NEGATIVE_SOURCES = (None, "same_paragraph")
+HARD_NEGATIVE_SOURCES = (None, "same_paragraph")  # from_lareqa
+JSONL_HARD_NEGATIVES = (None, "file")  # from_jsonl
 JSONL_FIELDS = {"group": True, "language": True, "query": True, "passage": True, "hard_negative": False}
 
 
@@ -153,8 +154,8 @@ def from_lareqa(
 ) -> ParallelPairs:
     """Training rows from XQuAD-R / MLQA-R: one per (question, language), grouped by question id.
 
-    - passage_text: "sentence" (the gold sentence) or "sentence_paragraph" (sentence + " " + paragraph, like
-      the evaluation's ``candidate_text`` option).
+    - passage_text: "sentence" (the gold sentence) or "sentence_paragraph" (sentence + " " + paragraph), the
+      same option and the same :func:`~hybrid_retrieval.data.lareqa.format_passage` as evaluation.
     - max_groups: keep the first this many question ids in the stable sha1 order that ``load_split``'s cap
       uses, with their rows in every language.
     - hard_negative: None, or "same_paragraph": the sentence after the gold one in its paragraph, else the one
@@ -188,14 +189,13 @@ def from_lareqa(
             group_ids.append(q.id)
             language_ids.append(lang)
             queries.append(q.text)
-            passages.append(sentence if passage_text == "sentence" else f"{sentence} {para.context}")
+            passages.append(format_passage(sentence, para.context, passage_text))
             if hard_negative == "same_paragraph":
                 other = q.sentence + 1 if q.sentence + 1 < len(para.sentences) else q.sentence - 1
                 if other < 0:
                     negatives.append(None)
                 else:
-                    text = para.sentences[other]
-                    negatives.append(text if passage_text == "sentence" else f"{text} {para.context}")
+                    negatives.append(format_passage(para.sentences[other], para.context, passage_text))
     groups, _ = _index(group_ids)
     language_names = list(files)
     lookup = {lang: i for i, lang in enumerate(language_names)}
@@ -210,11 +210,15 @@ def from_lareqa(
     )
 
 
-def from_jsonl(path: str | os.PathLike[str], name: str | None = None) -> ParallelPairs:
+def from_jsonl(path: str | os.PathLike[str], name: str | None = None, hard_negative: str | None = "file") -> ParallelPairs:
     """Training rows from a JSON-lines file (format in the module docstring); `name` defaults to the file stem.
+
+    hard_negative: "file" uses the rows' ``hard_negative`` fields (where present); None ignores them.
 
     Every line is checked; an error names the file, the line number and the field.
     """
+    if hard_negative not in JSONL_HARD_NEGATIVES:
+        raise ValueError(f"hard_negative must be one of {list(JSONL_HARD_NEGATIVES)}, got {hard_negative!r}")
     file = Path(path).expanduser()
     if not file.is_file():
         raise FileNotFoundError(f"training data file {str(file)!r} does not exist (train_data path)")
@@ -261,7 +265,7 @@ def from_jsonl(path: str | os.PathLike[str], name: str | None = None) -> Paralle
         language_names=language_names,
         queries=queries,
         passages=passages,
-        hard_negatives=negatives if any(n is not None for n in negatives) else None,
+        hard_negatives=negatives if hard_negative == "file" and any(n is not None for n in negatives) else None,
     )
 
 

@@ -152,12 +152,12 @@ def evaluate_split(query_emb: np.ndarray, candidate_emb: np.ndarray, split: Any,
                                num_threads=num_threads)
 
 
-def evaluate_encoder(encoder: Any, split: Any, candidate_text: str = "sentence", batch_size: int = 64,
+def evaluate_encoder(encoder: Any, split: Any, passage_text: str = "sentence", batch_size: int = 64,
                      dtype: Any = None, num_threads: int = 2) -> EvaluationResult:
-    """Encode a split's queries and candidates with ``encoder`` (no gradients), then evaluate."""
+    """Encode a split's queries and candidates (written as ``passage_text`` says) with ``encoder``, then evaluate."""
     started = time.perf_counter()
     query_emb = encoder.encode(split.query_texts(), kind="query", batch_size=batch_size, dtype=dtype)
-    candidate_emb = encoder.encode(split.candidate_texts(candidate_text), kind="passage",
+    candidate_emb = encoder.encode(split.candidate_texts(passage_text), kind="passage",
                                    batch_size=batch_size, dtype=dtype)
     encode_s = time.perf_counter() - started
     result = evaluate_split(query_emb, candidate_emb, split, num_threads=num_threads)

@@ -1,7 +1,8 @@
 """Turning sampler rows into tokenized model inputs.
 
 The sampler (:mod:`hybrid_retrieval.training.sampler`) decides which rows form a batch; this module looks up
-their texts and tokenizes queries and passages (and hard negatives when every row of the batch has one).
+their texts and tokenizes queries and passages, and the hard negatives of the batch's rows when their dataset
+has them (a dataset's ``hard_negative`` option is the one switch).
 """
 
 from __future__ import annotations
@@ -38,9 +39,8 @@ class PairTexts(Dataset):
 class PairCollator:
     """Tokenizes a list of :class:`PairTexts` items with the encoder's prefixes and maximum lengths."""
 
-    def __init__(self, tokenize: Any, use_hard_negatives: bool = True) -> None:
+    def __init__(self, tokenize: Any) -> None:
         self.tokenize = tokenize
-        self.use_hard_negatives = use_hard_negatives
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         batch: dict[str, Any] = {
@@ -51,6 +51,6 @@ class PairCollator:
         }
         negatives = [i["hard_negative"] for i in items if i["hard_negative"] is not None]
         # Every hard negative present serves as a negative for every query of the batch.
-        if self.use_hard_negatives and negatives:
+        if negatives:
             batch["hard_negative"] = self.tokenize(negatives, "passage")
         return batch

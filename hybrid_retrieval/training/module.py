@@ -1,36 +1,27 @@
-"""The LightningModule: one shared encoder trained with an in-batch contrastive loss, validated by retrieval.
+"""The LightningModule: one shared encoder trained with a contrastive loss, validated by retrieval.
 
-Training batches come from :class:`~hybrid_retrieval.training.sampler.HybridBatchSampler` (monolingual or
-cross-lingual per batch). Validation runs the full evaluation protocol (FAISS-free exact ranks, see
-:mod:`hybrid_retrieval.evaluation`) on each configured evaluation split and logs every metric as
-``val/<setting>/<metric>`` (first split) and ``val/<split>/<setting>/<group>/<metric>``.
+It owns the encoder, the loss and the optimiser. Data (training batches and evaluation sets) comes from
+:class:`~hybrid_retrieval.training.datamodule.HybridDataModule`; validation is one evaluator call per evaluation
+set, logged under the names of :mod:`hybrid_retrieval.evaluation.sets`. Checkpoints belong to callbacks
+(:mod:`hybrid_retrieval.training.callbacks`).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Mapping
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader
 
-from hybrid_retrieval.data.lareqa import LareqaSplit
-from hybrid_retrieval.data.pairs import ParallelPairs
-from hybrid_retrieval.evaluation.evaluator import EvaluationResult, evaluate_encoder
+from hybrid_retrieval.evaluation.evaluator import EvaluationResult
+from hybrid_retrieval.evaluation.sets import EvaluationSet, evaluate_set, metric_values
 from hybrid_retrieval.models.encoder import Encoder
 from hybrid_retrieval.tracking import finite_metrics
-from hybrid_retrieval.training.batches import PairCollator, PairTexts
 
-
-@dataclass
-class EvaluationSet:
-    """A split to validate on and how its candidates are encoded."""
-
-    name: str
-    split: LareqaSplit
-    candidate_text: str = "sentence"
+CHECKPOINT_KEY = "hybrid_retrieval"
+CHECKPOINT_FORMAT = 1
 
 
 @dataclass
@@ -39,6 +30,13 @@ class OptimizerSettings:
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
     schedule: str = "linear"  # linear | cosine | constant (after warm-up)
+
+
+@dataclass
+class EvaluationSettings:
+    batch_size: int = 64
+    dtype: torch.dtype | None = None
+    num_threads: int = 2
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
@@ -54,28 +52,27 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
 
 
 class HybridRetrievalModule(pl.LightningModule):
-    """Dual encoder (shared weights) + InfoNCE; validation = retrieval metrics on the evaluation sets."""
+    """Dual encoder (shared weights) + contrastive loss; validation = retrieval metrics on each evaluation set.
 
-    def __init__(self, encoder: Encoder, loss: torch.nn.Module, train_datasets: Sequence[ParallelPairs],
-                 sampler_factory: Any, batch_size: int, evaluation_sets: Sequence[EvaluationSet],
-                 optimizer: OptimizerSettings, seed: int = 0, use_hard_negatives: bool = True,
-                 freeze_embeddings: bool = False, eval_batch_size: int = 64, eval_dtype: torch.dtype | None = None,
-                 num_threads: int = 2) -> None:
+    Args:
+        encoder: the model being trained (its tokenizer also tokenizes the training batches).
+        loss: ``loss(query_emb, passage_emb, hard_negative_emb | None) -> scalar``.
+        optimizer: AdamW settings and the learning-rate schedule.
+        model_config: the resolved ``conf/model`` entry, stored in every checkpoint so that a checkpoint alone
+            rebuilds its encoder (:func:`hybrid_retrieval.models.checkpoint.load_checkpoint_encoder`).
+        freeze_embeddings: keep the vocabulary matrix fixed.
+        evaluation: how validation encodes (batch size, dtype, threads).
+    """
+
+    def __init__(self, encoder: Encoder, loss: torch.nn.Module, optimizer: OptimizerSettings,
+                 model_config: Mapping[str, Any] | None = None, freeze_embeddings: bool = False,
+                 evaluation: EvaluationSettings | None = None) -> None:
         super().__init__()
         self.encoder = encoder
         self.loss = loss
-        self.train_datasets = list(train_datasets)
-        self.sampler_factory = sampler_factory
-        self.batch_size = batch_size
-        self.evaluation_sets = list(evaluation_sets)
         self.optimizer_settings = optimizer
-        self.seed = seed
-        self.use_hard_negatives = use_hard_negatives
-        self.eval_batch_size = eval_batch_size
-        self.eval_dtype = eval_dtype
-        self.num_threads = num_threads
-        # (global step, logged metrics, results per evaluation set) of every validation, in order.
-        self.history: list[tuple[int, dict[str, float], dict[str, EvaluationResult]]] = []
+        self.model_config = dict(model_config or {})
+        self.evaluation = evaluation or EvaluationSettings()
         encoder.train()  # loaders hand back encoders in eval mode
         if freeze_embeddings:
             # The 250k-row vocabulary matrix is most of a multilingual encoder's parameters; freezing it keeps
@@ -83,22 +80,6 @@ class HybridRetrievalModule(pl.LightningModule):
             for parameter in encoder.backbone.get_input_embeddings().parameters():
                 parameter.requires_grad_(False)
 
-    # ---- data -------------------------------------------------------------------------------------------
-    def train_dataloader(self) -> DataLoader:
-        sampler = self.sampler_factory(datasets=self.train_datasets, batch_size=self.batch_size, seed=self.seed,
-                                       num_replicas=self.trainer.world_size, rank=self.trainer.global_rank)
-        self.train_sampler = sampler
-        return DataLoader(PairTexts(self.train_datasets), batch_sampler=sampler,
-                          collate_fn=PairCollator(self.encoder.tokenize, self.use_hard_negatives))
-
-    def val_dataloader(self) -> DataLoader:
-        # One item per evaluation set: validation_step encodes and scores the whole set at once.
-        return DataLoader(list(range(len(self.evaluation_sets))), batch_size=1)
-
-    def on_train_epoch_start(self) -> None:
-        self.train_sampler.set_epoch(self.current_epoch)
-
-    # ---- steps ------------------------------------------------------------------------------------------
     def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.encoder(**inputs)
 
@@ -115,29 +96,25 @@ class HybridRetrievalModule(pl.LightningModule):
             self.log("train/temperature", temperature.detach().float(), batch_size=size)
         return loss
 
-    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
-        evaluation_set = self.evaluation_sets[int(batch[0])]
-        was_training = self.encoder.training
-        self.encoder.eval()
-        result = evaluate_encoder(self.encoder, evaluation_set.split, evaluation_set.candidate_text,
-                                  batch_size=self.eval_batch_size, dtype=self.eval_dtype,
-                                  num_threads=self.num_threads)
-        self.encoder.train(was_training)
-        result.query_emb = result.candidate_emb = None  # keep results small: they are kept per validation
-        metrics = result.flat(prefix=f"val/{evaluation_set.name}/")
-        if batch_idx == 0:
-            metrics.update({f"val/{s}/{m}": v for s, values in result.summary.items() for m, v in values.items()})
-        metrics[f"time/{evaluation_set.name}/encode_s"] = result.timings["encode_s"]
-        metrics[f"time/{evaluation_set.name}/metrics_s"] = result.timings["metrics_s"]
-        finite = finite_metrics(metrics)
-        # Only rank 0's numbers matter: every rank evaluates the same split with the same weights.
-        self.log_dict(finite, batch_size=1, rank_zero_only=True)
-        if batch_idx == 0 or not self.history or self.history[-1][0] != self.global_step:
-            self.history.append((self.global_step, {}, {}))
-        self.history[-1][1].update(finite)
-        self.history[-1][2][evaluation_set.name] = result
+    def validation_step(self, evaluation_set: EvaluationSet, batch_idx: int) -> EvaluationResult:
+        """Evaluate one whole set; the result goes to callbacks (reports, the best checkpoint's results)."""
+        settings = self.evaluation
+        result = evaluate_set(self.encoder, evaluation_set, batch_size=settings.batch_size, dtype=settings.dtype,
+                              num_threads=settings.num_threads)
+        result.query_emb = result.candidate_emb = None  # results are kept by callbacks: keep them small
+        # Every rank evaluates the same sets with the same weights; rank 0 logs.
+        self.log_dict(finite_metrics(metric_values(result, evaluation_set.key, main=batch_idx == 0)), batch_size=1,
+                      rank_zero_only=True)
+        return result
 
-    # ---- optimisation -----------------------------------------------------------------------------------
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        if isinstance(batch, EvaluationSet):
+            return batch  # texts, not tensors: the encoder moves its own inputs
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[CHECKPOINT_KEY] = {"format": CHECKPOINT_FORMAT, "model": self.model_config}
+
     def configure_optimizers(self) -> Any:
         settings = self.optimizer_settings
         decay, no_decay = [], []

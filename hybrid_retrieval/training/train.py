@@ -1,4 +1,11 @@
-"""The training driver behind ``run.py``: config in, fine-tuned encoder, MLflow run and best metric out."""
+"""The training driver behind ``run.py``: config in; a validated, saved and exported encoder, an MLflow run and the
+best monitored value out.
+
+Order: config checks, training data, evaluation sets and a trial sampler (bad input fails here, in seconds), the
+model, then the MLflow run. Whatever stops training (``max_steps``, ``max_epochs``, ``limit_train_batches``, an
+interrupt), the last weights are validated if they were not, the best checkpoint is chosen among the validations
+that ran, and the best weights are exported to ``<run folder>/model/``.
+"""
 
 from __future__ import annotations
 
@@ -10,25 +17,92 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from hybrid_retrieval import tracking
 from hybrid_retrieval.config_checks import ConfigError, check_train_config
 from hybrid_retrieval.data.pairs import build_datasets
-from hybrid_retrieval.evaluate import encode_dtype, load_dataset, write_report
-from hybrid_retrieval.training.module import EvaluationSet, HybridRetrievalModule, OptimizerSettings
+from hybrid_retrieval.evaluation.sets import describe, encode_dtype, load_evaluation_sets, write_reports
+from hybrid_retrieval.training.callbacks import BestCheckpoint, TrackedRunLogger
+from hybrid_retrieval.training.datamodule import HybridDataModule
+from hybrid_retrieval.training.module import EvaluationSettings, HybridRetrievalModule, OptimizerSettings
 
 log = logging.getLogger(__name__)
 
 
-def _monitored(history: list[tuple[int, dict[str, float], dict[str, Any]]], metric: str,
-               mode: str) -> tuple[int, dict[str, float], dict[str, Any]]:
-    # Validations during fit only (step > 0): the ones the best checkpoint was chosen from.
-    scored = [entry for entry in history if metric in entry[1] and entry[0] > 0]
-    if not scored:
-        raise RuntimeError(f"no validation logged {metric!r}; check train.monitor")
-    pick = max if mode == "max" else min
-    return pick(scored, key=lambda entry: entry[1][metric])
+def build_datamodule(cfg: DictConfig) -> HybridDataModule:
+    """Training data, sampler and evaluation sets; every data error surfaces here, before the model loads."""
+    sampler_factory = instantiate(cfg.sampler)
+    datasets = build_datasets(cfg.train_data)
+    sets = load_evaluation_sets(cfg.dataset, cfg.get("extra_datasets"))
+    try:
+        return HybridDataModule(datasets, sampler_factory, cfg.train.batch_size, cfg.train.seed, sets)
+    except ValueError as error:
+        raise ConfigError(f"sampler={cfg.sampler.name} with train.batch_size={cfg.train.batch_size}: {error}") from error
+
+
+def build_module(cfg: DictConfig) -> HybridRetrievalModule:
+    return HybridRetrievalModule(
+        encoder=instantiate(cfg.model), loss=instantiate(cfg.loss),
+        optimizer=OptimizerSettings(cfg.train.lr, cfg.train.weight_decay, cfg.train.warmup_ratio, cfg.train.schedule),
+        model_config=OmegaConf.to_container(cfg.model, resolve=True),
+        freeze_embeddings=cfg.train.freeze_embeddings,
+        evaluation=EvaluationSettings(cfg.hardware.encode_batch_size, encode_dtype(cfg.hardware),
+                                      cfg.hardware.num_threads))
+
+
+def build_trainer(cfg: DictConfig, run: tracking.TrackedRun, checkpoint: BestCheckpoint, output_dir: Path) -> pl.Trainer:
+    from pytorch_lightning.callbacks import LearningRateMonitor
+
+    return pl.Trainer(
+        accelerator=cfg.hardware.accelerator, devices=cfg.hardware.devices, precision=cfg.hardware.precision,
+        logger=TrackedRunLogger(run), callbacks=[checkpoint, LearningRateMonitor(logging_interval="step")],
+        default_root_dir=str(output_dir), use_distributed_sampler=False, enable_model_summary=False,
+        **cfg.trainer)
+
+
+def fit(trainer: pl.Trainer, module: HybridRetrievalModule, datamodule: HybridDataModule,
+        checkpoint: BestCheckpoint, evaluate_before: bool, seed: int) -> bool:
+    """Fit, then validate the last weights if no validation saw them. Returns True when training was interrupted."""
+    if evaluate_before:
+        trainer.validate(module, datamodule=datamodule, verbose=False)  # the zero-shot starting point, step 0
+        # Iterating a DataLoader draws from torch's RNG; re-seed so training (dropout, sampler) is the same with
+        # or without this extra validation.
+        pl.seed_everything(seed, workers=True, verbose=False)
+    interrupted = False
+    try:
+        trainer.fit(module, datamodule=datamodule)
+    except SystemExit:
+        # Lightning turns Ctrl+C into SystemExit after a graceful shutdown; keep what was trained.
+        if not trainer.interrupted:
+            raise
+        interrupted = True
+        log.warning("training interrupted at step %d; validating and saving the last weights", trainer.global_step)
+    if checkpoint.needs_final_validation(trainer):
+        with checkpoint.final_validation():
+            trainer.validate(module, datamodule=datamodule, verbose=False)
+    return interrupted
+
+
+def load_best_weights(module: HybridRetrievalModule, checkpoint: BestCheckpoint) -> None:
+    state = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=True)
+    module.load_state_dict(state["state_dict"])
+
+
+def model_card(cfg: DictConfig, datamodule: HybridDataModule, checkpoint: BestCheckpoint, steps: int) -> dict[str, Any]:
+    main = datamodule.evaluation_sets[0]
+    return {
+        "base model": f"{cfg.model.name} ({cfg.model.get('checkpoint') or cfg.model.source})",
+        "training": {
+            "sampler": f"{cfg.sampler.name} (mono_ratio alpha = {cfg.sampler.mono_ratio})",
+            "loss": OmegaConf.to_container(cfg.loss, resolve=True),
+            "data": datamodule.summary(), "steps": steps, "best step": checkpoint.best_step,
+            "batch size": cfg.train.batch_size, "lr": cfg.train.lr, "seed": cfg.train.seed,
+        },
+        "evaluation": describe(main),
+        "metrics": {k: v for k, v in checkpoint.best_metrics.items() if k.count("/") == 2},
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
 
 
 def train(cfg: DictConfig) -> float:
@@ -36,81 +110,69 @@ def train(cfg: DictConfig) -> float:
     check_train_config(cfg)
     torch.set_num_threads(cfg.hardware.num_threads)
     pl.seed_everything(cfg.train.seed, workers=True, verbose=False)
-
-    datasets = build_datasets(cfg.train_data)
-    sampler_factory = instantiate(cfg.sampler)
-    try:  # build one sampler now: a batch size the data cannot fill fails here, not after the model loads
-        sampler_factory(datasets=datasets, batch_size=cfg.train.batch_size, seed=cfg.train.seed)
-    except ValueError as error:
-        raise ConfigError(f"sampler={cfg.sampler.name} with train.batch_size={cfg.train.batch_size}: {error}") from error
-    split = load_dataset(cfg.dataset)
-    evaluation_sets = [EvaluationSet(cfg.dataset.name, split, cfg.dataset.candidate_text)]
-    for key, extra in (cfg.get("extra_datasets") or {}).items():
-        evaluation_sets.append(EvaluationSet(key, load_dataset(extra), extra.candidate_text))
-    encoder = instantiate(cfg.model)
-    loss = instantiate(cfg.loss)
-
+    datamodule = build_datamodule(cfg)
+    module = build_module(cfg)
     output_dir = Path(tracking.job_context()["output_dir"])
-    client, run_id = tracking.start_run(cfg.logger.tracking_uri, cfg.logger.experiment_name, cfg.get("run_name"),
-                                        tags={"job": "train", "sampler": cfg.sampler.name, "model": cfg.model.name})
-    try:
-        tracking.log_params(client, run_id, tracking.flatten_config(cfg))
-        for data in datasets:
-            log.info("training data %s", data.summary())
-        module = HybridRetrievalModule(
-            encoder=encoder, loss=loss, train_datasets=datasets, sampler_factory=sampler_factory,
-            batch_size=cfg.train.batch_size,
-            evaluation_sets=evaluation_sets,
-            optimizer=OptimizerSettings(cfg.train.lr, cfg.train.weight_decay, cfg.train.warmup_ratio,
-                                        cfg.train.schedule),
-            seed=cfg.train.seed, use_hard_negatives=cfg.train.use_hard_negatives,
-            freeze_embeddings=cfg.train.freeze_embeddings, eval_batch_size=cfg.hardware.encode_batch_size,
-            eval_dtype=encode_dtype(cfg.hardware), num_threads=cfg.hardware.num_threads)
-        from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
-        from pytorch_lightning.loggers import MLFlowLogger
+    checkpoint = BestCheckpoint(output_dir / "checkpoints", cfg.train.monitor, cfg.train.monitor_mode)
+    tags = {"model": cfg.model.name, "sampler": cfg.sampler.name, "mono_ratio": str(cfg.sampler.mono_ratio),
+            "dataset": cfg.dataset.name, "seed": str(cfg.train.seed)}
 
-        logger = MLFlowLogger(experiment_name=cfg.logger.experiment_name, tracking_uri=cfg.logger.tracking_uri,
-                              run_id=run_id)
-        checkpoint = ModelCheckpoint(dirpath=output_dir / "checkpoints", filename="best", monitor=cfg.train.monitor,
-                                     mode=cfg.train.monitor_mode, save_top_k=1, save_weights_only=True)
-        trainer = pl.Trainer(
-            accelerator=cfg.hardware.accelerator, devices=cfg.hardware.devices, precision=cfg.hardware.precision,
-            logger=logger, callbacks=[checkpoint, LearningRateMonitor(logging_interval="step")],
-            default_root_dir=str(output_dir), use_distributed_sampler=False, enable_model_summary=False,
-            **cfg.trainer)
-        if cfg.train.evaluate_before:
-            trainer.validate(module, verbose=False)  # the zero-shot starting point, logged at step 0
-            # Building the validation loader draws from torch's RNG; re-seed so training (dropout, sampler)
-            # is the same with or without this extra validation.
-            pl.seed_everything(cfg.train.seed, workers=True, verbose=False)
-        trainer.fit(module)
-
-        step, best_metrics, best_results = _monitored(module.history, cfg.train.monitor, cfg.train.monitor_mode)
-        files = write_report(best_results[cfg.dataset.name], split, output_dir)
-        for extra in evaluation_sets[1:]:
-            files += write_report(best_results[extra.name], extra.split, output_dir, prefix=f"{extra.name}_")
-        tracking.log_hydra_configs(client, run_id)
+    with tracking.mlflow_run(cfg, job="train", tags=tags) as run:
+        for data in datamodule.summary():
+            log.info("training data %s", data)
+        trainer = build_trainer(cfg, run, checkpoint, output_dir)
+        interrupted = fit(trainer, module, datamodule, checkpoint, cfg.train.evaluate_before, cfg.train.seed)
+        if checkpoint.best_step is None:
+            raise RuntimeError(f"no validation produced {cfg.train.monitor!r} (validated steps: "
+                               f"{checkpoint.validated_steps}); the metrics logged were {sorted(checkpoint.last_metrics)}")
+        best = checkpoint.best_metrics[cfg.train.monitor]
+        files = write_reports(checkpoint.best_results, datamodule.evaluation_sets, output_dir)
         for path in files:
-            tracking.with_retry(lambda: client.log_artifact(run_id, str(path)))
-        best = best_metrics[cfg.train.monitor]
-        tracking.log_metrics(client, run_id, {f"best/{cfg.train.monitor}": best, "best/step": step})
-        client.set_tag(run_id, "best_checkpoint", checkpoint.best_model_path or "")
-        client.set_terminated(run_id, "FINISHED")
-    except BaseException:
-        client.set_terminated(run_id, "FAILED")
-        raise
+            run.log_artifact(path)
+        run.log_metrics({f"best/{cfg.train.monitor}": best, "best/step": checkpoint.best_step},
+                        step=trainer.global_step)
+        run.set_tag("best_checkpoint", checkpoint.best_model_path)
+        load_best_weights(module, checkpoint)
+        model_dir = export_model(module, model_card(cfg, datamodule, checkpoint, trainer.global_step),
+                                 output_dir / "model")
+        run.set_tag("model_dir", model_dir)
+        for name in ("README.md", "hybrid_retrieval.json"):
+            if (model_dir / name).is_file():
+                run.log_artifact(model_dir / name, "model")
+        if interrupted:
+            run.set_tag("stopped_by", "interrupt")
+            report(cfg, datamodule, checkpoint, trainer.global_step, output_dir, model_dir)
+            raise KeyboardInterrupt(f"training interrupted at step {trainer.global_step}; best weights exported")
 
-    first_step, first_metrics, _ = module.history[0]
-    print(f"\n{cfg.dataset.name} ({len(split.queries)} queries, {len(split.candidates)} candidates), "
-          f"model {cfg.model.name}, sampler {cfg.sampler.name} (alpha={cfg.sampler.mono_ratio}); "
-          f"best {cfg.train.monitor} = {best:.4f} at step {step}")
-    print(best_results[cfg.dataset.name].table())
-    for extra in evaluation_sets[1:]:
-        print(f"\n{extra.name}: {extra.split.name} ({len(extra.split.queries)} queries, "
-              f"{len(extra.split.candidates)} candidates), at the same checkpoint")
-        print(best_results[extra.name].table())
-    if cfg.train.evaluate_before and first_step == 0:
-        print(f"(before training: {cfg.train.monitor} = {first_metrics.get(cfg.train.monitor, math.nan):.4f})")
-    print(f"\nrun folder: {output_dir}")
-    print(f"MLflow UI:  {tracking.ui_command(cfg.logger.tracking_uri)}")
+    report(cfg, datamodule, checkpoint, trainer.global_step, output_dir, model_dir)
     return float(best)
+
+
+def export_model(module: HybridRetrievalModule, card: dict[str, Any], folder: Path) -> Path:
+    from hybrid_retrieval.models.export import export_encoder
+
+    was_training = module.encoder.training
+    module.encoder.eval()
+    try:
+        return Path(export_encoder(module.encoder, folder, card=card))
+    finally:
+        module.encoder.train(was_training)
+
+
+def report(cfg: DictConfig, datamodule: HybridDataModule, checkpoint: BestCheckpoint, steps: int, output_dir: Path,
+           model_dir: Path) -> None:
+    sets = datamodule.evaluation_sets
+    print(f"\n{describe(sets[0])}, model {cfg.model.name}, sampler {cfg.sampler.name} "
+          f"(alpha={cfg.sampler.mono_ratio}); {steps} steps; best {cfg.train.monitor} = "
+          f"{checkpoint.best_metrics[cfg.train.monitor]:.4f} at step {checkpoint.best_step}")
+    print(checkpoint.best_results[sets[0].key].table())
+    for extra in sets[1:]:
+        print(f"\n{extra.key}: {describe(extra)}, at the same checkpoint")
+        print(checkpoint.best_results[extra.key].table())
+    if cfg.train.evaluate_before and checkpoint.zero_shot_metrics:
+        before = checkpoint.zero_shot_metrics.get(cfg.train.monitor, math.nan)
+        print(f"(before training: {cfg.train.monitor} = {before:.4f})")
+    print(f"\nrun folder: {output_dir}")
+    print(f"model:      {model_dir}  (transformers / sentence-transformers / model.path=)")
+    print(f"checkpoint: {checkpoint.best_model_path}")
+    print(f"MLflow UI:  {tracking.ui_command(cfg.logger.tracking_uri)}")

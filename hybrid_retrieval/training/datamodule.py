@@ -1,0 +1,69 @@
+"""The LightningDataModule: training datasets, the hybrid batch sampler, collation, and the evaluation sets.
+
+Where a training batch is chosen: :class:`~hybrid_retrieval.training.sampler.HybridBatchSampler` (built here per
+rank); how its rows become tokens: :mod:`hybrid_retrieval.training.batches`, with the tokenizer of the model
+being trained. Validation yields one :class:`~hybrid_retrieval.evaluation.sets.EvaluationSet` per step: the
+module encodes and scores each set whole.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import pytorch_lightning as pl
+from torch.utils.data import DataLoader
+
+from hybrid_retrieval.data.pairs import ParallelPairs
+from hybrid_retrieval.evaluation.sets import EvaluationSet
+from hybrid_retrieval.training.batches import PairCollator, PairTexts
+from hybrid_retrieval.training.sampler import HybridBatchSampler
+
+
+class HybridDataModule(pl.LightningDataModule):
+    """Owns what training reads.
+
+    Args:
+        train_datasets: the training data (one dataset per batch, drawn in proportion to size).
+        sampler_factory: ``HybridBatchSampler`` with its options bound (``conf/sampler``); this module fills in
+            ``datasets``, ``batch_size``, ``seed``, ``num_replicas`` and ``rank``.
+        batch_size: rows per batch on one device.
+        seed: the sampler's base seed (the epoch is mixed in by ``set_epoch``).
+        evaluation_sets: validated at every check, the first one drives ``train.monitor``.
+    """
+
+    def __init__(self, train_datasets: Sequence[ParallelPairs], sampler_factory: Callable[..., HybridBatchSampler],
+                 batch_size: int, seed: int, evaluation_sets: Sequence[EvaluationSet]) -> None:
+        super().__init__()
+        self.train_datasets = list(train_datasets)
+        self.sampler_factory = sampler_factory
+        self.batch_size = batch_size
+        self.seed = seed
+        self.evaluation_sets = list(evaluation_sets)
+        self.sampler: HybridBatchSampler | None = None
+        # A batch size the data cannot fill fails here, before any model is loaded.
+        self.build_sampler()
+
+    def build_sampler(self, num_replicas: int = 1, rank: int = 0) -> HybridBatchSampler:
+        return self.sampler_factory(datasets=self.train_datasets, batch_size=self.batch_size, seed=self.seed,
+                                    num_replicas=num_replicas, rank=rank)
+
+    def train_dataloader(self) -> DataLoader:
+        trainer = self.trainer
+        self.sampler = self.build_sampler(trainer.world_size, trainer.global_rank)
+        # Lightning calls sampler.set_epoch(epoch) at the start of every epoch: batches differ per epoch.
+        tokenize = trainer.lightning_module.encoder.tokenize
+        return DataLoader(PairTexts(self.train_datasets), batch_sampler=self.sampler, collate_fn=PairCollator(tokenize))
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.evaluation_sets, batch_size=None, collate_fn=_identity)
+
+    def set_epoch(self, epoch: int) -> None:
+        if self.sampler is not None:
+            self.sampler.set_epoch(epoch)
+
+    def summary(self) -> list[dict[str, Any]]:
+        return [data.summary() for data in self.train_datasets]
+
+
+def _identity(item: Any) -> Any:
+    return item
