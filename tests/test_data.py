@@ -322,7 +322,7 @@ def test_language_subset_order_and_relevance(data_root: Path) -> None:
     assert Counter(len(rel) for rel in pair.relevant) == {1: 512 + 500 - 2 * 196, 2: 2 * 196}
 
 
-def test_candidate_text_option(xquad: lareqa.LareqaSplit) -> None:
+def test_passage_text_option(xquad: lareqa.LareqaSplit) -> None:
     sentences = xquad.candidate_texts()
     with_context = xquad.candidate_texts("sentence_paragraph")
     c = xquad.candidates[5]
@@ -337,10 +337,10 @@ def test_candidate_text_option(xquad: lareqa.LareqaSplit) -> None:
 def test_dataset_configs_drive_load_split(data_root: Path) -> None:
     for name in ("xquad_r", "mlqa_r"):
         cfg = OmegaConf.load(CONF / "dataset" / f"{name}.yaml")
-        assert set(cfg) == {"name", "root", "languages", "max_questions_per_language", "candidate_text"}
+        assert set(cfg) == {"name", "root", "languages", "max_questions_per_language", "passage_text"}
         assert cfg.name == name and cfg.root is None
         split = load_split(cfg.name, data_root, cfg.languages, cfg.max_questions_per_language)
-        assert len(split.candidate_texts(cfg.candidate_text)) == len(split.candidates)
+        assert len(split.candidate_texts(cfg.passage_text)) == len(split.candidates)
 
 
 def test_malformed_file_errors_name_file_and_field(
@@ -475,6 +475,10 @@ def test_from_jsonl_good(tmp_path: Path) -> None:
     without = tmp_path / "plain.jsonl"
     without.write_text(json.dumps(rows[1]) + "\n", encoding="utf-8")
     assert from_jsonl(without, name="x").hard_negatives is None
+    # The dataset's hard_negative option is the one switch: null ignores the file's hard negatives.
+    assert from_jsonl(path, hard_negative=None).hard_negatives is None
+    with pytest.raises(ValueError, match="hard_negative must be one of"):
+        from_jsonl(path, hard_negative="same_paragraph")
 
 
 @pytest.mark.parametrize(

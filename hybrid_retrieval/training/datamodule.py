@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any, Callable, Sequence
 
 import pytorch_lightning as pl
+import torch
 from torch.utils.data import DataLoader
 
 from hybrid_retrieval.data.pairs import ParallelPairs
@@ -56,6 +57,11 @@ class HybridDataModule(pl.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.evaluation_sets, batch_size=None, collate_fn=_identity)
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        if isinstance(batch, EvaluationSet):
+            return batch  # texts, not tensors: the encoder moves its own inputs
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def set_epoch(self, epoch: int) -> None:
         if self.sampler is not None:

@@ -107,11 +107,6 @@ class HybridRetrievalModule(pl.LightningModule):
                       rank_zero_only=True)
         return result
 
-    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
-        if isinstance(batch, EvaluationSet):
-            return batch  # texts, not tensors: the encoder moves its own inputs
-        return super().transfer_batch_to_device(batch, device, dataloader_idx)
-
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[CHECKPOINT_KEY] = {"format": CHECKPOINT_FORMAT, "model": self.model_config}
 
