@@ -128,3 +128,28 @@ def check_train_config(cfg: DictConfig) -> None:
     _require(len(cfg.train_data.get("datasets") or []) > 0, "train_data.datasets", "at least one dataset",
              cfg.train_data.get("datasets"))
     check_monitor(cfg)
+    check_launch(cfg)
+    chunk = cfg.train.get("grad_cache_chunk")
+    _require(chunk is None or _positive_int(chunk), "train.grad_cache_chunk", "null or a positive integer", chunk)
+    if chunk is not None:
+        accumulate = cfg.trainer.get("accumulate_grad_batches", 1)
+        _require(accumulate == 1, "trainer.accumulate_grad_batches", "1 with train.grad_cache_chunk (gradient "
+                 "caching already gives the whole batch's negatives; accumulation would not add any)", accumulate)
+    _require(_positive_int(cfg.hardware.get("num_nodes", 1)), "hardware.num_nodes", "a positive integer",
+             cfg.hardware.get("num_nodes"))
+
+
+def check_launch(cfg: DictConfig) -> None:
+    """DDP started by Lightning re-runs this process's command line for every other rank; in a local multirun that
+    command is the whole sweep."""
+    import os
+
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    distributed = str(cfg.hardware.get("strategy", "auto")).startswith("ddp")
+    external = "SLURM_NTASKS" in os.environ or "LOCAL_RANK" in os.environ
+    if distributed and not external and HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        raise ConfigError(f"hardware.strategy={cfg.hardware.strategy} in a local multirun (-m): Lightning would "
+                          "start each extra rank with the whole sweep's command line. Run the jobs one at a time, "
+                          "or sweep on a cluster with hydra/launcher=slurm hardware=slurm (SLURM starts the ranks)")

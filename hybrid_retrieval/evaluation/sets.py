@@ -11,12 +11,13 @@ and an evaluation run of the same model on the same data log the same metric key
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from hybrid_retrieval.data.lareqa import LareqaSplit, load_split
-from hybrid_retrieval.evaluation.evaluator import SETTINGS, EvaluationResult, evaluate_encoder
+from hybrid_retrieval.evaluation.evaluator import SETTINGS, EvaluationResult, evaluate_encoder, evaluate_split
 from hybrid_retrieval.evaluation.heatmap import plot_cross_lingual_heatmap
 from hybrid_retrieval.evaluation.metrics import METRICS
 
@@ -66,9 +67,26 @@ def encode_dtype(hardware: Any) -> Any:
 
 def evaluate_set(encoder: Any, evaluation_set: EvaluationSet, batch_size: int = 64, dtype: Any = None,
                  num_threads: int = 2) -> EvaluationResult:
-    """Encode the set's queries and passages with ``encoder`` and compute every setting and metric."""
-    return evaluate_encoder(encoder, evaluation_set.split, evaluation_set.passage_text, batch_size=batch_size,
-                            dtype=dtype, num_threads=num_threads)
+    """Encode the set's queries and passages with ``encoder`` and compute every setting and metric.
+
+    Under distributed training the encoding is split over ranks and gathered once (every rank then holds the
+    same embeddings and computes the same metrics).
+    """
+    from hybrid_retrieval.distributed import encode_across_ranks, rank_and_world
+
+    if rank_and_world()[1] == 1:
+        return evaluate_encoder(encoder, evaluation_set.split, evaluation_set.passage_text, batch_size=batch_size,
+                                dtype=dtype, num_threads=num_threads)
+    split = evaluation_set.split
+    started = time.perf_counter()
+    query_emb = encode_across_ranks(encoder, split.query_texts(), "query", batch_size=batch_size, dtype=dtype)
+    candidate_emb = encode_across_ranks(encoder, split.candidate_texts(evaluation_set.passage_text), "passage",
+                                        batch_size=batch_size, dtype=dtype)
+    encode_s = time.perf_counter() - started
+    result = evaluate_split(query_emb, candidate_emb, split, num_threads=num_threads)
+    result.timings.update({"encode_s": encode_s, "texts": float(len(query_emb) + len(candidate_emb))})
+    result.query_emb, result.candidate_emb = query_emb, candidate_emb
+    return result
 
 
 def metric_values(result: EvaluationResult, key: str, main: bool) -> dict[str, float]:

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hybrid_retrieval.distributed import gather_rows_with_grad, gather_with_grad, rank_and_world
+
 __all__ = ["InfoNCELoss"]
 
 
@@ -26,6 +28,12 @@ class InfoNCELoss(nn.Module):
     ``symmetric=True`` the passage-to-query direction (each passage against the B queries, hard negatives not
     involved) is added and the two directions are averaged.
 
+    Under distributed training with ``gather_across_devices=True`` (the default) the passages, queries and hard
+    negatives of every rank are gathered with their gradients (:mod:`hybrid_retrieval.distributed`), so
+    each query's negatives are the whole global batch; query i of rank r keeps its own passage as the positive
+    (column ``r * B + i``). The loss and, after DDP's gradient averaging, every gradient equal one process holding
+    the global batch. With ``False`` each rank's negatives are its own rows only.
+
     Use it for retrieval training on batches whose rows are not paraphrases or translations of each other
     (otherwise in-batch negatives include false negatives; ``HybridBatchSampler`` guarantees that). The loss of
     the hybrid-batching method is the default: cosine similarity, temperature 0.05, query-to-passage only.
@@ -37,6 +45,7 @@ class InfoNCELoss(nn.Module):
         symmetric: also add the passage-to-query direction, averaged with query-to-passage.
         similarity: "cosine" (embeddings are L2-normalised inside) or "dot" (raw inner product).
         min_temperature, max_temperature: clamp bounds for a learnable temperature; they keep the logits finite.
+        gather_across_devices: under DDP, use every rank's rows as negatives (see above).
 
     Shapes: ``query_emb`` and ``passage_emb`` are (B, d); ``hard_negative_emb`` is None, (m, d) (usually m = B,
     one per row; since every hard negative serves every query, rows without one can simply be left out) or
@@ -51,6 +60,7 @@ class InfoNCELoss(nn.Module):
         similarity: Literal["cosine", "dot"] = "cosine",
         min_temperature: float = 0.01,
         max_temperature: float = 1.0,
+        gather_across_devices: bool = True,
     ) -> None:
         super().__init__()
         if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
@@ -66,6 +76,7 @@ class InfoNCELoss(nn.Module):
         self.learnable_temperature = bool(learnable_temperature)
         self.symmetric = bool(symmetric)
         self.similarity = similarity
+        self.gather_across_devices = bool(gather_across_devices)
         self.min_temperature = float(min_temperature)
         self.max_temperature = float(max_temperature)
         # A fixed temperature stays a Python float: exact in any precision and untouched by module.to(dtype).
@@ -110,12 +121,20 @@ class InfoNCELoss(nn.Module):
             h = F.normalize(h, dim=-1) if h is not None else None
 
         t = self.temperature.to(compute_dtype) if self.learnable_temperature else self._fixed_temperature
-        candidates = p if h is None else torch.cat([p, h], dim=0)
-        logits = q @ candidates.T / t  # (B, B + m); row i's positive is column i
-        labels = torch.arange(batch, device=logits.device)
+        rank, world = rank_and_world()
+        all_q, all_p, all_h, offset = q, p, h, 0
+        if self.gather_across_devices and world > 1:
+            # Every rank must take part in each gather, hard negatives included (possibly zero rows here).
+            all_p, offset = gather_with_grad(p), rank * batch
+            all_q = gather_with_grad(q) if self.symmetric else q
+            all_h = gather_rows_with_grad(h if h is not None else p.new_zeros((0, dim)))
+            all_h = all_h if all_h.shape[0] else None
+        candidates = all_p if all_h is None else torch.cat([all_p, all_h], dim=0)
+        logits = q @ candidates.T / t  # (B, W*B + m); row i's positive is column offset + i
+        labels = torch.arange(batch, device=logits.device) + offset
         loss = F.cross_entropy(logits, labels)
         if self.symmetric:
-            loss = (loss + F.cross_entropy(p @ q.T / t, labels)) / 2
+            loss = (loss + F.cross_entropy(p @ all_q.T / t, labels)) / 2
         return loss
 
     def extra_repr(self) -> str:

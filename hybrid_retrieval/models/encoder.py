@@ -144,6 +144,7 @@ class Encoder(nn.Module):
         dtype: torch.dtype | None = None,
         progress: bool = False,
         max_batch_tokens: int | None = None,
+        shard: tuple[int, int] | None = None,
     ) -> np.ndarray:
         """Embed `texts` as float32 array (n, embedding_dim), rows in input order.
 
@@ -151,6 +152,9 @@ class Encoder(nn.Module):
         :func:`plan_batches`), each padded only to its own longest text, which removes most padding work.
         ``dtype=torch.bfloat16`` runs the backbone under autocast (fast only where the CPU/GPU has bf16 units).
         `max_batch_tokens` caps padded tokens per batch; default: 2048 on CPU (cache-friendly), none elsewhere.
+        ``shard=(rank, world)`` encodes only every ``world``-th batch of that plan, from ``rank`` on (the other rows
+        stay zero; :meth:`shard_rows` says which rows are this shard's): ranks of distributed evaluation split
+        the work and each batch is the one a single process would run.
         """
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size}: expected a positive integer")
@@ -170,6 +174,9 @@ class Encoder(nn.Module):
         if max_batch_tokens is None and device.type == "cpu":
             max_batch_tokens = CPU_MAX_BATCH_TOKENS
         batches = plan_batches(lengths[order], batch_size, max_batch_tokens)
+        if shard is not None:
+            batches = batches[shard[0]::shard[1]]
+            out.fill(0.0)
         if progress:
             from tqdm.auto import tqdm
 
@@ -191,6 +198,17 @@ class Encoder(nn.Module):
         finally:
             self.train(was_training)
         return out
+
+    def shard_rows(self, texts: Sequence[str], kind: Kind, batch_size: int, rank: int, world: int,
+                   max_batch_tokens: int | None = None) -> np.ndarray:
+        """Row indices that ``encode(..., shard=(rank, world))`` fills, in the same plan."""
+        ids = self._token_ids(list(texts), kind)
+        lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
+        order = np.argsort(-lengths, kind="stable")
+        if max_batch_tokens is None and _module_device(self).type == "cpu":
+            max_batch_tokens = CPU_MAX_BATCH_TOKENS
+        batches = plan_batches(lengths[order], batch_size, max_batch_tokens)[rank::world]
+        return np.sort(np.concatenate([order[a:b] for a, b in batches])) if batches else np.empty(0, np.int64)
 
     def save_pretrained(self, folder: str | Path) -> Path:
         """Write backbone, tokenizer and (if any) the dense head as a sentence-transformers ``2_Dense`` folder,

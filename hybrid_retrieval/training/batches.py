@@ -33,6 +33,9 @@ class PairTexts(Dataset):
             "passage": data.passages[passage_row],
             "hard_negative": negatives[passage_row] if negatives is not None else None,
             "monolingual": query_row == passage_row,
+            "row": (dataset_index, query_row, passage_row),
+            "language": data.language_names[data.languages[query_row]],
+            "passage_language": data.language_names[data.languages[passage_row]],
         }
 
 
@@ -48,6 +51,11 @@ class PairCollator:
             "passage": self.tokenize([i["passage"] for i in items], "passage"),
             # Read from the rows themselves: with DataLoader workers the sampler runs ahead of training.
             "monolingual": all(i["monolingual"] for i in items),
+            # What the batch is made of, for logs and error messages: (dataset, query row, passage row) and the
+            # query and passage language of every row.
+            "rows": [i["row"] for i in items],
+            "languages": [i["language"] for i in items],
+            "passage_languages": [i["passage_language"] for i in items],
         }
         negatives = [i["hard_negative"] for i in items if i["hard_negative"] is not None]
         # Every hard negative present serves as a negative for every query of the batch.

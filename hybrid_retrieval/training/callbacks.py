@@ -95,7 +95,7 @@ class TrackedRunLogger(Logger):
     writes metrics.
     """
 
-    def __init__(self, run: TrackedRun) -> None:
+    def __init__(self, run: TrackedRun | None) -> None:
         super().__init__()
         self.run = run
 
@@ -105,7 +105,7 @@ class TrackedRunLogger(Logger):
 
     @property
     def version(self) -> str:
-        return self.run.run_id
+        return self.run.run_id if self.run is not None else ""
 
     @rank_zero_only
     def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
@@ -113,4 +113,38 @@ class TrackedRunLogger(Logger):
 
     @rank_zero_only
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        self.run.log_metrics(metrics, step=step or 0)
+        if self.run is not None:  # None on DDP ranks other than 0
+            self.run.log_metrics(metrics, step=step or 0)
+
+
+class BatchLog(pl.Callback):
+    """Writes what every training batch held, one JSON line per step, to ``<folder>/rank<k>.jsonl``.
+
+    Each line: step, batch kind (mono / cross), query and passage languages, and the sampled rows as
+    (dataset, query row, passage row). Under DDP every rank writes its own file; together they show the global
+    batch the sampler built (same kind and language on every rank, distinct rows).
+    """
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        self._file: Any = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._file = (self.folder / f"rank{trainer.global_rank}.jsonl").open("a", encoding="utf-8")
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        import json
+
+        record = {"step": trainer.global_step, "epoch": trainer.current_epoch,
+                  "kind": "mono" if batch["monolingual"] else "cross",
+                  "languages": sorted(set(batch["languages"])), "passage_languages": sorted(set(batch["passage_languages"])),
+                  "rows": [list(row) for row in batch["rows"]]}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None

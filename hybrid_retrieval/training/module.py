@@ -62,17 +62,27 @@ class HybridRetrievalModule(pl.LightningModule):
             rebuilds its encoder (:func:`hybrid_retrieval.models.checkpoint.load_checkpoint_encoder`).
         freeze_embeddings: keep the vocabulary matrix fixed.
         evaluation: how validation encodes (batch size, dtype, threads).
+        grad_cache_chunk: embed the batch in chunks of this many rows with gradient caching
+            (:mod:`hybrid_retrieval.losses.cached`): batches larger than memory, same gradients. Training then
+            steps the optimiser itself (Lightning's manual optimisation), clipping at ``gradient_clip_val``.
+        gradient_checkpointing: recompute the backbone's activations in backward instead of storing them.
     """
 
     def __init__(self, encoder: Encoder, loss: torch.nn.Module, optimizer: OptimizerSettings,
                  model_config: Mapping[str, Any] | None = None, freeze_embeddings: bool = False,
-                 evaluation: EvaluationSettings | None = None) -> None:
+                 evaluation: EvaluationSettings | None = None, grad_cache_chunk: int | None = None,
+                 gradient_clip_val: float | None = None, gradient_checkpointing: bool = False) -> None:
         super().__init__()
         self.encoder = encoder
         self.loss = loss
         self.optimizer_settings = optimizer
         self.model_config = dict(model_config or {})
         self.evaluation = evaluation or EvaluationSettings()
+        self.grad_cache_chunk = grad_cache_chunk
+        self.gradient_clip_val = gradient_clip_val
+        self.automatic_optimization = grad_cache_chunk is None
+        if gradient_checkpointing:
+            encoder.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         encoder.train()  # loaders hand back encoders in eval mode
         if freeze_embeddings:
             # The 250k-row vocabulary matrix is most of a multilingual encoder's parameters; freezing it keeps
@@ -84,16 +94,52 @@ class HybridRetrievalModule(pl.LightningModule):
         return self.encoder(**inputs)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        queries = self(batch["query"])
-        passages = self(batch["passage"])
-        negatives = self(batch["hard_negative"]) if "hard_negative" in batch else None
-        loss = self.loss(queries, passages, negatives)
-        size = queries.shape[0]
+        if self.grad_cache_chunk is not None:
+            loss = self._cached_step(batch)
+        else:
+            queries = self(batch["query"])
+            passages = self(batch["passage"])
+            negatives = self(batch["hard_negative"]) if "hard_negative" in batch else None
+            loss = self.loss(queries, passages, negatives)
+        size = batch["query"]["input_ids"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
         self.log("train/mono_batch", float(batch["monolingual"]), batch_size=size)
         temperature = getattr(self.loss, "temperature", None)
         if isinstance(temperature, torch.Tensor):
             self.log("train/temperature", temperature.detach().float(), batch_size=size)
+        return loss
+
+    def _cached_step(self, batch: dict[str, Any]) -> torch.Tensor:
+        """One optimiser step with gradient caching; DDP's per-backward reduction is replaced by one average."""
+        import contextlib
+
+        from hybrid_retrieval.distributed import rank_and_world
+        from hybrid_retrieval.losses.cached import cached_backward
+
+        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
+        optimizer.zero_grad()
+        wrapped = self.trainer.strategy.model
+        # Several backward passes per step: keep DDP from reducing each one, then average once below.
+        no_sync = wrapped.no_sync() if hasattr(wrapped, "no_sync") else contextlib.nullcontext()
+        groups = {"query": batch["query"], "passage": batch["passage"], "hard_negative": batch.get("hard_negative")}
+        with no_sync:
+            loss = cached_backward(self.encoder, groups,
+                                   lambda e: self.loss(e["query"], e["passage"], e["hard_negative"]),
+                                   self.grad_cache_chunk)
+        _, world = rank_and_world()
+        if world > 1:
+            import torch.distributed as dist
+
+            for parameter in self.parameters():
+                if parameter.requires_grad:
+                    if parameter.grad is None:  # every rank must join every reduction
+                        parameter.grad = torch.zeros_like(parameter)
+                    dist.all_reduce(parameter.grad)
+                    parameter.grad /= world
+        if self.gradient_clip_val:
+            self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm="norm")
+        optimizer.step()
+        scheduler.step()
         return loss
 
     def validation_step(self, evaluation_set: EvaluationSet, batch_idx: int) -> EvaluationResult:
@@ -102,7 +148,7 @@ class HybridRetrievalModule(pl.LightningModule):
         result = evaluate_set(self.encoder, evaluation_set, batch_size=settings.batch_size, dtype=settings.dtype,
                               num_threads=settings.num_threads)
         result.query_emb = result.candidate_emb = None  # results are kept by callbacks: keep them small
-        # Every rank evaluates the same sets with the same weights; rank 0 logs.
+        # Every rank holds the same gathered embeddings and metrics (evaluate_set); rank 0 logs.
         self.log_dict(finite_metrics(metric_values(result, evaluation_set.key, main=batch_idx == 0)), batch_size=1,
                       rank_zero_only=True)
         return result

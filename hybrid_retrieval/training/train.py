@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from hybrid_retrieval import tracking
 from hybrid_retrieval.config_checks import ConfigError, check_train_config
 from hybrid_retrieval.data.pairs import build_datasets
 from hybrid_retrieval.evaluation.sets import describe, encode_dtype, load_evaluation_sets, write_reports
-from hybrid_retrieval.training.callbacks import BestCheckpoint, TrackedRunLogger
+from hybrid_retrieval.training.callbacks import BatchLog, BestCheckpoint, TrackedRunLogger
 from hybrid_retrieval.training.datamodule import HybridDataModule
 from hybrid_retrieval.training.module import EvaluationSettings, HybridRetrievalModule, OptimizerSettings
 
@@ -48,17 +49,26 @@ def build_module(cfg: DictConfig) -> HybridRetrievalModule:
         model_config=OmegaConf.to_container(cfg.model, resolve=True),
         freeze_embeddings=cfg.train.freeze_embeddings,
         evaluation=EvaluationSettings(cfg.hardware.encode_batch_size, encode_dtype(cfg.hardware),
-                                      cfg.hardware.num_threads))
+                                      cfg.hardware.num_threads),
+        grad_cache_chunk=cfg.train.get("grad_cache_chunk"), gradient_clip_val=cfg.trainer.get("gradient_clip_val"),
+        gradient_checkpointing=bool(cfg.train.get("gradient_checkpointing")))
 
 
-def build_trainer(cfg: DictConfig, run: tracking.TrackedRun, checkpoint: BestCheckpoint, output_dir: Path) -> pl.Trainer:
+def build_trainer(cfg: DictConfig, run: tracking.TrackedRun | None, checkpoint: BestCheckpoint,
+                  output_dir: Path) -> pl.Trainer:
     from pytorch_lightning.callbacks import LearningRateMonitor
 
+    options = OmegaConf.to_container(cfg.trainer, resolve=True)
+    if cfg.train.get("grad_cache_chunk"):
+        options["gradient_clip_val"] = None  # the module clips: it steps the optimiser itself
+    callbacks: list[pl.Callback] = [checkpoint, LearningRateMonitor(logging_interval="step")]
+    if cfg.train.get("log_batches"):
+        callbacks.append(BatchLog(output_dir / "batches"))
     return pl.Trainer(
-        accelerator=cfg.hardware.accelerator, devices=cfg.hardware.devices, precision=cfg.hardware.precision,
-        logger=TrackedRunLogger(run), callbacks=[checkpoint, LearningRateMonitor(logging_interval="step")],
-        default_root_dir=str(output_dir), use_distributed_sampler=False, enable_model_summary=False,
-        **cfg.trainer)
+        accelerator=cfg.hardware.accelerator, devices=cfg.hardware.devices, num_nodes=cfg.hardware.num_nodes,
+        strategy=cfg.hardware.strategy, precision=cfg.hardware.precision,
+        logger=TrackedRunLogger(run), callbacks=callbacks,
+        default_root_dir=str(output_dir), use_distributed_sampler=False, enable_model_summary=False, **options)
 
 
 def fit(trainer: pl.Trainer, module: HybridRetrievalModule, datamodule: HybridDataModule,
@@ -108,6 +118,8 @@ def model_card(cfg: DictConfig, datamodule: HybridDataModule, checkpoint: BestCh
 def train(cfg: DictConfig) -> float:
     """Fine-tune as ``cfg`` says; returns the best value of ``cfg.train.monitor`` (what sweepers optimise)."""
     check_train_config(cfg)
+    # Validation metrics come from embeddings gathered across ranks: every rank has the same values already.
+    warnings.filterwarnings("ignore", message=r".*sync_dist=True.*when logging on epoch level")
     torch.set_num_threads(cfg.hardware.num_threads)
     pl.seed_everything(cfg.train.seed, workers=True, verbose=False)
     datamodule = build_datamodule(cfg)
@@ -116,6 +128,14 @@ def train(cfg: DictConfig) -> float:
     checkpoint = BestCheckpoint(output_dir / "checkpoints", cfg.train.monitor, cfg.train.monitor_mode)
     tags = {"model": cfg.model.name, "sampler": cfg.sampler.name, "mono_ratio": str(cfg.sampler.mono_ratio),
             "dataset": cfg.dataset.name, "seed": str(cfg.train.seed)}
+
+    from pytorch_lightning.utilities import rank_zero_only
+
+    if rank_zero_only.rank != 0:
+        # Other DDP ranks (started by Lightning, or by SLURM) train and validate; rank 0 logs, reports, exports.
+        trainer = build_trainer(cfg, None, checkpoint, output_dir)
+        fit(trainer, module, datamodule, checkpoint, cfg.train.evaluate_before, cfg.train.seed)
+        return float(checkpoint.best_metrics.get(cfg.train.monitor, math.nan))
 
     with tracking.mlflow_run(cfg, job="train", tags=tags) as run:
         for data in datamodule.summary():

@@ -1,0 +1,123 @@
+"""Export a trained model: ``python -m hybrid_retrieval.export checkpoint=<run>/checkpoints/best.ckpt out=my-model``.
+
+Rebuilds the encoder from the checkpoint and writes a folder that transformers, sentence-transformers and this
+project (``model.path=my-model``) load, with a model card built from the run folder the checkpoint sits in
+(its ``.hydra/config.yaml`` and ``metrics.json``, when present). An existing non-empty ``out`` is refused
+unless ``overwrite=true``; the checkpoint is fully checked before the MLflow run starts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from hybrid_retrieval import tracking
+from hybrid_retrieval.config_checks import ConfigError
+from hybrid_retrieval.models.checkpoint import TrainingCheckpoint, encoder_from_checkpoint, read_checkpoint
+from hybrid_retrieval.models.export import SETTINGS_FILE, export_encoder
+
+# Parts of a run's composed config that describe how the model was trained (the card shows these).
+TRAINING_KEYS = ("model", "sampler", "loss", "train", "trainer", "train_data", "dataset", "hardware")
+
+
+def check_export_config(cfg: DictConfig) -> tuple[Path, Path]:
+    """(checkpoint file, output folder), checked: the file exists, the folder is new, empty or overwritable."""
+    if not cfg.get("checkpoint"):
+        raise ConfigError("checkpoint is not set; expected checkpoint=<file written by run.py>, e.g. "
+                          "outputs/train/<date>/<time>/checkpoints/best.ckpt")
+    if not cfg.get("out"):
+        raise ConfigError("out is not set; expected out=<folder to write the model into>")
+    checkpoint = Path(str(cfg.checkpoint)).expanduser()
+    if not checkpoint.is_file():
+        raise ConfigError(f"checkpoint={str(cfg.checkpoint)!r}: file does not exist; expected a checkpoint written "
+                          "by run.py (outputs/train/<date>/<time>/checkpoints/best.ckpt)")
+    out = Path(str(cfg.out)).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"out={str(cfg.out)!r}: exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not cfg.get("overwrite"):
+        raise ConfigError(f"out={str(cfg.out)!r}: folder exists and is not empty; choose another folder or pass "
+                          "overwrite=true to replace it")
+    return checkpoint, out
+
+
+def model_card(checkpoint: TrainingCheckpoint, cfg: DictConfig) -> dict[str, Any]:
+    """Card contents: the training config and final metrics of the run folder holding the checkpoint
+    (``<run>/checkpoints/<file>``), what the checkpoint itself records, and the title/description options."""
+    card: dict[str, Any] = {}
+    if cfg.get("title"):
+        card["title"] = str(cfg.title)
+    if cfg.get("description"):
+        card["description"] = str(cfg.description)
+    model = checkpoint.model
+    if model.get("checkpoint"):
+        card["base_model"] = model["checkpoint"]
+    run_dir = checkpoint.path.resolve().parent.parent
+    config_file = run_dir / ".hydra" / "config.yaml"
+    if config_file.is_file():
+        config = OmegaConf.to_container(OmegaConf.load(config_file), resolve=False)
+        card["training"] = {k: config[k] for k in TRAINING_KEYS if k in config} or config
+        data = config.get("train_data", {}).get("datasets") if isinstance(config.get("train_data"), dict) else None
+        if data:
+            card["data"] = [_describe_dataset(d) for d in data]
+    else:
+        card["training"] = {"model": {k: v for k, v in model.items() if not k.startswith("_")}}
+    metrics_file = run_dir / "metrics.json"
+    if metrics_file.is_file():
+        card["metrics"] = json.loads(metrics_file.read_text(encoding="utf-8"))
+    card["checkpoint"] = {"file": str(checkpoint.path.resolve()), **checkpoint.info}
+    return card
+
+
+def _plain(value: Any) -> str:
+    return "[" + ", ".join(map(str, value)) + "]" if isinstance(value, list) else str(value)
+
+
+def _describe_dataset(entry: Any) -> str:
+    """One training dataset entry as a line: ``mlqa_r (languages=[en, de], max_groups=60)``."""
+    if not isinstance(entry, dict):
+        return str(entry)
+    settings = ", ".join(f"{k}={_plain(v)}" for k, v in entry.items()
+                         if not k.startswith("_") and k != "name" and v is not None)
+    return f"{entry.get('name', 'dataset')} ({settings})" if settings else str(entry.get("name", entry))
+
+
+def export(cfg: DictConfig) -> Path:
+    """Export the checkpoint that `cfg` names (validated and loaded first) and log it; returns the folder."""
+    checkpoint_file, out = check_export_config(cfg)
+    checkpoint = read_checkpoint(checkpoint_file)
+    encoder = encoder_from_checkpoint(checkpoint)
+    card = model_card(checkpoint, cfg)
+    with tracking.mlflow_run(cfg, job="export", tags={"model": encoder.name}) as run:
+        start = time.perf_counter()
+        folder = export_encoder(encoder, out, card=card, overwrite=bool(cfg.get("overwrite")))
+        seconds = time.perf_counter() - start
+        size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+        run.log_metrics({"time/export_s": seconds, "size_mb": size / 2**20})
+        run.set_tag("export_path", str(folder))
+        run.set_tag("checkpoint", str(checkpoint.path.resolve()))
+        if cfg.get("log_model"):
+            run.log_artifacts(folder, "model")
+        else:
+            for name in (SETTINGS_FILE, "README.md"):
+                run.log_artifact(folder / name, "model")
+    print(f"exported {encoder.name} ({encoder.embedding_dim} dims, {size / 2**20:.1f} MB) to {folder} in "
+          f"{seconds:.1f} s")
+    print(f"load it with: SentenceTransformer({str(folder)!r}), AutoModel.from_pretrained({str(folder)!r}) or "
+          f"model.path={folder}")
+    return folder
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="export")
+def main(cfg: DictConfig) -> None:
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    export(cfg)
+
+
+if __name__ == "__main__":
+    main()
