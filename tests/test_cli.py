@@ -160,13 +160,19 @@ def test_training_is_reproducible_with_or_without_the_step_0_validation(tmp_path
     ("model=xlmr", "model.path=/local/copy"),
     ("+dataset@extra_datasets.mlqa=mlqa_r extra_datasets.mlqa.languages=[th]", "extra_datasets.mlqa"),
     ("+dataset@extra_datasets.xquad_r=mlqa_r", "extra_datasets.xquad_r"),
+    ("-m hardware=ddp_cpu sampler=mono,cross", "hardware.strategy=ddp in a local multirun"),
+    ("train.grad_cache_chunk=0", "train.grad_cache_chunk"),
+    ("train.grad_cache_chunk=4 trainer.accumulate_grad_batches=2", "trainer.accumulate_grad_batches"),
 ])
 def test_bad_config_fails_before_any_work(tmp_path: Path, data_root: Path, override: str, named: str) -> None:
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     started = time.perf_counter()
-    proc = run_command(["run.py", *([] if override.startswith("model=") else ["model=tiny"]), *override.split(),
+    flags = [arg for arg in override.split() if arg.startswith("-")]  # Hydra wants -m before the overrides
+    rest = [arg for arg in override.split() if not arg.startswith("-")]
+    proc = run_command(["run.py", *flags, *([] if override.startswith("model=") else ["model=tiny"]), *rest,
                         f"logger.tracking_uri={uri}",
-                        f"hydra.run.dir={tmp_path / 'run'}"], data_root, REPO_ROOT)
+                        f"hydra.run.dir={tmp_path / 'run'}", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+                       data_root, REPO_ROOT)
     assert proc.returncode != 0
     assert named in proc.stderr
     assert time.perf_counter() - started < 30

@@ -69,3 +69,30 @@ def test_bad_values_name_the_option(override: str, option: str) -> None:
 def test_evaluate_config_composes() -> None:
     cfg = composed(["model=tiny", "dataset=mlqa_r"], name="evaluate")
     assert cfg.dataset.name == "mlqa_r" and cfg.logger.experiment_name == "hybrid_retrieval"
+
+
+def test_cluster_recipe_composes_for_submitit() -> None:
+    """The SLURM recipe cannot run here; its composed launcher config must match the hardware it launches."""
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["hydra/launcher=slurm", "hardware=slurm", "model=tiny",
+                                                       "hardware.num_nodes=4"], return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    assert launcher.nodes == 4 and launcher.tasks_per_node == launcher.gpus_per_node == cfg.hardware.devices == 8
+    assert launcher.cpus_per_task == cfg.hardware.num_threads
+    assert cfg.hardware.strategy == "ddp" and cfg.hardware.accelerator == "gpu"
+    check_train_config(cfg)
+
+
+def test_joblib_launcher_composes() -> None:
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"],
+                      return_hydra_config=True)
+    assert cfg.hydra.launcher._target_.endswith("JoblibLauncher") and cfg.hydra.launcher.n_jobs == 2
+
+
+@pytest.mark.parametrize("hardware,strategy,devices", [("ddp", "ddp", -1), ("ddp_cpu", "ddp", 2), ("gpu", "auto", 1)])
+def test_hardware_options(hardware: str, strategy: str, devices: int) -> None:
+    cfg = composed([f"hardware={hardware}", "model=tiny"])
+    assert cfg.hardware.strategy == strategy and cfg.hardware.devices == devices
+    check_train_config(cfg)

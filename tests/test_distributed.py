@@ -201,3 +201,47 @@ def test_gradient_caching_replays_dropout(setup: Any) -> None:
     torch.manual_seed(8)
     other = loss(plain_model(**batch["query"]), plain_model(**batch["passage"]), plain_model(**batch["negative"]))
     assert float(other) != pytest.approx(cached_loss, rel=1e-6)
+
+
+@pytest.mark.slow
+def test_ddp_run_on_two_cpu_processes(tmp_path: Path, data_root: Path) -> None:
+    """`run.py hardware=ddp_cpu`: one MLflow run; every global batch one hybrid batch; validation as one process."""
+    import json
+
+    from tests.test_cli import REPO_ROOT, SMALL_EVAL, SMALL_TRAIN, mlflow_client, run_command
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    out = tmp_path / "run"
+    proc = run_command(["run.py", "hardware=ddp_cpu", "hardware.devices=2", "train.log_batches=true", *SMALL_TRAIN,
+                        f"logger.tracking_uri={uri}", f"hydra.run.dir={out}"], data_root, REPO_ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    client = mlflow_client(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("hybrid_retrieval").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.tags["job"] == "train"
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "val/multi/map")) == [0, 3]
+
+    ranks = [[json.loads(line) for line in (out / "batches" / f"rank{r}.jsonl").read_text().splitlines()]
+             for r in range(2)]
+    assert [b["step"] for b in ranks[0]] == [b["step"] for b in ranks[1]] == [0, 1, 2]
+    kinds = set()
+    for mine, theirs in zip(*ranks):
+        assert mine["kind"] == theirs["kind"]  # one global batch: monolingual or cross-lingual on every rank
+        kinds.add(mine["kind"])
+        if mine["kind"] == "mono":
+            assert mine["languages"] == theirs["languages"] and len(mine["languages"]) == 1
+            assert mine["passage_languages"] == mine["languages"]
+        assert len(mine["rows"]) == len(theirs["rows"]) == 8
+        assert not {tuple(r) for r in mine["rows"]} & {tuple(r) for r in theirs["rows"]}  # distinct rows
+    assert run.data.metrics["train/mono_batch"] in (0.0, 1.0)
+
+    # Validation encoded on two ranks equals a one-process evaluation of the same (exported) weights.
+    trained = json.loads((out / "metrics.json").read_text())
+    single = tmp_path / "single"
+    proc = run_command(["-m", "hybrid_retrieval.evaluate", f"model.path={out / 'model'}", *SMALL_EVAL,
+                        "rankings_top_k=0", f"logger.tracking_uri={uri}", f"hydra.run.dir={single}"],
+                       data_root, REPO_ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    evaluated = json.loads((single / "metrics.json").read_text())
+    for setting, values in trained["summary"].items():
+        for metric, value in values.items():
+            assert evaluated["summary"][setting][metric] == pytest.approx(value, abs=1e-9), (setting, metric)

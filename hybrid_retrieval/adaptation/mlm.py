@@ -30,10 +30,11 @@ the adapted encoder is exported and fine-tuned like any other.
 
 from __future__ import annotations
 
+import json
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +42,9 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["METHODS", "AdaptConfigError", "MLMHead", "MLMSettings", "adapt_encoder", "build_mlm_head",
-           "check_adapt_config", "mask_tokens", "mlm_settings", "split_heldout", "train_mlm"]
+__all__ = ["METHODS", "AdaptConfigError", "MLMHead", "MLMSettings", "adapt_encoder", "adapt_tags",
+           "build_mlm_head", "check_adapt_config", "load_adapt_texts", "mask_tokens", "mlm_settings",
+           "split_heldout", "train_mlm", "warm_up_head"]
 
 METHODS = ("none", "mlm")
 HEADS = ("auto", "new")
@@ -99,9 +101,9 @@ def mlm_settings(adapt_cfg: Mapping[str, Any]) -> MLMSettings:
     if unknown:
         raise AdaptConfigError(f"adapt: unknown option(s) {unknown}; expected method, text, {sorted(known)}")
     s = MLMSettings(**values)
-    for name in ("steps", "batch_size", "log_every"):
+    for name in ("steps", "batch_size", "log_every", "heldout_size"):
         _check(_is_int(getattr(s, name)) and getattr(s, name) >= 1, name, "a positive integer", getattr(s, name))
-    for name in ("head_warmup_steps", "heldout_size", "heldout_mask_seed", "seed"):
+    for name in ("head_warmup_steps", "heldout_mask_seed", "seed"):
         _check(_is_int(getattr(s, name)) and getattr(s, name) >= 0, name, "an integer >= 0", getattr(s, name))
     _check(_is_int(s.max_length) and s.max_length >= 3, "max_length", "an integer >= 3 (tokens, specials "
            "included)", s.max_length)
@@ -314,7 +316,7 @@ def _cycle(texts: Sequence[str], batch_size: int, rng: np.random.Generator) -> I
     """Batches of texts, reshuffled each pass; a batch never repeats a text within it."""
     while True:
         order = rng.permutation(len(texts))
-        for start in range(0, len(order) - len(order) % batch_size or len(order), batch_size):
+        for start in range(0, len(order) - batch_size + 1, batch_size):  # equal-sized batches
             yield [texts[i] for i in order[start:start + batch_size]]
 
 
@@ -385,6 +387,42 @@ def _optimizer(backbone: nn.Module, head: MLMHead, settings: MLMSettings) -> tor
     return torch.optim.AdamW(groups, lr=settings.lr, foreach=True)
 
 
+def warm_up_head(backbone: nn.Module, head: MLMHead, batches: Iterable[Mapping[str, torch.Tensor]],
+                 settings: MLMSettings, log_metrics: LogMetrics | None = None) -> int:
+    """Train only the head's own parameters (dense, LayerNorm, output bias) on masked `batches`, reading the
+    backbone without gradients and without dropout; the backbone, its embedding matrix (the tied decoder) and
+    its ``requires_grad`` flags are left exactly as they were. Returns the number of steps taken."""
+    device = next(backbone.parameters()).device
+    requires_grad = {name: p.requires_grad for name, p in backbone.named_parameters()}
+    was_training = backbone.training
+    optimizer = torch.optim.AdamW(head.own_parameters(), lr=settings.head_lr, weight_decay=0.0, foreach=True)
+    steps, last, logged = 0, None, 0
+    try:
+        for p in backbone.parameters():
+            p.requires_grad_(False)
+        backbone.eval()
+        head.train()
+        for batch in batches:
+            steps += 1
+            loss_sum, count = _loss_sum(backbone, head, batch, device, frozen=True)
+            if not count:
+                continue
+            optimizer.zero_grad(set_to_none=True)
+            (loss_sum / count).backward()
+            optimizer.step()
+            last = loss_sum.item() / count
+            if log_metrics is not None and steps % settings.log_every == 0:
+                log_metrics({"adapt/head_loss": last}, steps)
+                logged = steps
+        if log_metrics is not None and last is not None and logged != steps:
+            log_metrics({"adapt/head_loss": last}, steps)  # the last warm-up step, always
+    finally:
+        for name, p in backbone.named_parameters():
+            p.requires_grad_(requires_grad[name])
+        backbone.train(was_training)
+    return steps
+
+
 def train_mlm(encoder: Any, train_texts: Sequence[str], heldout_texts: Sequence[str], settings: MLMSettings,
               log_metrics: LogMetrics | None = None) -> dict[str, float]:
     """Continued MLM of ``encoder.backbone`` in place (module docstring); returns the numbers it logs."""
@@ -412,23 +450,8 @@ def train_mlm(encoder: Any, train_texts: Sequence[str], heldout_texts: Sequence[
                              "head_pretrained": float(pretrained)}
     try:
         warmup_steps = 0 if pretrained else settings.head_warmup_steps
-        if warmup_steps:
-            for p in backbone.parameters():
-                p.requires_grad_(False)
-            backbone.eval()  # the encoder is only read: no dropout, no gradients
-            head.train()
-            optimizer = torch.optim.AdamW(head.own_parameters(), lr=settings.head_lr, weight_decay=0.0, foreach=True)
-            for step in range(1, warmup_steps + 1):
-                loss_sum, count = _loss_sum(backbone, head, _masked(batcher, next(batches), settings, mask_id,
-                                                                    generator), device, frozen=True)
-                if count:
-                    optimizer.zero_grad(set_to_none=True)
-                    (loss_sum / count).backward()
-                    optimizer.step()
-                    if step % settings.log_every == 0 or step == warmup_steps:
-                        log({"adapt/head_loss": float(loss_sum) / count}, step)
-            for name, p in backbone.named_parameters():
-                p.requires_grad_(requires_grad[name])
+        warm_up_head(backbone, head, (_masked(batcher, next(batches), settings, mask_id, generator)
+                                      for _ in range(warmup_steps)), settings, log)
         out["head_warmup_steps"] = float(warmup_steps)
 
         out["heldout_loss_before"] = _heldout_loss(backbone, head, heldout, device)
@@ -454,7 +477,7 @@ def train_mlm(encoder: Any, train_texts: Sequence[str], heldout_texts: Sequence[
                 if settings.grad_clip:
                     nn.utils.clip_grad_norm_(trainable, settings.grad_clip)
                 optimizer.step()
-                losses.append(float(loss))
+                losses.append(loss.item())
                 if step % settings.log_every == 0 or step == settings.steps:
                     log({"adapt/loss": losses[-1], "adapt/lr": scheduler.get_last_lr()[0]}, step)
             scheduler.step()
@@ -466,12 +489,37 @@ def train_mlm(encoder: Any, train_texts: Sequence[str], heldout_texts: Sequence[
         out["heldout_perplexity_before"] = math.exp(out["heldout_loss_before"])
         out["heldout_perplexity_after"] = math.exp(out["heldout_loss_after"])
         out["seconds"] = time.perf_counter() - started
-        log({f"adapt/{k}": v for k, v in out.items() if k not in ("heldout_loss_before",)}, settings.steps)
+        before = ("heldout_loss_before", "heldout_perplexity_before")  # logged at step 0 already
+        log({f"adapt/{k}": v for k, v in out.items() if k not in before}, settings.steps)
     finally:
         for name, p in backbone.named_parameters():
             p.requires_grad_(requires_grad[name])
         backbone.train(modes)
     return out
+
+
+def load_adapt_texts(adapt_cfg: Any, eval_datasets: Sequence[str] = ()) -> list[str] | None:
+    """The unlabelled texts of ``adapt.text`` (None for ``method: none``): call it before a run starts so a missing
+    or empty source fails before any model or MLflow work."""
+    from hybrid_retrieval.data.text import load_texts
+
+    settings = check_adapt_config(adapt_cfg, eval_datasets)
+    if settings is None:
+        return None
+    return load_texts(_container(adapt_cfg)["text"], seed=settings.seed, eval_datasets=eval_datasets)
+
+
+def adapt_tags(adapt_cfg: Any) -> dict[str, str]:
+    """MLflow tags naming the adaptation and its text, and whether that text is an evaluation corpus."""
+    from hybrid_retrieval.data.text import uses_eval_corpus
+
+    cfg = _container(adapt_cfg)
+    if cfg.get("method") != "mlm":
+        return {"adapt_method": str(cfg.get("method"))}
+    text = cfg.get("text") or {}
+    return {"adapt_method": "mlm", "adapt_source": str(text.get("source")),
+            "adapt_text": json.dumps({k: v for k, v in text.items() if v is not None}, ensure_ascii=False),
+            "adapt_uses_eval_corpus": str(uses_eval_corpus(text)).lower()}
 
 
 def adapt_encoder(encoder: Any, adapt_cfg: Any, log_metrics: LogMetrics | None = None,
@@ -486,14 +534,6 @@ def adapt_encoder(encoder: Any, adapt_cfg: Any, log_metrics: LogMetrics | None =
     if settings is None:
         return {}
     if texts is None:
-        from hybrid_retrieval.data.text import load_texts
-
-        texts = load_texts(_container(adapt_cfg)["text"], seed=settings.seed, eval_datasets=eval_datasets)
+        texts = load_adapt_texts(adapt_cfg, eval_datasets)
     train_texts, heldout_texts = split_heldout(list(texts), settings.heldout_size, settings.seed)
-    if not heldout_texts:
-        raise AdaptConfigError("adapt.heldout_size=0: the before/after comparison needs held-out text")
     return train_mlm(encoder, train_texts, heldout_texts, settings, log_metrics)
-
-
-def settings_dict(settings: MLMSettings) -> dict[str, Any]:
-    return asdict(settings)

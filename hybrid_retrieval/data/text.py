@@ -140,7 +140,7 @@ def read_hf_dataset(path: str | os.PathLike[str] | None = None, field: str = "te
     elif hub_name:
         try:
             data = datasets.load_dataset(hub_name, split=split or "train")
-        except Exception as error:  # noqa: BLE001 - offline, missing, gated: one message with the cause
+        except Exception as error:  # offline, missing, gated...: one message with the cause
             raise TextSourceError(f"{option}.hub_name={hub_name!r}: could not load it from the hub or its cache "
                                   f"({type(error).__name__}: {error}); save it with save_to_disk and set "
                                   f"{option}.path instead") from error

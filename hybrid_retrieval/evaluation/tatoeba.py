@@ -85,8 +85,8 @@ class TatoebaResult:
         lines = [header, "-" * len(header)]
         for setting, values in self.summary.items():
             lines.append(f"{setting:<24}" + "".join(f"{values[m]:>15.4f}" for m in METRICS))
-        lines += ["", f"{'language':<10}{'pairs':>6}{'xx->en acc@1':>14}{'en->xx acc@1':>14}"
-                      f"{'xx->en map':>12}{'en->xx map':>12}"]
+        lines += ["", (f"{'language':<10}{'pairs':>6}{'xx->en acc@1':>14}{'en->xx acc@1':>14}"
+                       f"{'xx->en map':>12}{'en->xx map':>12}")]
         low = set(self.low_resource)
         for language, count in self.pairs.items():
             forward = self.per_language["xx_to_en"][language]

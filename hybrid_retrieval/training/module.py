@@ -151,6 +151,9 @@ class HybridRetrievalModule(pl.LightningModule):
         # Every rank holds the same gathered embeddings and metrics (evaluate_set); rank 0 logs.
         self.log_dict(finite_metrics(metric_values(result, evaluation_set.key, main=batch_idx == 0)), batch_size=1,
                       rank_zero_only=True)
+        # Lightning logs an epoch-end validation at the step before the batch that triggered it; a logged "step"
+        # is used as the x-axis instead, so every validation sits at the number of optimiser steps it evaluated.
+        self.log("step", float(self.global_step), batch_size=1, rank_zero_only=True)
         return result
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -9,11 +9,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from hybrid_retrieval.data.pairs import PASSAGE_TEXTS, SQUAD_HARD_NEGATIVES
 from hybrid_retrieval.translation.languages import FAMILIES, LanguageError, model_language_code
-from hybrid_retrieval.translation.stage import (SourceRow, StageStats, TranslationStopped, assemble_rows, plan_units,
-                                                read_input, translate_units, write_output)
+from hybrid_retrieval.translation.stage import (SourceRow, StageStats, assemble_rows, plan_units, read_input,
+                                                translate_units, write_output)
 
 __all__ = ["TranslateConfigError", "TranslateJob", "default_cache_file", "prepare_job", "run_job"]
 
@@ -63,7 +64,15 @@ def _int(value: Any, option: str, allow_none: bool = False, minimum: int = 1) ->
     return value
 
 
+def _plain(node: Any) -> dict[str, Any]:
+    if isinstance(node, DictConfig):
+        return OmegaConf.to_container(node, resolve=True)  # type: ignore[return-value]
+    return dict(node or {})
+
+
 def _languages(value: Any) -> list[str]:
+    if isinstance(value, ListConfig):
+        value = OmegaConf.to_container(value, resolve=True)
     if isinstance(value, str):
         value = [value]
     if value is None or not isinstance(value, (list, tuple)) or not value:
@@ -74,7 +83,11 @@ def _languages(value: Any) -> list[str]:
 def prepare_job(cfg: DictConfig, output_dir: str | os.PathLike[str]) -> TranslateJob:
     """Check every option, read and check the input, map language codes and find the model (downloading it only
     when online and not cached). Raises before any model is loaded; `output_dir` is the run folder."""
-    from hybrid_retrieval.translation.translator import DTYPES, GenerationSettings, resolve_model_folder
+    from hybrid_retrieval.translation.translator import (
+        DTYPES,
+        GenerationSettings,
+        resolve_model_folder,
+    )
 
     t, m = cfg.translate, cfg.translate_model
     family = m.get("family")
@@ -91,7 +104,7 @@ def prepare_job(cfg: DictConfig, output_dir: str | os.PathLike[str]) -> Translat
         raise TranslateConfigError(f"translate.target_languages: {repeated} given more than once")
     if source in targets:
         raise TranslateConfigError(f"translate.target_languages={targets} holds the source language {source!r}")
-    codes = OmegaConf.to_container(m.get("language_codes") or {}, resolve=True)
+    codes = _plain(m.get("language_codes"))
     try:
         source_code = model_language_code(family, source, codes, "translate.source_language", preset)
         target_codes = {x: model_language_code(family, x, codes, "translate.target_languages", preset) for x in targets}
@@ -114,7 +127,13 @@ def prepare_job(cfg: DictConfig, output_dir: str | os.PathLike[str]) -> Translat
         import torch
 
         device = "cuda" if cfg.hardware.get("accelerator") == "gpu" and torch.cuda.is_available() else "cpu"
-    squad = OmegaConf.to_container(t.get("squad") or {}, resolve=True)
+    squad = _plain(t.get("squad"))
+    if squad.get("passage_text", "sentence") not in PASSAGE_TEXTS:
+        raise TranslateConfigError(f"translate.squad.passage_text={squad.get('passage_text')!r}: expected one of "
+                                   f"{list(PASSAGE_TEXTS)}")
+    if squad.get("hard_negative") not in SQUAD_HARD_NEGATIVES:
+        raise TranslateConfigError(f"translate.squad.hard_negative={squad.get('hard_negative')!r}: expected one of "
+                                   f"{list(SQUAD_HARD_NEGATIVES)}")
     rows = read_input(t.get("input"), source, str(t.get("input_format", "auto")), squad, t.get("max_rows"))
 
     # Marian has one model per pair: checkpoint and model_path may hold {source} and {target}.

@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hybrid_retrieval.data.pairs import PairRow, from_jsonl, read_squad_file, split_sentences, squad_rows
-from hybrid_retrieval.data.pairs import xquad_question_ids
+from hybrid_retrieval.data.pairs import (PairRow, from_jsonl, read_squad_file, split_sentences, squad_rows,
+                                         xquad_question_ids)
 from hybrid_retrieval.translation.languages import joiner
 
 __all__ = [
@@ -300,6 +300,11 @@ def translate_units(plan: UnitPlan, source_language: str, targets: Mapping[str, 
     return results
 
 
+def _join(glue: str, texts: Sequence[str], units: Sequence[int]) -> str:
+    """A passage from its translated sentences (an empty translation is skipped)."""
+    return glue.join(t for t in (texts[u] for u in units) if t)
+
+
 def assemble_rows(rows: Sequence[SourceRow], plan: UnitPlan, translations: Mapping[str, list[str]],
                   model_codes: Mapping[str, str], models: Mapping[str, str], source_language: str,
                   stats: StageStats | None = None) -> tuple[list[PairRow], list[dict[str, Any]]]:
@@ -314,18 +319,14 @@ def assemble_rows(rows: Sequence[SourceRow], plan: UnitPlan, translations: Mappi
                            "source_group": r.row.group, "source_row": r.index, "source_line": r.line})
     for target, texts in translations.items():
         glue = joiner(target, model_codes.get(target, ""))
-
-        def join(ids: list[int]) -> str:
-            return glue.join(t for t in (texts[i] for i in ids) if t)
-
         for k, r in enumerate(plan.rows):
             if target not in plan.targets_by_row[k]:
                 continue
-            query, passage = texts[plan.query[k]], join(plan.passage[k])
+            query, passage = texts[plan.query[k]], _join(glue, texts, plan.passage[k])
             if not query or not passage:
                 stats.empty_dropped += 1
                 continue
-            negative = join(plan.hard_negative[k]) if plan.hard_negative[k] else None
+            negative = _join(glue, texts, plan.hard_negative[k]) if plan.hard_negative[k] else None
             out.append(PairRow(r.row.group, target, query, passage, negative or None))
             provenance.append({"translated": True, "model": models[target], "source_language": source_language,
                                "target_language": target, "source_group": r.row.group, "source_row": r.index,
@@ -336,7 +337,7 @@ def assemble_rows(rows: Sequence[SourceRow], plan: UnitPlan, translations: Mappi
 
 def provenance_path(output: Path) -> Path:
     """``pairs.jsonl`` -> ``pairs.provenance.jsonl``: line i describes line i of the output."""
-    name = output.name[: -len(".jsonl")] if output.name.endswith(".jsonl") else output.name
+    name = output.name.removesuffix(".jsonl")
     return output.with_name(f"{name}.provenance.jsonl")
 
 

@@ -62,12 +62,14 @@ def resolve_model_folder(checkpoint: str | None, model_path: str | os.PathLike[s
     fix = (f"Set translate.model_path=/local/copy (a folder holding config.json, tokenizer and weights; e.g. "
            f"`hf download {checkpoint} --local-dir <folder>` on a machine with network access), or put it in the "
            "Hugging Face cache (HF_HOME / HF_HUB_CACHE)")
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
     try:
         folder = Path(snapshot_download(checkpoint, local_files_only=True))
         if (folder / "config.json").is_file():
             return folder
-    except Exception:  # noqa: BLE001 - not cached; decided below
-        pass
+    except (LocalEntryNotFoundError, OSError, ValueError):  # not in the cache (or not a valid repo id): see below
+        folder = None
     if _offline():
         raise ModelNotFoundError(f"translation model checkpoint {checkpoint!r} has no local copy and downloads are "
                                  f"off (HF_HUB_OFFLINE / HYBRID_RETRIEVAL_OFFLINE). {fix}")

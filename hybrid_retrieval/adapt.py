@@ -1,0 +1,90 @@
+"""Domain adaptation from the command line: ``python -m hybrid_retrieval.adapt [model=...] [adapt.<option>=...]``.
+
+Reads the unlabelled text (``adapt.text``), continues masked language modelling of the model's backbone
+(:func:`hybrid_retrieval.adaptation.mlm.adapt_encoder`), and exports the adapted encoder (pooling, prefixes
+unchanged) to ``<run folder>/model`` or ``out``: a folder that ``model.path=`` loads. Logs ``adapt/...`` metrics
+(held-out loss and perplexity before and after) to MLflow. Config, output folder and text are all checked
+before the model is loaded and before the MLflow run starts.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from hybrid_retrieval import tracking
+from hybrid_retrieval.adaptation.mlm import (AdaptConfigError, adapt_encoder, adapt_tags, check_adapt_config,
+                                             load_adapt_texts)
+from hybrid_retrieval.models.export import SETTINGS_FILE, export_encoder
+
+
+def output_folder(cfg: DictConfig) -> Path:
+    """Where the model goes (``out``, else ``<run folder>/model``), checked to be new, empty or overwritable."""
+    folder = Path(str(cfg.out)).expanduser() if cfg.get("out") else \
+        Path(tracking.job_context()["output_dir"]) / "model"
+    if folder.exists() and not folder.is_dir():
+        raise AdaptConfigError(f"out={str(folder)!r}: exists and is not a folder")
+    if folder.is_dir() and any(folder.iterdir()) and not cfg.get("overwrite"):
+        raise AdaptConfigError(f"out={str(folder)!r}: folder exists and is not empty; choose another folder or "
+                               "pass overwrite=true to replace it")
+    return folder
+
+
+def adapt(cfg: DictConfig) -> Path:
+    """Run the adaptation that ``cfg`` describes and export the model; returns the model folder."""
+    settings = check_adapt_config(cfg.adapt)
+    if settings is None:
+        raise AdaptConfigError("adapt.method=none: nothing to do; use adapt=mlm")
+    folder = output_folder(cfg)
+    torch.set_num_threads(cfg.hardware.num_threads)
+    torch.manual_seed(settings.seed)
+    texts = load_adapt_texts(cfg.adapt)
+    encoder = instantiate(cfg.model)
+    if cfg.hardware.get("accelerator") in ("gpu", "cuda") and torch.cuda.is_available():
+        encoder = encoder.to("cuda")
+    with tracking.mlflow_run(cfg, job="adapt", tags={"model": encoder.name, **adapt_tags(cfg.adapt)}) as run:
+        run.log_metrics({"adapt/texts": float(len(texts))})
+        result = adapt_encoder(encoder, cfg.adapt, log_metrics=run.log_metrics, texts=texts)
+        card: dict[str, Any] = {
+            "title": cfg.get("title") or f"{encoder.name} adapted by masked language modelling",
+            "description": f"{encoder.name} after {settings.steps} steps of continued masked language modelling "
+                           f"(after {int(result['head_warmup_steps'])} head warm-up steps) on "
+                           f"{len(texts)} unlabelled texts; pooling and prefixes unchanged.",
+            "training": {"model": OmegaConf.to_container(cfg.model, resolve=True),
+                         "adapt": OmegaConf.to_container(cfg.adapt, resolve=True)},
+            "data": adapt_tags(cfg.adapt)["adapt_text"],
+            "metrics": {k: v for k, v in result.items() if k.startswith("heldout_")},
+        }
+        if cfg.model.get("checkpoint"):
+            card["base_model"] = str(cfg.model.checkpoint)
+        started = time.perf_counter()
+        folder = export_encoder(encoder.cpu(), folder, card=card, overwrite=bool(cfg.get("overwrite")))
+        run.log_metrics({"time/export_s": time.perf_counter() - started})
+        report = Path(tracking.job_context()["output_dir"]) / "adapt.json"
+        report.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        run.log_artifact(report)
+        for name in (SETTINGS_FILE, "README.md"):
+            run.log_artifact(folder / name, "model")
+        run.set_tag("model_dir", str(folder))
+    print(f"held-out MLM loss {result['heldout_loss_before']:.4f} -> {result['heldout_loss_after']:.4f} "
+          f"(perplexity {result['heldout_perplexity_before']:.2f} -> {result['heldout_perplexity_after']:.2f}) "
+          f"on {int(result['heldout_texts'])} texts; {result['seconds']:.0f} s")
+    print(f"adapted model: {folder} (use it with model.path={folder})")
+    print(f"MLflow UI: {tracking.ui_command(cfg.logger.tracking_uri)}")
+    return folder
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="adapt")
+def main(cfg: DictConfig) -> None:
+    adapt(cfg)
+
+
+if __name__ == "__main__":
+    main()
