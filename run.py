@@ -9,12 +9,17 @@ from omegaconf import DictConfig
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float:
     from hybrid_retrieval.config_checks import check_train_config
+    from hybrid_retrieval.tracking import folder_status
 
-    check_train_config(cfg)  # before the heavy imports: a bad option fails in seconds
-    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # it reports which SIMD build it picked
-    from hybrid_retrieval.training.train import train
+    with folder_status():
+        check_train_config(cfg)  # before the heavy imports: a bad option fails in seconds
+        from hybrid_retrieval.training.inputs import load_training_inputs
 
-    return train(cfg)
+        inputs = load_training_inputs(cfg)  # and so does bad data
+        logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # it reports which SIMD build it picked
+        from hybrid_retrieval.training.train import train
+
+        return train(cfg, inputs)
 
 
 if __name__ == "__main__":

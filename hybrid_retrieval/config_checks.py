@@ -14,7 +14,7 @@ from pathlib import Path
 
 from hybrid_retrieval.data.lareqa import PASSAGE_TEXTS
 from hybrid_retrieval.data.sources import check_languages
-from hybrid_retrieval.evaluation.sets import LOWER_IS_BETTER, monitor_keys
+from hybrid_retrieval.evaluation.sets import kind_module, lower_is_better, monitor_keys
 from hybrid_retrieval.models.encoder import POOLINGS, resolve_hub_folder
 from hybrid_retrieval.models.encoder import SOURCES as MODEL_SOURCES
 
@@ -49,6 +49,16 @@ def check_model(model: DictConfig, option: str = "model") -> None:
 
 def check_dataset(dataset: DictConfig, option: str = "dataset") -> None:
     try:
+        kind = kind_module(dataset.get("name"))
+    except ValueError as error:
+        raise ConfigError(f"{option}.name={dataset.get('name')!r}: {error}") from error
+    if hasattr(kind, "check_config"):  # kinds other than LAReQA check their own options
+        try:
+            kind.check_config(dataset)
+        except ValueError as error:
+            raise ConfigError(f"{option}: {error}") from error
+        return
+    try:
         check_languages(dataset.name, dataset.get("languages"))
     except (ValueError, KeyError) as error:
         raise ConfigError(f"{option}: {error}") from error
@@ -70,7 +80,7 @@ def check_hardware(hardware: DictConfig) -> None:
 
 def check_monitor(cfg: DictConfig) -> None:
     """``train.monitor`` must be a key validation logs (validation logs no loss), with the matching mode."""
-    extra = list((cfg.get("extra_datasets") or {}).keys())
+    extra = {str(key): dataset.name for key, dataset in (cfg.get("extra_datasets") or {}).items()}
     valid = monitor_keys(cfg.dataset.name, extra)
     metric, mode = cfg.train.monitor, cfg.train.monitor_mode
     if metric not in valid:
@@ -78,7 +88,9 @@ def check_monitor(cfg: DictConfig) -> None:
         raise ConfigError(f"train.monitor={metric!r}: expected a metric validation logs: one of {shown}, or the "
                           f"same per evaluation set as val/<{'|'.join([cfg.dataset.name, *extra])}>/<setting>/<metric>"
                           " (validation computes retrieval metrics only; it logs no loss)")
-    expected = "min" if metric.rsplit("/", 1)[-1] in LOWER_IS_BETTER else "max"
+    parts = metric.split("/")
+    dataset_name = extra.get(parts[1], cfg.dataset.name) if len(parts) == 4 else cfg.dataset.name
+    expected = "min" if lower_is_better(dataset_name, parts[-1]) else "max"
     _require(mode == expected, "train.monitor_mode", f"{expected!r} for {metric} (higher is "
              f"{'worse' if expected == 'min' else 'better'})", mode)
 
@@ -100,6 +112,15 @@ def check_extra_datasets(cfg: DictConfig) -> None:
         check_dataset(dataset, f"extra_datasets.{key}")
 
 
+def check_logger(cfg: DictConfig) -> None:
+    from hybrid_retrieval.tracking import check_tracking_uri
+
+    try:
+        check_tracking_uri(str(cfg.logger.tracking_uri))
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
+
+
 def check_evaluate_config(cfg: DictConfig) -> None:
     checkpoint = cfg.get("checkpoint")
     check_checkpoint_path(checkpoint)
@@ -108,6 +129,7 @@ def check_evaluate_config(cfg: DictConfig) -> None:
     check_dataset(cfg.dataset)
     check_extra_datasets(cfg)
     check_hardware(cfg.hardware)
+    check_logger(cfg)
 
 
 def check_train_config(cfg: DictConfig) -> None:
@@ -115,6 +137,7 @@ def check_train_config(cfg: DictConfig) -> None:
     check_dataset(cfg.dataset)
     check_extra_datasets(cfg)
     check_hardware(cfg.hardware)
+    check_logger(cfg)
     ratio = cfg.sampler.get("mono_ratio")
     _require(isinstance(ratio, (int, float)) and 0.0 <= float(ratio) <= 1.0, "sampler.mono_ratio",
              "a number in [0, 1] (1 = monolingual batches only, 0 = cross-lingual only)", ratio)
@@ -129,6 +152,7 @@ def check_train_config(cfg: DictConfig) -> None:
              cfg.train_data.get("datasets"))
     check_monitor(cfg)
     check_launch(cfg)
+    resume_target(cfg)
     chunk = cfg.train.get("grad_cache_chunk")
     _require(chunk is None or _positive_int(chunk), "train.grad_cache_chunk", "null or a positive integer", chunk)
     if chunk is not None:
@@ -153,3 +177,45 @@ def check_launch(cfg: DictConfig) -> None:
         raise ConfigError(f"hardware.strategy={cfg.hardware.strategy} in a local multirun (-m): Lightning would "
                           "start each extra rank with the whole sweep's command line. Run the jobs one at a time, "
                           "or sweep on a cluster with hydra/launcher=slurm hardware=slurm (SLURM starts the ranks)")
+
+
+def resume_target(cfg: DictConfig) -> Path | None:
+    """The run folder ``train.resume`` names (``last``: the newest run under outputs/train with a resumable
+    checkpoint), checked: it holds ``checkpoints/last.ckpt``, ``run_info.json`` and the composed config, and that
+    config equals this one but for ``train.resume`` (a resumed run continues the same experiment)."""
+    from omegaconf import OmegaConf
+
+    value = cfg.train.get("resume")
+    if not value:
+        return None
+    if value == "last":
+        from hydra.core.hydra_config import HydraConfig
+
+        base = Path(HydraConfig.get().runtime.cwd) if HydraConfig.initialized() else Path.cwd()
+        candidates = sorted((p.parent.parent for p in (base / "outputs" / "train").glob("*/*/checkpoints/last.ckpt")),
+                            key=lambda p: p.stat().st_mtime)
+        _require(bool(candidates), "train.resume", "a run folder; 'last' found no run with a resumable checkpoint "
+                 f"under {base / 'outputs' / 'train'}", value)
+        folder = candidates[-1]
+    else:
+        folder = Path(str(value)).expanduser()
+    for needed in ("checkpoints/last.ckpt", "run_info.json", ".hydra/config.yaml"):
+        _require((folder / needed).is_file(), "train.resume", f"a run folder of run.py holding {needed} "
+                 f"(written by a run with train.checkpoint_every_n_steps, or stopped by SIGTERM/Ctrl+C)", str(value))
+    saved = OmegaConf.to_container(OmegaConf.load(folder / ".hydra" / "config.yaml"), resolve=False)
+    current = OmegaConf.to_container(cfg, resolve=False)
+    for config in (saved, current):
+        config.get("train", {}).pop("resume", None)
+    differences = sorted(_differences(saved, current))
+    _require(not differences, "train.resume", "the same command as the run being resumed, plus train.resume; these "
+             f"options differ: {differences[:8]}", str(value))
+    return folder
+
+
+def _differences(a: Any, b: Any, path: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out: list[str] = []
+        for key in set(a) | set(b):
+            out += _differences(a.get(key, "<missing>"), b.get(key, "<missing>"), f"{path}.{key}" if path else key)
+        return out
+    return [] if a == b else [path]

@@ -50,12 +50,46 @@ def with_retry(action: Callable[[], T], attempts: int = 8, base_delay: float = 0
     raise AssertionError("unreachable")
 
 
+def sqlite_path(tracking_uri: str) -> Path | None:
+    return Path(tracking_uri[len("sqlite:///"):]) if tracking_uri.startswith("sqlite:///") else None
+
+
+def check_tracking_uri(tracking_uri: str, option: str = "logger.tracking_uri") -> None:
+    """A store this process can write to, checked before any work (a folder that cannot be written fails here)."""
+    import os
+
+    if tracking_uri.startswith(("http://", "https://", "databricks", "postgresql", "mysql", "mssql")):
+        return
+    path = sqlite_path(tracking_uri)
+    if path is None:
+        raise ValueError(f"{option}={tracking_uri!r}: expected sqlite:///<path>.db (the default), a database URI or "
+                         "an http(s):// MLflow server; MLflow >= 3.13 refuses plain folder stores")
+    folder = path.parent
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if existing is None or not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{option}={tracking_uri!r}: cannot create or write the folder {folder} "
+                         f"({existing} is not a writable folder); point it at a writable place, e.g. "
+                         "logger.tracking_uri=sqlite:///$HOME/mlruns/mlflow.db")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise ValueError(f"{option}={tracking_uri!r}: the store {path} is not writable")
+
+
 def get_client(tracking_uri: str):
+    """A client whose store exists: processes that start together on a new SQLite store create it once."""
     from mlflow.tracking import MlflowClient
 
-    if tracking_uri.startswith("sqlite:///"):
-        Path(tracking_uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-    return MlflowClient(tracking_uri=tracking_uri)
+    path = sqlite_path(tracking_uri)
+    if path is None:
+        return MlflowClient(tracking_uri=tracking_uri)
+    from filelock import FileLock
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # MLflow creates and migrates a SQLite store's tables on first use; two processes doing that at once fail
+    # ("table ... already exists"), so the first touch of the store is serialised.
+    with FileLock(str(path) + ".lock", timeout=300):
+        client = MlflowClient(tracking_uri=tracking_uri)
+        with_retry(lambda: client.search_experiments(max_results=1))
+    return client
 
 
 def get_experiment_id(client: Any, name: str) -> str:
@@ -185,25 +219,98 @@ MAX_TAG_LENGTH = 5000
 
 
 @contextlib.contextmanager
-def mlflow_run(cfg: DictConfig, job: str, tags: Mapping[str, str] | None = None) -> Iterator[TrackedRun]:
+def mlflow_run(cfg: DictConfig, job: str, tags: Mapping[str, str] | None = None,
+               resume_run_id: str | None = None) -> Iterator[TrackedRun]:
     """The run lifecycle every command shares.
 
-    Creates the run (nested under its sweep's parent run in a multirun), logs the flattened config as params and
-    the composed config files of ``.hydra/``; ends it FINISHED, or FAILED (KILLED on an interrupt) with the
-    error as the ``error`` tag, and lets the exception propagate. Check inputs before entering: a bad value then
-    leaves no run behind.
+    Creates the run (nested under its sweep's parent run in a multirun), or reopens ``resume_run_id``; logs the
+    flattened config as params (``train.resume`` excepted: it is the ``resumed_from`` tag) and the composed config
+    files of ``.hydra/``; ends it FINISHED, or FAILED (KILLED on an interrupt or a signal) with the error as the
+    ``error`` tag, and lets the exception propagate. Check inputs before entering: a bad value then leaves no run
+    behind. Runs of this host whose process died without ending them (SIGKILL) are marked KILLED on the way.
     """
-    client, run_id = start_run(cfg.logger.tracking_uri, cfg.logger.experiment_name, cfg.get("run_name"),
-                               tags={"job": job, **(tags or {})})
+    import os
+    import socket
+
+    identity = {"host": socket.gethostname(), "pid": str(os.getpid())}
+    if resume_run_id is None:
+        client, run_id = start_run(cfg.logger.tracking_uri, cfg.logger.experiment_name, cfg.get("run_name"),
+                                   tags={"job": job, **(tags or {}), **identity})
+    else:
+        client, run_id = get_client(cfg.logger.tracking_uri), resume_run_id
+        with_retry(lambda: client.update_run(run_id, status="RUNNING"))
+        for key, value in identity.items():
+            with_retry(lambda: client.set_tag(run_id, key, value))
     run = TrackedRun(client, run_id, cfg.logger.tracking_uri)
     try:
-        run.log_params(flatten_config(cfg))
+        mark_dead_runs(client, run_id)
+        params = {k: v for k, v in flatten_config(cfg).items() if k != "train.resume"}
+        if resume_run_id is not None:  # a param may be logged once: only what the first attempt did not log
+            logged = with_retry(lambda: client.get_run(run_id)).data.params
+            params = {k: v for k, v in params.items() if k not in logged}
+        run.log_params(params)
         log_hydra_configs(client, run_id)
         yield run
     except BaseException as error:
-        status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+        status = "KILLED" if isinstance(error, (KeyboardInterrupt, SystemExit)) else "FAILED"
         with contextlib.suppress(Exception):  # the original error matters more than a failed status update
             run.set_tag("error", f"{type(error).__name__}: {error}")
             with_retry(lambda: client.set_terminated(run_id, status))
         raise
     with_retry(lambda: client.set_terminated(run_id, "FINISHED"))
+
+
+def mark_dead_runs(client: Any, current_run_id: str) -> list[str]:
+    """Mark KILLED the RUNNING runs started on this host by processes that no longer exist (killed by SIGKILL, or
+    by the machine going down); returns their ids."""
+    import os
+    import socket
+
+    host = socket.gethostname()
+    experiment_id = with_retry(lambda: client.get_run(current_run_id)).info.experiment_id
+    found = with_retry(lambda: client.search_runs([experiment_id], filter_string=(
+        f"attributes.status = 'RUNNING' and tags.host = '{host}'"), max_results=200))
+    dead = []
+    for other in found:
+        pid = other.data.tags.get("pid", "")
+        if other.info.run_id == current_run_id or not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # alive
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue  # alive, another user's
+        with_retry(lambda: client.set_tag(other.info.run_id, "error",
+                                          f"process {pid} on {host} ended without closing this run (killed)"))
+        with_retry(lambda: client.set_terminated(other.info.run_id, "KILLED"))
+        dead.append(other.info.run_id)
+    return dead
+
+
+@contextlib.contextmanager
+def folder_status(folder: str | Path | None = None) -> Iterator[None]:
+    """``status.json`` in a command's run folder: running, then finished, failed (with the error) or killed, so a
+    folder left by a failure is told apart from a run in progress."""
+    import json
+
+    path = Path(folder or job_context()["output_dir"]) / "status.json"
+    started = time.time()
+
+    def write(status: str, error: str | None = None) -> None:
+        with contextlib.suppress(OSError):  # a status file must never hide the real outcome
+            path.parent.mkdir(parents=True, exist_ok=True)
+            record = {"status": status, "started": started, "ended": None if status == "running" else time.time()}
+            if error:
+                record["error"] = error
+            path.write_text(json.dumps(record, indent=2) + "\n")
+
+    write("running")
+    try:
+        yield
+    except BaseException as error:
+        killed = isinstance(error, (KeyboardInterrupt, SystemExit))
+        write("killed" if killed else "failed", f"{type(error).__name__}: {error}")
+        raise
+    write("finished")

@@ -18,7 +18,7 @@ from conftest import model_config
 
 from hybrid_retrieval.adaptation.mlm import (AdaptConfigError, MLMSettings, _Batcher, adapt_encoder,
                                              build_mlm_head, check_adapt_config, mask_tokens, split_heldout,
-                                             train_mlm, warm_up_head)
+                                             train_mlm, unigram_log_prior, warm_up_head)
 from hybrid_retrieval.data.text import TextSourceError, load_texts, uses_eval_corpus
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -227,6 +227,18 @@ def test_new_head_is_tied_to_the_input_embeddings() -> None:
     assert all(p is not embeddings.weight for p in head.own_parameters())
 
 
+def test_new_head_bias_starts_at_the_corpus_token_frequencies(tiny_encoder: Any) -> None:
+    tokenizer = tiny_encoder.tokenizer
+    vocab = tiny_encoder.backbone.get_input_embeddings().num_embeddings
+    prior = unigram_log_prior(tokenizer, SENTENCES * 3, vocab, max_length=64)
+    assert prior.shape == (vocab,) and torch.exp(prior.double()).sum().item() == pytest.approx(1.0, abs=1e-6)
+    ids = [i for text in SENTENCES for i in tokenizer(text, add_special_tokens=False)["input_ids"]]
+    token = max(set(ids), key=ids.count)
+    expected = math.log((3 * ids.count(token) + 1) / (3 * len(ids) + vocab))
+    assert prior[token].item() == pytest.approx(expected, rel=1e-6)
+    assert prior[tokenizer.mask_token_id].item() == pytest.approx(math.log(1 / (3 * len(ids) + vocab)), rel=1e-6)
+
+
 def test_warm_up_trains_only_the_head() -> None:
     encoder = fresh_tiny()
     backbone = encoder.backbone
@@ -252,18 +264,24 @@ def test_warm_up_trains_only_the_head() -> None:
     assert all(p.requires_grad for p in backbone.parameters()) and backbone.training  # restored
 
 
-def test_checkpoint_head_is_loaded_and_matches_transformers(tmp_path: Path, me5_small_dir: Path) -> None:
-    from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
+@pytest.mark.parametrize("family", ["bert", "xlm-roberta"])
+def test_checkpoint_head_is_loaded_and_matches_transformers(tmp_path: Path, tiny_encoder: Any,
+                                                            family: str) -> None:
+    import transformers
 
     from hybrid_retrieval.models.encoder import load_encoder
 
-    tokenizer = AutoTokenizer.from_pretrained(str(me5_small_dir))
+    tokenizer = tiny_encoder.tokenizer  # the real e5 tokenizer, already loaded
+    config_class, model_class = {"bert": ("BertConfig", "BertForMaskedLM"),
+                                 "xlm-roberta": ("XLMRobertaConfig", "XLMRobertaForMaskedLM")}[family]
     torch.manual_seed(0)
-    reference = BertForMaskedLM(BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1,
-                                           num_attention_heads=2, intermediate_size=64, pad_token_id=1)).eval()
+    config = getattr(transformers, config_class)(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1,
+                                                 num_attention_heads=2, intermediate_size=64, pad_token_id=1)
+    reference = getattr(transformers, model_class)(config).eval()
     with torch.no_grad():  # a head that is clearly not a fresh one
-        reference.cls.predictions.bias.normal_()
-        reference.cls.predictions.transform.LayerNorm.weight.normal_()
+        for name, parameter in reference.named_parameters():
+            if name.startswith(("cls.", "lm_head.")) and parameter.dim() == 1:
+                parameter.normal_()
     reference.save_pretrained(str(tmp_path))
     tokenizer.save_pretrained(str(tmp_path))
     encoder = load_encoder(name="mlm", source="hub", path=str(tmp_path))
@@ -314,7 +332,7 @@ def test_loss_decreases_on_a_tiny_repeated_corpus_and_only_the_backbone_changes(
 def test_adapt_encoder_from_config_with_frozen_embeddings_and_fixed_heldout(data_root: Path) -> None:
     encoder = fresh_tiny()
     embeddings = encoder.backbone.get_input_embeddings().weight.detach().clone()
-    cfg = mlm_config(text={"source": "tatoeba", "languages": ["swg", "tzl"]}, steps=3, head_warmup_steps=2,
+    cfg = mlm_config(text={"source": "tatoeba", "languages": ["swg", "tzl"]}, steps=2, head_warmup_steps=1,
                      batch_size=8, heldout_size=16, freeze_embeddings=True)
     result = adapt_encoder(encoder, cfg)
     assert result["heldout_texts"] == 16 and result["train_texts"] == len(load_texts(cfg["text"])) - 16
@@ -389,7 +407,8 @@ def test_driver_end_to_end_writes_a_loadable_model_and_a_finished_run(tmp_path: 
     folder = tmp_path / "run" / "model"
     assert "held-out MLM loss" in proc.stdout and str(folder) in proc.stdout
 
-    adapted = load_encoder(name="x", source="hub", path=str(folder))
+    with pytest.warns(UserWarning, match="overrides the model config"):  # the folder's own settings win
+        adapted = load_encoder(name="x", source="hub", path=str(folder))
     original = fresh_tiny()
     assert adapted.name == "tiny" and adapted.prefixes == original.prefixes and adapted.pooling == "mean"
     emb_adapted = adapted.encode(SENTENCES, kind="query")

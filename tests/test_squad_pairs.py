@@ -273,7 +273,8 @@ def _batch_sources(sampler, n: int):
 
 @pytest.mark.slow
 def test_run_py_trains_on_squad_mt(tmp_path: Path, data_root: Path) -> None:
-    env = {**os.environ, "HYBRID_RETRIEVAL_DATA": str(data_root), "HYBRID_RETRIEVAL_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "HYBRID_RETRIEVAL_DATA": str(data_root), "HYBRID_RETRIEVAL_OFFLINE": "1",
+           "HF_HUB_OFFLINE": "1"}
     env.pop("HYBRID_RETRIEVAL_MLFLOW_URI", None)
     args = [sys.executable, "run.py", "train_data=squad_mt", "model=tiny", "train.batch_size=8",
             "trainer.limit_train_batches=3", "train_data.datasets.0.max_groups=200", "dataset.languages=[en,es]",

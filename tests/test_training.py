@@ -19,7 +19,7 @@ from hybrid_retrieval.config_checks import ConfigError, check_train_config
 from hybrid_retrieval.data.lareqa import load_split
 from hybrid_retrieval.data.pairs import from_lareqa
 from hybrid_retrieval.evaluation.evaluator import evaluate_encoder
-from hybrid_retrieval.evaluation.sets import EvaluationSet, monitor_keys
+from hybrid_retrieval.evaluation.sets import EvaluationSet, LareqaSet, monitor_keys
 from hybrid_retrieval.losses.info_nce import InfoNCELoss
 from hybrid_retrieval.training.callbacks import BestCheckpoint
 from hybrid_retrieval.training.datamodule import HybridDataModule
@@ -42,7 +42,7 @@ def pairs(data_root: Path) -> Any:
 
 @pytest.fixture(scope="module")
 def evaluation_set(data_root: Path) -> EvaluationSet:
-    return EvaluationSet("xquad_r", load_split("xquad_r", data_root, languages=["en", "de"],
+    return LareqaSet("xquad_r", load_split("xquad_r", data_root, languages=["en", "de"],
                                                max_questions_per_language=10))
 
 

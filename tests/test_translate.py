@@ -202,11 +202,7 @@ def test_length_batches_cover_every_text_once_longest_first() -> None:
 
 
 def test_translator_keeps_input_order_and_matches_one_by_one(tiny_nllb: Path, squad_es: Any) -> None:
-    from hybrid_retrieval.translation.translator import (
-        GenerationSettings,
-        Seq2SeqTranslator,
-        plan_length_batches,
-    )
+    from hybrid_retrieval.translation.translator import GenerationSettings, Seq2SeqTranslator, plan_length_batches
 
     texts = [q.text for q in squad_es.questions[:10]] + ["Sí.", squad_es.paragraphs[0].sentences[0]]
     translator = Seq2SeqTranslator(tiny_nllb, "nllb", "spa_Latn", GenerationSettings(1, 6, 64))
@@ -329,6 +325,7 @@ def test_translate_squad_input(tiny_nllb: Path, data_root: Path, tmp_path: Path,
     assert pairs.summary()["groups_by_language_count"] == {2: 6}
 
 
+@pytest.mark.filterwarnings("ignore:Recommended. pip install sacremoses")
 def test_marian_loads_one_model_per_language_pair(tiny_marian: Path, squad_es: Any, tmp_path: Path) -> None:
     source = write_jsonl(tmp_path / "in.jsonl", source_rows(squad_es, 6))
     overrides = tiny_overrides(tiny_marian / "{source}-{target}", tmp_path, input=source, source_language="es",

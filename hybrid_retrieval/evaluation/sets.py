@@ -7,56 +7,139 @@ and an evaluation run of the same model on the same data log the same metric key
 - ``val/<key>/<setting>/<metric>`` and ``val/<key>/<setting>/<language or pair>/<metric>`` for every set, the main
   one under its dataset name (e.g. ``val/xquad_r/cross/en-de/map``), extra sets under their key;
 - ``time/<key>/encode_s``, ``time/<key>/metrics_s``.
+
+A dataset name maps to a *kind* of evaluation set (:data:`KIND_OF_DATASET`). The kind's module provides
+``SUMMARY_METRICS`` (setting -> metrics its summary holds, known before any data is read, so that config checks
+can validate ``train.monitor``), ``LOWER_IS_BETTER`` and ``load_set(key, dataset_config) -> EvaluationSet``.
+An :class:`EvaluationSet` evaluates an encoder into a result with ``summary``, ``per_language``, ``timings``,
+``flat(prefix)``, ``table()`` and ``save_json(path)`` (:class:`~hybrid_retrieval.evaluation.evaluator.EvaluationResult`
+is the LAReQA one), describes itself, and writes its report files.
 """
 
 from __future__ import annotations
 
+import importlib
 import time
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from hybrid_retrieval.data.lareqa import LareqaSplit, load_split
-from hybrid_retrieval.evaluation.evaluator import SETTINGS, EvaluationResult, evaluate_encoder, evaluate_split
-from hybrid_retrieval.evaluation.heatmap import plot_cross_lingual_heatmap
-from hybrid_retrieval.evaluation.metrics import METRICS
+from hybrid_retrieval.evaluation.evaluator import SUMMARY_METRICS, EvaluationResult, evaluate_encoder, evaluate_split
 
 PREFIX = "val"
-# Metrics each setting reports (rank distance needs several languages in one ranking).
-SETTING_METRICS = {setting: METRICS if setting == "multi" else tuple(m for m in METRICS if m != "rank_distance")
-                   for setting in SETTINGS}
-LOWER_IS_BETTER = ("rank_distance",)
+LOWER_IS_BETTER = ("rank_distance",)  # of this (LAReQA) kind; SUMMARY_METRICS is the evaluator's
+
+# Dataset name -> module of its kind (this module is the LAReQA kind).
+KIND_OF_DATASET = {
+    "xquad_r": "hybrid_retrieval.evaluation.sets",
+    "mlqa_r": "hybrid_retrieval.evaluation.sets",
+    "tatoeba": "hybrid_retrieval.evaluation.tatoeba",
+    "miracl": "hybrid_retrieval.evaluation.miracl",
+}
+
+
+class EvaluationSet(ABC):
+    """One evaluation set and the key its metrics are logged under."""
+
+    key: str
+
+    @abstractmethod
+    def evaluate(self, encoder: Any, batch_size: int = 64, dtype: Any = None, num_threads: int = 2) -> Any:
+        """Encode with ``encoder`` (split over ranks under DDP) and compute every setting and metric."""
+
+    @abstractmethod
+    def describe(self) -> str:
+        """One line: the data and its size."""
+
+    @abstractmethod
+    def write_report(self, result: Any, folder: Path, prefix: str = "") -> list[Path]:
+        """``<prefix>metrics.json`` and any figures, in ``folder``; returns the files written."""
 
 
 @dataclass
-class EvaluationSet:
-    """A split to evaluate on, the key its metrics are logged under, and how its passages are written."""
+class LareqaSet(EvaluationSet):
+    """XQuAD-R / MLQA-R: the mono / cross / multi protocol over a split, passages written as ``passage_text``."""
 
     key: str
     split: LareqaSplit
     passage_text: str = "sentence"
 
+    def evaluate(self, encoder: Any, batch_size: int = 64, dtype: Any = None, num_threads: int = 2) -> EvaluationResult:
+        from hybrid_retrieval.distributed import encode_across_ranks, rank_and_world
+
+        split = self.split
+        if rank_and_world()[1] == 1:
+            return evaluate_encoder(encoder, split, self.passage_text, batch_size=batch_size, dtype=dtype,
+                                    num_threads=num_threads)
+        started = time.perf_counter()
+        query_emb = encode_across_ranks(encoder, split.query_texts(), "query", batch_size=batch_size, dtype=dtype)
+        candidate_emb = encode_across_ranks(encoder, split.candidate_texts(self.passage_text), "passage",
+                                            batch_size=batch_size, dtype=dtype)
+        encode_s = time.perf_counter() - started
+        result = evaluate_split(query_emb, candidate_emb, split, num_threads=num_threads)
+        result.timings.update({"encode_s": encode_s, "texts": float(len(query_emb) + len(candidate_emb))})
+        result.query_emb, result.candidate_emb = query_emb, candidate_emb
+        return result
+
+    def describe(self) -> str:
+        split = self.split
+        return (f"{split.name} ({len(split.queries)} queries, {len(split.candidates)} candidates, "
+                f"passage text = {self.passage_text})")
+
+    def write_report(self, result: EvaluationResult, folder: Path, prefix: str = "") -> list[Path]:
+        from hybrid_retrieval.evaluation.heatmap import plot_cross_lingual_heatmap
+
+        metrics = result.save_json(folder / f"{prefix}metrics.json")
+        heatmap = plot_cross_lingual_heatmap(result.cross_matrix(self.split.languages), self.split.languages,
+                                             folder / f"{prefix}cross_lingual_map.png",
+                                             title=f"{self.split.name} mAP: query x candidate language")
+        return [metrics, heatmap]
+
 
 def load_dataset(dataset: Any) -> LareqaSplit:
-    """The split a ``conf/dataset`` config describes."""
+    """The LAReQA split a ``conf/dataset`` config describes."""
     return load_split(dataset.name, root=dataset.get("root"), languages=dataset.get("languages"),
                       max_questions_per_language=dataset.get("max_questions_per_language"))
 
 
+def load_set(key: str, dataset: Any) -> LareqaSet:
+    return LareqaSet(key, load_dataset(dataset), dataset.passage_text)
+
+
+def kind_module(dataset_name: str) -> Any:
+    """The module that evaluates datasets called ``dataset_name``; a clear error for an unknown name."""
+    if dataset_name not in KIND_OF_DATASET:
+        raise ValueError(f"dataset.name={dataset_name!r}: expected one of {sorted(KIND_OF_DATASET)}")
+    return importlib.import_module(KIND_OF_DATASET[dataset_name])
+
+
 def load_evaluation_sets(dataset: Any, extra_datasets: Mapping[str, Any] | None = None) -> list[EvaluationSet]:
     """The main set (key = its dataset name) first, then each extra set under its key."""
-    sets = [EvaluationSet(dataset.name, load_dataset(dataset), dataset.passage_text)]
+    sets = [kind_module(dataset.name).load_set(dataset.name, dataset)]
     for key, extra in (extra_datasets or {}).items():
-        sets.append(EvaluationSet(str(key), load_dataset(extra), extra.passage_text))
+        sets.append(kind_module(extra.name).load_set(str(key), extra))
     return sets
 
 
-def monitor_keys(main_key: str, extra_keys: Sequence[str] = ()) -> list[str]:
-    """Every summary key validation logs, i.e. every value ``train.monitor`` may take."""
-    keys = [f"{PREFIX}/{s}/{m}" for s, metrics in SETTING_METRICS.items() for m in metrics]
-    for key in (main_key, *extra_keys):
-        keys += [f"{PREFIX}/{key}/{s}/{m}" for s, metrics in SETTING_METRICS.items() for m in metrics]
+def monitor_keys(main: str, extra: Mapping[str, str] | Sequence[str] = ()) -> list[str]:
+    """Every summary key validation logs, i.e. every value ``train.monitor`` may take.
+
+    ``main`` is the main dataset's name; ``extra`` maps each extra set's key to its dataset name (a plain list of
+    keys means LAReQA sets).
+    """
+    extra = dict(extra) if isinstance(extra, Mapping) else {key: "xquad_r" for key in extra}
+    summary = kind_module(main).SUMMARY_METRICS
+    keys = [f"{PREFIX}/{s}/{m}" for s, metrics in summary.items() for m in metrics]
+    for key, name in ((main, main), *extra.items()):
+        keys += [f"{PREFIX}/{key}/{s}/{m}" for s, metrics in kind_module(name).SUMMARY_METRICS.items()
+                 for m in metrics]
     return keys
+
+
+def lower_is_better(dataset_name: str, metric: str) -> bool:
+    return metric in getattr(kind_module(dataset_name), "LOWER_IS_BETTER", ())
 
 
 def encode_dtype(hardware: Any) -> Any:
@@ -66,30 +149,12 @@ def encode_dtype(hardware: Any) -> Any:
 
 
 def evaluate_set(encoder: Any, evaluation_set: EvaluationSet, batch_size: int = 64, dtype: Any = None,
-                 num_threads: int = 2) -> EvaluationResult:
-    """Encode the set's queries and passages with ``encoder`` and compute every setting and metric.
-
-    Under distributed training the encoding is split over ranks and gathered once (every rank then holds the
-    same embeddings and computes the same metrics).
-    """
-    from hybrid_retrieval.distributed import encode_across_ranks, rank_and_world
-
-    if rank_and_world()[1] == 1:
-        return evaluate_encoder(encoder, evaluation_set.split, evaluation_set.passage_text, batch_size=batch_size,
-                                dtype=dtype, num_threads=num_threads)
-    split = evaluation_set.split
-    started = time.perf_counter()
-    query_emb = encode_across_ranks(encoder, split.query_texts(), "query", batch_size=batch_size, dtype=dtype)
-    candidate_emb = encode_across_ranks(encoder, split.candidate_texts(evaluation_set.passage_text), "passage",
-                                        batch_size=batch_size, dtype=dtype)
-    encode_s = time.perf_counter() - started
-    result = evaluate_split(query_emb, candidate_emb, split, num_threads=num_threads)
-    result.timings.update({"encode_s": encode_s, "texts": float(len(query_emb) + len(candidate_emb))})
-    result.query_emb, result.candidate_emb = query_emb, candidate_emb
-    return result
+                 num_threads: int = 2) -> Any:
+    """One evaluator call: encode the set with ``encoder`` and compute every setting and metric."""
+    return evaluation_set.evaluate(encoder, batch_size=batch_size, dtype=dtype, num_threads=num_threads)
 
 
-def metric_values(result: EvaluationResult, key: str, main: bool) -> dict[str, float]:
+def metric_values(result: Any, key: str, main: bool) -> dict[str, float]:
     """The logged metrics of one set's result (names in the module docstring)."""
     metrics = result.flat(prefix=f"{PREFIX}/{key}/")
     if main:
@@ -100,26 +165,15 @@ def metric_values(result: EvaluationResult, key: str, main: bool) -> dict[str, f
     return metrics
 
 
-def write_report(result: EvaluationResult, split: LareqaSplit, folder: Path, prefix: str = "") -> list[Path]:
-    """``<prefix>metrics.json`` and ``<prefix>cross_lingual_map.png`` in ``folder``; returns the files written."""
-    metrics = result.save_json(folder / f"{prefix}metrics.json")
-    heatmap = plot_cross_lingual_heatmap(result.cross_matrix(split.languages), split.languages,
-                                         folder / f"{prefix}cross_lingual_map.png",
-                                         title=f"{split.name} mAP: query x candidate language")
-    return [metrics, heatmap]
-
-
-def write_reports(results: Mapping[str, EvaluationResult], sets: Sequence[EvaluationSet], folder: Path) -> list[Path]:
+def write_reports(results: Mapping[str, Any], sets: Sequence[EvaluationSet], folder: Path) -> list[Path]:
     """Reports of every set: the main one unprefixed, extra sets prefixed with ``<key>_``."""
     files: list[Path] = []
     for i, evaluation_set in enumerate(sets):
         if evaluation_set.key in results:
-            files += write_report(results[evaluation_set.key], evaluation_set.split, folder,
-                                  prefix="" if i == 0 else f"{evaluation_set.key}_")
+            files += evaluation_set.write_report(results[evaluation_set.key], folder,
+                                                 prefix="" if i == 0 else f"{evaluation_set.key}_")
     return files
 
 
 def describe(evaluation_set: EvaluationSet) -> str:
-    split = evaluation_set.split
-    return (f"{split.name} ({len(split.queries)} queries, {len(split.candidates)} candidates, "
-            f"passage text = {evaluation_set.passage_text})")
+    return evaluation_set.describe()

@@ -19,7 +19,7 @@ from pytorch_lightning.loggers.logger import Logger
 from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import rank_zero_only
 
-from hybrid_retrieval.evaluation.evaluator import EvaluationResult
+
 from hybrid_retrieval.tracking import TrackedRun
 
 
@@ -32,12 +32,12 @@ class BestCheckpoint(ModelCheckpoint):
                          enable_version_counter=False)
         self.validated_steps: list[int] = []
         self.best_step: int | None = None
-        self.best_results: dict[str, EvaluationResult] = {}
+        self.best_results: dict[str, Any] = {}
         self.best_metrics: dict[str, float] = {}
-        self.last_results: dict[str, EvaluationResult] = {}
+        self.last_results: dict[str, Any] = {}
         self.last_metrics: dict[str, float] = {}
         self.zero_shot_metrics: dict[str, float] = {}  # a validation before fit (``train.evaluate_before``)
-        self._current: dict[str, EvaluationResult] = {}
+        self._current: dict[str, Any] = {}
         self._final = False
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -45,7 +45,7 @@ class BestCheckpoint(ModelCheckpoint):
 
     def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                                 batch_idx: int, dataloader_idx: int = 0) -> None:
-        if isinstance(outputs, EvaluationResult):
+        if outputs is not None:
             self._current[batch.key] = outputs
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -78,6 +78,24 @@ class BestCheckpoint(ModelCheckpoint):
         """True when the last weights were never validated during fit."""
         return trainer.global_step not in self.validated_steps
 
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["hybrid_retrieval"] = {
+            "validated_steps": list(self.validated_steps), "best_step": self.best_step,
+            "best_metrics": dict(self.best_metrics), "zero_shot_metrics": dict(self.zero_shot_metrics),
+            "best_results": {key: _result_state(result) for key, result in self.best_results.items()},
+        }
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        own = state_dict.get("hybrid_retrieval", {})
+        super().load_state_dict({k: v for k, v in state_dict.items() if k != "hybrid_retrieval"})
+        self.validated_steps = list(own.get("validated_steps", []))
+        self.best_step = own.get("best_step")
+        self.best_metrics = dict(own.get("best_metrics", {}))
+        self.zero_shot_metrics = dict(own.get("zero_shot_metrics", {}))
+        self.best_results = {key: _result_from_state(value) for key, value in own.get("best_results", {}).items()}
+
     @contextlib.contextmanager
     def final_validation(self) -> Iterator[None]:
         """Within this block, a ``trainer.validate`` of the last weights competes for the best checkpoint."""
@@ -88,16 +106,45 @@ class BestCheckpoint(ModelCheckpoint):
             self._final = False
 
 
+def _result_state(result: Any) -> dict[str, Any]:
+    kind = type(result)
+    return {"class": f"{kind.__module__}.{kind.__qualname__}", "data": result.to_dict()}
+
+
+def _result_from_state(state: dict[str, Any]) -> Any:
+    import importlib
+
+    module, _, name = state["class"].rpartition(".")
+    return getattr(importlib.import_module(module), name).from_dict(state["data"])
+
+
+class ResumeCheckpoint(ModelCheckpoint):
+    """The full training state (weights, optimiser, scheduler, loops, sampler position, RNG) in
+    ``<dirpath>/last.ckpt``: every ``every_n_steps`` steps, at the end of each epoch, and when training stops on
+    an exception or a signal (the last finite state, for a NaN loss). ``train.resume`` continues from it."""
+
+    def __init__(self, dirpath: str | Path, every_n_steps: int | None) -> None:
+        super().__init__(dirpath=str(dirpath), filename="last", monitor=None, save_top_k=1, save_weights_only=False,
+                         every_n_train_steps=every_n_steps, save_on_exception=True, enable_version_counter=False,
+                         auto_insert_metric_name=False)
+
+
 class TrackedRunLogger(Logger):
     """Lightning's metrics into an MLflow run, through the same retrying writes as every other command.
 
     The run's lifecycle (params, status) belongs to :func:`hybrid_retrieval.tracking.mlflow_run`; this logger only
-    writes metrics.
+    writes metrics. With a :class:`ResumeCheckpoint`, metrics are held back until the next resumable checkpoint is
+    written: a run killed in between and resumed from that checkpoint logs those steps once, with no duplicates.
     """
 
-    def __init__(self, run: TrackedRun | None) -> None:
+    def __init__(self, run: TrackedRun | None, hold_until_checkpoint: bool = False) -> None:
         super().__init__()
         self.run = run
+        self.hold_until_checkpoint = hold_until_checkpoint
+        self._pending: list[tuple[dict[str, float], int]] = []
+        # Metrics up to this step are covered by a resumable checkpoint. Training metrics of the batch that
+        # completed step G are logged at step G - 1; validations at the step they evaluated.
+        self._safe_step = -1
 
     @property
     def name(self) -> str:
@@ -113,8 +160,31 @@ class TrackedRunLogger(Logger):
 
     @rank_zero_only
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        if self.run is not None:  # None on DDP ranks other than 0
-            self.run.log_metrics(metrics, step=step or 0)
+        if self.run is None:  # DDP ranks other than 0
+            return
+        self._pending.append((dict(metrics), step or 0))
+        self.flush(None if not self.hold_until_checkpoint else self._safe_step)
+
+    @rank_zero_only
+    def flush(self, up_to: int | None = None) -> None:
+        """Write the held metrics (those logged at steps <= ``up_to``, or all), in logging order."""
+        kept = []
+        for metrics, step in self._pending:
+            if up_to is None or step <= up_to:
+                self.run.log_metrics(metrics, step=step)
+            else:
+                kept.append((metrics, step))
+        self._pending = kept
+
+    def after_save_checkpoint(self, checkpoint_callback: Any) -> None:
+        if isinstance(checkpoint_callback, ResumeCheckpoint):  # (a weakref proxy; isinstance sees through it)
+            self._safe_step = max(self._safe_step, int(checkpoint_callback._last_global_step_saved) - 1)
+            self.flush(self._safe_step)
+
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        if status == "success":
+            self.flush()
 
 
 class BatchLog(pl.Callback):

@@ -41,8 +41,7 @@ class HybridDataModule(pl.LightningDataModule):
         self.seed = seed
         self.evaluation_sets = list(evaluation_sets)
         self.sampler: HybridBatchSampler | None = None
-        # A batch size the data cannot fill fails here, before any model is loaded.
-        self.build_sampler()
+        self._resume_at: tuple[int, int] | None = None  # (epoch, batches done) of a resumed run
 
     def build_sampler(self, num_replicas: int = 1, rank: int = 0) -> HybridBatchSampler:
         return self.sampler_factory(datasets=self.train_datasets, batch_size=self.batch_size, seed=self.seed,
@@ -51,7 +50,13 @@ class HybridDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
         self.sampler = self.build_sampler(trainer.world_size, trainer.global_rank)
-        # Lightning calls sampler.set_epoch(epoch) at the start of every epoch: batches differ per epoch.
+        if self._resume_at is not None:
+            # Resuming mid-epoch: Lightning counts the batches already done; the sampler skips exactly those.
+            # Lightning iterates the resumed epoch's loader once, without setting the epoch first.
+            self.sampler.set_epoch(self._resume_at[0])
+            self.sampler.skip_next(*self._resume_at)
+        # The module calls set_epoch at the start of every epoch (Lightning itself only sets a DataLoader's sampler,
+        # not its batch sampler): batches differ per epoch.
         tokenize = trainer.lightning_module.encoder.tokenize
         return DataLoader(PairTexts(self.train_datasets), batch_sampler=self.sampler, collate_fn=PairCollator(tokenize))
 
@@ -62,6 +67,17 @@ class HybridDataModule(pl.LightningDataModule):
         if isinstance(batch, EvaluationSet):
             return batch  # texts, not tensors: the encoder moves its own inputs
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where training is in the epoch, saved in resumable checkpoints: the batches already trained on."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return {}
+        progress = trainer.fit_loop.epoch_loop.batch_progress.current
+        return {"epoch": trainer.current_epoch, "batches_done": progress.processed}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._resume_at = (int(state_dict["epoch"]), int(state_dict["batches_done"])) if state_dict else None
 
     def set_epoch(self, epoch: int) -> None:
         if self.sampler is not None:

@@ -15,13 +15,14 @@ from typing import Any, Mapping
 import pytorch_lightning as pl
 import torch
 
-from hybrid_retrieval.evaluation.evaluator import EvaluationResult
 from hybrid_retrieval.evaluation.sets import EvaluationSet, evaluate_set, metric_values
+from hybrid_retrieval.models.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_KEY
 from hybrid_retrieval.models.encoder import Encoder
 from hybrid_retrieval.tracking import finite_metrics
 
-CHECKPOINT_KEY = "hybrid_retrieval"
-CHECKPOINT_FORMAT = 1
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite; the message names the step and the batch."""
 
 
 @dataclass
@@ -90,6 +91,13 @@ class HybridRetrievalModule(pl.LightningModule):
             for parameter in encoder.backbone.get_input_embeddings().parameters():
                 parameter.requires_grad_(False)
 
+    def on_train_epoch_start(self) -> None:
+        # Lightning sets the epoch only on a DataLoader's sampler, not on a batch sampler: without this every
+        # epoch would repeat the first one's batches.
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if hasattr(datamodule, "set_epoch"):
+            datamodule.set_epoch(self.current_epoch)
+
     def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.encoder(**inputs)
 
@@ -101,6 +109,7 @@ class HybridRetrievalModule(pl.LightningModule):
             passages = self(batch["passage"])
             negatives = self(batch["hard_negative"]) if "hard_negative" in batch else None
             loss = self.loss(queries, passages, negatives)
+        self._check_finite(loss, batch)
         size = batch["query"]["input_ids"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
         self.log("train/mono_batch", float(batch["monolingual"]), batch_size=size)
@@ -108,6 +117,25 @@ class HybridRetrievalModule(pl.LightningModule):
         if isinstance(temperature, torch.Tensor):
             self.log("train/temperature", temperature.detach().float(), batch_size=size)
         return loss
+
+    def _check_finite(self, loss: torch.Tensor, batch: dict[str, Any]) -> None:
+        """Stop on a NaN or infinite loss before it reaches the weights (every rank stops together)."""
+        from hybrid_retrieval.distributed import rank_and_world
+
+        bad = torch.tensor([0.0 if torch.isfinite(loss.detach()).all() else 1.0])
+        if rank_and_world()[1] > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(bad)
+        if bad.item():
+            languages = sorted(set(batch.get("languages", [])))
+            kind = "monolingual" if batch.get("monolingual") else "cross-lingual"
+            raise NonFiniteLossError(
+                f"train/loss is {loss.detach().float().item()} at step {self.global_step} (epoch {self.current_epoch}), "
+                f"on a {kind} batch of {len(batch.get('rows', []))} rows, query languages {languages}; the weights "
+                "were not updated and the last finite state is saved in checkpoints/last.ckpt. Lower train.lr, "
+                "check the data of this batch (train.log_batches=true lists its rows), or use hardware precision "
+                "32-true")
 
     def _cached_step(self, batch: dict[str, Any]) -> torch.Tensor:
         """One optimiser step with gradient caching; DDP's per-backward reduction is replaced by one average."""
@@ -126,6 +154,7 @@ class HybridRetrievalModule(pl.LightningModule):
             loss = cached_backward(self.encoder, groups,
                                    lambda e: self.loss(e["query"], e["passage"], e["hard_negative"]),
                                    self.grad_cache_chunk)
+        self._check_finite(loss, batch)  # before the optimiser step: the weights stay finite
         _, world = rank_and_world()
         if world > 1:
             import torch.distributed as dist
@@ -142,7 +171,7 @@ class HybridRetrievalModule(pl.LightningModule):
         scheduler.step()
         return loss
 
-    def validation_step(self, evaluation_set: EvaluationSet, batch_idx: int) -> EvaluationResult:
+    def validation_step(self, evaluation_set: EvaluationSet, batch_idx: int) -> Any:
         """Evaluate one whole set; the result goes to callbacks (reports, the best checkpoint's results)."""
         settings = self.evaluation
         result = evaluate_set(self.encoder, evaluation_set, batch_size=settings.batch_size, dtype=settings.dtype,
@@ -158,6 +187,38 @@ class HybridRetrievalModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[CHECKPOINT_KEY] = {"format": CHECKPOINT_FORMAT, "model": self.model_config}
+        if not checkpoint.get("optimizer_states"):
+            return  # weights only: nothing to resume
+        import random
+
+        import numpy as np
+
+        name, keys, position, has_gauss, gauss = np.random.get_state()
+        # Plain types and tensors only: the checkpoint must load with torch.load(weights_only=True).
+        checkpoint["rng_states"] = {"torch": torch.get_rng_state(),
+                                    "numpy": (name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss),
+                                    "python": random.getstate(),
+                                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Restored at the first training batch after resuming: creating the data iterators in between draws from
+        # torch's RNG, and the uninterrupted run drew those before the checkpoint.
+        self._rng_to_restore = checkpoint.get("rng_states")
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        states = getattr(self, "_rng_to_restore", None)
+        if states:
+            import random
+
+            import numpy as np
+
+            torch.set_rng_state(states["torch"])
+            name, keys, position, has_gauss, gauss = states["numpy"]
+            np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
+            random.setstate(states["python"])
+            if states.get("cuda") is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(states["cuda"])
+            self._rng_to_restore = None
 
     def configure_optimizers(self) -> Any:
         settings = self.optimizer_settings

@@ -284,6 +284,7 @@ class HybridBatchSampler(torch.utils.data.Sampler[list[tuple[int, int, int]]]):
         self.rank = int(rank)
         self.name = name if name is not None else f"alpha={self.mono_ratio:g}"
         self.epoch = 0
+        self._skip: tuple[int, int] | None = None  # (epoch, batches) to skip when that epoch is next iterated
         self.last_batch_info: BatchInfo | None = None
 
         self._datasets = [_DatasetIndex(ds, i) for i, ds in enumerate(datasets)]
@@ -343,12 +344,24 @@ class HybridBatchSampler(torch.utils.data.Sampler[list[tuple[int, int, int]]]):
         """Select the epoch; it enters the RNG seed so that every epoch has its own batches."""
         self.epoch = int(epoch)
 
+    def skip_next(self, epoch: int, batches: int) -> None:
+        """Make the next iteration of ``epoch`` start after its first ``batches`` batches (resuming mid-epoch).
+
+        ``len()`` stays the epoch's length: the training loop counts the skipped batches as already done.
+        """
+        self._skip = (int(epoch), int(batches))
+
     def __len__(self) -> int:
         return self._len
 
     def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
         lo, hi = self.rank * self.batch_size, (self.rank + 1) * self.batch_size
-        for info, queries, passages in self._generate():
+        skip = 0
+        if self._skip is not None and self._skip[0] == self.epoch:
+            skip, self._skip = self._skip[1], None
+        for index, (info, queries, passages) in enumerate(self._generate()):
+            if index < skip:
+                continue  # drawn all the same: the RNG stream must stay the uninterrupted one
             self.last_batch_info = info
             yield list(zip([info.dataset] * self.batch_size, queries[lo:hi].tolist(), passages[lo:hi].tolist()))
 

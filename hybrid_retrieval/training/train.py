@@ -21,25 +21,43 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from hybrid_retrieval import tracking
-from hybrid_retrieval.config_checks import ConfigError, check_train_config
-from hybrid_retrieval.data.pairs import build_datasets
-from hybrid_retrieval.evaluation.sets import describe, encode_dtype, load_evaluation_sets, write_reports
-from hybrid_retrieval.training.callbacks import BatchLog, BestCheckpoint, TrackedRunLogger
+from hybrid_retrieval.config_checks import check_train_config
+from hybrid_retrieval.evaluation.sets import describe, encode_dtype, write_reports
+from hybrid_retrieval.training.callbacks import BatchLog, BestCheckpoint, ResumeCheckpoint, TrackedRunLogger
 from hybrid_retrieval.training.datamodule import HybridDataModule
+from hybrid_retrieval.training.inputs import TrainingInputs, load_training_inputs
 from hybrid_retrieval.training.module import EvaluationSettings, HybridRetrievalModule, OptimizerSettings
 
 log = logging.getLogger(__name__)
 
 
-def build_datamodule(cfg: DictConfig) -> HybridDataModule:
+RUN_INFO = "run_info.json"
+
+
+def write_run_info(folder: Path, run: tracking.TrackedRun) -> None:
+    """What a resumed run needs to log into the same MLflow run."""
+    import json
+
+    (folder / RUN_INFO).write_text(json.dumps({"mlflow_run_id": run.run_id, "tracking_uri": run.tracking_uri}))
+
+
+def read_run_info(folder: Path) -> dict[str, str]:
+    import json
+
+    return json.loads((folder / RUN_INFO).read_text())
+
+
+def resume_folder(cfg: DictConfig) -> Path | None:
+    from hybrid_retrieval.config_checks import resume_target
+
+    return resume_target(cfg)
+
+
+def build_datamodule(cfg: DictConfig, inputs: TrainingInputs | None = None) -> HybridDataModule:
     """Training data, sampler and evaluation sets; every data error surfaces here, before the model loads."""
-    sampler_factory = instantiate(cfg.sampler)
-    datasets = build_datasets(cfg.train_data)
-    sets = load_evaluation_sets(cfg.dataset, cfg.get("extra_datasets"))
-    try:
-        return HybridDataModule(datasets, sampler_factory, cfg.train.batch_size, cfg.train.seed, sets)
-    except ValueError as error:
-        raise ConfigError(f"sampler={cfg.sampler.name} with train.batch_size={cfg.train.batch_size}: {error}") from error
+    inputs = inputs or load_training_inputs(cfg)
+    return HybridDataModule(inputs.datasets, inputs.sampler_factory, cfg.train.batch_size, cfg.train.seed,
+                            inputs.evaluation_sets)
 
 
 def build_module(cfg: DictConfig) -> HybridRetrievalModule:
@@ -61,18 +79,23 @@ def build_trainer(cfg: DictConfig, run: tracking.TrackedRun | None, checkpoint: 
     options = OmegaConf.to_container(cfg.trainer, resolve=True)
     if cfg.train.get("grad_cache_chunk"):
         options["gradient_clip_val"] = None  # the module clips: it steps the optimiser itself
-    callbacks: list[pl.Callback] = [checkpoint, LearningRateMonitor(logging_interval="step")]
+    resumable = ResumeCheckpoint(output_dir / "checkpoints", cfg.train.get("checkpoint_every_n_steps"))
+    callbacks: list[pl.Callback] = [checkpoint, resumable, LearningRateMonitor(logging_interval="step")]
     if cfg.train.get("log_batches"):
         callbacks.append(BatchLog(output_dir / "batches"))
     return pl.Trainer(
         accelerator=cfg.hardware.accelerator, devices=cfg.hardware.devices, num_nodes=cfg.hardware.num_nodes,
         strategy=cfg.hardware.strategy, precision=cfg.hardware.precision,
-        logger=TrackedRunLogger(run), callbacks=callbacks,
+        logger=TrackedRunLogger(run, hold_until_checkpoint=True), callbacks=callbacks,
         default_root_dir=str(output_dir), use_distributed_sampler=False, enable_model_summary=False, **options)
 
 
+class Terminated(SystemExit):
+    """SIGTERM stopped training: the resumable checkpoint is saved, the run is KILLED, the exit status is 143."""
+
+
 def fit(trainer: pl.Trainer, module: HybridRetrievalModule, datamodule: HybridDataModule,
-        checkpoint: BestCheckpoint, evaluate_before: bool, seed: int) -> bool:
+        checkpoint: BestCheckpoint, evaluate_before: bool, seed: int, ckpt_path: Path | None = None) -> bool:
     """Fit, then validate the last weights if no validation saw them. Returns True when training was interrupted."""
     if evaluate_before:
         trainer.validate(module, datamodule=datamodule, verbose=False)  # the zero-shot starting point, step 0
@@ -81,11 +104,17 @@ def fit(trainer: pl.Trainer, module: HybridRetrievalModule, datamodule: HybridDa
         pl.seed_everything(seed, workers=True, verbose=False)
     interrupted = False
     try:
-        trainer.fit(module, datamodule=datamodule)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
     except SystemExit:
-        # Lightning turns Ctrl+C into SystemExit after a graceful shutdown; keep what was trained.
         if not trainer.interrupted:
             raise
+        if getattr(trainer, "received_sigterm", False):
+            # A scheduler stopping the job: the resumable checkpoint was written on the way out (ResumeCheckpoint);
+            # leave quickly, before its SIGKILL, and not as a success.
+            log.warning("SIGTERM at step %d: resumable checkpoint saved; continue with train.resume=<run folder>",
+                        trainer.global_step)
+            raise Terminated(143) from None
+        # Lightning turns Ctrl+C into SystemExit after a graceful shutdown; keep what was trained.
         interrupted = True
         log.warning("training interrupted at step %d; validating and saving the last weights", trainer.global_step)
     if checkpoint.needs_final_validation(trainer):
@@ -115,16 +144,22 @@ def model_card(cfg: DictConfig, datamodule: HybridDataModule, checkpoint: BestCh
     }
 
 
-def train(cfg: DictConfig) -> float:
-    """Fine-tune as ``cfg`` says; returns the best value of ``cfg.train.monitor`` (what sweepers optimise)."""
+def train(cfg: DictConfig, inputs: TrainingInputs | None = None) -> float:
+    """Fine-tune as ``cfg`` says; returns the best value of ``cfg.train.monitor`` (what sweepers optimise).
+
+    ``inputs``: the data, when the caller loaded it already (``run.py`` does, before importing Lightning).
+    """
     check_train_config(cfg)
     # Validation metrics come from embeddings gathered across ranks: every rank has the same values already.
     warnings.filterwarnings("ignore", message=r".*sync_dist=True.*when logging on epoch level")
     torch.set_num_threads(cfg.hardware.num_threads)
     pl.seed_everything(cfg.train.seed, workers=True, verbose=False)
-    datamodule = build_datamodule(cfg)
+    resume = resume_folder(cfg)  # checked by check_train_config
+    datamodule = build_datamodule(cfg, inputs)
     module = build_module(cfg)
-    output_dir = Path(tracking.job_context()["output_dir"])
+    output_dir = resume or Path(tracking.job_context()["output_dir"])
+    last = output_dir / "checkpoints" / "last.ckpt" if resume else None
+    evaluate_before = cfg.train.evaluate_before and resume is None  # a resumed run logged it already
     checkpoint = BestCheckpoint(output_dir / "checkpoints", cfg.train.monitor, cfg.train.monitor_mode)
     tags = {"model": cfg.model.name, "sampler": cfg.sampler.name, "mono_ratio": str(cfg.sampler.mono_ratio),
             "dataset": cfg.dataset.name, "seed": str(cfg.train.seed)}
@@ -134,14 +169,20 @@ def train(cfg: DictConfig) -> float:
     if rank_zero_only.rank != 0:
         # Other DDP ranks (started by Lightning, or by SLURM) train and validate; rank 0 logs, reports, exports.
         trainer = build_trainer(cfg, None, checkpoint, output_dir)
-        fit(trainer, module, datamodule, checkpoint, cfg.train.evaluate_before, cfg.train.seed)
+        fit(trainer, module, datamodule, checkpoint, evaluate_before, cfg.train.seed, last)
         return float(checkpoint.best_metrics.get(cfg.train.monitor, math.nan))
 
-    with tracking.mlflow_run(cfg, job="train", tags=tags) as run:
+    run_id = read_run_info(resume)["mlflow_run_id"] if resume else None
+    with tracking.mlflow_run(cfg, job="train", tags=tags, resume_run_id=run_id) as run:
+        if resume:
+            log.info("resuming %s from %s", output_dir, last)
+            run.set_tag("resumed_from", last)
+        else:
+            write_run_info(output_dir, run)
         for data in datamodule.summary():
             log.info("training data %s", data)
         trainer = build_trainer(cfg, run, checkpoint, output_dir)
-        interrupted = fit(trainer, module, datamodule, checkpoint, cfg.train.evaluate_before, cfg.train.seed)
+        interrupted = fit(trainer, module, datamodule, checkpoint, evaluate_before, cfg.train.seed, last)
         if checkpoint.best_step is None:
             raise RuntimeError(f"no validation produced {cfg.train.monitor!r} (validated steps: "
                                f"{checkpoint.validated_steps}); the metrics logged were {sorted(checkpoint.last_metrics)}")
@@ -174,7 +215,7 @@ def export_model(module: HybridRetrievalModule, card: dict[str, Any], folder: Pa
     was_training = module.encoder.training
     module.encoder.eval()
     try:
-        return Path(export_encoder(module.encoder, folder, card=card))
+        return Path(export_encoder(module.encoder, folder, card=card, overwrite=True))  # the run's own folder
     finally:
         module.encoder.train(was_training)
 

@@ -83,11 +83,7 @@ def _languages(value: Any) -> list[str]:
 def prepare_job(cfg: DictConfig, output_dir: str | os.PathLike[str]) -> TranslateJob:
     """Check every option, read and check the input, map language codes and find the model (downloading it only
     when online and not cached). Raises before any model is loaded; `output_dir` is the run folder."""
-    from hybrid_retrieval.translation.translator import (
-        DTYPES,
-        GenerationSettings,
-        resolve_model_folder,
-    )
+    from hybrid_retrieval.translation.translator import DTYPES, GenerationSettings, resolve_model_folder
 
     t, m = cfg.translate, cfg.translate_model
     family = m.get("family")

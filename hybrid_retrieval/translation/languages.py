@@ -49,9 +49,7 @@ def _family(family: str) -> _Family:
 
         return _Family(tuple(FAIRSEQ_LANGUAGE_CODES), "FLORES-200 codes such as spa_Latn, swh_Latn, zho_Hans")
     if family == "m2m100":
-        from transformers.models.m2m_100.tokenization_m2m_100 import (
-            FAIRSEQ_LANGUAGE_CODES,
-        )
+        from transformers.models.m2m_100.tokenization_m2m_100 import FAIRSEQ_LANGUAGE_CODES
 
         return _Family(tuple(FAIRSEQ_LANGUAGE_CODES["m2m100"]), "ISO 639-1 codes such as es, sw, zh")
     if family == "marian":

@@ -34,7 +34,8 @@ class GenerationSettings:
     max_source_length: int = 256  # longer sources are truncated (passages are split into sentences first)
 
     def key(self) -> str:
-        return f"num_beams={self.num_beams},max_new_tokens={self.max_new_tokens},max_source_length={self.max_source_length}"
+        return (f"num_beams={self.num_beams},max_new_tokens={self.max_new_tokens},"
+                f"max_source_length={self.max_source_length}")
 
 
 def _offline() -> bool:

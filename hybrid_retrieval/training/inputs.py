@@ -1,0 +1,33 @@
+"""What training reads, loaded and checked before the heavy imports: training datasets, a trial sampler (a batch
+size the data cannot fill fails here) and the evaluation sets. No Lightning and no MLflow here, so data errors
+surface in seconds."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from omegaconf import DictConfig
+
+from hybrid_retrieval.config_checks import ConfigError
+from hybrid_retrieval.data.pairs import ParallelPairs, build_datasets
+from hybrid_retrieval.evaluation.sets import EvaluationSet, load_evaluation_sets
+
+
+@dataclass
+class TrainingInputs:
+    datasets: list[ParallelPairs]
+    sampler_factory: Callable[..., Any]
+    evaluation_sets: list[EvaluationSet]
+
+
+def load_training_inputs(cfg: DictConfig) -> TrainingInputs:
+    from hydra.utils import instantiate
+
+    sampler_factory = instantiate(cfg.sampler)
+    datasets = build_datasets(cfg.train_data)
+    try:  # one sampler now: the real ones are built per rank by the datamodule
+        sampler_factory(datasets=datasets, batch_size=cfg.train.batch_size, seed=cfg.train.seed)
+    except ValueError as error:
+        raise ConfigError(f"sampler={cfg.sampler.name} with train.batch_size={cfg.train.batch_size}: {error}") from error
+    return TrainingInputs(datasets, sampler_factory, load_evaluation_sets(cfg.dataset, cfg.get("extra_datasets")))
