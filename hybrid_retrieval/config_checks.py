@@ -89,7 +89,7 @@ def check_monitor(cfg: DictConfig) -> None:
                           f"same per evaluation set as val/<{'|'.join([cfg.dataset.name, *extra])}>/<setting>/<metric>"
                           " (validation computes retrieval metrics only; it logs no loss)")
     parts = metric.split("/")
-    dataset_name = extra.get(parts[1], cfg.dataset.name) if len(parts) == 4 else cfg.dataset.name
+    dataset_name = extra.get(parts[1], cfg.dataset.name)
     expected = "min" if lower_is_better(dataset_name, parts[-1]) else "max"
     _require(mode == expected, "train.monitor_mode", f"{expected!r} for {metric} (higher is "
              f"{'worse' if expected == 'min' else 'better'})", mode)
@@ -152,6 +152,13 @@ def check_train_config(cfg: DictConfig) -> None:
              cfg.train_data.get("datasets"))
     check_monitor(cfg)
     check_launch(cfg)
+    if cfg.get("adapt") is not None:
+        from hybrid_retrieval.adaptation.mlm import check_adapt_config
+
+        try:
+            check_adapt_config(cfg.adapt, eval_datasets=evaluation_datasets(cfg))
+        except ValueError as error:
+            raise ConfigError(str(error)) from error
     resume_target(cfg)
     chunk = cfg.train.get("grad_cache_chunk")
     _require(chunk is None or _positive_int(chunk), "train.grad_cache_chunk", "null or a positive integer", chunk)
@@ -161,6 +168,11 @@ def check_train_config(cfg: DictConfig) -> None:
                  "caching already gives the whole batch's negatives; accumulation would not add any)", accumulate)
     _require(_positive_int(cfg.hardware.get("num_nodes", 1)), "hardware.num_nodes", "a positive integer",
              cfg.hardware.get("num_nodes"))
+
+
+def evaluation_datasets(cfg: DictConfig) -> list[str]:
+    """Names of the datasets a run evaluates on (adaptation text must not silently be one of them)."""
+    return [cfg.dataset.name, *(extra.name for extra in (cfg.get("extra_datasets") or {}).values())]
 
 
 def check_launch(cfg: DictConfig) -> None:

@@ -216,3 +216,23 @@ def test_an_interrupted_training_still_ends_validated_saved_and_exported(tmp_pat
     assert step >= 3 and "val/multi/map" in run.data.metrics
     assert Path(run.data.tags["best_checkpoint"]).is_file()
     assert (out / "metrics.json").is_file() and (out / "model" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_adaptation_then_training_is_one_job(tmp_path: Path, data_root: Path) -> None:
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    proc = run_command(["run.py", *SMALL_TRAIN, "adapt=mlm", "adapt.steps=3", "adapt.head_warmup_steps=2",
+                        "adapt.heldout_size=8", "adapt.batch_size=4", "adapt.text.max_texts=48",
+                        f"logger.tracking_uri={uri}", f"hydra.run.dir={tmp_path / 'run'}"], data_root, REPO_ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client = mlflow_client(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("hybrid_retrieval").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.tags["adapt_method"] == "mlm"
+    assert run.data.tags["adapt_uses_eval_corpus"] == "false"
+    for name in ("adapt/heldout_loss_before", "adapt/heldout_loss_after", "adapt/heldout_perplexity_after",
+                 "val/multi/map", "train/loss"):
+        assert name in run.data.metrics, name
+    # The evaluation corpus as adaptation text must be chosen explicitly: naming it as plain lareqa text is refused.
+    proc = run_command(["run.py", "model=tiny", "adapt=mlm", "adapt.text.name=xquad_r",
+                        f"logger.tracking_uri={uri}", f"hydra.run.dir={tmp_path / 'bad'}"], data_root, REPO_ROOT)
+    assert proc.returncode != 0 and "eval_corpus" in proc.stderr, proc.stderr[-2000:]

@@ -46,6 +46,7 @@ SUMMARY_METRICS: dict[str, tuple[str, ...]] = {SETTING: METRICS}
 LOWER_IS_BETTER: tuple[str, ...] = ()
 LABELS = {"ndcg_at_10": "nDCG@10", "recall_at_100": "R@100", "mrr_at_10": "MRR@10"}
 MIN_TOP_K = 100  # Recall@100 needs 100 hits
+COMMON_DIMS = (384, 768, 1024, 512, 256, 128, 64)
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +91,20 @@ def check_config(dataset: Any) -> None:
         value = dataset.get(key)
         if value is not None and not Path(str(value)).expanduser().is_dir():
             raise ValueError(f"dataset.{key}={str(value)!r} is not a directory")
+    spec = _plain(dataset.get("index")) or {"type": "flat"}
     try:
-        resolve_index_spec(_plain(dataset.get("index")) or {"type": "flat"})
+        resolve_index_spec(spec)
+        # The model (and so the dimension) is not known yet: a factory string must at least build for one usual
+        # dimension; the model's own is checked before any passage is encoded (MiraclSet.evaluate).
+        errors = []
+        for dim in COMMON_DIMS:
+            try:
+                resolve_index_spec(spec, dim=dim)
+                break
+            except IndexConfigError as error:
+                errors.append(error)
+        else:
+            raise errors[COMMON_DIMS.index(384)]
     except IndexConfigError as error:
         raise ValueError(str(error).replace("index.", "dataset.index.")) from error
 
@@ -188,6 +201,10 @@ class MiraclSet(EvaluationSet):
         options = {"batch_size": batch_size, "dtype": dtype}
         keep = self.embeddings_dir is not None and rank == 0  # under DDP other ranks write private copies
         fingerprint = encoder_fingerprint(encoder) if keep else None
+        try:  # an index FAISS cannot build for this model fails here, before any passage is encoded
+            resolve_index_spec(self.index_spec, dim=encoder.embedding_dim)
+        except IndexConfigError as error:
+            raise IndexConfigError(str(error).replace("index.", "dataset.index.")) from error
         timings = {"encode_s": 0.0, "index_s": 0.0, "search_s": 0.0, "metrics_s": 0.0}
         per_language: dict[str, dict[str, float]] = {}
         per_topic: dict[str, dict[str, dict[str, float]]] = {}

@@ -73,6 +73,11 @@ class TatoebaResult:
         return {"summary": self.summary, "per_language": self.per_language, "pairs": self.pairs,
                 "low_resource": self.low_resource, "timings": self.timings}
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TatoebaResult:
+        return cls(summary=data["summary"], per_language=data["per_language"], pairs=data["pairs"],
+                   low_resource=list(data.get("low_resource", [])), timings=dict(data.get("timings", {})))
+
     def save_json(self, path: str | Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -182,3 +187,47 @@ def evaluate_tatoeba_encoder(encoder: Any, split: Any, batch_size: int = 64, dty
     result = evaluate_tatoeba_embeddings(embeddings, split.low_resource, num_threads=num_threads)
     result.timings.update({"encode_s": encode_s, "texts": float(len(unique))})
     return result
+
+
+# ---- the evaluation-set kind of ``dataset=tatoeba`` (see hybrid_retrieval/evaluation/sets.py) ----------------
+
+SUMMARY_METRICS = {setting: METRICS for setting in (*SETTINGS, *(LOW_RESOURCE_PREFIX + s for s in SETTINGS))}
+LOWER_IS_BETTER: tuple[str, ...] = ()
+KINDS = ("query", "passage")
+
+
+def check_config(dataset: Any) -> None:
+    """The options of a ``conf/dataset/tatoeba.yaml`` config, without reading the files."""
+    from hybrid_retrieval.data.tatoeba import check_tatoeba_options
+
+    check_tatoeba_options(dataset.get("languages"), dataset.get("low_resource"),
+                          dataset.get("max_pairs_per_language"), option="dataset")
+    if dataset.get("kind", "query") not in KINDS:
+        raise ValueError(f"dataset.kind={dataset.get('kind')!r}: expected one of {KINDS}")
+
+
+def load_set(key: str, dataset: Any) -> Any:
+    from hybrid_retrieval.data.tatoeba import load_tatoeba
+    from hybrid_retrieval.evaluation.sets import EvaluationSet
+
+    class TatoebaSet(EvaluationSet):
+        def __init__(self) -> None:
+            self.key = key
+            self.kind = dataset.get("kind", "query")
+            self.split = load_tatoeba(root=dataset.get("root"), languages=dataset.get("languages"),
+                                      low_resource=dataset.get("low_resource"),
+                                      max_pairs_per_language=dataset.get("max_pairs_per_language"))
+
+        def evaluate(self, encoder: Any, batch_size: int = 64, dtype: Any = None, num_threads: int = 2) -> Any:
+            return evaluate_tatoeba_encoder(encoder, self.split, batch_size=batch_size, dtype=dtype,
+                                            num_threads=num_threads, kind=self.kind)
+
+        def describe(self) -> str:
+            pairs = sum(len(p.sentences) for p in self.split.pairs.values())
+            return (f"tatoeba ({len(self.split.pairs)} languages, {pairs} pairs, "
+                    f"{len(self.split.low_resource)} low-resource)")
+
+        def write_report(self, result: Any, folder: Path, prefix: str = "") -> list[Path]:
+            return [result.save_json(folder / f"{prefix}metrics.json")]
+
+    return TatoebaSet()

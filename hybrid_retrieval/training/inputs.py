@@ -19,6 +19,7 @@ class TrainingInputs:
     datasets: list[ParallelPairs]
     sampler_factory: Callable[..., Any]
     evaluation_sets: list[EvaluationSet]
+    adapt_texts: list[str] | None = None  # unlabelled text of the adaptation stage (adapt=mlm)
 
 
 def load_training_inputs(cfg: DictConfig) -> TrainingInputs:
@@ -30,4 +31,14 @@ def load_training_inputs(cfg: DictConfig) -> TrainingInputs:
         sampler_factory(datasets=datasets, batch_size=cfg.train.batch_size, seed=cfg.train.seed)
     except ValueError as error:
         raise ConfigError(f"sampler={cfg.sampler.name} with train.batch_size={cfg.train.batch_size}: {error}") from error
-    return TrainingInputs(datasets, sampler_factory, load_evaluation_sets(cfg.dataset, cfg.get("extra_datasets")))
+    adapt_texts = None
+    if cfg.get("adapt") is not None and cfg.adapt.get("method") != "none":
+        from hybrid_retrieval.adaptation.mlm import load_adapt_texts
+        from hybrid_retrieval.config_checks import evaluation_datasets
+
+        try:
+            adapt_texts = load_adapt_texts(cfg.adapt, eval_datasets=evaluation_datasets(cfg))
+        except ValueError as error:
+            raise ConfigError(str(error)) from error
+    return TrainingInputs(datasets, sampler_factory, load_evaluation_sets(cfg.dataset, cfg.get("extra_datasets")),
+                          adapt_texts)

@@ -60,9 +60,9 @@ def build_datamodule(cfg: DictConfig, inputs: TrainingInputs | None = None) -> H
                             inputs.evaluation_sets)
 
 
-def build_module(cfg: DictConfig) -> HybridRetrievalModule:
+def build_module(cfg: DictConfig, encoder: Any = None) -> HybridRetrievalModule:
     return HybridRetrievalModule(
-        encoder=instantiate(cfg.model), loss=instantiate(cfg.loss),
+        encoder=encoder if encoder is not None else instantiate(cfg.model), loss=instantiate(cfg.loss),
         optimizer=OptimizerSettings(cfg.train.lr, cfg.train.weight_decay, cfg.train.warmup_ratio, cfg.train.schedule),
         model_config=OmegaConf.to_container(cfg.model, resolve=True),
         freeze_embeddings=cfg.train.freeze_embeddings,
@@ -123,6 +123,17 @@ def fit(trainer: pl.Trainer, module: HybridRetrievalModule, datamodule: HybridDa
     return interrupted
 
 
+def adapt(cfg: DictConfig, encoder: Any, inputs: TrainingInputs, run: tracking.TrackedRun | None) -> None:
+    """The adaptation stage (``adapt=mlm``), in place, its ``adapt/...`` metrics in the same MLflow run."""
+    from hybrid_retrieval.adaptation import adapt_encoder
+    from hybrid_retrieval.config_checks import evaluation_datasets
+
+    result = adapt_encoder(encoder, cfg.adapt, log_metrics=run.log_metrics if run is not None else None,
+                           texts=inputs.adapt_texts, eval_datasets=evaluation_datasets(cfg))
+    log.info("adaptation: %s", {k: v for k, v in result.items() if "heldout" in k})
+    pl.seed_everything(cfg.train.seed, workers=True, verbose=False)  # training starts from the same RNG state
+
+
 def load_best_weights(module: HybridRetrievalModule, checkpoint: BestCheckpoint) -> None:
     state = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=True)
     module.load_state_dict(state["state_dict"])
@@ -155,8 +166,10 @@ def train(cfg: DictConfig, inputs: TrainingInputs | None = None) -> float:
     torch.set_num_threads(cfg.hardware.num_threads)
     pl.seed_everything(cfg.train.seed, workers=True, verbose=False)
     resume = resume_folder(cfg)  # checked by check_train_config
+    inputs = inputs or load_training_inputs(cfg)
     datamodule = build_datamodule(cfg, inputs)
-    module = build_module(cfg)
+    encoder = instantiate(cfg.model)
+    adapting = inputs.adapt_texts is not None and resume is None  # a resumed run's weights are adapted already
     output_dir = resume or Path(tracking.job_context()["output_dir"])
     last = output_dir / "checkpoints" / "last.ckpt" if resume else None
     evaluate_before = cfg.train.evaluate_before and resume is None  # a resumed run logged it already
@@ -168,12 +181,22 @@ def train(cfg: DictConfig, inputs: TrainingInputs | None = None) -> float:
 
     if rank_zero_only.rank != 0:
         # Other DDP ranks (started by Lightning, or by SLURM) train and validate; rank 0 logs, reports, exports.
+        if adapting:  # the same seed and text on every rank: the same adapted weights
+            adapt(cfg, encoder, inputs, None)
+        module = build_module(cfg, encoder)
         trainer = build_trainer(cfg, None, checkpoint, output_dir)
         fit(trainer, module, datamodule, checkpoint, evaluate_before, cfg.train.seed, last)
         return float(checkpoint.best_metrics.get(cfg.train.monitor, math.nan))
 
     run_id = read_run_info(resume)["mlflow_run_id"] if resume else None
+    if adapting:
+        from hybrid_retrieval.adaptation import adapt_tags
+
+        tags.update(adapt_tags(cfg.adapt))
     with tracking.mlflow_run(cfg, job="train", tags=tags, resume_run_id=run_id) as run:
+        if adapting:
+            adapt(cfg, encoder, inputs, run)
+        module = build_module(cfg, encoder)  # after adaptation: it may freeze the (adapted) embeddings
         if resume:
             log.info("resuming %s from %s", output_dir, last)
             run.set_tag("resumed_from", last)

@@ -1,0 +1,201 @@
+"""Reliability of training runs: resume after SIGKILL with identical metrics, SIGTERM, NaN loss, a new store shared
+by processes that start together, and bad input that fails before any work."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.test_cli import REPO_ROOT, SMALL_TRAIN, mlflow_client, run_command
+
+# Two epochs of 14 batches (MLQA-R en/de/es, 60 groups, batch 8), a resumable checkpoint every 3 steps.
+RESUMABLE = [arg for arg in SMALL_TRAIN if not arg.startswith("trainer.limit_train_batches")] + [
+    "trainer.max_epochs=2", "trainer.deterministic=true", "train.checkpoint_every_n_steps=3", "train.log_batches=true"]
+
+
+def _env(data_root: Path) -> dict[str, str]:
+    env = {**os.environ, "HYBRID_RETRIEVAL_DATA": str(data_root), "HYBRID_RETRIEVAL_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    env.pop("HYBRID_RETRIEVAL_MLFLOW_URI", None)
+    return env
+
+
+def _start(args: list[str], data_root: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "run.py", *args], cwd=REPO_ROOT, env=_env(data_root),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_batches(folder: Path, proc: subprocess.Popen, count: int, timeout: float = 180) -> None:
+    log = folder / "batches" / "rank0.jsonl"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if log.is_file() and len(log.read_text().splitlines()) >= count:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"training did not reach {count} batches (exit status {proc.poll()})")
+
+
+def _only_run(uri: str) -> Any:
+    client = mlflow_client(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("hybrid_retrieval").experiment_id])
+    return client, run
+
+
+def _history(uri: str) -> tuple[Any, dict[str, list[tuple[int, float]]]]:
+    client, run = _only_run(uri)
+    history = {name: sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, name))
+               for name in run.data.metrics if not name.startswith("time/")}
+    return run, history
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_logs_every_metric_once_and_ends_like_an_uninterrupted_run(tmp_path: Path,
+                                                                                      data_root: Path) -> None:
+    straight = _start([*RESUMABLE, f"logger.tracking_uri=sqlite:///{tmp_path}/a.db", f"hydra.run.dir={tmp_path}/a"],
+                      data_root)
+    killed_dir = tmp_path / "b"
+    killed = _start([*RESUMABLE, f"logger.tracking_uri=sqlite:///{tmp_path}/b.db", f"hydra.run.dir={killed_dir}"],
+                    data_root)
+    kill_at = random.Random().randint(5, 24)  # anywhere inside either epoch
+    try:
+        _wait_for_batches(killed_dir, killed, kill_at)
+        killed.send_signal(signal.SIGKILL)
+        killed.wait(timeout=60)
+        assert straight.wait(timeout=600) == 0, straight.stderr.read()[-3000:]
+    finally:
+        straight.kill()
+        killed.kill()
+    _, run = _only_run(f"sqlite:///{tmp_path}/b.db")
+    assert run.info.status == "RUNNING"  # nobody closed it: the resume reopens it
+    resumed = run_command(["run.py", *RESUMABLE, f"train.resume={killed_dir}",
+                           f"logger.tracking_uri=sqlite:///{tmp_path}/b.db", f"hydra.run.dir={tmp_path}/b2"],
+                          data_root, REPO_ROOT)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    run_a, expected = _history(f"sqlite:///{tmp_path}/a.db")
+    run_b, got = _history(f"sqlite:///{tmp_path}/b.db")
+    assert run_b.info.status == "FINISHED" and run_b.info.run_id == run.info.run_id
+    assert run_b.data.tags["resumed_from"].endswith("last.ckpt")
+    assert got.keys() == expected.keys() and len(expected) > 50
+    for name, values in expected.items():
+        assert [s for s, _ in got[name]] == [s for s, _ in values], name  # no gap, no duplicate
+        for (_, mine), (_, theirs) in zip(got[name], values):
+            assert mine == pytest.approx(theirs, abs=1e-6), name
+    assert [s for s, _ in expected["train/loss"]] == list(range(28))
+    # Batches of the second epoch are not those of the first (the epoch enters the sampler's seed).
+    batches = [json.loads(line) for line in (tmp_path / "a" / "batches" / "rank0.jsonl").read_text().splitlines()]
+    assert batches[0]["rows"] != batches[14]["rows"]
+    final = [json.loads((folder / "metrics.json").read_text()) for folder in (killed_dir, tmp_path / "a")]
+    assert [{k: v for k, v in f.items() if k != "timings"} for f in final] == [
+        {k: v for k, v in final[1].items() if k != "timings"}] * 2
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_marks_the_run_and_exits_non_zero(tmp_path: Path, data_root: Path) -> None:
+    folder = tmp_path / "run"
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    args = [*RESUMABLE, "train.checkpoint_every_n_steps=null", f"logger.tracking_uri={uri}", f"hydra.run.dir={folder}"]
+    proc = _start(args, data_root)
+    try:
+        _wait_for_batches(folder, proc, 4)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, stderr[-3000:]
+    _, run = _only_run(uri)
+    assert run.info.status == "KILLED" and "Terminated" in run.data.tags["error"]
+    assert (folder / "checkpoints" / "last.ckpt").is_file()
+    assert json.loads((folder / "status.json").read_text())["status"] == "killed"
+    resumed = run_command(["run.py", *args[:-1], "train.resume=last", f"hydra.run.dir={tmp_path}/again"],
+                          data_root, REPO_ROOT)
+    # "last" is looked up under the launch folder's outputs/train, which this test does not use: name the folder.
+    assert resumed.returncode != 0 and "train.resume" in resumed.stderr
+    resumed = run_command(["run.py", *args[:-1], f"train.resume={folder}", f"hydra.run.dir={tmp_path}/again"],
+                          data_root, REPO_ROOT)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    client, run = _only_run(uri)
+    assert run.info.status == "FINISHED" and run.data.metrics["best/step"] in (14, 28)
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "val/multi/map")]
+    assert sorted(steps) == [0, 14, 28]  # each validation once, across the SIGTERM
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == list(range(28))
+
+
+@pytest.mark.slow
+def test_a_nan_loss_stops_with_the_step_the_batch_and_a_finite_checkpoint(tmp_path: Path, data_root: Path) -> None:
+    import torch
+
+    folder = tmp_path / "run"
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    proc = run_command(["run.py", *SMALL_TRAIN, "train.lr=1e30", "train.warmup_ratio=0", "train.freeze_embeddings=false",
+                        "trainer.gradient_clip_val=null", f"logger.tracking_uri={uri}", f"hydra.run.dir={folder}"],
+                       data_root, REPO_ROOT)
+    assert proc.returncode != 0
+    assert "NonFiniteLossError" in proc.stderr and "at step" in proc.stderr and "query languages" in proc.stderr
+    _, run = _only_run(uri)
+    assert run.info.status == "FAILED" and "at step" in run.data.tags["error"]
+    state = torch.load(folder / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+    assert all(torch.isfinite(value).all() for value in state.values() if value.is_floating_point())
+    assert json.loads((folder / "status.json").read_text())["status"] == "failed"
+
+
+def test_processes_starting_together_on_a_new_store_all_succeed(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path}/new/mlflow.db"
+    script = ("import sys; from hybrid_retrieval import tracking\n"
+              "client, run_id = tracking.start_run(sys.argv[1], 'together')\n"
+              "tracking.log_metrics(client, run_id, {'m': float(sys.argv[2])})\n"
+              "client.set_terminated(run_id)\n")
+    procs = [subprocess.Popen([sys.executable, "-c", script, uri, str(i)], cwd=REPO_ROOT, stderr=subprocess.PIPE,
+                              text=True) for i in range(4)]
+    errors = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, errors
+    client = mlflow_client(uri)
+    runs = client.search_runs([client.get_experiment_by_name("together").experiment_id])
+    assert sorted(r.data.metrics["m"] for r in runs) == [0.0, 1.0, 2.0, 3.0]
+
+
+def test_a_dead_process_run_is_marked_killed_by_the_next_run(tmp_path: Path) -> None:
+    from omegaconf import OmegaConf
+
+    from hybrid_retrieval import tracking
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    client, orphan = tracking.start_run(uri, "hybrid_retrieval")
+    import socket
+
+    client.set_tag(orphan, "host", socket.gethostname())
+    client.set_tag(orphan, "pid", dead.stdout.strip())  # a process that has ended
+    cfg = OmegaConf.create({"logger": {"tracking_uri": uri, "experiment_name": "hybrid_retrieval"}})
+    with tracking.mlflow_run(cfg, job="unit"):
+        pass
+    marked = client.get_run(orphan)
+    assert marked.info.status == "KILLED" and "killed" in marked.data.tags["error"]
+
+
+@pytest.mark.parametrize("override,named", [
+    ("logger.tracking_uri=sqlite:////proc/nope/mlflow.db", "logger.tracking_uri"),
+    ("logger.tracking_uri=./mlruns", "logger.tracking_uri"),
+    ("train.resume=/nonexistent/run", "train.resume"),
+    ("train_data=jsonl train_data.path=/nonexistent.jsonl", "/nonexistent.jsonl"),
+    ("sampler=mono train.batch_size=2000", "train.batch_size=2000"),
+])
+def test_bad_input_fails_in_seconds_and_writes_nothing(tmp_path: Path, data_root: Path, override: str,
+                                                       named: str) -> None:
+    started = time.perf_counter()
+    uri = [] if override.startswith("logger.") else [f"logger.tracking_uri=sqlite:///{tmp_path}/mlflow.db"]
+    proc = run_command(["run.py", "model=tiny", *override.split(), *uri, f"hydra.run.dir={tmp_path / 'run'}"],
+                       data_root, REPO_ROOT)
+    elapsed = time.perf_counter() - started
+    assert proc.returncode != 0 and named in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "mlflow.db").exists()  # no half-created run
+    assert json.loads((tmp_path / "run" / "status.json").read_text())["status"] == "failed"
+    assert elapsed < 20, elapsed  # before the heavy imports (about 5 s on an idle 2-core machine)
