@@ -199,3 +199,32 @@ def test_bad_input_fails_in_seconds_and_writes_nothing(tmp_path: Path, data_root
     assert not (tmp_path / "mlflow.db").exists()  # no half-created run
     assert json.loads((tmp_path / "run" / "status.json").read_text())["status"] == "failed"
     assert elapsed < 20, elapsed  # before the heavy imports (about 5 s on an idle 2-core machine)
+
+
+@pytest.mark.slow
+def test_parallel_sweep_on_one_new_store_loses_nothing_and_a_failing_job_stops_no_other(tmp_path: Path,
+                                                                                          data_root: Path) -> None:
+    """4 jobs at once (joblib) on a SQLite store that does not exist yet; two of them diverge to a NaN loss."""
+    uri = f"sqlite:///{tmp_path}/store/mlflow.db"
+    proc = run_command(["run.py", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=4", "sampler=mono,cross",
+                        "train.lr=5e-5,1e30", "train.warmup_ratio=0", "train.freeze_embeddings=false",
+                        "trainer.gradient_clip_val=null", "hardware.num_threads=1", *SMALL_TRAIN,
+                        f"logger.tracking_uri={uri}", f"hydra.sweep.dir={tmp_path / 'sweep'}"], data_root, REPO_ROOT)
+    assert proc.returncode != 0  # the sweep reports its failed jobs
+    client = mlflow_client(uri)
+    runs = client.search_runs([client.get_experiment_by_name("hybrid_retrieval").experiment_id])
+    jobs = [r for r in runs if r.data.tags.get("job") == "train"]
+    assert len(jobs) == 4, [r.data.tags for r in runs]
+    finished = [r for r in jobs if r.info.status == "FINISHED"]
+    failed = [r for r in jobs if r.info.status == "FAILED"]
+    assert len(finished) == 2 and len(failed) == 2
+    assert all(r.data.params["train.lr"] == "1e+30" and "NonFiniteLossError" in r.data.tags["error"] for r in failed)
+    counted = 0
+    for run in finished:
+        for name in ("val/multi/map", "val/mono/map", "val/cross/map", "val/xquad_r/cross/en-el/map"):
+            assert sorted(m.step for m in client.get_metric_history(run.info.run_id, name)) == [0, 3], name
+            counted += 2
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [0, 1, 2]
+        assert len(run.data.params) > 50 and "cross_lingual_map.png" in {a.path for a in client.list_artifacts(run.info.run_id)}
+        counted += len(run.data.metrics)
+    assert counted > 200  # every metric of both finished jobs is in the store
