@@ -22,7 +22,7 @@ from hybrid_retrieval import tracking
 from hybrid_retrieval.config_checks import check_evaluate_config
 from hybrid_retrieval.evaluation.evaluator import EvaluationResult
 from hybrid_retrieval.evaluation.index import write_rankings
-from hybrid_retrieval.evaluation.sets import (describe, encode_dtype, evaluate_set, load_evaluation_sets,
+from hybrid_retrieval.evaluation.sets import (LareqaSet, describe, encode_dtype, evaluate_set, load_evaluation_sets,
                                               metric_values, write_reports)
 
 
@@ -57,10 +57,11 @@ def evaluate(cfg: DictConfig) -> dict[str, EvaluationResult]:
             metrics.update(metric_values(result, evaluation_set.key, main=i == 0))
         files = write_reports(results, sets, folder)
         main, result = sets[0], results[sets[0].key]
-        if cfg.get("save_embeddings"):
+        lareqa = isinstance(main, LareqaSet)  # embeddings and rankings of the LAReQA protocol's pool
+        if cfg.get("save_embeddings") and lareqa:
             for name, matrix in (("query_emb", result.query_emb), ("candidate_emb", result.candidate_emb)):
                 np.save(folder / f"{name}.npy", matrix)
-        if cfg.get("rankings_top_k"):
+        if cfg.get("rankings_top_k") and lareqa:
             # Rankings re-encode nothing: they reuse the embeddings kept on the result.
             files.append(write_rankings(folder / "rankings.jsonl", main.split, result.query_emb,
                                         result.candidate_emb, k=int(cfg.rankings_top_k)))
@@ -81,7 +82,9 @@ def evaluate(cfg: DictConfig) -> dict[str, EvaluationResult]:
 def main(cfg: DictConfig) -> float:
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     results = evaluate(cfg)
-    return float(np.nan_to_num(results[cfg.dataset.name].summary["multi"]["map"]))
+    summary = results[cfg.dataset.name].summary  # what a sweeper optimises: multilingual mAP, else the first metric
+    value = summary["multi"]["map"] if "multi" in summary else next(iter(next(iter(summary.values())).values()))
+    return float(np.nan_to_num(value))
 
 
 if __name__ == "__main__":

@@ -236,3 +236,18 @@ def test_adaptation_then_training_is_one_job(tmp_path: Path, data_root: Path) ->
     proc = run_command(["run.py", "model=tiny", "adapt=mlm", "adapt.text.name=xquad_r",
                         f"logger.tracking_uri={uri}", f"hydra.run.dir={tmp_path / 'bad'}"], data_root, REPO_ROOT)
     assert proc.returncode != 0 and "eval_corpus" in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_evaluate_cli_on_tatoeba(tmp_path: Path, data_root: Path) -> None:
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    proc = run_command(["-m", "hybrid_retrieval.evaluate", "model=tiny", "dataset=tatoeba", "dataset.languages=[deu,amh]",
+                        "dataset.max_pairs_per_language=30", "dataset.low_resource=[amh]", f"logger.tracking_uri={uri}",
+                        f"hydra.run.dir={tmp_path / 'run'}"], data_root, REPO_ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    client = mlflow_client(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("hybrid_retrieval").experiment_id])
+    assert run.data.metrics["val/low_resource/both/accuracy_at_1"] == pytest.approx(
+        metrics["summary"]["low_resource/both"]["accuracy_at_1"])
+    assert run.data.metrics["val/tatoeba/xx_to_en/amh/map"] == pytest.approx(metrics["per_language"]["xx_to_en"]["amh"]["map"])
