@@ -56,3 +56,14 @@ def tiny_encoder(me5_small_dir: Path) -> Any:
     from hydra.utils import instantiate
 
     return instantiate(model_config("tiny"))
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Any:
+    """One intra-op thread: on a busy 2-core machine a descheduled second thread stalls every op (seen: 10x)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

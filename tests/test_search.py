@@ -7,13 +7,11 @@ import os
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-import torch
 from conftest import CONF_DIR, REPO_ROOT
 from omegaconf import OmegaConf
 
@@ -29,12 +27,7 @@ from hybrid_retrieval.models.encoder import Encoder
 TIE = 1e-6  # scores this close count as tied: FAISS and BLAS may sum in different orders
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def index_config(name: str) -> dict[str, Any]:

@@ -26,10 +26,13 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from hybrid_retrieval.data.lareqa import LareqaSplit, load_split
-from hybrid_retrieval.evaluation.evaluator import SUMMARY_METRICS, EvaluationResult, evaluate_encoder, evaluate_split
+from hybrid_retrieval.evaluation import evaluator
+from hybrid_retrieval.evaluation.evaluator import EvaluationResult, evaluate_encoder, evaluate_split
 
 PREFIX = "val"
-LOWER_IS_BETTER = ("rank_distance",)  # of this (LAReQA) kind; SUMMARY_METRICS is the evaluator's
+# This module is the LAReQA kind: its summary settings and metrics are the evaluator's.
+SUMMARY_METRICS = evaluator.SUMMARY_METRICS
+LOWER_IS_BETTER = ("rank_distance",)
 
 # Dataset name -> module of its kind (this module is the LAReQA kind).
 KIND_OF_DATASET = {

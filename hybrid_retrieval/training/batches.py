@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-import torch
 from torch.utils.data import Dataset
 
 from hybrid_retrieval.data.pairs import ParallelPairs
