@@ -391,7 +391,7 @@ def test_evaluate_cli_prints_and_logs_per_language_metrics(corpus_root: Path, da
     proc = subprocess.run(
         [sys.executable, "-m", "hybrid_retrieval.evaluate", "model=tiny", "dataset=miracl",
          "dataset.languages=[sw,te,yo]", f"dataset.corpus_root={corpus_root}", "dataset.max_topics_per_language=25",
-         "rankings_top_k=0", f"logger.tracking_uri={uri}", f"hydra.run.dir={tmp_path / 'run'}"],
+         f"logger.tracking_uri={uri}", f"hydra.run.dir={tmp_path / 'run'}"],
         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "MIRACL dev (sw, te, yo: 75 topics" in proc.stdout and "macro" in proc.stdout
