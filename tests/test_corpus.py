@@ -4,7 +4,6 @@ indexes built from it (IVF-PQ trained on a sample, exact re-scoring, sharded ind
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
