@@ -113,10 +113,16 @@ def check_extra_datasets(cfg: DictConfig) -> None:
 
 
 def check_logger(cfg: DictConfig) -> None:
+    from omegaconf.errors import InterpolationResolutionError
+
     from hybrid_retrieval.tracking import check_tracking_uri
 
     try:
-        check_tracking_uri(str(cfg.logger.tracking_uri))
+        uri = str(cfg.logger.tracking_uri)
+    except InterpolationResolutionError:
+        return  # the default names Hydra's launch folder: it resolves, and is checked, inside a Hydra run
+    try:
+        check_tracking_uri(uri)
     except ValueError as error:
         raise ConfigError(str(error)) from error
 
