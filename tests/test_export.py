@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 import subprocess
-import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -319,11 +317,9 @@ def test_checkpoint_errors_name_the_file_and_the_problem(tmp_path: Path) -> None
 
 
 def run_cli(args: list[str], data_root: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HYBRID_RETRIEVAL_DATA": str(data_root), "HYBRID_RETRIEVAL_OFFLINE": "1",
-           "HF_HUB_OFFLINE": "1"}
-    env.pop("HYBRID_RETRIEVAL_MLFLOW_URI", None)
-    return subprocess.run([sys.executable, "-m", *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
+    from tests.test_cli import run_command
+
+    return run_command(["-m", *args], data_root, REPO_ROOT)
 
 
 def mlflow_runs(uri: str) -> list[Any]:
