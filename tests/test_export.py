@@ -67,7 +67,7 @@ def perturbed_tiny(seed: int = 1, dense: dict[str, Any] | None = None) -> tuple[
 
 
 def save_checkpoint(path: Path, encoder: Encoder, config: dict[str, Any], **extra: Any) -> Path:
-    """A checkpoint as run.py writes it (see /tmp/shared_design/contracts.md): Lightning's state_dict under
+    """A checkpoint as run.py writes it (see hybrid_retrieval/models/checkpoint.py): Lightning's state_dict under
     ``encoder.``, a non-encoder entry, and the ``hybrid_retrieval`` record."""
     state = {f"encoder.{k}": v for k, v in encoder.state_dict().items()}
     state["loss.log_temperature"] = torch.tensor(0.0)
