@@ -35,7 +35,7 @@ from pathlib import Path
 
 from hybrid_retrieval.data.sources import (
     DATA_ENV, VERIFY_ENV, DataChecksumError, DataNotFoundError, _cached_sha256, _offline, _verify_enabled,
-    default_cache_dir,
+    default_cache_dir, sort_out_languages,
 )
 
 __all__ = ["CORPUS_REPO", "LANGUAGES", "MiraclFormatError", "MiraclLanguage", "Passage", "check_languages",
@@ -100,17 +100,13 @@ class MiraclFormatError(ValueError):
 
 def check_languages(languages: Sequence[str] | str | None, option: str = "dataset.languages") -> list[str]:
     """The languages asked for (all 18 when None), in the order given; an error names an unknown code."""
-    if languages is None:
+    chosen, unknown, repeated = sort_out_languages(languages, LANGUAGES)
+    if chosen is None:
         return list(LANGUAGES)
-    if isinstance(languages, str):
-        languages = [languages]
-    chosen = [str(x) for x in languages]
     if not chosen:
         raise ValueError(f"{option}=[]: expected null (all) or some of {list(LANGUAGES)}")
-    unknown = [x for x in chosen if x not in LANGUAGES]
     if unknown:
         raise ValueError(f"{option}: {unknown} not in MIRACL; its languages are {list(LANGUAGES)}")
-    repeated = sorted({x for x in chosen if chosen.count(x) > 1})
     if repeated:
         raise ValueError(f"{option}: {repeated} given more than once")
     return chosen

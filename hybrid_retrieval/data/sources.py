@@ -138,20 +138,31 @@ def dataset_languages(name: str) -> list[str]:
     return get_source(name).languages
 
 
-def check_languages(name: str, languages: Sequence[str] | str | None) -> list[str]:
-    """Validated language list for `name`: all (sorted) when None, else in the order given, no repeats."""
-    valid = dataset_languages(name)
+def sort_out_languages(languages: Sequence[str] | str | None,
+                       valid: Sequence[str]) -> tuple[list[str] | None, list[str], list[str]]:
+    """A language option as every dataset reads it: (the codes given, in order, or None when not given; the
+    unknown ones; the repeated ones). Each dataset words its own errors from these."""
     if languages is None:
-        return valid
+        return None, [], []
     if isinstance(languages, str):
         languages = [languages]
     chosen = [str(language) for language in languages]
+    known = set(valid)
+    unknown = [language for language in chosen if language not in known]
+    repeated = sorted({language for language in chosen if chosen.count(language) > 1})
+    return chosen, unknown, repeated
+
+
+def check_languages(name: str, languages: Sequence[str] | str | None) -> list[str]:
+    """Validated language list for `name`: all (sorted) when None, else in the order given, no repeats."""
+    valid = dataset_languages(name)
+    chosen, unknown, repeated = sort_out_languages(languages, valid)
+    if chosen is None:
+        return valid
     if not chosen:
         raise ValueError(f"languages for {name!r} is empty; give null (all) or some of {valid}")
-    unknown = [language for language in chosen if language not in valid]
     if unknown:
         raise ValueError(f"unknown language(s) {unknown} for dataset {name!r}; valid languages: {valid}")
-    repeated = sorted({language for language in chosen if chosen.count(language) > 1})
     if repeated:
         raise ValueError(f"language(s) {repeated} given more than once for dataset {name!r}")
     return chosen

@@ -20,7 +20,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hybrid_retrieval.data.sources import DATA_ENV, VERIFY_ENV, DataNotFoundError, default_cache_dir
+from hybrid_retrieval.data.sources import (DATA_ENV, VERIFY_ENV, DataNotFoundError, default_cache_dir,
+                                          sort_out_languages)
 
 __all__ = [
     "FOLDER",
@@ -101,16 +102,12 @@ class TatoebaSplit:
 
 
 def _codes(value: Sequence[str] | str | None, option: str) -> list[str] | None:
-    if value is None:
+    codes, unknown, repeated = sort_out_languages(value, LANGUAGES)
+    if codes is None:
         return None
-    if isinstance(value, str):
-        value = [value]
-    codes = [str(v) for v in value]
-    unknown = [c for c in codes if c not in PAIR_COUNTS]
     if unknown:
         raise ValueError(f"{option}: unknown Tatoeba language code(s) {unknown}; expected ISO 639-3 codes among "
                          f"the 112 languages: {list(LANGUAGES)}")
-    repeated = sorted({c for c in codes if codes.count(c) > 1})
     if repeated:
         raise ValueError(f"{option}: language code(s) {repeated} given more than once")
     return codes
