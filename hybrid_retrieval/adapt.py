@@ -49,7 +49,8 @@ def adapt(cfg: DictConfig) -> Path:
     encoder = instantiate(cfg.model)
     if cfg.hardware.get("accelerator") in ("gpu", "cuda") and torch.cuda.is_available():
         encoder = encoder.to("cuda")
-    with tracking.mlflow_run(cfg, job="adapt", tags={"model": encoder.name, **adapt_tags(cfg.adapt)}) as run:
+    with tracking.mlflow_run(cfg, job="adapt", tags={"model": encoder.name, **adapt_tags(cfg.adapt)},
+                             title=f"adapt {encoder.name} (MLM)") as run:
         run.log_metrics({"adapt/texts": float(len(texts))})
         result = adapt_encoder(encoder, cfg.adapt, log_metrics=run.log_metrics, texts=texts)
         card: dict[str, Any] = {

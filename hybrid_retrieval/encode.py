@@ -207,7 +207,8 @@ def encode(cfg: DictConfig) -> Path:
     torch.set_num_threads(cfg.hardware.num_threads)
     encoder = load_model(cfg)
     folder = output_folder(cfg)
-    with tracking.mlflow_run(cfg, job="encode", tags={"model": encoder.name, "kind": cfg.kind}) as run:
+    with tracking.mlflow_run(cfg, job="encode", tags={"model": encoder.name, "kind": cfg.kind},
+                             title=f"encode {encoder.name}") as run:
         emb, seconds = encode_texts(encoder, texts.texts, cfg.kind, cfg.hardware)
         meta = {"model": encoder.name, "model_source": model_source(cfg), "kind": cfg.kind, "count": len(texts),
                 "dim": int(emb.shape[1]), "normalized": encoder.normalize, "dtype": "float32",

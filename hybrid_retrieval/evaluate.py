@@ -48,7 +48,8 @@ def evaluate(cfg: DictConfig) -> dict[str, EvaluationResult]:
     tags = {"model": encoder.name, "dataset": cfg.dataset.name}
     if cfg.get("checkpoint"):
         tags["checkpoint"] = str(cfg.checkpoint)
-    with tracking.mlflow_run(cfg, job="evaluate", tags=tags) as run:
+    with tracking.mlflow_run(cfg, job="evaluate", tags=tags,
+                             title=f"evaluate {encoder.name} on {cfg.dataset.name}") as run:
         metrics: dict[str, float] = {}
         for i, evaluation_set in enumerate(sets):
             result = evaluate_set(encoder, evaluation_set, batch_size=cfg.hardware.encode_batch_size,

@@ -93,7 +93,8 @@ def export(cfg: DictConfig) -> Path:
     checkpoint = read_checkpoint(checkpoint_file)
     encoder = encoder_from_checkpoint(checkpoint)
     card = model_card(checkpoint, cfg)
-    with tracking.mlflow_run(cfg, job="export", tags={"model": encoder.name}) as run:
+    with tracking.mlflow_run(cfg, job="export", tags={"model": encoder.name},
+                             title=f"export {encoder.name}") as run:
         start = time.perf_counter()
         folder = export_encoder(encoder, out, card=card, overwrite=bool(cfg.get("overwrite")))
         seconds = time.perf_counter() - start

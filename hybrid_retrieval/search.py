@@ -77,7 +77,8 @@ def search(cfg: DictConfig) -> Path:
     folder = output_folder(cfg)
     tag = str(cfg.tag) if cfg.get("tag") else "_".join(encoder.name.split()) or "hybrid_retrieval"
     timings: dict[str, float] = {}
-    with tracking.mlflow_run(cfg, job="search", tags={"model": encoder.name}) as run:
+    with tracking.mlflow_run(cfg, job="search", tags={"model": encoder.name},
+                             title=f"search {encoder.name}") as run:
         if passages is not None:
             passage_emb, timings["time/encode_passages_s"] = encode_texts(encoder, passages.texts, "passage",
                                                                            cfg.hardware)

@@ -12,7 +12,7 @@ import math
 import random
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, TypeVar
+from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -92,19 +92,25 @@ def get_client(tracking_uri: str):
     return client
 
 
+# MLflow 3's UI opens an experiment without this tag in its GenAI view (traces, judges); these runs are model
+# training, so the experiment says so.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+
+
 def get_experiment_id(client: Any, name: str) -> str:
     def fetch() -> str:
         experiment = client.get_experiment_by_name(name)
-        if experiment is not None:
-            return experiment.experiment_id
-        try:
-            return client.create_experiment(name)
-        except Exception:
-            # Another job created it first.
+        if experiment is None:
+            try:
+                client.create_experiment(name, tags=dict([EXPERIMENT_KIND]))
+            except Exception:
+                pass  # another job created it first
             experiment = client.get_experiment_by_name(name)
             if experiment is None:
-                raise
-            return experiment.experiment_id
+                raise RuntimeError(f"could not create the MLflow experiment {name!r}")
+        if EXPERIMENT_KIND[0] not in experiment.tags:
+            client.set_experiment_tag(experiment.experiment_id, *EXPERIMENT_KIND)
+        return experiment.experiment_id
 
     return with_retry(fetch)
 
@@ -116,8 +122,10 @@ def sweep_parent_run(client: Any, experiment_id: str, sweep_id: str, sweep_name:
                                    "and tags.sweep_parent = 'true'", max_results=1)
         if found:
             return found[0].info.run_id
+        note = (f"Sweep `{command_line()}`, writing to `{sweep_id}`. Its jobs are nested below; the comparison "
+                "table and plots are in the artifacts (report/) when the sweep ends.")
         run = client.create_run(experiment_id, run_name=sweep_name,
-                                tags={"sweep_id": sweep_id, "sweep_parent": "true"})
+                                tags={"sweep_id": sweep_id, "sweep_parent": "true", NOTE: note})
         client.set_terminated(run.info.run_id)
         return run.info.run_id
 
@@ -146,7 +154,7 @@ def log_params(client: Any, run_id: str, params: Mapping[str, str]) -> None:
         with_retry(lambda: client.log_batch(run_id, params=items[start:start + 90]))
 
 
-def job_context() -> dict[str, str]:
+def job_context() -> dict[str, Any]:
     """Where this Hydra job writes, what it overrides, and which sweep (if any) it belongs to."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
@@ -156,26 +164,90 @@ def job_context() -> dict[str, str]:
     hydra_cfg = HydraConfig.get()
     overrides = ",".join(hydra_cfg.overrides.task)
     context = {"output_dir": hydra_cfg.runtime.output_dir, "overrides": overrides, "sweep_id": "",
-               "job_num": str(hydra_cfg.job.get("num", 0))}
+               "job_num": str(hydra_cfg.job.get("num", 0)), "override_list": list(hydra_cfg.overrides.task)}
     if hydra_cfg.mode == RunMode.MULTIRUN:
         context["sweep_id"] = str(Path(hydra_cfg.sweep.dir).resolve())
     return context
 
 
+NOTE = "mlflow.note.content"  # the run's description in the UI (Markdown)
+
+
+def command_line() -> str:
+    """How this process was started, as a user types it (``python run.py ...``, ``python -m hybrid_retrieval.x``)."""
+    import shlex
+    import sys
+
+    script = Path(sys.argv[0])
+    if script.name == "run.py":
+        head = "python run.py"
+    elif script.parent.name == "hybrid_retrieval":
+        head = f"python -m hybrid_retrieval.{script.stem}"
+    else:
+        head = f"python {sys.argv[0]}"
+    return " ".join([head, *(shlex.quote(arg) for arg in sys.argv[1:])])
+
+
+def swept_overrides(argv: Sequence[str] | None = None) -> list[str]:
+    """The overrides of a multirun command line that list several values (``sampler=mono,cross``)."""
+    import sys
+
+    swept = []
+    for arg in (sys.argv[1:] if argv is None else argv):
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        value, depth = arg.split("=", 1)[1], 0
+        for char in value:
+            depth += char in "[({"
+            depth -= char in "])}"
+            if char == "," and depth == 0:
+                swept.append(arg)
+                break
+        else:
+            if value.startswith(("range(", "choice(", "glob(")):
+                swept.append(arg)
+    return swept
+
+
+def job_command(context: Mapping[str, Any]) -> str:
+    """The command that reruns this one job alone: the driver and the job's own overrides (a sweep job's values,
+    without -m)."""
+    import shlex
+
+    line = command_line()
+    if "override_list" not in context:
+        return line
+    words = line.split()
+    head = words[:3] if words[:2] == ["python", "-m"] else words[:2]
+    return " ".join([*head, *(shlex.quote(o) for o in context["override_list"])])
+
+
 def start_run(tracking_uri: str, experiment_name: str, run_name: str | None = None,
-              tags: Mapping[str, str] | None = None) -> tuple[Any, str]:
-    """Create a run (nested under its sweep's parent run in a multirun); returns (client, run id)."""
+              tags: Mapping[str, str] | None = None, title: str | None = None) -> tuple[Any, str]:
+    """Create a run (nested under its sweep's parent run in a multirun); returns (client, run id).
+
+    Its name: ``run_name``, else ``title`` followed by the command-line overrides; its description (the UI's
+    "Description"): the title, the command that reruns this job, and the run folder."""
     client = get_client(tracking_uri)
     experiment_id = get_experiment_id(client, experiment_name)
     context = job_context()
-    all_tags = {"overrides": context["overrides"] or "(defaults)", "output_dir": context["output_dir"]}
+    all_tags = {"overrides": context["overrides"] or "(defaults)", "output_dir": context["output_dir"],
+                "command": job_command(context)}
     if context["sweep_id"]:
+        folder = Path(context["sweep_id"])
         parent = sweep_parent_run(client, experiment_id, context["sweep_id"],
-                                  f"sweep {Path(context['sweep_id']).name}")
+                                  f"sweep {folder.parent.name}/{folder.name} " + " ".join(swept_overrides()))
         all_tags.update({"mlflow.parentRunId": parent, "sweep_id": context["sweep_id"],
                          "job_num": context["job_num"]})
     all_tags.update(tags or {})
-    name = run_name or context["overrides"] or None
+    shown = context["overrides"]
+    if context["sweep_id"]:  # a sweep job's name shows its values of what the sweep varies
+        keys = {o.split("=", 1)[0] for o in swept_overrides()}
+        shown = ",".join(o for o in context.get("override_list", []) if o.split("=", 1)[0] in keys)
+    name = run_name or " · ".join(part for part in (title, shown) if part) or None
+    all_tags[NOTE] = "\n\n".join(part for part in (
+        f"**{title}**" if title else "", f"Command: `{all_tags['command']}`",
+        f"Run folder: `{context['output_dir']}`") if part)
     run = with_retry(lambda: client.create_run(experiment_id, run_name=name, tags=all_tags))
     return client, run.info.run_id
 
@@ -214,13 +286,18 @@ class TrackedRun:
     def set_tag(self, key: str, value: Any) -> None:
         with_retry(lambda: self.client.set_tag(self.run_id, key, str(value)[:MAX_TAG_LENGTH]))
 
+    def add_to_description(self, text: str) -> None:
+        """Append a paragraph (Markdown) to the run's description."""
+        current = with_retry(lambda: self.client.get_run(self.run_id)).data.tags.get(NOTE, "")
+        self.set_tag(NOTE, f"{current}\n\n{text}" if current else text)
+
 
 MAX_TAG_LENGTH = 5000
 
 
 @contextlib.contextmanager
 def mlflow_run(cfg: DictConfig, job: str, tags: Mapping[str, str] | None = None,
-               resume_run_id: str | None = None) -> Iterator[TrackedRun]:
+               resume_run_id: str | None = None, title: str | None = None) -> Iterator[TrackedRun]:
     """The run lifecycle every command shares.
 
     Creates the run (nested under its sweep's parent run in a multirun), or reopens ``resume_run_id``; logs the
@@ -235,7 +312,7 @@ def mlflow_run(cfg: DictConfig, job: str, tags: Mapping[str, str] | None = None,
     identity = {"host": socket.gethostname(), "pid": str(os.getpid())}
     if resume_run_id is None:
         client, run_id = start_run(cfg.logger.tracking_uri, cfg.logger.experiment_name, cfg.get("run_name"),
-                                   tags={"job": job, **(tags or {}), **identity})
+                                   tags={"job": job, **(tags or {}), **identity}, title=title or job)
     else:
         client, run_id = get_client(cfg.logger.tracking_uri), resume_run_id
         with_retry(lambda: client.update_run(run_id, status="RUNNING"))
@@ -314,3 +391,65 @@ def folder_status(folder: str | Path | None = None) -> Iterator[None]:
         write("killed" if killed else "failed", f"{type(error).__name__}: {error}")
         raise
     write("finished")
+
+
+# ------------------------------------------------------------------------------------------------ reading runs
+
+REPORTED_PREFIXES = ("val/", "best/", "train/loss")
+
+
+def sweep_runs(tracking_uri: str, experiment_name: str, sweep: str | None = None,
+               run_ids: Sequence[str] | None = None, all_runs: bool = False) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The training runs a report covers, as plain records, and the sweep's parent run (empty if none).
+
+    Exactly one source: ``run_ids``; ``sweep`` (a multirun folder, or its parent run's id); ``all_runs`` (every
+    training run of the experiment); none of them = the newest sweep of the experiment. Each record holds
+    ``run_id``, ``name``, ``status``, ``tags``, ``params`` and ``history`` (metric key -> {step: value}) for the
+    keys a report reads (``val/``, ``best/``, ``train/loss``).
+    """
+    client = get_client(tracking_uri)
+    experiment = with_retry(lambda: client.get_experiment_by_name(experiment_name))
+    if experiment is None:
+        raise ValueError(f"logger.experiment_name={experiment_name!r}: no such experiment in {tracking_uri}")
+    eid = experiment.experiment_id
+    parent: Any = None
+    if run_ids:
+        runs = [with_retry(lambda rid=rid: client.get_run(rid)) for rid in run_ids]
+    elif all_runs:
+        runs = with_retry(lambda: client.search_runs([eid], filter_string="tags.job = 'train'", max_results=5000))
+    else:
+        parents = with_retry(lambda: client.search_runs([eid], filter_string="tags.sweep_parent = 'true'",
+                                                        order_by=["attributes.start_time DESC"], max_results=5000))
+        if sweep is None:
+            if not parents:
+                raise ValueError(f"no sweep in experiment {experiment_name!r} of {tracking_uri}: run one with "
+                                 "`python run.py -m ...`, or name runs with report.runs=[id,...]")
+            parent = parents[0]
+        else:
+            folder = str(Path(sweep).resolve())
+            parent = next((p for p in parents if p.info.run_id == sweep or p.data.tags.get("sweep_id") == folder),
+                          None)
+            if parent is None:
+                raise ValueError(f"report.sweep={sweep!r}: neither a sweep folder nor a sweep's parent run id in "
+                                 f"experiment {experiment_name!r} of {tracking_uri}")
+        sweep_id = parent.data.tags["sweep_id"]
+        runs = with_retry(lambda: client.search_runs(
+            [eid], filter_string=f"tags.sweep_id = '{sweep_id}' and tags.job = 'train'", max_results=5000))
+    records = []
+    for run in sorted(runs, key=lambda r: (int(r.data.tags.get("job_num", "0") or 0), r.info.start_time)):
+        history: dict[str, dict[int, float]] = {}
+        for key in run.data.metrics:
+            if key.startswith(REPORTED_PREFIXES):
+                values = with_retry(lambda key=key: client.get_metric_history(run.info.run_id, key))
+                history[key] = {int(m.step): float(m.value) for m in sorted(values, key=lambda m: m.timestamp)}
+        records.append({"run_id": run.info.run_id, "name": run.info.run_name, "status": run.info.status,
+                        "tags": dict(run.data.tags), "params": dict(run.data.params), "history": history})
+    parent_record = {} if parent is None else {"run_id": parent.info.run_id, "name": parent.info.run_name,
+                                               "sweep_id": parent.data.tags.get("sweep_id", "")}
+    return records, parent_record
+
+
+def log_artifacts_to(tracking_uri: str, run_id: str, folder: str | Path, artifact_path: str | None = None) -> None:
+    """Log a folder's files to an existing run (e.g. a report to its sweep's parent run)."""
+    client = get_client(tracking_uri)
+    with_retry(lambda: client.log_artifacts(run_id, str(folder), artifact_path))

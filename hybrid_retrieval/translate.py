@@ -32,7 +32,8 @@ def translate(cfg: DictConfig) -> TranslateJob:
     tags = {"model": ",".join(sorted(set(job.models.values()))), "source_language": job.source_language,
             "target_languages": ",".join(job.targets)}
     stopped: TranslationStopped | None = None
-    with tracking.mlflow_run(cfg, job="translate", tags=tags) as run:
+    with tracking.mlflow_run(cfg, job="translate", tags=tags,
+                             title=f"translate {job.source_language} -> {','.join(job.targets)}") as run:
         try:
             output, provenance = run_job(job)
         except TranslationStopped as error:

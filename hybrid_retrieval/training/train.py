@@ -34,11 +34,12 @@ log = logging.getLogger(__name__)
 RUN_INFO = "run_info.json"
 
 
-def write_run_info(folder: Path, run: tracking.TrackedRun) -> None:
-    """What a resumed run needs to log into the same MLflow run."""
+def write_run_info(folder: Path, run: tracking.TrackedRun, experiment_name: str) -> None:
+    """What a resumed run needs to log into the same MLflow run (and a sweep's report, to find the store)."""
     import json
 
-    (folder / RUN_INFO).write_text(json.dumps({"mlflow_run_id": run.run_id, "tracking_uri": run.tracking_uri}))
+    (folder / RUN_INFO).write_text(json.dumps({"mlflow_run_id": run.run_id, "tracking_uri": run.tracking_uri,
+                                               "experiment_name": experiment_name}))
 
 
 def read_run_info(folder: Path) -> dict[str, str]:
@@ -193,7 +194,10 @@ def train(cfg: DictConfig, inputs: TrainingInputs | None = None) -> float:
         from hybrid_retrieval.adaptation import adapt_tags
 
         tags.update(adapt_tags(cfg.adapt))
-    with tracking.mlflow_run(cfg, job="train", tags=tags, resume_run_id=run_id) as run:
+    title = f"{cfg.model.name} {cfg.sampler.name} α={cfg.sampler.mono_ratio} seed={cfg.train.seed}"
+    if adapting:
+        title += f" adapt={cfg.adapt.method}"
+    with tracking.mlflow_run(cfg, job="train", tags=tags, resume_run_id=run_id, title=title) as run:
         if adapting:
             adapt(cfg, encoder, inputs, run)
         module = build_module(cfg, encoder)  # after adaptation: it may freeze the (adapted) embeddings
@@ -201,7 +205,7 @@ def train(cfg: DictConfig, inputs: TrainingInputs | None = None) -> float:
             log.info("resuming %s from %s", output_dir, last)
             run.set_tag("resumed_from", last)
         else:
-            write_run_info(output_dir, run)
+            write_run_info(output_dir, run, cfg.logger.experiment_name)
         for data in datamodule.summary():
             log.info("training data %s", data)
         trainer = build_trainer(cfg, run, checkpoint, output_dir)
@@ -220,6 +224,8 @@ def train(cfg: DictConfig, inputs: TrainingInputs | None = None) -> float:
         model_dir = export_model(module, model_card(cfg, datamodule, checkpoint, trainer.global_step),
                                  output_dir / "model")
         run.set_tag("model_dir", model_dir)
+        run.add_to_description(f"Model: `{model_dir}` (`model.path={model_dir}`, or "
+                               f"`SentenceTransformer(\"{model_dir}\")`)")
         for name in ("README.md", "hybrid_retrieval.json"):
             if (model_dir / name).is_file():
                 run.log_artifact(model_dir / name, "model")

@@ -1,0 +1,105 @@
+"""Make a report from the MLflow store (tables, per-language tables, plots), log it to the sweep's parent run, and
+print it at the end of every sweep (a Hydra callback)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from hybrid_retrieval import tracking
+from hybrid_retrieval.reporting.plots import write_plots
+from hybrid_retrieval.reporting.report import Report, build_report, markdown, write_tables
+
+log = logging.getLogger(__name__)
+ARTIFACT_PATH = "report"
+
+
+@dataclass
+class MadeReport:
+    report: Report
+    files: list[Path]
+    folder: Path
+    parent_run_id: str
+    records: list[dict[str, Any]]
+
+
+def make_report(tracking_uri: str, experiment_name: str, out: str | Path | None = None, sweep: str | None = None,
+                runs: Sequence[str] | None = None, all_runs: bool = False, at: str = "best", before: bool = False,
+                heatmap_rows: Sequence[int] | None = None, diff: Sequence[int] | None = None) -> MadeReport:
+    """Read the runs (see ``tracking.sweep_runs`` for the sources), write tables and plots into ``out`` (default:
+    ``<sweep folder>/report``), and log them to the sweep's parent run under ``report/``."""
+    records, parent = tracking.sweep_runs(tracking_uri, experiment_name, sweep=sweep, run_ids=runs,
+                                          all_runs=all_runs)
+    report = build_report(records, at=at, before=before)
+    for index in [*(heatmap_rows or []), *(diff or [])]:
+        if not -len(report.rows) <= int(index) < len(report.rows):
+            raise ValueError(f"report row {index}: the report has rows 0..{len(report.rows) - 1}")
+    if out is None:
+        if not parent:
+            raise ValueError("report.out: set an output folder when the report is not of a sweep")
+        out = Path(parent["sweep_id"]) / ARTIFACT_PATH
+    folder = Path(out)
+    files = write_tables(report, folder)
+    files += write_plots(report, records, folder, heatmap_rows, diff)
+    (folder / "runs.json").write_text(json.dumps(
+        [{"run_id": r["run_id"], "name": r["name"], "status": r["status"]} for r in records], indent=2) + "\n")
+    if parent:
+        tracking.log_artifacts_to(tracking_uri, parent["run_id"], folder, ARTIFACT_PATH)
+    return MadeReport(report, files, folder, parent.get("run_id", ""), records)
+
+
+def failed_jobs(records: Sequence[dict[str, Any]]) -> list[str]:
+    return [f"{r['name']} ({r['status']}{': ' + r['tags']['error'] if r['tags'].get('error') else ''})"
+            for r in records if r["status"] != "FINISHED"]
+
+
+def print_report(made: MadeReport, tracking_uri: str) -> None:
+    print("\n" + markdown(made.report))
+    for line in failed_jobs(made.records):
+        print(f"not in the table: {line}")
+    print(f"report:    {made.folder} (report.md, report.csv, per_language/, PNG plots)")
+    if made.parent_run_id:
+        print(f"MLflow:    parent run {made.parent_run_id}, artifacts {ARTIFACT_PATH}/")
+    print(f"MLflow UI: {tracking.ui_command(tracking_uri)}")
+
+
+def sweep_tracking(sweep_dir: Path) -> tuple[str, str] | None:
+    """(tracking URI, experiment name) that a sweep's jobs wrote to, from their run folders."""
+    for info in sorted(sweep_dir.glob("*/run_info.json")):
+        data = json.loads(info.read_text())
+        if data.get("tracking_uri"):
+            return data["tracking_uri"], data.get("experiment_name", "hybrid_retrieval")
+    return None
+
+
+try:
+    from hydra.experimental.callback import Callback
+except ImportError:  # pragma: no cover - Hydra < 1.1
+    Callback = object  # type: ignore[misc,assignment]
+
+
+class SweepReport(Callback):
+    """At the end of a multirun: the report of that sweep, printed and logged to its parent run. A report that
+    cannot be made (every job failed, say) is a warning: it never turns a finished sweep into a failure."""
+
+    def __init__(self, enabled: bool = True, at: str = "best", before: bool = True) -> None:
+        self.enabled, self.at, self.before = enabled, at, before
+
+    def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
+        if not self.enabled:
+            return
+        sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
+        found = sweep_tracking(sweep_dir)
+        if found is None:
+            log.warning("no report: no job of %s started an MLflow run", sweep_dir)
+            return
+        tracking_uri, experiment = found
+        try:
+            made = make_report(tracking_uri, experiment, sweep=str(sweep_dir), at=self.at, before=self.before)
+        except Exception as error:  # noqa: BLE001 - a report must not fail the sweep it describes
+            log.warning("no report for %s: %s", sweep_dir, error)
+            return
+        print_report(made, tracking_uri)
