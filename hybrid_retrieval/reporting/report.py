@@ -99,18 +99,26 @@ def swept_keys(records: Sequence[Mapping[str, Any]]) -> list[str]:
             and len({r["params"].get(k) for r in records}) > 1]
 
 
-def group_label(params: Mapping[str, str], swept: Sequence[str]) -> str:
+def group_label(params: Mapping[str, str], swept: Sequence[str],
+                records: Sequence[Mapping[str, Any]] = ()) -> str:
+    """What sets this run apart: ``group=<name>`` for a config group whose option differs, then ``key=value`` for
+    every other differing key, except a key of that group whose value the option already fixes among `records`
+    (``sampler=mono`` says what ``sampler.mono_ratio=1.0`` would)."""
     parts: list[str] = []
     named: set[str] = set()
-    for key in swept:  # a group's option name first: sampler=mono says what sampler.mono_ratio=1.0 also says
+    for key in swept:
         identity = _identity(params, key)
         if identity in swept and identity not in named:
             named.add(identity)
             parts.append(f"{identity.rsplit('.', 1)[0]}={params.get(identity)}")
     for key in swept:
-        identity = _identity(params, key)
-        if identity in named or key in named:
+        if key in named:
             continue
+        identity = _identity(params, key)
+        if identity in named:
+            same_option = [r["params"] for r in records if r["params"].get(identity) == params.get(identity)]
+            if len({p.get(key) for p in same_option}) <= 1:
+                continue
         parts.append(f"{key}={params.get(key, '—')}")
     return ", ".join(parts) or "(all runs alike)"
 
@@ -159,8 +167,13 @@ def build_report(records: Sequence[Mapping[str, Any]], at: str = "best", before:
     for record in usable:
         sets += [s for s in evaluation_sets(record["params"]) if s not in sets]
     groups: dict[str, list[Mapping[str, Any]]] = {}
-    for record in usable:
-        groups.setdefault(group_label(record["params"], swept), []).append(record)
+    keys: dict[tuple, str] = {}
+    for record in usable:  # grouped by the values themselves; the label only names them
+        values = tuple(record["params"].get(k) for k in swept)
+        label = keys.setdefault(values, group_label(record["params"], swept, usable))
+        groups.setdefault(label, []).append(record)
+    if len(keys) != len(groups):
+        raise AssertionError(f"two groups of runs got the same label: {sorted(keys.values())}")
     rows: list[Row] = []
     before_rows: list[Row] = []
     for label, members in groups.items():
