@@ -77,8 +77,7 @@ def adapt(cfg: DictConfig) -> Path:
     print(f"held-out MLM loss {result['heldout_loss_before']:.4f} -> {result['heldout_loss_after']:.4f} "
           f"(perplexity {result['heldout_perplexity_before']:.2f} -> {result['heldout_perplexity_after']:.2f}) "
           f"on {int(result['heldout_texts'])} texts; {result['seconds']:.0f} s")
-    print(f"adapted model: {folder} (use it with model.path={folder})")
-    print(f"MLflow UI: {tracking.ui_command(cfg.logger.tracking_uri)}")
+    tracking.print_summary({"model": f"{folder} (use it with model.path={folder})", "metrics": report}, run)
     return folder
 
 

@@ -218,7 +218,8 @@ def encode(cfg: DictConfig) -> Path:
         run.log_artifact(files[-1])
         run.set_tag("output", str(folder.resolve()))
     print(f"{len(texts)} {cfg.kind} embeddings ({emb.shape[1]} dims, model {encoder.name}) in {seconds:.1f} s "
-          f"-> {folder}")
+          f"({len(texts) / max(seconds, 1e-9):.1f} texts/s)")
+    tracking.print_summary({"embeddings": folder}, run)
     return folder
 
 

@@ -74,8 +74,9 @@ def evaluate(cfg: DictConfig) -> dict[str, EvaluationResult]:
         print(results[evaluation_set.key].table())
         timings = results[evaluation_set.key].timings
         print(f"encoding {timings['encode_s']:.1f} s, metrics {timings['metrics_s']:.2f} s")
-    print(f"\nmetrics: {folder / 'metrics.json'}")
-    print(f"MLflow UI: {tracking.ui_command(cfg.logger.tracking_uri)}")
+    tracking.print_summary({"metrics": folder / "metrics.json",
+                            "plots": " ".join(str(p) for p in files if str(p).endswith(".png")),
+                            "run folder": folder}, run)
     return results
 
 

@@ -109,8 +109,8 @@ def export(cfg: DictConfig) -> Path:
                 run.log_artifact(folder / name, "model")
     print(f"exported {encoder.name} ({encoder.embedding_dim} dims, {size / 2**20:.1f} MB) to {folder} in "
           f"{seconds:.1f} s")
-    print(f"load it with: SentenceTransformer({str(folder)!r}), AutoModel.from_pretrained({str(folder)!r}) or "
-          f"model.path={folder}")
+    tracking.print_summary({"model": folder, "load it with": f"SentenceTransformer({str(folder)!r}), "
+                            f"AutoModel.from_pretrained({str(folder)!r}) or model.path={folder}"}, run)
     return folder
 
 

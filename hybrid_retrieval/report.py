@@ -7,7 +7,6 @@ run. Options: conf/report.yaml.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf

@@ -103,6 +103,7 @@ def search(cfg: DictConfig) -> Path:
         run.set_tag("output", str(folder.resolve()))
         run.set_tag("index", json.dumps(index.spec))
     _report(index, queries, index_dir, trec, results, timings)
+    tracking.print_summary({"TREC run": trec, "results": results, "index": index_dir}, run)
     return folder
 
 
@@ -111,7 +112,6 @@ def _report(index: PassageIndex, queries: TextFile, index_dir: Path, trec: Path,
     spent = ", ".join(f"{k.removeprefix('time/').removesuffix('_s')} {v:.1f} s" for k, v in timings.items())
     print(f"{len(queries)} queries against {len(index)} passages ({index.spec['type']}: {index.spec['factory']}); "
           f"{spent}")
-    print(f"run: {trec}\nresults: {results}\nindex: {index_dir}")
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="search")

@@ -259,8 +259,32 @@ def log_hydra_configs(client: Any, run_id: str) -> None:
         with_retry(lambda: client.log_artifacts(run_id, str(folder), "config"))
 
 
+UI_ADDRESS = "http://127.0.0.1:5000"  # where `mlflow ui` listens by default
+
+
 def ui_command(tracking_uri: str) -> str:
     return f"mlflow ui --backend-store-uri {tracking_uri}"
+
+
+def ui_link(experiment_id: str, run_id: str | None = None) -> str:
+    """The page of an experiment (or one run) in the model-training view of the MLflow UI."""
+    page = f"{UI_ADDRESS}/#/experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "")
+    return page + "?workflowType=machine_learning"
+
+
+def print_summary(items: Mapping[str, Any], run: TrackedRun | None = None, tracking_uri: str | None = None) -> None:
+    """The end of every command: where its outputs are, its MLflow run, and how to open the UI on that store."""
+    rows = [(name, str(value)) for name, value in items.items() if value not in (None, "", [])]
+    uri = run.tracking_uri if run is not None else tracking_uri
+    if run is not None:
+        experiment_id = with_retry(lambda: run.client.get_run(run.run_id)).info.experiment_id
+        rows.append(("MLflow run", f"{run.run_id} ({ui_link(experiment_id, run.run_id)})"))
+    if uri:
+        rows.append(("MLflow UI", ui_command(uri)))
+    width = max(len(name) for name, _ in rows) + 1 if rows else 0
+    print()
+    for name, value in rows:
+        print(f"{name + ':':<{width}} {value}")
 
 
 class TrackedRun:

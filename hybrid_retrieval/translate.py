@@ -52,11 +52,12 @@ def translate(cfg: DictConfig) -> TranslateJob:
           f"translated in {s.model_batches} batches) in {s.seconds:.1f} s")
     if stopped is not None:
         print(f"{stopped}; no output written")
+        tracking.print_summary({"cache": job.cache}, run)
         return job
     print(f"wrote {s.rows_written} rows ({len(job.rows)} input + translations into {', '.join(job.targets)}"
           f"{f'; {s.empty_dropped} left out: empty translation' if s.empty_dropped else ''}) to {output}")
-    print(f"provenance: {provenance}")
-    print(f"train on it: python run.py train_data=jsonl train_data.path={output}")
+    tracking.print_summary({"pairs": output, "provenance": provenance,
+                            "train on it": f"python run.py train_data=jsonl train_data.path={output}"}, run)
     return job
 
 

@@ -49,6 +49,7 @@ def test_evaluate_cli_writes_metrics_and_logs_to_mlflow(tmp_path: Path, data_roo
                         f"hydra.run.dir={out}"], data_root, REPO_ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "multi" in proc.stdout and "rank_distance" in proc.stdout
+    assert "MLflow UI:" in proc.stdout and "workflowType=machine_learning" in proc.stdout  # the summary
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["summary"]) == {"mono", "cross", "multi"}
     assert set(metrics["per_language"]["mono"]) == {"en", "de", "el"}

@@ -45,6 +45,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from hybrid_retrieval.progress import Progress
+
 __all__ = ["METHODS", "AdaptConfigError", "MLMHead", "MLMSettings", "adapt_encoder", "adapt_tags",
            "build_mlm_head", "check_adapt_config", "load_adapt_texts", "mask_tokens", "mlm_settings",
            "split_heldout", "train_mlm", "unigram_log_prior", "warm_up_head"]
@@ -420,6 +422,7 @@ def warm_up_head(backbone: nn.Module, head: MLMHead, batches: Iterable[Mapping[s
     was_training = backbone.training
     optimizer = torch.optim.AdamW(head.own_parameters(), lr=settings.head_lr, weight_decay=0.0, foreach=True)
     steps, last, logged = 0, None, 0
+    progress = Progress(settings.head_warmup_steps, "MLM head warm-up", "steps")
     try:
         for p in backbone.parameters():
             p.requires_grad_(False)
@@ -427,6 +430,7 @@ def warm_up_head(backbone: nn.Module, head: MLMHead, batches: Iterable[Mapping[s
         head.train()
         for batch in batches:
             steps += 1
+            progress.update()
             loss_sum, count = _loss_sum(backbone, head, batch, device, frozen=True)
             if not count:
                 continue
@@ -434,12 +438,14 @@ def warm_up_head(backbone: nn.Module, head: MLMHead, batches: Iterable[Mapping[s
             (loss_sum / count).backward()
             optimizer.step()
             last = loss_sum.item() / count
+            progress.set_note(f"loss {last:.3f}")
             if log_metrics is not None and steps % settings.log_every == 0:
                 log_metrics({"adapt/head_loss": last}, steps)
                 logged = steps
         if log_metrics is not None and last is not None and logged != steps:
             log_metrics({"adapt/head_loss": last}, steps)  # the last warm-up step, always
     finally:
+        progress.close()
         for name, p in backbone.named_parameters():
             p.requires_grad_(requires_grad[name])
         backbone.train(was_training)
@@ -494,6 +500,7 @@ def train_mlm(encoder: Any, train_texts: Sequence[str], heldout_texts: Sequence[
         backbone.train()
         head.train()
         losses: list[float] = []
+        progress = Progress(settings.steps, "MLM adaptation", "steps")
         for step in range(1, settings.steps + 1):
             loss_sum, count = _loss_sum(backbone, head, _masked(batcher, next(batches), settings, mask_id,
                                                                 generator), device)
@@ -505,9 +512,12 @@ def train_mlm(encoder: Any, train_texts: Sequence[str], heldout_texts: Sequence[
                     nn.utils.clip_grad_norm_(trainable, settings.grad_clip)
                 optimizer.step()
                 losses.append(loss.item())
+                progress.set_note(f"loss {losses[-1]:.3f}")
                 if step % settings.log_every == 0 or step == settings.steps:
                     log({"adapt/loss": losses[-1], "adapt/lr": scheduler.get_last_lr()[0]}, step)
             scheduler.step()
+            progress.update()
+        progress.close()
         out["steps"] = float(settings.steps)
         if losses:
             out["loss_first"], out["loss_last"] = losses[0], losses[-1]

@@ -22,7 +22,6 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -277,10 +276,9 @@ def encode_corpus(encode: Callable[[list[str]], np.ndarray], passages: Iterable[
     state = EmbeddingShards(folder, manifest)
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from hybrid_retrieval.progress import Progress
 
-        bar = tqdm(total=total, initial=manifest["count"], desc=f"encode corpus -> {folder.name}", unit="texts",
-                   unit_scale=True, smoothing=0.05, file=sys.stderr, dynamic_ncols=True)
+        bar = Progress(total, f"encode corpus -> {folder.name}", "texts", initial=manifest["count"])
     seen = 0
     try:
         for number, chunk in enumerate(_chunks(passages, shard_size)):

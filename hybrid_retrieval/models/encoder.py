@@ -142,7 +142,7 @@ class Encoder(nn.Module):
         kind: Kind,
         batch_size: int = 64,
         dtype: torch.dtype | None = None,
-        progress: bool = False,
+        progress: bool | None = None,
         max_batch_tokens: int | None = None,
         shard: tuple[int, int] | None = None,
     ) -> np.ndarray:
@@ -152,8 +152,8 @@ class Encoder(nn.Module):
         :func:`plan_batches`), each padded only to its own longest text, which removes most padding work.
         ``dtype=torch.bfloat16`` runs the backbone under autocast (fast only where the CPU/GPU has bf16 units).
         `max_batch_tokens` caps padded tokens per batch; default: 2048 on CPU (cache-friendly), none elsewhere.
-        ``shard=(rank, world)`` encodes only every ``world``-th batch of that plan, from ``rank`` on (the other rows
-        stay zero; :meth:`shard_rows` says which rows are this shard's): ranks of distributed evaluation split
+        `progress`: texts/s on stderr; None = on from PROGRESS_MIN_TEXTS texts. ``shard=(rank, world)`` encodes
+        only every ``world``-th batch of that plan, from ``rank`` on (the other rows stay zero; :meth:`shard_rows` says which rows are this shard's): ranks of distributed evaluation split
         the work and each batch is the one a single process would run.
         """
         if batch_size < 1:
@@ -177,10 +177,11 @@ class Encoder(nn.Module):
         if shard is not None:
             batches = batches[shard[0]::shard[1]]
             out.fill(0.0)
-        if progress:
-            from tqdm.auto import tqdm
+        from hybrid_retrieval.progress import Progress
 
-            batches = tqdm(batches, desc=f"encode {kind}s", unit="batch")
+        # Long encodings report texts/s (a bar on a terminal, a line every N seconds in logs); short ones stay quiet.
+        enabled = len(ids) >= PROGRESS_MIN_TEXTS if progress is None else progress
+        bar = Progress(sum(stop - start for start, stop in batches), f"encode {kind}s", "texts", enabled=enabled)
         was_training = self.training
         self.eval()
         try:
@@ -195,7 +196,9 @@ class Encoder(nn.Module):
                     with autocast:
                         emb = self(input_ids.to(device), attention_mask.to(device))
                     out[idx] = emb.float().cpu().numpy()
+                    bar.update(len(idx))
         finally:
+            bar.close()
             self.train(was_training)
         return out
 
@@ -225,6 +228,7 @@ class Encoder(nn.Module):
 BATCH_OVERHEAD_TOKENS = 64
 # Above a few thousand token rows per forward pass the activations spill out of CPU caches and throughput per
 # token drops (measured on the 2-core CPU: ~1.5x slower at 8192 rows than at 1024-2048 rows).
+PROGRESS_MIN_TEXTS = 2000
 CPU_MAX_BATCH_TOKENS = 2048
 
 

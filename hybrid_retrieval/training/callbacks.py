@@ -218,3 +218,45 @@ class BatchLog(pl.Callback):
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+class TrainingProgress(pl.Callback):
+    """Training throughput in pairs/s (all ranks together) with the loss: Lightning's bar on a terminal gets a
+    ``pairs/s`` field; in logs and CI (no terminal) a line every N seconds replaces the bar
+    (:mod:`hybrid_retrieval.progress`)."""
+
+    def __init__(self, on_terminal: bool) -> None:
+        self.on_terminal = on_terminal
+        self.progress: Any = None
+        self.started = 0.0
+        self.pairs = 0
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        import time
+
+        from hybrid_retrieval.progress import Progress
+
+        self.started, self.pairs = time.monotonic(), 0
+        if not self.on_terminal and trainer.is_global_zero:
+            total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
+            if total is None:
+                with contextlib.suppress(Exception):
+                    total = int(trainer.estimated_stepping_batches)
+            self.progress = Progress(total, "train", "steps", initial=trainer.global_step)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        import time
+
+        self.pairs += int(batch["query"]["input_ids"].shape[0]) * trainer.world_size
+        rate = self.pairs / max(time.monotonic() - self.started, 1e-9)
+        pl_module.log("pairs/s", rate, prog_bar=True, logger=False, batch_size=1, rank_zero_only=True)
+        if self.progress is not None:
+            loss = trainer.callback_metrics.get("train/loss")
+            self.progress.set_note(f"{rate:.1f} pairs/s" + (f", loss {float(loss):.4f}" if loss is not None else ""))
+            self.progress.update()
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.progress is not None:
+            self.progress.close()
+            self.progress = None

@@ -23,7 +23,8 @@ from omegaconf import DictConfig, OmegaConf
 from hybrid_retrieval import tracking
 from hybrid_retrieval.config_checks import check_train_config
 from hybrid_retrieval.evaluation.sets import describe, encode_dtype, write_reports
-from hybrid_retrieval.training.callbacks import BatchLog, BestCheckpoint, ResumeCheckpoint, TrackedRunLogger
+from hybrid_retrieval.training.callbacks import (BatchLog, BestCheckpoint, ResumeCheckpoint, TrackedRunLogger,
+                                                 TrainingProgress)
 from hybrid_retrieval.training.datamodule import HybridDataModule
 from hybrid_retrieval.training.inputs import TrainingInputs, load_training_inputs
 from hybrid_retrieval.training.module import EvaluationSettings, HybridRetrievalModule, OptimizerSettings
@@ -81,7 +82,13 @@ def build_trainer(cfg: DictConfig, run: tracking.TrackedRun | None, checkpoint: 
     if cfg.train.get("grad_cache_chunk"):
         options["gradient_clip_val"] = None  # the module clips: it steps the optimiser itself
     resumable = ResumeCheckpoint(output_dir / "checkpoints", cfg.train.get("checkpoint_every_n_steps"))
-    callbacks: list[pl.Callback] = [checkpoint, resumable, LearningRateMonitor(logging_interval="step")]
+    from hybrid_retrieval.progress import on_terminal
+
+    terminal = on_terminal()
+    if not terminal:  # logs and CI: a line every N seconds instead of a bar redrawn with carriage returns
+        options["enable_progress_bar"] = False
+    callbacks: list[pl.Callback] = [checkpoint, resumable, LearningRateMonitor(logging_interval="step"),
+                                    TrainingProgress(terminal)]
     if cfg.train.get("log_batches"):
         callbacks.append(BatchLog(output_dir / "batches"))
     return pl.Trainer(
@@ -231,10 +238,10 @@ def train(cfg: DictConfig, inputs: TrainingInputs | None = None) -> float:
                 run.log_artifact(model_dir / name, "model")
         if interrupted:
             run.set_tag("stopped_by", "interrupt")
-            report(cfg, datamodule, checkpoint, trainer.global_step, output_dir, model_dir)
+            report(cfg, datamodule, checkpoint, trainer.global_step, output_dir, model_dir, run, files)
             raise KeyboardInterrupt(f"training interrupted at step {trainer.global_step}; best weights exported")
 
-    report(cfg, datamodule, checkpoint, trainer.global_step, output_dir, model_dir)
+    report(cfg, datamodule, checkpoint, trainer.global_step, output_dir, model_dir, run, files)
     return float(best)
 
 
@@ -250,7 +257,7 @@ def export_model(module: HybridRetrievalModule, card: dict[str, Any], folder: Pa
 
 
 def report(cfg: DictConfig, datamodule: HybridDataModule, checkpoint: BestCheckpoint, steps: int, output_dir: Path,
-           model_dir: Path) -> None:
+           model_dir: Path, run: tracking.TrackedRun, files: list[Path]) -> None:
     sets = datamodule.evaluation_sets
     print(f"\n{describe(sets[0])}, model {cfg.model.name}, sampler {cfg.sampler.name} "
           f"(alpha={cfg.sampler.mono_ratio}); {steps} steps; best {cfg.train.monitor} = "
@@ -262,7 +269,9 @@ def report(cfg: DictConfig, datamodule: HybridDataModule, checkpoint: BestCheckp
     if cfg.train.evaluate_before and checkpoint.zero_shot_metrics:
         before = checkpoint.zero_shot_metrics.get(cfg.train.monitor, math.nan)
         print(f"(before training: {cfg.train.monitor} = {before:.4f})")
-    print(f"\nrun folder: {output_dir}")
-    print(f"model:      {model_dir}  (transformers / sentence-transformers / model.path=)")
-    print(f"checkpoint: {checkpoint.best_model_path}")
-    print(f"MLflow UI:  {tracking.ui_command(cfg.logger.tracking_uri)}")
+    tracking.print_summary({
+        "model": f"{model_dir}  (transformers / sentence-transformers / model.path=)",
+        "checkpoint": checkpoint.best_model_path,
+        "metrics": " ".join(str(p) for p in files if str(p).endswith(".json")),
+        "plots": " ".join(str(p) for p in files if str(p).endswith(".png")),
+        "run folder": output_dir}, run)

@@ -22,8 +22,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +29,7 @@ from typing import Any
 
 from hybrid_retrieval.data.pairs import (PairRow, from_jsonl, read_squad_file, split_sentences, squad_rows,
                                          xquad_question_ids)
+from hybrid_retrieval.progress import Progress
 from hybrid_retrieval.translation.languages import joiner
 
 __all__ = [
@@ -200,37 +199,6 @@ class StageStats:
         return dict(self.__dict__)
 
 
-class _Progress:
-    """tqdm on a terminal; otherwise one log line every `every_s` seconds (quiet in logs and CI)."""
-
-    def __init__(self, total: int, every_s: float, description: str) -> None:
-        self.total, self.every_s, self.description = total, every_s, description
-        self.done = 0
-        self.start = self.last = time.monotonic()
-        self.bar = None
-        if sys.stderr.isatty():
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total, desc=description, unit="text", dynamic_ncols=True)
-
-    def update(self, n: int, note: str = "") -> None:
-        self.done += n
-        if self.bar is not None:
-            self.bar.update(n)
-            return
-        now = time.monotonic()
-        if now - self.last >= self.every_s or self.done >= self.total:
-            rate = self.done / max(now - self.start, 1e-9)
-            left = (self.total - self.done) / rate if rate > 0 else float("inf")
-            log.info("%s: %d/%d texts (%.1f/s, about %.0f s left)%s", self.description, self.done, self.total,
-                     rate, left, f" {note}" if note else "")
-            self.last = now
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 def translate_units(plan: UnitPlan, source_language: str, targets: Mapping[str, str], models: Mapping[str, str],
                     translator_for: Callable[[str], Any], cache: Any, batch_size: int, max_batch_tokens: int | None,
                     max_batches: int | None = None, progress_every_s: float = 30.0,
@@ -256,7 +224,8 @@ def translate_units(plan: UnitPlan, source_language: str, targets: Mapping[str, 
                 wanted.update(plan.hard_negative[r] or ())
         needed[target] = sorted(wanted)
     stats.unique_texts = sum(len(u) for u in needed.values())
-    progress = _Progress(stats.unique_texts, progress_every_s, f"translate {source_language}->{','.join(targets)}")
+    progress = Progress(stats.unique_texts, f"translate {source_language}->{','.join(targets)}", "texts",
+                        every_s=progress_every_s)
     results: dict[str, list[str]] = {}
     try:
         for target, code in targets.items():
@@ -291,7 +260,8 @@ def translate_units(plan: UnitPlan, source_language: str, targets: Mapping[str, 
                 per["model_batches"] += 1
                 stats.model_batches += 1
                 stats.translated += len(missing)
-                progress.update(len(batch_units), f"[{target}]")
+                progress.set_note(target)
+                progress.update(len(batch_units))
             stats.cache_hits += per["cache_hits"]
             stats.per_target[target] = per
             results[target] = out
