@@ -14,8 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import resource
 import subprocess
 import sys
 import time
@@ -23,23 +21,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-
-def cpu_description() -> str:
-    model, flags = platform.processor() or "unknown CPU", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    shown = sorted(f for f in flags if f.startswith(("avx512", "amx")) or f in ("avx2", "fma"))
-    return f"{model}, {os.cpu_count()} cores; flags: {' '.join(shown) or 'none of avx2/avx512/amx'}"
-
-
-def rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+from machine import cpu_description, peak_rss_mb  # noqa: E402 (benchmarks/machine.py)
 
 
 def child(args: argparse.Namespace) -> None:
@@ -62,7 +44,7 @@ def child(args: argparse.Namespace) -> None:
     batch = args.batch
     queries = encoder.tokenize(pairs.queries[:batch], "query")
     passages = encoder.tokenize(pairs.passages[:batch], "passage")
-    before = rss_mb()
+    before = peak_rss_mb()
     times = []
     for step in range(args.steps + 1):  # the first step warms up (allocator, optimiser state)
         started = time.perf_counter()
@@ -75,7 +57,7 @@ def child(args: argparse.Namespace) -> None:
         optimizer.step()
         if step:
             times.append(time.perf_counter() - started)
-    print(json.dumps({"peak_rss_mb": rss_mb(), "growth_mb": rss_mb() - before,
+    print(json.dumps({"peak_rss_mb": peak_rss_mb(), "growth_mb": peak_rss_mb() - before,
                       "pairs_per_s": batch / (sum(times) / len(times))}))
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ import numpy as np
 
 from hybrid_retrieval.evaluation.corpus import EmbeddingShards, open_embeddings, write_embedding_shards
 from hybrid_retrieval.evaluation.index import build_index, load_index, save_index
+from machine import cpu_description
 
 CONFIGS: dict[str, dict[str, Any]] = {
     "flat": {"type": "flat"},
@@ -64,20 +64,6 @@ def rss_mb() -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
-
-
-def cpu_description() -> str:
-    model, flags = platform.processor() or "?", []
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                flags = [f for f in line.split(":", 1)[1].split() if f.startswith(("avx", "fma", "amx", "sse4"))]
-                break
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} cores; flags: {' '.join(sorted(set(flags)))}"
 
 
 def recall_at(approx: np.ndarray, exact: np.ndarray) -> float:
