@@ -429,3 +429,35 @@ def test_driver_end_to_end_writes_a_loadable_model_and_a_finished_run(tmp_path: 
     assert run.data.params["adapt.whole_word"] == "True"
     history = client.get_metric_history(run.info.run_id, "adapt/loss")
     assert [m.step for m in history] == [2, 4]
+
+
+@pytest.mark.slow
+def test_the_low_resource_sweep_runs_end_to_end_on_the_tiny_model(tmp_path: Path, data_root: Path) -> None:
+    """experiment=low_resource as README documents it, shrunk: no adaptation vs MLM on the el/ru/th/tr passages,
+    then hybrid training, validated on XQuAD-R el/ru/th/tr and Tatoeba's low-resource languages; one report."""
+    from tests.test_cli import REPO_ROOT, mlflow_client, run_command
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    proc = run_command(["run.py", "-m", "experiment=low_resource", "adapt=none,mlm_target", "model=tiny",
+                        "++adapt.steps=2", "++adapt.head_warmup_steps=2", "++adapt.heldout_size=8",
+                        "++adapt.max_length=32", "++adapt.text.max_texts=40", "train.batch_size=8", "trainer.limit_train_batches=2",
+                        "dataset.max_questions_per_language=10", "extra_datasets.tatoeba.max_pairs_per_language=20",
+                        "trainer.enable_progress_bar=false", f"logger.tracking_uri={uri}",
+                        f"hydra.sweep.dir={tmp_path / 'sweep'}"], data_root, REPO_ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    client = mlflow_client(uri)
+    experiment = client.get_experiment_by_name("hybrid_retrieval")
+    runs = {r.data.tags["adapt_method"] if "adapt_method" in r.data.tags else "none": r
+            for r in client.search_runs([experiment.experiment_id]) if r.data.tags.get("job") == "train"}
+    assert set(runs) == {"none", "mlm"}
+    adapted = runs["mlm"]
+    assert adapted.data.tags["adapt_uses_eval_corpus"] == "true"  # the explicit, logged choice
+    assert "adapt/heldout_loss_after" in adapted.data.metrics
+    for run in runs.values():
+        assert run.info.status == "FINISHED"
+        assert "val/tatoeba/low_resource/both/accuracy_at_1" in run.data.metrics
+        assert {"val/xquad_r/mono/th/map", "val/xquad_r/cross/el-tr/map"} <= set(run.data.metrics)
+    # The sweep's report: before/after rows for both arms, both evaluation sets.
+    table = (tmp_path / "sweep" / "report" / "report.md").read_text()
+    for label in ("adapt=none", "adapt=mlm", "adapt=mlm · before training", "**tatoeba**", "**xquad_r**"):
+        assert label in table, label

@@ -81,13 +81,11 @@ class Report:
         return [(key, label, f"{PREFIX}/{key}/{name}") for key, kind in self.sets for label, name in COLUMNS[kind]]
 
 
-def _identity(params: Mapping[str, str], key: str) -> str | None:
-    """The group-level key naming `key`'s config option (``sampler.name`` for ``sampler.mono_ratio``), if any."""
-    group = key.rsplit(".", 1)[0] if "." in key else None
-    for name in IDENTITY_KEYS:
-        if group and f"{group}.{name}" in params:
-            return f"{group}.{name}"
-    return None
+def _identity(key: str, all_keys: set[str]) -> str | None:
+    """The key naming the option of `key`'s top-level config group (``sampler.name`` for ``sampler.mono_ratio``,
+    ``adapt.method`` for ``adapt.text.source``), if the group has one."""
+    group = key.split(".", 1)[0]
+    return next((f"{group}.{name}" for name in IDENTITY_KEYS if f"{group}.{name}" in all_keys), None)
 
 
 def swept_keys(records: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -101,20 +99,21 @@ def swept_keys(records: Sequence[Mapping[str, Any]]) -> list[str]:
 
 def group_label(params: Mapping[str, str], swept: Sequence[str],
                 records: Sequence[Mapping[str, Any]] = ()) -> str:
-    """What sets this run apart: ``group=<name>`` for a config group whose option differs, then ``key=value`` for
-    every other differing key, except a key of that group whose value the option already fixes among `records`
-    (``sampler=mono`` says what ``sampler.mono_ratio=1.0`` would)."""
+    """What sets this run apart: ``group=<option>`` for a config group whose option differs, then ``key=value``
+    for every other differing key, except a key of such a group whose value the option already fixes among
+    `records` (``sampler=mono`` says what ``sampler.mono_ratio=1.0`` would; ``adapt=none`` has no ``adapt.text``)."""
+    all_keys = set(params).union(*(r["params"] for r in records)) if records else set(params)
     parts: list[str] = []
     named: set[str] = set()
     for key in swept:
-        identity = _identity(params, key)
+        identity = _identity(key, all_keys)
         if identity in swept and identity not in named:
             named.add(identity)
-            parts.append(f"{identity.rsplit('.', 1)[0]}={params.get(identity)}")
+            parts.append(f"{identity.split('.', 1)[0]}={params.get(identity, '—')}")
     for key in swept:
         if key in named:
             continue
-        identity = _identity(params, key)
+        identity = _identity(key, all_keys)
         if identity in named:
             same_option = [r["params"] for r in records if r["params"].get(identity) == params.get(identity)]
             if len({p.get(key) for p in same_option}) <= 1:
