@@ -101,8 +101,11 @@ def get_experiment_id(client: Any, name: str) -> str:
     def fetch() -> str:
         experiment = client.get_experiment_by_name(name)
         if experiment is None:
+            # Artifacts beside a SQLite store, not in ./mlruns of whichever folder the first run started from.
+            store = sqlite_path(client.tracking_uri) if hasattr(client, "tracking_uri") else None
+            location = (store.parent / "artifacts").resolve().as_uri() if store is not None else None
             try:
-                client.create_experiment(name, tags=dict([EXPERIMENT_KIND]))
+                client.create_experiment(name, artifact_location=location, tags=dict([EXPERIMENT_KIND]))
             except Exception:
                 pass  # another job created it first
             experiment = client.get_experiment_by_name(name)

@@ -63,6 +63,7 @@ def test_sweep_end_prints_and_logs_the_report_with_mean_and_std_over_seeds(sweep
         assert f"python run.py sampler={sampler} train.seed={seed}" in note and "Model: `" in note
     experiment = client.get_experiment_by_name("hybrid_retrieval")
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert experiment.artifact_location == (sweep["folder"] / "artifacts").resolve().as_uri()  # beside the store
 
     # The table printed at the sweep's end, and the same files in the sweep folder.
     assert "| sampler=mono | 2 |" in sweep["stdout"] and "| sampler=cross | 2 |" in sweep["stdout"]
