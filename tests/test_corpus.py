@@ -43,11 +43,14 @@ CONFIG = {"model": "tiny", "passage_text": "text"}
 
 
 def test_shards_hold_the_encoder_embeddings_in_input_order(tiny_encoder: Any, tmp_path: Path,
-                                                           capsys: pytest.CaptureFixture[str]) -> None:
+                                                           caplog: pytest.LogCaptureFixture,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HYBRID_RETRIEVAL_PROGRESS_EVERY_S", "0.0001")  # a progress line at every update
+    caplog.set_level("INFO", logger="hybrid_retrieval.progress")
     items = passages(700)
     shards = encode_corpus(encoder_fn(tiny_encoder), iter(items), tmp_path / "emb", model="tiny", config=CONFIG,
                            dim=tiny_encoder.embedding_dim, shard_size=300, total=len(items))
-    assert "texts/s" in capsys.readouterr().err  # the progress bar: texts and their rate
+    assert any("texts/s" in r.getMessage() for r in caplog.records)  # progress: texts and their rate
     manifest = json.loads((tmp_path / "emb" / "manifest.json").read_text())
     assert manifest["complete"] and manifest["model"] == "tiny" and manifest["count"] == 700
     assert manifest["dim"] == 64 and [s["count"] for s in manifest["shards"]] == [300, 300, 100]
