@@ -176,19 +176,24 @@ def job_context() -> dict[str, Any]:
 NOTE = "mlflow.note.content"  # the run's description in the UI (Markdown)
 
 
+def _driver() -> str:
+    """The driver as a user types it: ``python run.py``, ``python -m hybrid_retrieval.<command>``."""
+    import sys
+
+    script = Path(sys.argv[0])
+    if script.name == "run.py":
+        return "python run.py"
+    if script.parent.name == "hybrid_retrieval":
+        return f"python -m hybrid_retrieval.{script.stem}"
+    return f"python {sys.argv[0]}"
+
+
 def command_line() -> str:
     """How this process was started, as a user types it (``python run.py ...``, ``python -m hybrid_retrieval.x``)."""
     import shlex
     import sys
 
-    script = Path(sys.argv[0])
-    if script.name == "run.py":
-        head = "python run.py"
-    elif script.parent.name == "hybrid_retrieval":
-        head = f"python -m hybrid_retrieval.{script.stem}"
-    else:
-        head = f"python {sys.argv[0]}"
-    return " ".join([head, *(shlex.quote(arg) for arg in sys.argv[1:])])
+    return " ".join([_driver(), *(shlex.quote(arg) for arg in sys.argv[1:])])
 
 
 def swept_overrides(argv: Sequence[str] | None = None) -> list[str]:
@@ -217,12 +222,9 @@ def job_command(context: Mapping[str, Any]) -> str:
     without -m)."""
     import shlex
 
-    line = command_line()
     if "override_list" not in context:
-        return line
-    words = line.split()
-    head = words[:3] if words[:2] == ["python", "-m"] else words[:2]
-    return " ".join([*head, *(shlex.quote(o) for o in context["override_list"])])
+        return command_line()
+    return " ".join([_driver(), *(shlex.quote(o) for o in context["override_list"])])
 
 
 def start_run(tracking_uri: str, experiment_name: str, run_name: str | None = None,

@@ -18,6 +18,7 @@ import gzip
 import json
 import random
 from collections.abc import Sequence
+from typing import Any
 from pathlib import Path
 
 from hybrid_retrieval.data.miracl import load_language
@@ -28,6 +29,18 @@ FILLER = ("river mountain city school market history music football language isl
 
 def _filler(rng: random.Random, words: int) -> str:
     return " ".join(rng.choice(FILLER) for _ in range(words))
+
+
+def write_shard(path: Path, rows: Sequence[Any], gz: bool = False) -> Path:
+    """One corpus shard in MIRACL's layout: a JSON object a line (a string row is written as it is, e.g. a
+    malformed line), gzipped when `gz`."""
+    text = "".join((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n" for r in rows)
+    if gz:
+        with gzip.open(path, "wt", encoding="utf-8") as out:
+            out.write(text)
+    else:
+        path.write_text(text, encoding="utf-8")
+    return path
 
 
 def write_synthetic_corpus(folder: Path, languages: Sequence[str], data_root: Path | None = None,
@@ -61,13 +74,8 @@ def write_synthetic_corpus(folder: Path, languages: Sequence[str], data_root: Pa
         target.mkdir(parents=True, exist_ok=True)
         per_shard = -(-len(rows) // shards)
         for i in range(shards):
-            lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows[i * per_shard:(i + 1) * per_shard])
-            path = target / f"docs-{i}.jsonl{'.gz' if gzipped else ''}"
-            if gzipped:
-                with gzip.open(path, "wt", encoding="utf-8") as out:
-                    out.write(lines)
-            else:
-                path.write_text(lines, encoding="utf-8")
+            write_shard(target / f"docs-{i}.jsonl{'.gz' if gzipped else ''}",
+                        rows[i * per_shard:(i + 1) * per_shard], gz=gzipped)
     return folder
 
 

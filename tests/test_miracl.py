@@ -3,7 +3,6 @@ evaluation set end to end on a synthetic corpus (real topics and judged docids, 
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import random
@@ -16,7 +15,7 @@ import numpy as np
 import pytest
 import pytrec_eval
 from conftest import CONF_DIR, REPO_ROOT
-from miracl_corpus import write_synthetic_corpus
+from miracl_corpus import write_shard, write_synthetic_corpus
 from omegaconf import OmegaConf
 
 from hybrid_retrieval.config_checks import ConfigError, check_dataset
@@ -167,16 +166,6 @@ def test_topics_and_qrels_must_belong_together(tmp_path: Path, data_root: Path) 
         data.load_language("yo", tmp_path)  # an edited dev file is not the published benchmark
     with pytest.raises(DataNotFoundError, match=r"dataset\.root='.*' holds no miracl/ folder"):
         data.load_language("yo", tmp_path / "miracl" / "nothing")
-
-
-def write_shard(path: Path, rows: list[Any], gz: bool = False) -> Path:
-    text = "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows)
-    if gz:
-        with gzip.open(path, "wt", encoding="utf-8") as out:
-            out.write(text)
-    else:
-        path.write_text(text, encoding="utf-8")
-    return path
 
 
 @pytest.mark.parametrize(("name", "rows", "message"), [

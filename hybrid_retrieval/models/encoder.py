@@ -153,8 +153,9 @@ class Encoder(nn.Module):
         ``dtype=torch.bfloat16`` runs the backbone under autocast (fast only where the CPU/GPU has bf16 units).
         `max_batch_tokens` caps padded tokens per batch; default: 2048 on CPU (cache-friendly), none elsewhere.
         `progress`: texts/s on stderr; None = on from PROGRESS_MIN_TEXTS texts. ``shard=(rank, world)`` encodes
-        only every ``world``-th batch of that plan, from ``rank`` on (the other rows stay zero; :meth:`shard_rows` says which rows are this shard's): ranks of distributed evaluation split
-        the work and each batch is the one a single process would run.
+        only every ``world``-th batch of that plan, from ``rank`` on (the other rows stay zero; :meth:`shard_rows`
+        says which rows are this shard's): ranks of distributed evaluation split the work and each batch is the one
+        a single process would run.
         """
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size}: expected a positive integer")

@@ -3,12 +3,12 @@ side (or their difference), and training curves. PNG files, labelled axes, langu
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from hybrid_retrieval.evaluation.heatmap import draw_heatmap
 from hybrid_retrieval.reporting.report import PREFIX, Report, Row, per_language
 
 SETTING_LABELS = {"mono": "Mo", "cross": "Cr", "multi": "Mul"}
@@ -129,22 +129,7 @@ def plot_heatmaps(report: Report, key: str, path: Path, rows: Sequence[int] | No
     size = 1.0 + 0.45 * len(languages)
     fig, axes = plt.subplots(1, len(panels), figsize=(size * len(panels) + 1.2, size + 0.6), squeeze=False)
     for ax, (title, matrix) in zip(axes[0], panels):
-        if diff is not None:
-            limit = max(0.05, float(np.nanmax(np.abs(matrix))) if np.isfinite(matrix).any() else 0.05)
-            image = ax.imshow(matrix, vmin=-limit, vmax=limit, cmap="RdBu")
-        else:
-            image = ax.imshow(matrix, vmin=0.0, vmax=1.0, cmap="viridis")
-        ax.set_xticks(range(len(languages)), languages)
-        ax.set_yticks(range(len(languages)), languages)
-        ax.set_xlabel("candidate language")
-        ax.set_ylabel("query language")
-        ax.set_title(title, fontsize=8)
-        for i in range(len(languages)):
-            for j in range(len(languages)):
-                if math.isfinite(matrix[i, j]):
-                    light = abs(matrix[i, j]) > 0.5 * limit if diff is not None else matrix[i, j] < 0.5
-                    ax.text(j, i, f"{matrix[i, j]:+.2f}" if diff is not None else f"{matrix[i, j]:.2f}",
-                            ha="center", va="center", fontsize=6, color="white" if light else "black")
+        image = draw_heatmap(ax, matrix, languages, title, difference=diff is not None, title_size=8, cell_size=6)
         fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
     fig.suptitle(f"{key} mAP: query language x candidate language" + (" (difference)" if diff else ""), fontsize=9)
     return _save(fig, path)

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from hydra.experimental.callback import Callback
+
 from hybrid_retrieval import tracking
 from hybrid_retrieval.reporting.plots import write_plots
 from hybrid_retrieval.reporting.report import Report, build_report, markdown, write_tables
@@ -73,12 +75,6 @@ def sweep_tracking(sweep_dir: Path) -> tuple[str, str] | None:
         if data.get("tracking_uri"):
             return data["tracking_uri"], data.get("experiment_name", "hybrid_retrieval")
     return None
-
-
-try:
-    from hydra.experimental.callback import Callback
-except ImportError:  # pragma: no cover - Hydra < 1.1
-    Callback = object  # type: ignore[misc,assignment]
 
 
 class SweepReport(Callback):
