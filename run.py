@@ -8,9 +8,13 @@ from omegaconf import DictConfig
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float:
-    from hybrid_retrieval.config_checks import check_train_config
+    from hybrid_retrieval.config_checks import check_train_config, finished_job
     from hybrid_retrieval.tracking import folder_status
 
+    done = finished_job(cfg)  # train.resume=auto in a rerun sweep: a finished job is not run again
+    if done is not None:
+        logging.getLogger(__name__).info("this job finished before (%s = %.4f): skipped", cfg.train.monitor, done)
+        return done
     with folder_status():
         check_train_config(cfg)  # before the heavy imports: a bad option fails in seconds
         from hybrid_retrieval.training.inputs import load_training_inputs

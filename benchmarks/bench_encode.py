@@ -1,4 +1,5 @@
-"""Encoding throughput on XQuAD-R (en + zh questions and candidate sentences): naive loop vs Encoder.encode.
+"""Encoding throughput on XQuAD-R (en + zh questions and candidate sentences): naive loop vs Encoder.encode, and
+both against the machine's matmul rate.
 
 Three ways to embed the same texts with the same model, timed in one run:
 
@@ -6,7 +7,10 @@ Three ways to embed the same texts with the same model, timed in one run:
 * encode: ``Encoder.encode`` (tokenise once, sort by length, pad each batch only to its longest text);
 * encode-bf16: the same under bfloat16 autocast.
 
-All use a 128-token truncation limit, so the embeddings are comparable (their agreement is printed too).
+All use a 128-token truncation limit, so the embeddings are comparable (their agreement is printed too). The
+same run times a bare matmul of the model's shape (2,048 token rows x hidden -> intermediate, fp32 and bf16) and
+reports each method's useful rate: the model's FLOPs counted on real tokens only (linear layers plus attention
+scores; padding is not counted) per second, as a share of that matmul rate.
 
     python benchmarks/bench_encode.py --threads 2 --limit 256
 """
@@ -24,6 +28,7 @@ import torch
 
 from hybrid_retrieval.data.lareqa import load_split
 from hybrid_retrieval.models.encoder import Encoder, cosine, load_encoder
+from machine import cpu_description  # benchmarks/machine.py (the script's own folder is on sys.path)
 
 PAD_TO = 128
 
@@ -47,6 +52,29 @@ def naive_encode(encoder: Encoder, texts: list[str], kind: str, batch_size: int 
             )
             out.append(encoder(batch["input_ids"], batch["attention_mask"]).numpy())
     return np.concatenate(out)
+
+
+def model_flops(backbone: torch.nn.Module, lengths: np.ndarray) -> float:
+    """Forward FLOPs of a BERT-style encoder over texts of these token lengths, no padding: per layer and token
+    2 * (4 h^2 + 2 h i) for the Q/K/V/O and feed-forward matmuls, plus 4 L h for attention scores and weighting."""
+    config = backbone.config
+    h, i, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    tokens = lengths.astype(np.float64)
+    return float(layers * (tokens.sum() * 2 * (4 * h * h + 2 * h * i) + (4 * h * tokens**2).sum()))
+
+
+def matmul_rate(rows: int, hidden: int, inner: int, dtype: torch.dtype, seconds: float = 3.0) -> float:
+    """GFLOP/s of a bare (rows x hidden) @ (hidden x inner) matmul in `dtype`, best of repeated timings."""
+    a, b = torch.randn(rows, hidden).to(dtype), torch.randn(hidden, inner).to(dtype)
+    for _ in range(3):
+        a @ b
+    best, deadline = float("inf"), time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        started = time.perf_counter()
+        for _ in range(10):
+            a @ b
+        best = min(best, (time.perf_counter() - started) / 10)
+    return 2 * rows * hidden * inner / best / 1e9
 
 
 def timed(fn: Callable[[], np.ndarray], repeats: int) -> tuple[float, np.ndarray]:
@@ -116,14 +144,32 @@ def main() -> None:
         seconds = results[label][0]
         print(f"  {label:30s} {seconds:8.2f} s  {n_texts / seconds:8.1f} texts/s", flush=True)
 
+    config = encoder.backbone.config
+    flops = model_flops(encoder.backbone, lengths)
+    peak = {"fp32": matmul_rate(2048, config.hidden_size, config.intermediate_size, torch.float32)}
+    if not args.no_bf16:
+        peak["bf16"] = matmul_rate(2048, config.hidden_size, config.intermediate_size, torch.bfloat16)
+    print(f"bare matmul 2048 x {config.hidden_size} x {config.intermediate_size}: "
+          + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peak.items())
+          + f"; model work on real tokens {flops / 1e9:.0f} GFLOP")
+
     base_seconds, base = results["naive (file order, pad 128)"]
     print("ratios to naive (same run):")
-    summary = {"threads": args.threads, "texts": n_texts}
+    summary = {"cpu": cpu_description(), "threads": args.threads, "texts": n_texts,
+               "matmul_gflops": {k: round(v, 1) for k, v in peak.items()}, "model_gflop": round(flops / 1e9, 1)}
+    fp32_seconds = results["encode (sorted, dynamic pad)"][0]
     for label, (seconds, emb) in results.items():
         agreement = cosine(base, emb).min()
-        print(f"  {label:30s} x{base_seconds / seconds:6.2f}   min cosine to naive {agreement:.6f}")
+        reference = "bf16" if "bf16" in label else "fp32"
+        useful = flops / seconds / 1e9
+        print(f"  {label:30s} x{base_seconds / seconds:6.2f}   min cosine to naive {agreement:.6f}   "
+              f"{useful:6.1f} GFLOP/s = {useful / peak[reference]:5.1%} of the {reference} matmul rate"
+              f"   x{fp32_seconds / seconds:.2f} fp32 encode")
         summary[label] = {"seconds": round(seconds, 3), "texts_per_s": round(n_texts / seconds, 1),
-                          "speedup": round(base_seconds / seconds, 2), "min_cosine": round(float(agreement), 6)}
+                          "speedup": round(base_seconds / seconds, 2), "min_cosine": round(float(agreement), 6),
+                          "gflops": round(useful, 1), "share_of_matmul": round(useful / peak[reference], 3),
+                          "vs_fp32_encode": round(fp32_seconds / seconds, 2)}
+    print(f"CPU: {summary['cpu']}")
     print(json.dumps(summary))
 
 

@@ -15,6 +15,8 @@ batches in the same order for every configuration. Each configuration runs in a 
 - ``project_fp32``: the same with the fused AdamW the module now uses.
 - ``project_bf16``: fused AdamW and ``bf16-mixed`` autocast (fp32 master weights): ``hardware=cpu_bf16``, or what
   ``hardware=cpu_auto`` picks on a CPU with bf16 units.
+- ``project_bf16_dynpad``: the same plus ``train.dynamic_padding`` (each side of the batch embedded in
+  length-sorted chunks, each padded to its own longest text: the same batch, less padded work).
 
 Prints per configuration: median pairs/s over the repeats (first step excluded: allocator and optimiser state
 warm-up), the range, peak RSS, the ratio to ``st``, the mean loss of the first steps against ``st``'s, and the
@@ -36,7 +38,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from machine import cpu_description, peak_rss_mb  # noqa: E402 (benchmarks/machine.py)
-CONFIGS = ("st", "project_loop", "project_fp32", "project_bf16")
+CONFIGS = ("st", "project_loop", "project_fp32", "project_bf16", "project_bf16_dynpad")
 
 
 def batches_of_pairs(data_root: str, batch: int, steps: int, seed: int) -> list[list[tuple[str, str]]]:
@@ -92,7 +94,7 @@ def run_project(args: argparse.Namespace, batches: list, config: str) -> dict:
         module_lib.optimizer_kernel = lambda parameters, precision="32-true": {"foreach": False}
     module = HybridRetrievalModule(encoder, InfoNCELoss(temperature=0.05),
                                    OptimizerSettings(args.lr, 0.01, 0.0, "constant"), freeze_embeddings=False,
-                                   gradient_clip_val=1.0)
+                                   gradient_clip_val=1.0, dynamic_padding=config.endswith("_dynpad"))
 
     def collate(rows: list) -> dict:
         rows = rows[0]
@@ -112,7 +114,7 @@ def run_project(args: argparse.Namespace, batches: list, config: str) -> dict:
             times.append(time.perf_counter() - self.started)
             values.append(float(outputs["loss"]) if isinstance(outputs, dict) else float(outputs))
 
-    trainer = pl.Trainer(accelerator="cpu", devices=1, precision="bf16-mixed" if config == "project_bf16" else
+    trainer = pl.Trainer(accelerator="cpu", devices=1, precision="bf16-mixed" if "bf16" in config else
                          "32-true", max_steps=len(batches), logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=1.0,
                          limit_val_batches=0, num_sanity_val_steps=0, callbacks=[Clock()])

@@ -18,7 +18,9 @@ from hybrid_retrieval.evaluation.sets import kind_module, lower_is_better, monit
 from hybrid_retrieval.models.encoder import POOLINGS, resolve_hub_folder
 from hybrid_retrieval.models.encoder import SOURCES as MODEL_SOURCES
 
-ENCODE_DTYPES = ("float32", "bfloat16")
+RUN_INFO = "run_info.json"  # a training run folder's MLflow run, store and starting config (training/train.py)
+
+ENCODE_DTYPES = ("float32", "bfloat16", "auto")
 
 
 class ConfigError(ValueError):
@@ -158,6 +160,9 @@ def check_train_config(cfg: DictConfig) -> None:
              cfg.train_data.get("datasets"))
     check_monitor(cfg)
     check_launch(cfg)
+    before = cfg.train.get("evaluate_before", True)
+    _require(before in (True, False, "first_job"), "train.evaluate_before", "true, false or first_job (step 0 "
+             "validated only in a sweep's job 0: for sweeps whose jobs all start from the same model)", before)
     if cfg.get("adapt") is not None:
         from hybrid_retrieval.adaptation.mlm import check_adapt_config
 
@@ -198,15 +203,21 @@ def check_launch(cfg: DictConfig) -> None:
 
 
 def resume_target(cfg: DictConfig) -> Path | None:
-    """The run folder ``train.resume`` names (``last``: the newest run under outputs/train with a resumable
-    checkpoint), checked: it holds ``checkpoints/last.ckpt``, ``run_info.json`` and the composed config, and that
-    config equals this one but for ``train.resume`` (a resumed run continues the same experiment)."""
-    from omegaconf import OmegaConf
-
+    """The run folder ``train.resume`` names, checked: it holds ``checkpoints/last.ckpt``, ``run_info.json`` and the
+    composed config, and that config equals this one but for ``train.resume`` (a resumed run continues the same
+    experiment). ``last``: the newest run under outputs/train with a resumable checkpoint. ``auto``: this job's own
+    folder when it holds a resumable checkpoint, else None (a fresh start) — with a fixed ``hydra.sweep.dir``,
+    rerunning a stopped sweep continues it (finished jobs are skipped by :func:`finished_job`)."""
     value = cfg.train.get("resume")
     if not value:
         return None
-    if value == "last":
+    if value == "auto":
+        from hybrid_retrieval.tracking import job_context
+
+        folder = Path(job_context()["output_dir"])
+        if not ((folder / "checkpoints" / "last.ckpt").is_file() and (folder / RUN_INFO).is_file()):
+            return None
+    elif value == "last":
         from hydra.core.hydra_config import HydraConfig
 
         base = Path(HydraConfig.get().runtime.cwd) if HydraConfig.initialized() else Path.cwd()
@@ -217,17 +228,56 @@ def resume_target(cfg: DictConfig) -> Path | None:
         folder = candidates[-1]
     else:
         folder = Path(str(value)).expanduser()
-    for needed in ("checkpoints/last.ckpt", "run_info.json", ".hydra/config.yaml"):
+    for needed in ("checkpoints/last.ckpt", RUN_INFO, ".hydra/config.yaml"):
         _require((folder / needed).is_file(), "train.resume", f"a run folder of run.py holding {needed} "
                  f"(written by a run with train.checkpoint_every_n_steps, or stopped by SIGTERM/Ctrl+C)", str(value))
-    saved = OmegaConf.to_container(OmegaConf.load(folder / ".hydra" / "config.yaml"), resolve=False)
+    check_same_config(cfg, folder)
+    return folder
+
+
+
+def saved_config(folder: Path) -> dict:
+    """The config a run started with: kept in run_info.json (Hydra rewrites .hydra/config.yaml when a job reruns in
+    the same folder), else .hydra/config.yaml (runs from before run_info kept it)."""
+    import json
+
+    from omegaconf import OmegaConf
+
+    info = json.loads((folder / RUN_INFO).read_text()) if (folder / RUN_INFO).is_file() else {}
+    if "config" in info:
+        return info["config"]
+    return OmegaConf.to_container(OmegaConf.load(folder / ".hydra" / "config.yaml"), resolve=False)
+
+
+def check_same_config(cfg: DictConfig, folder: Path) -> None:
+    from omegaconf import OmegaConf
+
+    saved = saved_config(folder)
     current = OmegaConf.to_container(cfg, resolve=False)
     for config in (saved, current):
         config.get("train", {}).pop("resume", None)
     differences = sorted(_differences(saved, current))
     _require(not differences, "train.resume", "the same command as the run being resumed, plus train.resume; these "
-             f"options differ: {differences[:8]}", str(value))
-    return folder
+             f"options differ: {differences[:8]}", f"{cfg.train.get('resume')} ({folder})")
+
+
+def finished_job(cfg: DictConfig) -> float | None:
+    """With ``train.resume=auto``: the monitored best value of this job's folder when a run there finished with the
+    same config (the job is then skipped), else None."""
+    import json
+
+    if cfg.train.get("resume") != "auto":
+        return None
+    from hybrid_retrieval.tracking import job_context
+
+    folder = Path(job_context()["output_dir"])
+    status, info = folder / "status.json", folder / RUN_INFO
+    if not (status.is_file() and info.is_file()):
+        return None
+    if json.loads(status.read_text()).get("status") != "finished" or "best" not in json.loads(info.read_text()):
+        return None
+    check_same_config(cfg, folder)
+    return float(json.loads(info.read_text())["best"])
 
 
 def _differences(a: Any, b: Any, path: str = "") -> list[str]:

@@ -24,6 +24,7 @@ from omegaconf import DictConfig
 
 from hybrid_retrieval import tracking
 from hybrid_retrieval.config_checks import ConfigError, check_hardware, check_model
+from hybrid_retrieval.hardware import encode_dtype
 from hybrid_retrieval.models.encoder import Encoder
 
 KINDS = ("query", "passage")
@@ -160,7 +161,7 @@ def model_source(cfg: DictConfig) -> str:
 
 def encode_texts(encoder: Encoder, texts: list[str], kind: str, hardware: DictConfig) -> tuple[np.ndarray, float]:
     """Embeddings (float32, input order) and the seconds it took."""
-    dtype = torch.bfloat16 if hardware.encode_dtype == "bfloat16" else None
+    dtype = encode_dtype(hardware)
     start = time.perf_counter()
     emb = encoder.encode(texts, kind, batch_size=int(hardware.encode_batch_size), dtype=dtype)
     return emb.astype(np.float32, copy=False), time.perf_counter() - start

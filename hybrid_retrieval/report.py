@@ -19,6 +19,8 @@ def check_report_config(cfg: DictConfig) -> None:
     sources = [name for name in ("sweep", "runs") if cfg.get(name)] + (["all_runs"] if cfg.all_runs else [])
     if len(sources) > 1:
         raise ValueError(f"{' and '.join(sources)}: choose one source of runs (sweep, runs or all_runs)")
+    if OmegaConf.is_list(cfg.get("sweep")) and not cfg.get("out"):
+        raise ValueError(f"sweep={list(cfg.sweep)}: several sweeps make one report; set out=<folder> for it")
     if cfg.at not in ("best", "last"):
         raise ValueError(f"at={cfg.at!r}: expected best or last")
     for name in ("heatmap_rows", "diff"):
@@ -36,7 +38,8 @@ def main(cfg: DictConfig) -> None:
     out = cfg.out
     if out is None and (cfg.runs or cfg.all_runs):
         out = tracking.job_context()["output_dir"]
-    made = make_report(cfg.logger.tracking_uri, cfg.logger.experiment_name, out=out, sweep=cfg.sweep,
+    sweep = list(cfg.sweep) if OmegaConf.is_list(cfg.sweep) else cfg.sweep
+    made = make_report(cfg.logger.tracking_uri, cfg.logger.experiment_name, out=out, sweep=sweep,
                        runs=list(cfg.runs) if cfg.runs else None, all_runs=bool(cfg.all_runs), at=cfg.at,
                        before=bool(cfg.before), heatmap_rows=list(cfg.heatmap_rows) if cfg.heatmap_rows else None,
                        diff=list(cfg.diff) if cfg.diff else None)

@@ -427,14 +427,15 @@ def folder_status(folder: str | Path | None = None) -> Iterator[None]:
 REPORTED_PREFIXES = ("val/", "best/", "train/loss")
 
 
-def sweep_runs(tracking_uri: str, experiment_name: str, sweep: str | None = None,
+def sweep_runs(tracking_uri: str, experiment_name: str, sweep: str | Sequence[str] | None = None,
                run_ids: Sequence[str] | None = None, all_runs: bool = False) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """The training runs a report covers, as plain records, and the sweep's parent run (empty if none).
+    """The training runs a report covers, as plain records, and the sweep's parent run (empty if none, or if the
+    runs come from several sweeps).
 
-    Exactly one source: ``run_ids``; ``sweep`` (a multirun folder, or its parent run's id); ``all_runs`` (every
-    training run of the experiment); none of them = the newest sweep of the experiment. Each record holds
-    ``run_id``, ``name``, ``status``, ``tags``, ``params`` and ``history`` (metric key -> {step: value}) for the
-    keys a report reads (``val/``, ``best/``, ``train/loss``).
+    Exactly one source: ``run_ids``; ``sweep`` (a multirun folder or its parent run's id, or a list of them: their
+    runs together); ``all_runs`` (every training run of the experiment); none of them = the newest sweep of the
+    experiment. Each record holds ``run_id``, ``name``, ``status``, ``tags``, ``params`` and ``history`` (metric
+    key -> {step: value}) for the keys a report reads (``val/``, ``best/``, ``train/loss``).
     """
     client = get_client(tracking_uri)
     experiment = with_retry(lambda: client.get_experiment_by_name(experiment_name))
@@ -442,6 +443,7 @@ def sweep_runs(tracking_uri: str, experiment_name: str, sweep: str | None = None
         raise ValueError(f"logger.experiment_name={experiment_name!r}: no such experiment in {tracking_uri}")
     eid = experiment.experiment_id
     parent: Any = None
+    order: dict[str, int] = {}  # sweep_id -> its place in `sweep`
     if run_ids:
         runs = [with_retry(lambda rid=rid: client.get_run(rid)) for rid in run_ids]
     elif all_runs:
@@ -453,19 +455,27 @@ def sweep_runs(tracking_uri: str, experiment_name: str, sweep: str | None = None
             if not parents:
                 raise ValueError(f"no sweep in experiment {experiment_name!r} of {tracking_uri}: run one with "
                                  "`python run.py -m ...`, or name runs with report.runs=[id,...]")
-            parent = parents[0]
+            chosen = [parents[0]]
         else:
-            folder = str(Path(sweep).resolve())
-            parent = next((p for p in parents if p.info.run_id == sweep or p.data.tags.get("sweep_id") == folder),
-                          None)
-            if parent is None:
-                raise ValueError(f"report.sweep={sweep!r}: neither a sweep folder nor a sweep's parent run id in "
-                                 f"experiment {experiment_name!r} of {tracking_uri}")
-        sweep_id = parent.data.tags["sweep_id"]
-        runs = with_retry(lambda: client.search_runs(
-            [eid], filter_string=f"tags.sweep_id = '{sweep_id}' and tags.job = 'train'", max_results=5000))
+            chosen = []
+            for name in [sweep] if isinstance(sweep, str) else list(sweep):
+                folder = str(Path(name).resolve())
+                found = next((p for p in parents if p.info.run_id == name or p.data.tags.get("sweep_id") == folder),
+                             None)
+                if found is None:
+                    raise ValueError(f"report.sweep={name!r}: neither a sweep folder nor a sweep's parent run id in "
+                                     f"experiment {experiment_name!r} of {tracking_uri}")
+                chosen.append(found)
+        parent = chosen[0] if len(chosen) == 1 else None
+        runs = []
+        for place, found in enumerate(chosen):
+            sweep_id = found.data.tags["sweep_id"]
+            order[sweep_id] = place
+            runs += with_retry(lambda sweep_id=sweep_id: client.search_runs(
+                [eid], filter_string=f"tags.sweep_id = '{sweep_id}' and tags.job = 'train'", max_results=5000))
     records = []
-    for run in sorted(runs, key=lambda r: (int(r.data.tags.get("job_num", "0") or 0), r.info.start_time)):
+    for run in sorted(runs, key=lambda r: (order.get(r.data.tags.get("sweep_id", ""), 0),
+                                           int(r.data.tags.get("job_num", "0") or 0), r.info.start_time)):
         history: dict[str, dict[int, float]] = {}
         for key in run.data.metrics:
             if key.startswith(REPORTED_PREFIXES):

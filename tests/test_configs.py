@@ -34,13 +34,18 @@ def test_sampler_options(sampler: str, alpha: float) -> None:
 
 @pytest.mark.parametrize("preset,model,batch,lr", [("paper_xlmr", "xlmr", 100, 3e-5),
                                                     ("paper_labse", "labse", 100, 3e-5),
-                                                    ("demo", "me5_small", 32, 5e-5)])
+                                                    ("demo", "me5_small", 32, 5e-5),
+                                                    ("compare", "me5_small", 32, 5e-5),
+                                                    ("compare_gpu", "xlmr", 100, 3e-5)])
 def test_experiment_presets(preset: str, model: str, batch: int, lr: float) -> None:
     cfg = composed([f"experiment={preset}"])
     assert cfg.model.name == model
     assert cfg.train.batch_size == batch and cfg.train.lr == pytest.approx(lr)
     assert cfg.train.weight_decay == 0.01
-    if preset.startswith("paper"):
+    if preset.startswith("compare"):  # full XQuAD-R, resumable, one step-0 validation per sweep
+        assert cfg.dataset.languages is None and cfg.dataset.max_questions_per_language is None
+        assert cfg.train.resume == "auto" and cfg.train.evaluate_before == "first_job"
+    if preset.startswith(("paper", "compare_gpu")):
         assert cfg.dataset.languages is None and cfg.dataset.max_questions_per_language is None
         assert cfg.hardware.accelerator == "gpu" and cfg.sampler.mono_ratio == 0.5
         assert cfg.model.query_prefix == "Query: " and cfg.model.passage_prefix == "Passage: "

@@ -135,6 +135,14 @@ def test_rows_are_grouped_by_what_differs_and_labelled_by_option_name() -> None:
     assert "0.650 ± 0.071" in markdown(report)
     with pytest.raises(ValueError, match="no finished training run"):
         build_report(records[4:])
+    # train.evaluate_before=first_job: only job 0 validated the common start; it is the one before row.
+    first_job = [{**r, "params": {**r["params"], "train.evaluate_before": "first_job"}} for r in records[:4]]
+    for r in first_job[1:]:
+        r["history"] = {"val/xquad_r/multi/map": {3: r["history"]["val/xquad_r/multi/map"][3]},
+                        "best/step": {3: 3.0}}
+    rows = build_report(first_job, before=True).rows
+    assert [row.label for row in rows][:2] == ["before training", "sampler=mono"]
+    assert rows[0].run_ids == ["a"] and rows[0].n == 1 and len(rows) == 4
 
 
 # --------------------------------------------------------------------------------------------------- the UI

@@ -107,6 +107,39 @@ def test_training_step_is_the_loss_of_the_encoded_batch(pairs: Any, tiny_encoder
     assert module.encoder.backbone.encoder.layer[0].attention.self.query.weight.grad.abs().sum() > 0
 
 
+def test_dynamic_padding_gives_the_same_embeddings_and_gradients_with_less_padded_work(
+        pairs: Any, tiny_encoder: Any) -> None:
+    import copy
+
+    from hybrid_retrieval.training.module import embed_by_length
+
+    # Passages of very different lengths: the batch is padded to the longest, the chunks to their own.
+    order = sorted(range(40), key=lambda i: len(pairs.passages[i]))
+    texts = [pairs.passages[i] for i in order[:6] + order[-2:]]
+    padded_model, chunked_model = copy.deepcopy(tiny_encoder).eval(), copy.deepcopy(tiny_encoder).eval()
+    inputs = padded_model.tokenize(texts, "passage")
+    lengths = inputs["attention_mask"].sum(dim=1)
+    assert lengths.max() > 2 * lengths.min()  # there is padding to drop
+    reference = padded_model(**inputs)
+    calls: list[int] = []
+    chunked_model.register_forward_pre_hook(lambda _, args, kwargs: calls.append(kwargs["input_ids"].numel()),
+                                            with_kwargs=True)
+    chunked = embed_by_length(chunked_model, inputs)
+    assert len(calls) >= 2 and sum(calls) < inputs["input_ids"].numel()  # fewer token slots than the padded batch
+    torch.testing.assert_close(chunked, reference, rtol=0, atol=1e-5)  # same rows, same order
+    weights = torch.randn_like(reference)
+    (reference * weights).sum().backward()
+    (chunked * weights).sum().backward()
+    for (name, a), b in zip(padded_model.named_parameters(), chunked_model.parameters()):
+        if a.grad is not None:
+            torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-5, msg=name)
+    # A batch without padding is one forward pass, as before.
+    even = padded_model.tokenize([texts[0]] * 3, "passage")
+    calls.clear()
+    embed_by_length(chunked_model, even)
+    assert len(calls) == 1
+
+
 @pytest.mark.parametrize("schedule,values", [
     ("linear", [0.5, 1.0, 1.0, 0.75, 0.5, 0.25, 0.0, 0.0]),
     ("constant", [0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]),

@@ -145,12 +145,6 @@ def lower_is_better(dataset_name: str, metric: str) -> bool:
     return metric in getattr(kind_module(dataset_name), "LOWER_IS_BETTER", ())
 
 
-def encode_dtype(hardware: Any) -> Any:
-    import torch
-
-    return torch.bfloat16 if hardware.encode_dtype == "bfloat16" else None
-
-
 def evaluate_set(encoder: Any, evaluation_set: EvaluationSet, batch_size: int = 64, dtype: Any = None,
                  num_threads: int = 2) -> Any:
     """One evaluator call: encode the set with ``encoder`` and compute every setting and metric."""

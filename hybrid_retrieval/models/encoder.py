@@ -182,7 +182,8 @@ class Encoder(nn.Module):
 
         # Long encodings report texts/s (a bar on a terminal, a line every N seconds in logs); short ones stay quiet.
         enabled = len(ids) >= PROGRESS_MIN_TEXTS if progress is None else progress
-        bar = Progress(sum(stop - start for start, stop in batches), f"encode {kind}s", "texts", enabled=enabled)
+        label = "encode queries" if kind == "query" else "encode passages"
+        bar = Progress(sum(stop - start for start, stop in batches), label, "texts", enabled=enabled)
         was_training = self.training
         self.eval()
         try:

@@ -9,7 +9,8 @@ MLflow. Rules:
   group's ``name`` (or ``method``) differs, otherwise ``key=value`` (e.g. ``sampler.mono_ratio=0.25``).
 - Each run is read at one step: ``best`` (the step of its best checkpoint, ``best/step``: what it exported) or
   ``last`` (its last validation). With ``before``, each row also gets its step-0 validation (the model before
-  retrieval training); step-0 rows that are identical in every column collapse into one.
+  retrieval training); step-0 rows that are identical in every column collapse into one, and with
+  ``train.evaluate_before=first_job`` the one job that validated step 0 gives the "before training" row.
 - Columns per evaluation set (``val/<key>/...``; the main set is keyed by its dataset name): LAReQA sets give
   Mo / Cr / Mul mAP, Mul R@1, R@10, nDCG@10 and rank distance; Tatoeba accuracy@1 both ways over all and over
   the low-resource languages, and low-resource mAP and nDCG@10; MIRACL nDCG@10, R@100, MRR@10.
@@ -179,12 +180,17 @@ def build_report(records: Sequence[Mapping[str, Any]], at: str = "best", before:
         seeds = [m["params"].get("train.seed", "?") for m in members]
         ids = [m["run_id"] for m in members]
         trained = Row(label, ids, seeds, "trained")
-        start = Row(f"{label} · before training" if label != "(all runs alike)" else "before training",
-                    ids, seeds, "before")
+        # train.evaluate_before=first_job: one job validated the sweep's common starting model
+        common_start = label == "(all runs alike)" or all(
+            str(r["params"].get("train.evaluate_before")) == "first_job" for r in usable)
+        start = Row("before training" if common_start else f"{label} · before training", [], [], "before")
         for member in members:
             for row, step in ((trained, run_step(member, at)), (start, 0)):
                 for key, value in values_at(member, step).items():
                     row.values.setdefault(key, []).append(value)
+            if values_at(member, 0):
+                start.run_ids.append(member["run_id"])
+                start.seeds.append(member["params"].get("train.seed", "?"))
         rows.append(trained)
         if before and start.values:
             before_rows.append(start)

@@ -28,7 +28,8 @@ class MadeReport:
     records: list[dict[str, Any]]
 
 
-def make_report(tracking_uri: str, experiment_name: str, out: str | Path | None = None, sweep: str | None = None,
+def make_report(tracking_uri: str, experiment_name: str, out: str | Path | None = None,
+                sweep: str | Sequence[str] | None = None,
                 runs: Sequence[str] | None = None, all_runs: bool = False, at: str = "best", before: bool = False,
                 heatmap_rows: Sequence[int] | None = None, diff: Sequence[int] | None = None) -> MadeReport:
     """Read the runs (see ``tracking.sweep_runs`` for the sources), write tables and plots into ``out`` (default:
@@ -41,7 +42,7 @@ def make_report(tracking_uri: str, experiment_name: str, out: str | Path | None 
             raise ValueError(f"report row {index}: the report has rows 0..{len(report.rows) - 1}")
     if out is None:
         if not parent:
-            raise ValueError("report.out: set an output folder when the report is not of a sweep")
+            raise ValueError("report.out: set an output folder when the report is not of one sweep")
         out = Path(parent["sweep_id"]) / ARTIFACT_PATH
     folder = Path(out)
     files = write_tables(report, folder)

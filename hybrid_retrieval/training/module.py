@@ -17,7 +17,7 @@ import torch
 
 from hybrid_retrieval.evaluation.sets import EvaluationSet, evaluate_set, metric_values
 from hybrid_retrieval.models.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_KEY
-from hybrid_retrieval.models.encoder import Encoder
+from hybrid_retrieval.models.encoder import Encoder, plan_batches
 from hybrid_retrieval.tracking import finite_metrics
 
 
@@ -63,6 +63,28 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
     return max(0.0, 1.0 - progress)
 
 
+def embed_by_length(encoder: Encoder, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The same embeddings as ``encoder(**inputs)``, rows in input order, computed in length-sorted chunks that are
+    each padded only to their own longest text (the chunks as in ``Encoder.encode``: :func:`plan_batches`).
+
+    A batch is padded to its longest text, so one long passage makes every row pay for its length; padded tokens
+    are masked out, so dropping them changes no embedding (up to float rounding), only the work. The batch itself
+    (which rows, hence which negatives) is untouched. Dropout draws its masks per chunk, so a training run is not
+    bit-identical to one without this, only equal in distribution."""
+    mask = inputs["attention_mask"]
+    lengths = mask.sum(dim=1)
+    order = torch.argsort(lengths, descending=True, stable=True)
+    plan = plan_batches(lengths[order].cpu().numpy(), batch_size=len(order))
+    if len(plan) == 1 and int(lengths[order[0]]) == mask.shape[1]:
+        return encoder(**inputs)
+    pieces = []
+    for start, stop in plan:
+        rows = order[start:stop]
+        width = int(lengths[rows[0]])
+        pieces.append(encoder(**{key: value[rows, :width] for key, value in inputs.items()}))
+    return torch.cat(pieces)[torch.argsort(order)]
+
+
 class HybridRetrievalModule(pl.LightningModule):
     """Dual encoder (shared weights) + contrastive loss; validation = retrieval metrics on each evaluation set.
 
@@ -78,14 +100,19 @@ class HybridRetrievalModule(pl.LightningModule):
             (:mod:`hybrid_retrieval.losses.cached`): batches larger than memory, same gradients. Training then
             steps the optimiser itself (Lightning's manual optimisation), clipping at ``gradient_clip_val``.
         gradient_checkpointing: recompute the backbone's activations in backward instead of storing them.
+        dynamic_padding: embed each side of a batch in length-sorted chunks, each padded to its own longest text
+            (:func:`embed_by_length`): less padded work, the same batch.
     """
 
     def __init__(self, encoder: Encoder, loss: torch.nn.Module, optimizer: OptimizerSettings,
                  model_config: Mapping[str, Any] | None = None, freeze_embeddings: bool = False,
                  evaluation: EvaluationSettings | None = None, grad_cache_chunk: int | None = None,
-                 gradient_clip_val: float | None = None, gradient_checkpointing: bool = False) -> None:
+                 gradient_clip_val: float | None = None, gradient_checkpointing: bool = False,
+                 dynamic_padding: bool = False) -> None:
         super().__init__()
         self.encoder = encoder
+        # Slicing off padding assumes it is on the right (every tokenizer this project configures pads there).
+        self.dynamic_padding = dynamic_padding and getattr(encoder.tokenizer, "padding_side", "right") == "right"
         self.loss = loss
         self.optimizer_settings = optimizer
         self.model_config = dict(model_config or {})
@@ -110,6 +137,8 @@ class HybridRetrievalModule(pl.LightningModule):
             datamodule.set_epoch(self.current_epoch)
 
     def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.dynamic_padding:
+            return embed_by_length(self.encoder, inputs)
         return self.encoder(**inputs)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:

@@ -21,8 +21,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from hybrid_retrieval import tracking
-from hybrid_retrieval.config_checks import check_train_config
-from hybrid_retrieval.evaluation.sets import describe, encode_dtype, write_reports
+from hybrid_retrieval.config_checks import RUN_INFO, check_train_config
+from hybrid_retrieval.evaluation.sets import describe, write_reports
+from hybrid_retrieval.hardware import encode_dtype, encode_dtype_name, trainer_precision
 from hybrid_retrieval.training.callbacks import (BatchLog, BestCheckpoint, ResumeCheckpoint, TrackedRunLogger,
                                                  TrainingProgress)
 from hybrid_retrieval.training.datamodule import HybridDataModule
@@ -32,15 +33,33 @@ from hybrid_retrieval.training.module import EvaluationSettings, HybridRetrieval
 log = logging.getLogger(__name__)
 
 
-RUN_INFO = "run_info.json"
 
 
-def write_run_info(folder: Path, run: tracking.TrackedRun, experiment_name: str) -> None:
-    """What a resumed run needs to log into the same MLflow run (and a sweep's report, to find the store)."""
+def write_run_info(folder: Path, run: tracking.TrackedRun, experiment_name: str, cfg: DictConfig) -> None:
+    """What a resumed run needs to log into the same MLflow run (and a sweep's report, to find the store), and the
+    config it started with (a resume must match it)."""
     import json
 
     (folder / RUN_INFO).write_text(json.dumps({"mlflow_run_id": run.run_id, "tracking_uri": run.tracking_uri,
-                                               "experiment_name": experiment_name}))
+                                               "experiment_name": experiment_name,
+                                               "config": OmegaConf.to_container(cfg, resolve=False)}))
+
+
+def record_best(folder: Path, monitor: str, best: float) -> None:
+    """The finished run's result, kept in run_info.json (a rerun sweep with train.resume=auto skips the job)."""
+    import json
+
+    info = json.loads((folder / RUN_INFO).read_text())
+    info.update(monitor=monitor, best=best)
+    (folder / RUN_INFO).write_text(json.dumps(info))
+
+
+def evaluates_before(cfg: DictConfig) -> bool:
+    """``train.evaluate_before``: true, false, or ``first_job`` (only job 0 of a sweep)."""
+    value = cfg.train.evaluate_before
+    if value == "first_job":
+        return tracking.job_context()["job_num"] == "0"
+    return bool(value)
 
 
 def read_run_info(folder: Path) -> dict[str, str]:
@@ -71,7 +90,8 @@ def build_module(cfg: DictConfig, encoder: Any = None) -> HybridRetrievalModule:
         evaluation=EvaluationSettings(cfg.hardware.encode_batch_size, encode_dtype(cfg.hardware),
                                       cfg.hardware.num_threads),
         grad_cache_chunk=cfg.train.get("grad_cache_chunk"), gradient_clip_val=cfg.trainer.get("gradient_clip_val"),
-        gradient_checkpointing=bool(cfg.train.get("gradient_checkpointing")))
+        gradient_checkpointing=bool(cfg.train.get("gradient_checkpointing")),
+        dynamic_padding=bool(cfg.train.get("dynamic_padding", False)))
 
 
 def build_trainer(cfg: DictConfig, run: tracking.TrackedRun | None, checkpoint: BestCheckpoint,
@@ -93,7 +113,7 @@ def build_trainer(cfg: DictConfig, run: tracking.TrackedRun | None, checkpoint: 
         callbacks.append(BatchLog(output_dir / "batches"))
     return pl.Trainer(
         accelerator=cfg.hardware.accelerator, devices=cfg.hardware.devices, num_nodes=cfg.hardware.num_nodes,
-        strategy=cfg.hardware.strategy, precision=cfg.hardware.precision,
+        strategy=cfg.hardware.strategy, precision=trainer_precision(cfg.hardware),
         logger=TrackedRunLogger(run, hold_until_checkpoint=True), callbacks=callbacks,
         default_root_dir=str(output_dir), use_distributed_sampler=False, enable_model_summary=False, **options)
 
@@ -180,10 +200,11 @@ def train(cfg: DictConfig, inputs: TrainingInputs | None = None) -> float:
     adapting = inputs.adapt_texts is not None and resume is None  # a resumed run's weights are adapted already
     output_dir = resume or Path(tracking.job_context()["output_dir"])
     last = output_dir / "checkpoints" / "last.ckpt" if resume else None
-    evaluate_before = cfg.train.evaluate_before and resume is None  # a resumed run logged it already
+    evaluate_before = evaluates_before(cfg) and resume is None  # a resumed run logged it already
     checkpoint = BestCheckpoint(output_dir / "checkpoints", cfg.train.monitor, cfg.train.monitor_mode)
     tags = {"model": cfg.model.name, "sampler": cfg.sampler.name, "mono_ratio": str(cfg.sampler.mono_ratio),
-            "dataset": cfg.dataset.name, "seed": str(cfg.train.seed)}
+            "dataset": cfg.dataset.name, "seed": str(cfg.train.seed), "precision": trainer_precision(cfg.hardware),
+            "encode_dtype": encode_dtype_name(cfg.hardware)}
 
     from pytorch_lightning.utilities import rank_zero_only
 
@@ -212,7 +233,7 @@ def train(cfg: DictConfig, inputs: TrainingInputs | None = None) -> float:
             log.info("resuming %s from %s", output_dir, last)
             run.set_tag("resumed_from", last)
         else:
-            write_run_info(output_dir, run, cfg.logger.experiment_name)
+            write_run_info(output_dir, run, cfg.logger.experiment_name, cfg)
         for data in datamodule.summary():
             log.info("training data %s", data)
         trainer = build_trainer(cfg, run, checkpoint, output_dir)
@@ -242,6 +263,7 @@ def train(cfg: DictConfig, inputs: TrainingInputs | None = None) -> float:
             raise KeyboardInterrupt(f"training interrupted at step {trainer.global_step}; best weights exported")
 
     report(cfg, datamodule, checkpoint, trainer.global_step, output_dir, model_dir, run, files)
+    record_best(output_dir, cfg.train.monitor, float(best))
     return float(best)
 
 
@@ -266,7 +288,7 @@ def report(cfg: DictConfig, datamodule: HybridDataModule, checkpoint: BestCheckp
     for extra in sets[1:]:
         print(f"\n{extra.key}: {describe(extra)}, at the same checkpoint")
         print(checkpoint.best_results[extra.key].table())
-    if cfg.train.evaluate_before and checkpoint.zero_shot_metrics:
+    if checkpoint.zero_shot_metrics:
         before = checkpoint.zero_shot_metrics.get(cfg.train.monitor, math.nan)
         print(f"(before training: {cfg.train.monitor} = {before:.4f})")
     tracking.print_summary({

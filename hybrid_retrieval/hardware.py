@@ -1,0 +1,57 @@
+"""What the hardware options resolve to. ``auto`` precision (``hardware.precision`` / ``hardware.encode_dtype``)
+picks bfloat16 where the machine computes it natively (CPU flags avx512_bf16 or amx_bf16; a GPU that supports
+bf16) and float32 elsewhere, where emulated bf16 is slower than fp32. Resolved where it is used, so the config
+keeps saying ``auto``; runs record what it became (tags ``precision``, ``encode_dtype``)."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (Linux /proc/cpuinfo; empty elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def native_bf16(accelerator: str) -> bool:
+    """True where bf16 runs on dedicated units: a CUDA device that supports it, or a CPU with AVX512-BF16 / AMX."""
+    if accelerator in ("gpu", "cuda"):
+        import torch
+
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    return any(flag in cpu_flags() for flag in BF16_CPU_FLAGS)
+
+
+def trainer_precision(hardware: Any) -> str:
+    """Lightning's ``precision``: the configured value, or for ``auto`` bf16-mixed where bf16 is native, else
+    32-true."""
+    value = str(hardware.precision)
+    if value != "auto":
+        return value
+    return "bf16-mixed" if native_bf16(str(hardware.accelerator)) else "32-true"
+
+
+def encode_dtype_name(hardware: Any) -> str:
+    """``float32`` or ``bfloat16``: the configured ``encode_dtype``, or for ``auto`` bfloat16 where it is native."""
+    value = str(hardware.encode_dtype)
+    if value != "auto":
+        return value
+    return "bfloat16" if native_bf16(str(hardware.accelerator)) else "float32"
+
+
+def encode_dtype(hardware: Any) -> Any:
+    """The dtype ``Encoder.encode`` takes: torch.bfloat16 (autocast), or None for float32."""
+    import torch
+
+    return torch.bfloat16 if encode_dtype_name(hardware) == "bfloat16" else None

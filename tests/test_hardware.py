@@ -1,0 +1,58 @@
+"""hardware precision `auto`: bf16 where the machine computes it natively, fp32 elsewhere; explicit values stay."""
+
+from __future__ import annotations
+
+import pytest
+from omegaconf import OmegaConf
+
+from hybrid_retrieval import hardware
+from hybrid_retrieval.config_checks import ConfigError, check_hardware
+
+
+@pytest.fixture
+def flags(monkeypatch):
+    """Set the CPU flags `auto` sees."""
+    def set_flags(*names: str) -> None:
+        monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset(names))
+    return set_flags
+
+
+def _cpu(**values):
+    return OmegaConf.create({"accelerator": "cpu", "precision": "auto", "encode_dtype": "auto", "num_threads": 2,
+                             "encode_batch_size": 64, **values})
+
+
+def test_auto_picks_bf16_only_where_the_cpu_has_bf16_units(flags) -> None:
+    import torch
+
+    flags("avx2", "avx512f", "avx512_bf16")
+    assert hardware.trainer_precision(_cpu()) == "bf16-mixed"
+    assert hardware.encode_dtype(_cpu()) is torch.bfloat16
+    flags("avx2", "amx_tile", "amx_bf16")
+    assert hardware.encode_dtype_name(_cpu()) == "bfloat16"
+    flags("avx2", "avx512f")  # no bf16 units: emulated bf16 is slower than fp32
+    assert hardware.trainer_precision(_cpu()) == "32-true"
+    assert hardware.encode_dtype(_cpu()) is None
+    # Explicit settings are never changed, whatever the CPU.
+    assert hardware.trainer_precision(_cpu(precision="bf16-mixed")) == "bf16-mixed"
+    assert hardware.encode_dtype_name(_cpu(encode_dtype="bfloat16")) == "bfloat16"
+    flags("avx512_bf16")
+    assert hardware.encode_dtype(_cpu(encode_dtype="float32")) is None
+
+
+def test_this_machines_flags_are_read_from_proc_cpuinfo() -> None:
+    from pathlib import Path
+
+    info = Path("/proc/cpuinfo")
+    if not info.is_file():
+        pytest.skip("no /proc/cpuinfo")
+    line = next(l for l in info.read_text().splitlines() if l.startswith("flags"))
+    assert hardware.cpu_flags() == frozenset(line.split(":", 1)[1].split())
+    expected = "bfloat16" if {"avx512_bf16", "amx_bf16"} & hardware.cpu_flags() else "float32"
+    assert hardware.encode_dtype_name(_cpu()) == expected
+
+
+def test_encode_dtype_accepts_auto_and_names_the_choices_otherwise() -> None:
+    check_hardware(_cpu())
+    with pytest.raises(ConfigError, match=r"hardware\.encode_dtype.*auto"):
+        check_hardware(_cpu(encode_dtype="fp8"))
