@@ -44,7 +44,9 @@ PER_LANGUAGE = {"lareqa": [("mono", "map"), ("cross", "map"), ("multi", "map"), 
                 "tatoeba": [("xx_to_en", "accuracy_at_1"), ("en_to_xx", "accuracy_at_1")],
                 "miracl": [("mono", "ndcg_at_10")]}
 IDENTITY_KEYS = ("name", "method")  # a config group's option is named by one of these
-IGNORED = re.compile(r"(^|\.)seed$|^run_name$|^logger\.|^train\.resume$|\.root$|^hardware\.num_threads$")
+# Not a difference between the trained models: seeds (averaged over), bookkeeping, where data is read from.
+IGNORED = re.compile(r"(^|\.)seed$|^run_name$|^logger\.|^train\.(resume|evaluate_before|log_batches|"
+                     r"checkpoint_every_n_steps)$|\.root$|^hardware\.num_threads$|^trainer\.enable_progress_bar$")
 
 
 @dataclass
