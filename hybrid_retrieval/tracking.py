@@ -467,12 +467,15 @@ def sweep_runs(tracking_uri: str, experiment_name: str, sweep: str | Sequence[st
                                      f"experiment {experiment_name!r} of {tracking_uri}")
                 chosen.append(found)
         parent = chosen[0] if len(chosen) == 1 else None
-        runs = []
+        runs, seen = [], set()
         for place, found in enumerate(chosen):
             sweep_id = found.data.tags["sweep_id"]
-            order[sweep_id] = place
-            runs += with_retry(lambda sweep_id=sweep_id: client.search_runs(
-                [eid], filter_string=f"tags.sweep_id = '{sweep_id}' and tags.job = 'train'", max_results=5000))
+            order.setdefault(sweep_id, place)
+            for run in with_retry(lambda sweep_id=sweep_id: client.search_runs(
+                    [eid], filter_string=f"tags.sweep_id = '{sweep_id}' and tags.job = 'train'", max_results=5000)):
+                if run.info.run_id not in seen:  # a sweep named twice counts once
+                    seen.add(run.info.run_id)
+                    runs.append(run)
     records = []
     for run in sorted(runs, key=lambda r: (order.get(r.data.tags.get("sweep_id", ""), 0),
                                            int(r.data.tags.get("job_num", "0") or 0), r.info.start_time)):

@@ -106,11 +106,24 @@ def test_report_command_on_chosen_runs_and_its_bad_input(sweep: dict, data_root:
     assert [row["run"] for row in rows] == ["(all runs alike)"] and rows[0]["n"] == "2"  # differ only by seed
     assert (out / "xquad_r_heatmap_diff.png").is_file()
 
+    # Several sweeps make one report (here the same sweep named by its folder and by its parent run: once).
+    experiment = client.get_experiment_by_name("hybrid_retrieval")
+    parent = client.search_runs([experiment.experiment_id], filter_string="tags.sweep_parent = 'true'")[0]
+    out = tmp_path / "combined"
+    proc = run_command(["-m", "hybrid_retrieval.report", f"sweep=[{sweep['sweep_dir']},{parent.info.run_id}]",
+                        f"out={out}", f"logger.tracking_uri={sweep['uri']}"], data_root, REPO_ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {row["run"]: row["n"] for row in csv.DictReader((out / "report.csv").open())}
+    assert {rows["sampler=mono"], rows["sampler=cross"]} == {"2"}
+
     for args, named in ((["at=worst"], "at="), ([f"sweep={tmp_path}/nowhere"], "report.sweep="),
                         (["sweep=x", "runs=[y]"], "choose one source"), (["diff=[0]"], "diff=")):
         proc = run_command(["-m", "hybrid_retrieval.report", *args, f"logger.tracking_uri={sweep['uri']}",
                             f"out={tmp_path / 'bad'}"], data_root, REPO_ROOT)
         assert proc.returncode != 0 and named in proc.stderr, (args, proc.stderr[-2000:])
+    proc = run_command(["-m", "hybrid_retrieval.report", "sweep=[a,b]", f"logger.tracking_uri={sweep['uri']}"],
+                       data_root, REPO_ROOT)
+    assert proc.returncode != 0 and "set out" in proc.stderr, proc.stderr[-2000:]
 
 
 def test_rows_are_grouped_by_what_differs_and_labelled_by_option_name() -> None:
