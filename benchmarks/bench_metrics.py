@@ -22,6 +22,7 @@ import torch
 from hybrid_retrieval.data.lareqa import load_split
 from hybrid_retrieval.evaluation.evaluator import evaluate_split
 from hybrid_retrieval.evaluation.ranks import relevant_ranks, relevant_ranks_reference, score_chunks
+from machine import cpu_description  # benchmarks/machine.py (the script's own folder is on sys.path)
 
 
 def synthetic_embeddings(split, dim: int = 384, noise: float = 1.6, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -62,6 +63,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--skip-reference", action="store_true")
+    parser.add_argument("--chunk-sizes", default="",
+                        help="also time the rank pass alone at these query chunk sizes, e.g. 128,256,512,1024")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -74,6 +77,7 @@ def main() -> None:
         q, c = synthetic_embeddings(split)
         kind = "synthetic embeddings"
     print(f"XQuAD-R: {len(q)} queries x {len(c)} candidates, {kind}, {args.threads} threads")
+    print(f"CPU: {cpu_description()}")
 
     def bare_matmul() -> None:
         _ = q @ c.T
@@ -85,6 +89,11 @@ def main() -> None:
     result = evaluate_split(q, c, split, num_threads=args.threads)
     print(f"  mono mAP {result.summary['mono']['map']:.4f}, cross mAP {result.summary['cross']['map']:.4f}, "
           f"multi mAP {result.summary['multi']['map']:.4f}, rank distance {result.summary['multi']['rank_distance']:.1f}")
+    lang_ids = split.candidate_language_ids()
+    for size in [int(x) for x in args.chunk_sizes.split(",") if x]:
+        seconds = best_of(lambda size=size: relevant_ranks(q, c, lang_ids, split.relevant, chunk_size=size,
+                                                           num_threads=args.threads), args.repeat)
+        print(f"  rank pass alone, chunks of {size:5d} queries: {seconds:7.2f} s   ({seconds / matmul_s:.2f}x the matmul)")
     if args.skip_reference:
         return
     lang = split.candidate_language_ids()
