@@ -105,6 +105,8 @@ def test_training_step_is_the_loss_of_the_encoded_batch(pairs: Any, tiny_encoder
     embeddings = module.encoder.backbone.get_input_embeddings().weight
     assert embeddings.grad is None  # frozen
     assert module.encoder.backbone.encoder.layer[0].attention.self.query.weight.grad.abs().sum() > 0
+    module.dynamic_padding = True  # train.dynamic_padding: the same loss from length-sorted chunks
+    assert module.training_step(batch, 0).item() == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_dynamic_padding_gives_the_same_embeddings_and_gradients_with_less_padded_work(
