@@ -235,15 +235,20 @@ def resume_target(cfg: DictConfig) -> Path | None:
     return folder
 
 
+def read_run_info(folder: Path) -> dict[str, Any]:
+    """A training run folder's ``run_info.json``: its MLflow run and store, starting config and, once finished, its
+    monitored best value (written by ``training/train.py``)."""
+    import json
+
+    return json.loads((folder / RUN_INFO).read_text())
+
 
 def saved_config(folder: Path) -> dict:
     """The config a run started with: kept in run_info.json (Hydra rewrites .hydra/config.yaml when a job reruns in
     the same folder), else .hydra/config.yaml (runs from before run_info kept it)."""
-    import json
-
     from omegaconf import OmegaConf
 
-    info = json.loads((folder / RUN_INFO).read_text()) if (folder / RUN_INFO).is_file() else {}
+    info = read_run_info(folder) if (folder / RUN_INFO).is_file() else {}
     if "config" in info:
         return info["config"]
     return OmegaConf.to_container(OmegaConf.load(folder / ".hydra" / "config.yaml"), resolve=False)
@@ -271,13 +276,14 @@ def finished_job(cfg: DictConfig) -> float | None:
     from hybrid_retrieval.tracking import job_context
 
     folder = Path(job_context()["output_dir"])
-    status, info = folder / "status.json", folder / RUN_INFO
-    if not (status.is_file() and info.is_file()):
+    status = folder / "status.json"
+    if not (status.is_file() and (folder / RUN_INFO).is_file()):
         return None
-    if json.loads(status.read_text()).get("status") != "finished" or "best" not in json.loads(info.read_text()):
+    info = read_run_info(folder)
+    if json.loads(status.read_text()).get("status") != "finished" or "best" not in info:
         return None
     check_same_config(cfg, folder)
-    return float(json.loads(info.read_text())["best"])
+    return float(info["best"])
 
 
 def _differences(a: Any, b: Any, path: str = "") -> list[str]:

@@ -178,13 +178,13 @@ def build_report(records: Sequence[Mapping[str, Any]], at: str = "best", before:
         raise AssertionError(f"two groups of runs got the same label: {sorted(keys.values())}")
     rows: list[Row] = []
     before_rows: list[Row] = []
+    # train.evaluate_before=first_job: one job validated the sweep's common starting model
+    first_job = all(str(r["params"].get("train.evaluate_before")) == "first_job" for r in usable)
     for label, members in groups.items():
         seeds = [m["params"].get("train.seed", "?") for m in members]
         ids = [m["run_id"] for m in members]
         trained = Row(label, ids, seeds, "trained")
-        # train.evaluate_before=first_job: one job validated the sweep's common starting model
-        common_start = label == "(all runs alike)" or all(
-            str(r["params"].get("train.evaluate_before")) == "first_job" for r in usable)
+        common_start = first_job or label == "(all runs alike)"
         start = Row("before training" if common_start else f"{label} · before training", [], [], "before")
         for member in members:
             for row, step in ((trained, run_step(member, at)), (start, 0)):

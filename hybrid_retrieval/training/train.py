@@ -21,7 +21,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from hybrid_retrieval import tracking
-from hybrid_retrieval.config_checks import RUN_INFO, check_train_config
+from hybrid_retrieval.config_checks import RUN_INFO, check_train_config, read_run_info
 from hybrid_retrieval.evaluation.sets import describe, write_reports
 from hybrid_retrieval.hardware import encode_dtype, encode_dtype_name, trainer_precision
 from hybrid_retrieval.training.callbacks import (BatchLog, BestCheckpoint, ResumeCheckpoint, TrackedRunLogger,
@@ -31,8 +31,6 @@ from hybrid_retrieval.training.inputs import TrainingInputs, load_training_input
 from hybrid_retrieval.training.module import EvaluationSettings, HybridRetrievalModule, OptimizerSettings
 
 log = logging.getLogger(__name__)
-
-
 
 
 def write_run_info(folder: Path, run: tracking.TrackedRun, experiment_name: str, cfg: DictConfig) -> None:
@@ -49,7 +47,7 @@ def record_best(folder: Path, monitor: str, best: float) -> None:
     """The finished run's result, kept in run_info.json (a rerun sweep with train.resume=auto skips the job)."""
     import json
 
-    info = json.loads((folder / RUN_INFO).read_text())
+    info = read_run_info(folder)
     info.update(monitor=monitor, best=best)
     (folder / RUN_INFO).write_text(json.dumps(info))
 
@@ -60,12 +58,6 @@ def evaluates_before(cfg: DictConfig) -> bool:
     if value == "first_job":
         return tracking.job_context()["job_num"] == "0"
     return bool(value)
-
-
-def read_run_info(folder: Path) -> dict[str, str]:
-    import json
-
-    return json.loads((folder / RUN_INFO).read_text())
 
 
 def resume_folder(cfg: DictConfig) -> Path | None:
