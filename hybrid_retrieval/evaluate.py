@@ -24,18 +24,19 @@ from hybrid_retrieval.evaluation.evaluator import EvaluationResult
 from hybrid_retrieval.evaluation.index import write_rankings
 from hybrid_retrieval.evaluation.sets import (LareqaSet, describe, evaluate_set, load_evaluation_sets,
                                               metric_values, write_reports)
-from hybrid_retrieval.hardware import encode_dtype, encode_dtype_name
+from hybrid_retrieval.hardware import encode_dtype, encode_dtype_name, torch_device
 
 
 def load_model(cfg: DictConfig) -> Any:
-    """The encoder to evaluate: from ``checkpoint`` when set, else from the ``model`` config."""
+    """The encoder to evaluate, in eval mode on ``hardware``'s device: from ``checkpoint`` when set, else from the
+    ``model`` config."""
     if cfg.get("checkpoint"):
         from hybrid_retrieval.models.checkpoint import load_checkpoint_encoder
 
         encoder = load_checkpoint_encoder(cfg.checkpoint)
     else:
         encoder = instantiate(cfg.model)
-    return encoder.eval()
+    return encoder.to(torch_device(cfg.hardware)).eval()
 
 
 def evaluate(cfg: DictConfig) -> dict[str, EvaluationResult]:

@@ -50,6 +50,32 @@ def encode_dtype_name(hardware: Any) -> str:
     return "bfloat16" if native_bf16(str(hardware.accelerator)) else "float32"
 
 
+def uses_gpu(hardware: Any) -> bool:
+    """True when ``hardware.accelerator`` asks for a CUDA GPU (``gpu`` or ``cuda``)."""
+    return str(hardware.get("accelerator", "cpu")) in ("gpu", "cuda")
+
+
+def torch_device(hardware: Any) -> Any:
+    """Where a driver without a Lightning Trainer (evaluate, encode, search, adapt) puts the model: the current
+    CUDA device for ``accelerator: gpu``, else the CPU. ``config_checks.check_device`` has already refused a GPU
+    config on a machine without one. Also applies :func:`set_attention_backends`."""
+    import torch
+
+    set_attention_backends(hardware)
+    return torch.device("cuda") if uses_gpu(hardware) else torch.device("cpu")
+
+
+def set_attention_backends(hardware: Any) -> None:
+    """``hardware.cudnn_attention: false`` takes cuDNN's fused attention out of PyTorch's scaled-dot-product
+    choices (flash and memory-efficient kernels remain). cuDNN builds a graph for every new padded length, a host
+    cost that dominated training and bf16 encoding of a small model on an H200 (README "Speed"). Process-wide;
+    no effect on a CPU."""
+    if uses_gpu(hardware) and not bool(hardware.get("cudnn_attention", True)):
+        import torch
+
+        torch.backends.cuda.enable_cudnn_sdp(False)
+
+
 def encode_dtype(hardware: Any) -> Any:
     """The dtype ``Encoder.encode`` takes: torch.bfloat16 (autocast), or None for float32."""
     import torch

@@ -20,7 +20,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from hybrid_retrieval import tracking
-from hybrid_retrieval.config_checks import ConfigError, check_hardware
+from hybrid_retrieval.config_checks import ConfigError, check_device, check_hardware
 from hybrid_retrieval.encode import (
     TextFile, check_model_source, encode_texts, load_model, model_source, output_folder, read_texts,
 )
@@ -42,6 +42,7 @@ def check_search_config(cfg: DictConfig) -> tuple[TextFile, TextFile | None, dic
         raise ConfigError(f"passages={cfg.get('passages')!r}, index_dir={cfg.get('index_dir')!r}: expected exactly "
                           "one: passages=<file> to encode and index, or index_dir=<folder> to reuse a saved index")
     check_hardware(cfg.hardware)
+    check_device(cfg.hardware)
     check_model_source(cfg)
     queries = read_texts(cfg.get("queries"), "queries", cfg.id_field, cfg.text_field)
     if cfg.get("index_dir"):

@@ -56,3 +56,44 @@ def test_encode_dtype_accepts_auto_and_names_the_choices_otherwise() -> None:
     check_hardware(_cpu())
     with pytest.raises(ConfigError, match=r"hardware\.encode_dtype.*auto"):
         check_hardware(_cpu(encode_dtype="fp8"))
+
+
+def test_gpu_configs_leave_out_cudnn_attention_and_the_option_is_checked() -> None:
+    import torch
+    from hydra import compose, initialize_config_dir
+
+    from tests.test_configs import CONF
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        for name in ("gpu", "ddp", "slurm"):
+            gpu = compose(config_name="config", overrides=[f"hardware={name}"]).hardware
+            assert gpu.cudnn_attention is False and hardware.uses_gpu(gpu)
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        hardware.set_attention_backends(_cpu(cudnn_attention=False))  # a CPU run changes nothing
+        assert torch.backends.cuda.cudnn_sdp_enabled()
+        hardware.set_attention_backends(gpu)
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)
+    assert hardware.torch_device(_cpu()) == torch.device("cpu")
+    with pytest.raises(ConfigError, match=r"hardware\.cudnn_attention='off': expected true or false"):
+        check_hardware(_cpu(cudnn_attention="off"))
+
+
+def test_a_gpu_config_is_refused_before_any_model_loads_where_torch_sees_no_gpu() -> None:
+    import torch
+    from hydra import compose, initialize_config_dir
+
+    from hybrid_retrieval.config_checks import check_device, check_evaluate_config
+    from tests.test_configs import CONF
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    check_device(_cpu())
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="evaluate", overrides=["hardware=gpu", "model=tiny"])
+    with pytest.raises(ConfigError, match=r"hardware\.accelerator='gpu': expected a CUDA device visible to torch "
+                                          r".*use hardware=cpu"):
+        check_evaluate_config(cfg)

@@ -162,7 +162,8 @@ class HybridRetrievalModule(pl.LightningModule):
         """Stop on a NaN or infinite loss before it reaches the weights (every rank stops together)."""
         from hybrid_retrieval.distributed import rank_and_world
 
-        bad = torch.tensor([0.0 if torch.isfinite(loss.detach()).all() else 1.0])
+        # On the loss's device: NCCL reduces only CUDA tensors.
+        bad = (~torch.isfinite(loss.detach()).all()).float().reshape(1)
         if rank_and_world()[1] > 1:
             import torch.distributed as dist
 
