@@ -18,6 +18,8 @@ batches in the same order for every configuration. Each configuration runs in a 
 - ``project_fp32``: the same with the fused AdamW the module now uses.
 - ``project_bf16``: fused AdamW and ``bf16-mixed`` autocast (fp32 master weights): ``hardware=cpu_bf16``, or what
   ``hardware=cpu_auto`` picks on a CPU with bf16 units.
+- ``project_fp32_sparse`` / ``project_bf16_sparse``: ``project_fp32`` / ``project_bf16`` with
+  ``train.sparse_embeddings`` (the vocabulary matrix's sparse gradient and exact row-sparse AdamW).
 - ``project_bf16_dynpad``: the same plus ``train.dynamic_padding`` (each side of the batch embedded in
   length-sorted chunks, each padded to its own longest text: the same batch, less padded work).
 - ``project_bf16_compile``: ``project_bf16`` with the backbone wrapped in ``torch.compile(dynamic=True)`` (a lead
@@ -49,8 +51,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from machine import cpu_description, peak_rss_mb  # noqa: E402 (benchmarks/machine.py)
-CONFIGS = ("st", "st_bf16", "project_loop", "project_fp32", "project_bf16", "project_bf16_dynpad",
-           "project_bf16_compile")
+CONFIGS = ("st", "st_bf16", "project_loop", "project_fp32", "project_bf16", "project_fp32_sparse",
+           "project_bf16_sparse", "project_bf16_dynpad", "project_bf16_compile")
 DEFAULT_CONFIGS = ("st", "project_loop", "project_fp32", "project_bf16", "project_bf16_dynpad")
 
 
@@ -148,7 +150,8 @@ def run_project(args: argparse.Namespace, batches: list, config: str) -> dict:
         module_lib.optimizer_kernel = lambda parameters, precision="32-true": {"foreach": False}
     module = HybridRetrievalModule(encoder, InfoNCELoss(temperature=0.05),
                                    OptimizerSettings(args.lr, 0.01, 0.0, "constant"), freeze_embeddings=False,
-                                   gradient_clip_val=1.0, dynamic_padding=config.endswith("_dynpad"))
+                                   gradient_clip_val=1.0, dynamic_padding=config.endswith("_dynpad"),
+                                   sparse_embeddings=config.endswith("_sparse"))
     if config.endswith("_compile"):
         encoder.backbone = torch.compile(encoder.backbone, dynamic=True)
 

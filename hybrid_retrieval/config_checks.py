@@ -187,6 +187,8 @@ def check_train_config(cfg: DictConfig) -> None:
         except ValueError as error:
             raise ConfigError(str(error)) from error
     resume_target(cfg)
+    for flag in ("sparse_embeddings", "dynamic_padding", "freeze_embeddings"):
+        _require(cfg.train.get(flag, False) in (True, False), f"train.{flag}", "true or false", cfg.train.get(flag))
     chunk = cfg.train.get("grad_cache_chunk")
     _require(chunk is None or _positive_int(chunk), "train.grad_cache_chunk", "null or a positive integer", chunk)
     if chunk is not None:

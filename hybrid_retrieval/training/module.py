@@ -18,6 +18,7 @@ import torch
 from hybrid_retrieval.evaluation.sets import EvaluationSet, evaluate_set, metric_values
 from hybrid_retrieval.models.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_KEY
 from hybrid_retrieval.models.encoder import Encoder, plan_batches
+from hybrid_retrieval.training.sparse_rows import RowSparseAdamW, clip_gradients
 from hybrid_retrieval.tracking import finite_metrics
 
 
@@ -102,14 +103,17 @@ class HybridRetrievalModule(pl.LightningModule):
         gradient_checkpointing: recompute the backbone's activations in backward instead of storing them.
         dynamic_padding: embed each side of a batch in length-sorted chunks, each padded to its own longest text
             (:func:`embed_by_length`): less padded work, the same batch.
+        sparse_embeddings: a trainable vocabulary matrix gets sparse gradients and the exact row-sparse AdamW of
+            :mod:`hybrid_retrieval.training.sparse_rows` (one process; DDP keeps the dense update).
     """
 
     def __init__(self, encoder: Encoder, loss: torch.nn.Module, optimizer: OptimizerSettings,
                  model_config: Mapping[str, Any] | None = None, freeze_embeddings: bool = False,
                  evaluation: EvaluationSettings | None = None, grad_cache_chunk: int | None = None,
                  gradient_clip_val: float | None = None, gradient_checkpointing: bool = False,
-                 dynamic_padding: bool = False) -> None:
+                 dynamic_padding: bool = False, sparse_embeddings: bool = False) -> None:
         super().__init__()
+        self.sparse_embeddings = sparse_embeddings
         self.encoder = encoder
         # Slicing off padding assumes it is on the right (every tokenizer this project configures pads there).
         self.dynamic_padding = dynamic_padding and getattr(encoder.tokenizer, "padding_side", "right") == "right"
@@ -261,8 +265,25 @@ class HybridRetrievalModule(pl.LightningModule):
                 torch.cuda.set_rng_state_all(states["cuda"])
             self._rng_to_restore = None
 
+    def _materialise_embeddings(self) -> None:
+        """The vocabulary matrix's true values in place (row-sparse AdamW defers the decay of unread rows)."""
+        for optimizer in getattr(self.trainer, "optimizers", None) or []:
+            if isinstance(optimizer, RowSparseAdamW):
+                optimizer.materialise()
+
+    def on_validation_start(self) -> None:
+        self._materialise_embeddings()
+
+    def on_train_end(self) -> None:
+        self._materialise_embeddings()
+
     def configure_gradient_clipping(self, optimizer: Any, gradient_clip_val: float | None = None,
                                     gradient_clip_algorithm: str | None = None) -> None:
+        inner = getattr(optimizer, "optimizer", optimizer)  # manual optimisation hands a LightningOptimizer
+        if isinstance(inner, RowSparseAdamW):
+            if gradient_clip_val:
+                clip_gradients(inner, gradient_clip_val, gradient_clip_algorithm or "norm")
+            return
         # Lightning refuses to clip for a fused optimizer under mixed precision, for fear of scaled gradients;
         # fused is chosen only without a gradient scaler (optimizer_kernel), so the gradients here are true ones.
         if optimizer.defaults.get("fused") and gradient_clip_val:
@@ -284,10 +305,20 @@ class HybridRetrievalModule(pl.LightningModule):
             (no_decay if parameter.ndim < 2 or "LayerNorm" in name or "norm" in name.lower() else decay).append(parameter)
         # The fused kernel (one pass over all parameters, CPU and GPU) instead of a Python loop per parameter: on
         # CPU the loop cost about a fifth of a me5_small step with trainable embeddings (benchmarks/bench_train.py).
-        optimizer = torch.optim.AdamW([
-            {"params": decay, "weight_decay": settings.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ], lr=settings.lr, **optimizer_kernel(decay + no_decay, str(self.trainer.precision)))
+        kernel = optimizer_kernel(decay + no_decay, str(self.trainer.precision))
+        embedding = self.encoder.backbone.get_input_embeddings()
+        if (self.sparse_embeddings and isinstance(embedding, torch.nn.Embedding) and embedding.weight.requires_grad
+                and self.trainer.world_size == 1):
+            # The vocabulary matrix: only the rows training reads are updated (exactly AdamW; sparse_rows.py).
+            decay = [p for p in decay if p is not embedding.weight]
+            optimizer = RowSparseAdamW([{"params": decay, "weight_decay": settings.weight_decay},
+                                        {"params": no_decay, "weight_decay": 0.0}], embedding, lr=settings.lr,
+                                       embedding_weight_decay=settings.weight_decay, **kernel)
+        else:
+            optimizer = torch.optim.AdamW([
+                {"params": decay, "weight_decay": settings.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ], lr=settings.lr, **kernel)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = int(settings.warmup_ratio * total)
         scheduler = torch.optim.lr_scheduler.LambdaLR(

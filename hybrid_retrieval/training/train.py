@@ -84,7 +84,8 @@ def build_module(cfg: DictConfig, encoder: Any = None) -> HybridRetrievalModule:
                                       cfg.hardware.num_threads),
         grad_cache_chunk=cfg.train.get("grad_cache_chunk"), gradient_clip_val=cfg.trainer.get("gradient_clip_val"),
         gradient_checkpointing=bool(cfg.train.get("gradient_checkpointing")),
-        dynamic_padding=bool(cfg.train.get("dynamic_padding", False)))
+        dynamic_padding=bool(cfg.train.get("dynamic_padding", False)),
+        sparse_embeddings=bool(cfg.train.get("sparse_embeddings", False)))
 
 
 def build_trainer(cfg: DictConfig, run: tracking.TrackedRun | None, checkpoint: BestCheckpoint,
