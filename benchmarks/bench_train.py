@@ -1,6 +1,7 @@
 """Training throughput against sentence-transformers, same workload, same machine, same run.
 
     python benchmarks/bench_train.py                       # me5_small, batch 16, max length 64, 30 steps, 3 repeats
+                                                           # (st and the project_fp32/bf16[_sparse] configurations)
     python benchmarks/bench_train.py --steps 10 --repeats 1 --configs st project_fp32
     python benchmarks/bench_train.py --device cuda --batch 100 --configs st_bf16 project_bf16   # on a GPU
 
@@ -53,7 +54,7 @@ sys.path.insert(0, str(REPO))
 from machine import cpu_description, peak_rss_mb  # noqa: E402 (benchmarks/machine.py)
 CONFIGS = ("st", "st_bf16", "project_loop", "project_fp32", "project_bf16", "project_fp32_sparse",
            "project_bf16_sparse", "project_bf16_dynpad", "project_bf16_compile")
-DEFAULT_CONFIGS = ("st", "project_loop", "project_fp32", "project_bf16", "project_bf16_dynpad")
+DEFAULT_CONFIGS = ("st", "project_fp32", "project_bf16", "project_fp32_sparse", "project_bf16_sparse")
 
 
 def batches_of_pairs(data_root: str, batch: int, steps: int, seed: int) -> list[list[tuple[str, str]]]:

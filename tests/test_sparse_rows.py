@@ -113,6 +113,9 @@ def _train(sparse: bool, precision: str = "32-true", grad_cache_chunk: int | Non
                          num_sanity_val_steps=0)
     trainer.fit(module, train_dataloaders=loader)
     assert isinstance(trainer.optimizers[0], RowSparseAdamW) == sparse
+    if sparse:  # training ended with the matrix's true values in place, before anything reads it whole
+        state = trainer.optimizers[0].state[encoder.backbone.get_input_embeddings().weight]
+        assert state["pending"] == 1.0 and 0 < state["count"] < encoder.backbone.config.vocab_size
     return {name: value.detach().clone() for name, value in encoder.state_dict().items()}
 
 
