@@ -19,7 +19,9 @@ from tests.test_cli import REPO_ROOT, SMALL_TRAIN, mlflow_client, run_command
 
 # Two epochs of 14 batches (MLQA-R en/de/es, 60 groups, batch 8), a resumable checkpoint every 3 steps.
 RESUMABLE = [arg for arg in SMALL_TRAIN if not arg.startswith("trainer.limit_train_batches")] + [
-    "trainer.max_epochs=2", "trainer.deterministic=true", "train.checkpoint_every_n_steps=3", "train.log_batches=true"]
+    "trainer.max_epochs=2", "trainer.deterministic=true", "train.checkpoint_every_n_steps=3", "train.log_batches=true",
+    # A trainable vocabulary matrix: its row-sparse optimiser state (train.sparse_embeddings) must resume exactly too.
+    "train.freeze_embeddings=false"]
 
 
 def _env(data_root: Path) -> dict[str, str]:
