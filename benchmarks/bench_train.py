@@ -25,6 +25,9 @@ batches in the same order for every configuration. Each configuration runs in a 
   length-sorted chunks, each padded to its own longest text: the same batch, less padded work).
 - ``project_bf16_compile``: ``project_bf16`` with the backbone wrapped in ``torch.compile(dynamic=True)`` (a lead
   for GPUs, where launch overhead dominates a small model; compilation time is in the warm-up steps).
+- ``project_bf16_graphs``: every batch padded to the maximum length (one shape) and the backbone compiled with
+  ``mode="reduce-overhead"`` (CUDA graphs on a GPU: one launch per graph instead of thousands of kernels); its
+  padded FLOPs count the padding, so compare its real-token MFU.
 
 ``--device cuda`` runs every configuration on the GPU (timings synchronise the device at each step's ends), by
 default without cuDNN's fused attention, as ``hardware=gpu`` does (``--cudnn-attention on``: with it).
@@ -53,7 +56,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from machine import cpu_description, peak_rss_mb  # noqa: E402 (benchmarks/machine.py)
 CONFIGS = ("st", "st_bf16", "project_loop", "project_fp32", "project_bf16", "project_fp32_sparse",
-           "project_bf16_sparse", "project_bf16_dynpad", "project_bf16_compile")
+           "project_bf16_sparse", "project_bf16_dynpad", "project_bf16_compile", "project_bf16_graphs")
 DEFAULT_CONFIGS = ("st", "project_fp32", "project_bf16", "project_fp32_sparse", "project_bf16_sparse")
 
 
@@ -69,7 +72,8 @@ def batches_of_pairs(data_root: str, batch: int, steps: int, seed: int) -> list[
     return [rows[i:i + batch] for i in range(0, len(rows), batch)]
 
 
-def step_flops(model_dir: str, batches: list, max_length: int) -> tuple[list[float], list[float]]:
+def step_flops(model_dir: str, batches: list, max_length: int,
+               pad_to_max: bool = False) -> tuple[list[float], list[float]]:
     """Training FLOPs of each batch (3 x the forward pass of both sides) on padded shapes and on real tokens only:
     per layer and token 2 * (4 h^2 + 2 h i) for the Q/K/V/O and feed-forward matmuls, plus 4 L h for attention."""
     from transformers import AutoConfig, AutoTokenizer
@@ -90,7 +94,7 @@ def step_flops(model_dir: str, batches: list, max_length: int) -> tuple[list[flo
         sides = [[f"query: {q}" for q, _ in rows], [f"passage: {p}" for _, p in rows]]
         lengths = [[len(x) for x in tokenizer(side, truncation=True, max_length=max_length)["input_ids"]]
                    for side in sides]
-        padded.append(3 * sum(forward(side, max(side)) for side in lengths))
+        padded.append(3 * sum(forward(side, max_length if pad_to_max else max(side)) for side in lengths))
         real.append(3 * sum(forward(side, None) for side in lengths))
     return padded, real
 
@@ -155,11 +159,21 @@ def run_project(args: argparse.Namespace, batches: list, config: str) -> dict:
                                    sparse_embeddings=config.endswith("_sparse"))
     if config.endswith("_compile"):
         encoder.backbone = torch.compile(encoder.backbone, dynamic=True)
+    fixed_shape = config.endswith("_graphs")
+    if fixed_shape:
+        encoder.backbone = torch.compile(encoder.backbone, mode="reduce-overhead", dynamic=False)
+
+    def tokenize(texts: list[str], kind: str) -> dict:
+        if not fixed_shape:
+            return encoder.tokenize(texts, kind)
+        batch = encoder.tokenizer(encoder._prefixed(texts, kind), padding="max_length", truncation=True,
+                                  max_length=args.max_length, return_tensors="pt")
+        return {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
 
     def collate(rows: list) -> dict:
         rows = rows[0]
-        return {"query": encoder.tokenize([q for q, _ in rows], "query"),
-                "passage": encoder.tokenize([p for _, p in rows], "passage"), "monolingual": True,
+        return {"query": tokenize([q for q, _ in rows], "query"),
+                "passage": tokenize([p for _, p in rows], "passage"), "monolingual": True,
                 "rows": [], "languages": [], "passage_languages": []}
 
     loader = torch.utils.data.DataLoader(batches, batch_size=1, shuffle=False, collate_fn=collate)
@@ -222,7 +236,8 @@ def child(args: argparse.Namespace) -> None:
             + averages.table(sort_by="self_cpu_time_total", row_limit=25) + "\n")
     # The warm-up steps fill allocator and optimiser state (and, on a GPU, pick kernels / compile).
     times = result["times"][args.warmup:]
-    padded, real = step_flops(model_dir, batches[args.warmup:], args.max_length)
+    padded, real = step_flops(model_dir, batches[args.warmup:], args.max_length,
+                              pad_to_max=args.child.endswith("_graphs"))
     peak_gpu = torch.cuda.max_memory_allocated() / 2**20 if args.device == "cuda" else None
     print(json.dumps({"pairs_per_s": args.batch * len(times) / sum(times), "peak_rss_mb": peak_rss_mb(),
                       "peak_gpu_mb": peak_gpu, "tflops": sum(padded) / sum(times) / 1e12,
