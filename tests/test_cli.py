@@ -252,3 +252,20 @@ def test_evaluate_cli_on_tatoeba(tmp_path: Path, data_root: Path) -> None:
     assert run.data.metrics["val/low_resource/both/accuracy_at_1"] == pytest.approx(
         metrics["summary"]["low_resource/both"]["accuracy_at_1"])
     assert run.data.metrics["val/tatoeba/xx_to_en/amh/map"] == pytest.approx(metrics["per_language"]["xx_to_en"]["amh"]["map"])
+
+
+def test_evaluate_with_a_gpu_config_on_a_machine_without_one_fails_before_any_work(tmp_path: Path,
+                                                                                    data_root: Path) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    started = time.perf_counter()
+    proc = run_command(["-m", "hybrid_retrieval.evaluate", "hardware=gpu", "model=tiny", *SMALL_EVAL,
+                        f"logger.tracking_uri=sqlite:///{tmp_path}/mlflow.db", f"hydra.run.dir={tmp_path / 'run'}"],
+                       data_root, REPO_ROOT)
+    assert proc.returncode != 0
+    assert "hardware.accelerator='gpu': expected a CUDA device visible to torch" in proc.stderr, proc.stderr[-2000:]
+    assert "hardware=cpu" in proc.stderr
+    assert not (tmp_path / "mlflow.db").exists()
+    assert time.perf_counter() - started < 30
