@@ -14,7 +14,7 @@
    ``Encoder.encode`` with ``hardware=gpu``'s batch size and the same evaluator; no MLflow run): seconds for
    loading, encoding and metrics, and the summary metrics, to set against the CPU's.
 
-4. A torch.profiler table of five project steps (``profile.txt``): the busiest operators on the GPU and the host.
+4. A torch.profiler table of eight project steps (three warm-up) (``profile.txt``): the busiest operators on the GPU and the host.
 
 Everything is written to ``--out`` as it finishes (``train.json``, ``eval.json``, ``profile.txt``,
 ``train_cudnn.json``, ``train_compile.json``, ``gpu.json``), so a time limit loses only the step it interrupts.
