@@ -54,10 +54,9 @@ def naive_encode(encoder: Encoder, texts: list[str], kind: str, batch_size: int 
     return np.concatenate(out)
 
 
-def model_flops(backbone: torch.nn.Module, lengths: np.ndarray) -> float:
+def model_flops(config: object, lengths: np.ndarray) -> float:
     """Forward FLOPs of a BERT-style encoder over texts of these token lengths, no padding: per layer and token
     2 * (4 h^2 + 2 h i) for the Q/K/V/O and feed-forward matmuls, plus 4 L h for attention scores and weighting."""
-    config = backbone.config
     h, i, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
     tokens = lengths.astype(np.float64)
     return float(layers * (tokens.sum() * 2 * (4 * h * h + 2 * h * i) + (4 * h * tokens**2).sum()))
@@ -150,7 +149,7 @@ def main() -> None:
         print(f"  {label:30s} {seconds:8.2f} s  {n_texts / seconds:8.1f} texts/s", flush=True)
 
     config = encoder.backbone.config
-    flops = model_flops(encoder.backbone, lengths)
+    flops = model_flops(config, lengths)
     peak = {"fp32": matmul_rate(2048, config.hidden_size, config.intermediate_size, torch.float32)}
     if not args.no_bf16:
         peak["bf16"] = matmul_rate(2048, config.hidden_size, config.intermediate_size, torch.bfloat16)

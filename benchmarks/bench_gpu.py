@@ -62,8 +62,10 @@ def evaluate_xquad_r(data_root: str, batch_size: int, threads: int, device: str 
     import torch
     from omegaconf import OmegaConf
 
+    from hydra.utils import instantiate
+
     from hybrid_retrieval.evaluation.sets import evaluate_set, load_evaluation_sets
-    from hybrid_retrieval.models.encoder import load_encoder
+    from hybrid_retrieval.hardware import set_attention_backends
 
     torch.set_num_threads(threads)
     started = time.perf_counter()
@@ -72,11 +74,9 @@ def evaluate_xquad_r(data_root: str, batch_size: int, threads: int, device: str 
     dataset.max_questions_per_language = max_questions
     sets = load_evaluation_sets(dataset)
     loaded = time.perf_counter()
-    model = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "model" / "me5_small.yaml"))
-    model.pop("_target_"), model.pop("_convert_")
-    if device == "cuda":  # as hardware=gpu (cudnn_attention: false)
-        torch.backends.cuda.enable_cudnn_sdp(False)
-    encoder = load_encoder(**model).to(device).eval()
+    if device == "cuda":
+        set_attention_backends(OmegaConf.load(REPO / "conf" / "hardware" / "gpu.yaml"))
+    encoder = instantiate(OmegaConf.load(REPO / "conf" / "model" / "me5_small.yaml")).to(device).eval()
     model_loaded = time.perf_counter()
     out = {"load_data_s": loaded - started, "load_model_s": model_loaded - loaded, "runs": {}}
     # Warm-up (CUDA context, kernel choice, the compiled rank kernel), so neither timed run pays for it.

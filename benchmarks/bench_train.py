@@ -74,28 +74,22 @@ def batches_of_pairs(data_root: str, batch: int, steps: int, seed: int) -> list[
 
 def step_flops(model_dir: str, batches: list, max_length: int,
                pad_to_max: bool = False) -> tuple[list[float], list[float]]:
-    """Training FLOPs of each batch (3 x the forward pass of both sides) on padded shapes and on real tokens only:
-    per layer and token 2 * (4 h^2 + 2 h i) for the Q/K/V/O and feed-forward matmuls, plus 4 L h for attention."""
+    """Training FLOPs of each batch (3 x the forward pass of both sides, :func:`bench_encode.model_flops`) on padded
+    shapes and on real tokens only."""
+    import numpy as np
+    from bench_encode import model_flops
     from transformers import AutoConfig, AutoTokenizer
 
     config = AutoConfig.from_pretrained(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    h, i, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
-
-    def forward(lengths: list[int], pad_to: int | None) -> float:
-        total = 0.0
-        for length in lengths:
-            n = pad_to or length
-            total += n * 2 * (4 * h * h + 2 * h * i) + 4 * h * n * n
-        return layers * total
-
     padded, real = [], []
     for rows in batches:
         sides = [[f"query: {q}" for q, _ in rows], [f"passage: {p}" for _, p in rows]]
-        lengths = [[len(x) for x in tokenizer(side, truncation=True, max_length=max_length)["input_ids"]]
+        lengths = [np.array([len(x) for x in tokenizer(side, truncation=True, max_length=max_length)["input_ids"]])
                    for side in sides]
-        padded.append(3 * sum(forward(side, max_length if pad_to_max else max(side)) for side in lengths))
-        real.append(3 * sum(forward(side, None) for side in lengths))
+        padded.append(3 * sum(model_flops(config, np.full(len(side), max_length if pad_to_max else side.max()))
+                              for side in lengths))
+        real.append(3 * sum(model_flops(config, side) for side in lengths))
     return padded, real
 
 

@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
 
 import hydra
 import numpy as np
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from hybrid_retrieval import tracking
@@ -24,19 +22,8 @@ from hybrid_retrieval.evaluation.evaluator import EvaluationResult
 from hybrid_retrieval.evaluation.index import write_rankings
 from hybrid_retrieval.evaluation.sets import (LareqaSet, describe, evaluate_set, load_evaluation_sets,
                                               metric_values, write_reports)
-from hybrid_retrieval.hardware import encode_dtype, encode_dtype_name, torch_device
-
-
-def load_model(cfg: DictConfig) -> Any:
-    """The encoder to evaluate, in eval mode on ``hardware``'s device: from ``checkpoint`` when set, else from the
-    ``model`` config."""
-    if cfg.get("checkpoint"):
-        from hybrid_retrieval.models.checkpoint import load_checkpoint_encoder
-
-        encoder = load_checkpoint_encoder(cfg.checkpoint)
-    else:
-        encoder = instantiate(cfg.model)
-    return encoder.to(torch_device(cfg.hardware)).eval()
+from hybrid_retrieval.encode import load_model
+from hybrid_retrieval.hardware import encode_dtype, encode_dtype_name
 
 
 def evaluate(cfg: DictConfig) -> dict[str, EvaluationResult]:

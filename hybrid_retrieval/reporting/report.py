@@ -46,7 +46,8 @@ PER_LANGUAGE = {"lareqa": [("mono", "map"), ("cross", "map"), ("multi", "map"), 
 IDENTITY_KEYS = ("name", "method")  # a config group's option is named by one of these
 # Not a difference between the trained models: seeds (averaged over), bookkeeping, where data is read from.
 IGNORED = re.compile(r"(^|\.)seed$|^run_name$|^logger\.|^train\.(resume|evaluate_before|log_batches|"
-                     r"checkpoint_every_n_steps|sparse_embeddings)$|\.root$|^hardware\.num_threads$|^trainer\.enable_progress_bar$")
+                     r"checkpoint_every_n_steps|sparse_embeddings)$|\.root$|^hardware\.num_threads$|"
+                     r"^trainer\.enable_progress_bar$")
 
 
 @dataclass

@@ -39,7 +39,6 @@ class RowSparseAdamW(torch.optim.Optimizer):
         super().__init__([*inner.param_groups, sparse_group], dict(inner.defaults))
         self.inner = inner
         self._share_with_inner()
-        self.embedding = embedding
         embedding.sparse = True
         owner = weakref.ref(self)
 
@@ -55,8 +54,8 @@ class RowSparseAdamW(torch.optim.Optimizer):
             if optimizer is not None:
                 optimizer.materialise()
 
-        self._hooks = [embedding.register_forward_pre_hook(activate_read_rows),
-                       embedding.register_state_dict_pre_hook(materialise_before_saving)]
+        embedding.register_forward_pre_hook(activate_read_rows)
+        embedding.register_state_dict_pre_hook(materialise_before_saving)
 
     def _share_with_inner(self) -> None:
         # The inner AdamW steps the dense groups: the same group dicts (so the schedule's lr reaches it) and the
@@ -187,10 +186,9 @@ def clip_gradients(optimizer: RowSparseAdamW, max_value: float, algorithm: str =
         for tensor in dense + values:
             tensor.clamp_(-max_value, max_value)
         return
-    norms = [torch.linalg.vector_norm(t.float()) for t in dense + values]
-    if not norms:
+    if not dense + values:
         return
-    total = torch.linalg.vector_norm(torch.stack(norms))
-    coefficient = torch.clamp(max_value / (total + 1e-6), max=1.0)
-    for tensor in dense + values:
-        tensor.mul_(coefficient.to(tensor.dtype))
+    # The sparse gradient's values hold every nonzero of its dense equivalent once (coalesced), so its norm is that
+    # tensor's norm; coefficient as in torch.nn.utils.clip_grad_norm_.
+    total = torch.nn.utils.get_total_norm(dense + values)
+    torch._foreach_mul_(dense + values, torch.clamp(max_value / (total + 1e-6), max=1.0))
