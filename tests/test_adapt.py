@@ -221,7 +221,9 @@ def test_new_head_is_tied_to_the_input_embeddings() -> None:
     hidden = torch.randn(3, encoder.backbone.config.hidden_size)
     before = head(hidden).detach()
     with torch.no_grad():
-        embeddings.weight[5] += 1.0  # an edit of the embedding matrix is an edit of the decoder
+        # An edit of the embedding matrix is an edit of the decoder. Not a constant shift: the head's LayerNorm
+        # output sums to zero, so adding the same number to every entry of row 5 would leave its logit unchanged.
+        embeddings.weight[5] += torch.linspace(-1.0, 1.0, embeddings.weight.shape[1])
     assert not torch.allclose(head(hidden)[:, 5], before[:, 5])
     assert torch.allclose(head(hidden)[:, 6], before[:, 6])
     assert all(p is not embeddings.weight for p in head.own_parameters())
