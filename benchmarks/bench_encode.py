@@ -1,16 +1,19 @@
 """Encoding throughput on XQuAD-R (en + zh questions and candidate sentences): naive loop vs Encoder.encode, and
 both against the machine's matmul rate.
 
-Three ways to embed the same texts with the same model, timed in one run:
+Four ways to embed the same texts with the same model, timed in one run:
 
 * naive: batches of 64 in file order, every text padded to 128 tokens;
 * encode: ``Encoder.encode`` (tokenise once, sort by length, pad each batch only to its longest text);
+* encode, default BLAS linears: the same with torch's default fp32 linear layers instead of the oneDNN ones
+  ``Encoder.encode`` runs in fp32 on CPU (``hybrid_retrieval/models/cpu_kernels.py``);
 * encode-bf16: the same under bfloat16 autocast.
 
 All use a 128-token truncation limit, so the embeddings are comparable (their agreement is printed too). The
-same run times a bare matmul of the model's shape (2,048 token rows x hidden -> intermediate, fp32 and bf16) and
-reports each method's useful rate: the model's FLOPs counted on real tokens only (linear layers plus attention
-scores; padding is not counted) per second, as a share of that matmul rate.
+same run times a bare product of the model's shape (2,048 token rows x hidden -> intermediate; fp32 with both
+torch.matmul and oneDNN, the faster counting as the machine's rate; bf16) and reports each method's useful
+rate: the model's FLOPs counted on real tokens only (linear layers plus attention scores; padding is not
+counted) per second, as a share of that rate.
 
     python benchmarks/bench_encode.py --threads 2 --limit 256
 """
@@ -18,6 +21,7 @@ scores; padding is not counted) per second, as a share of that matmul rate.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 from collections.abc import Callable
@@ -27,6 +31,8 @@ import numpy as np
 import torch
 
 from hybrid_retrieval.data.lareqa import load_split
+from hybrid_retrieval.models import cpu_kernels
+from hybrid_retrieval.models import encoder as encoder_module
 from hybrid_retrieval.models.encoder import Encoder, cosine, load_encoder
 from machine import cpu_description  # benchmarks/machine.py (the script's own folder is on sys.path)
 
@@ -62,18 +68,40 @@ def model_flops(config: object, lengths: np.ndarray) -> float:
     return float(layers * (tokens.sum() * 2 * (4 * h * h + 2 * h * i) + (4 * h * tokens**2).sum()))
 
 
-def matmul_rate(rows: int, hidden: int, inner: int, dtype: torch.dtype, seconds: float = 3.0) -> float:
-    """GFLOP/s of a bare (rows x hidden) @ (hidden x inner) matmul in `dtype`, best of repeated timings."""
+def matmul_rate(rows: int, hidden: int, inner: int, dtype: torch.dtype, seconds: float = 3.0,
+                kernel: str = "matmul") -> float:
+    """GFLOP/s of a bare (rows x hidden) @ (hidden x inner) product in `dtype`, best of repeated timings.
+    `kernel`: "matmul" (torch.matmul, the BLAS torch uses by default) or "onednn" (oneDNN's inner product, what
+    `Encoder.encode` runs in fp32 on CPU)."""
     a, b = torch.randn(rows, hidden).to(dtype), torch.randn(hidden, inner).to(dtype)
+    if kernel == "onednn":
+        weight = b.t().contiguous()
+
+        def product() -> torch.Tensor:
+            return torch.ops.mkldnn._linear_pointwise(a, weight, None, "none", [], "")
+    else:
+
+        def product() -> torch.Tensor:
+            return a @ b
     for _ in range(3):
-        a @ b
+        product()
     best, deadline = float("inf"), time.perf_counter() + seconds
     while time.perf_counter() < deadline:
         started = time.perf_counter()
         for _ in range(10):
-            a @ b
+            product()
         best = min(best, (time.perf_counter() - started) / 10)
     return 2 * rows * hidden * inner / best / 1e9
+
+
+def without_onednn(fn: Callable[[], np.ndarray]) -> np.ndarray:
+    """Run `fn` with Encoder.encode's oneDNN linear layers switched off (torch's default fp32 linear)."""
+    saved = encoder_module.onednn_linears
+    encoder_module.onednn_linears = lambda model, enabled=True: contextlib.nullcontext()
+    try:
+        return fn()
+    finally:
+        encoder_module.onednn_linears = saved
 
 
 def timed(fn: Callable[[], np.ndarray], repeats: int) -> tuple[float, np.ndarray]:
@@ -99,6 +127,8 @@ def main() -> None:
     parser.add_argument("--no-bf16", action="store_true", help="skip the bfloat16 run")
     parser.add_argument("--max-batch-tokens", type=int, default=None,
                         help="padded tokens per batch for Encoder.encode (default: its CPU default, 2048)")
+    parser.add_argument("--no-blas", action="store_true",
+                        help="skip the fp32 encode with torch's default linear layers instead of oneDNN's")
     parser.add_argument("--no-naive", action="store_true",
                         help="skip the naive loop (slow); ratios are then to the fp32 encode only")
     parser.add_argument("--model", default="me5_small", help="conf/model/<name>.yaml to load (default me5_small)")
@@ -137,6 +167,10 @@ def main() -> None:
             [naive_encode(encoder, t, k, args.batch_size) for k, t in work])
     methods["encode (sorted, dynamic pad)"] = lambda: np.concatenate(
         [encoder.encode(t, k, batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens) for k, t in work])
+    if not args.no_blas and cpu_kernels.available():
+        methods["encode, default BLAS linears"] = lambda: without_onednn(lambda: np.concatenate(
+            [encoder.encode(t, k, batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens)
+             for k, t in work]))
     if not args.no_bf16:
         methods["encode bf16 autocast"] = lambda: np.concatenate(
             [encoder.encode(t, k, batch_size=args.batch_size, dtype=torch.bfloat16,
@@ -150,18 +184,25 @@ def main() -> None:
 
     config = encoder.backbone.config
     flops = model_flops(config, lengths)
-    peak = {"fp32": matmul_rate(2048, config.hidden_size, config.intermediate_size, torch.float32)}
+    shape = (2048, config.hidden_size, config.intermediate_size)
+    # The machine's fp32 rate is the faster of the two fp32 kernels torch has; oneDNN's is usually the faster.
+    kernels = {"matmul": matmul_rate(*shape, torch.float32)}
+    if cpu_kernels.available():
+        kernels["onednn"] = matmul_rate(*shape, torch.float32, kernel="onednn")
+    peak = {"fp32": max(kernels.values())}
     if not args.no_bf16:
-        peak["bf16"] = matmul_rate(2048, config.hidden_size, config.intermediate_size, torch.bfloat16)
-    print(f"bare matmul 2048 x {config.hidden_size} x {config.intermediate_size}: "
-          + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peak.items())
-          + f"; model work on real tokens {flops / 1e9:.0f} GFLOP")
+        peak["bf16"] = matmul_rate(*shape, torch.bfloat16)
+    print(f"bare product {shape[0]} x {shape[1]} x {shape[2]}: fp32 "
+          + ", ".join(f"{k} {v:.0f}" for k, v in kernels.items())
+          + (f", bf16 matmul {peak['bf16']:.0f}" if "bf16" in peak else "")
+          + f" GFLOP/s; model work on real tokens {flops / 1e9:.0f} GFLOP")
 
     base_label = next(iter(results))
     base_seconds, base = results[base_label]
     print(f"ratios to {base_label} (same run):")
     summary = {"cpu": cpu_description(), "threads": args.threads, "texts": n_texts,
-               "matmul_gflops": {k: round(v, 1) for k, v in peak.items()}, "model_gflop": round(flops / 1e9, 1)}
+               "matmul_gflops": {k: round(v, 1) for k, v in peak.items()},
+               "fp32_kernels_gflops": {k: round(v, 1) for k, v in kernels.items()}, "model_gflop": round(flops / 1e9, 1)}
     fp32_seconds = results["encode (sorted, dynamic pad)"][0]
     for label, (seconds, emb) in results.items():
         agreement = cosine(base, emb).min()

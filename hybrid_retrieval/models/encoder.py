@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from hybrid_retrieval.models.cpu_kernels import onednn_linears
+
 __all__ = ["DEFAULT_TINY_CONFIG", "Encoder", "ModelNotFoundError", "cosine", "load_encoder", "plan_batches"]
 
 Kind = Literal["query", "passage"]
@@ -186,8 +188,10 @@ class Encoder(nn.Module):
         bar = Progress(sum(stop - start for start, stop in batches), label, "texts", enabled=enabled)
         was_training = self.training
         self.eval()
+        # fp32 on CPU: oneDNN's linear kernels (faster than the default BLAS here; see models/cpu_kernels.py).
+        kernels = onednn_linears(self, enabled=device.type == "cpu" and not use_autocast)
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), kernels:
                 for start, stop in batches:
                     idx = order[start:stop]
                     input_ids, attention_mask = _pad([ids[i] for i in idx], self.pad_token_id)
