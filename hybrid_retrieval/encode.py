@@ -24,6 +24,7 @@ from omegaconf import DictConfig
 
 from hybrid_retrieval import tracking
 from hybrid_retrieval.config_checks import ConfigError, check_device, check_hardware, check_model
+from hybrid_retrieval.data.jsonl import json_objects
 from hybrid_retrieval.hardware import encode_dtype, torch_device
 from hybrid_retrieval.models.encoder import Encoder
 
@@ -91,17 +92,9 @@ def read_texts(path: str | Path | None, option: str = "input", id_field: str = "
             texts.append(line)
         return TextFile(path=path, ids=ids, texts=texts)
     seen: dict[str, int] = {}
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        where = f"{option}={str(path)!r} line {number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise InputFileError(f"{where}: not valid JSON ({err.msg})") from err
-        if not isinstance(record, dict):
-            raise InputFileError(f"{where}: expected a JSON object with fields {id_field!r} and {text_field!r}, "
-                                 f"got a {type(record).__name__}")
+    objects = json_objects(lines, lambda number: f"{option}={str(path)!r} line {number}", InputFileError,
+                           f"a JSON object with fields {id_field!r} and {text_field!r}")
+    for number, where, record in objects:
         for field in (id_field, text_field):
             if field not in record:
                 raise InputFileError(f"{where}: missing field {field!r} (has {sorted(record)[:6]}); set "

@@ -107,7 +107,8 @@ def test_only_exact_gelu_blocks_are_fused() -> None:
     with torch.inference_mode():
         expected = (exact(x), tanh(x))
         with onednn_linears(exact), onednn_linears(tanh):
-            assert type(exact.dense) is cpu_kernels.OneDNNGeluLinear and isinstance(exact.intermediate_act_fn, nn.Identity)
+            assert type(exact.dense) is cpu_kernels.OneDNNGeluLinear
+            assert isinstance(exact.intermediate_act_fn, nn.Identity)
             assert type(tanh.dense) is cpu_kernels.OneDNNLinear and tanh.intermediate_act_fn.approximate == "tanh"
             got = (exact(x), tanh(x))
     for want, have in zip(expected, got):

@@ -523,3 +523,20 @@ def test_parallel_pairs_validate() -> None:
         ParallelPairs("t", [0, 0, 2], [0, 1, 0], ["en", "de"], ["a", "b", "c"], ["x", "y", "z"], None)
     with pytest.raises(ValueError, match="hard_negatives has 1 rows"):
         ParallelPairs("t", [0, 0, 1], [0, 1, 0], ["en", "de"], ["a", "b", "c"], ["x", "y", "z"], ["n"])
+
+
+def test_json_objects_numbers_lines_skips_blanks_and_names_the_bad_line() -> None:
+    from hybrid_retrieval.data.jsonl import json_objects
+
+    class BadInput(ValueError):
+        pass
+
+    lines = ['{"a": 1}', "", "   ", '{"a": 2, "b": "x"}']
+    got = list(json_objects(lines, lambda n: f"f.jsonl:{n}", BadInput))
+    assert got == [(1, "f.jsonl:1", {"a": 1}), (4, "f.jsonl:4", {"a": 2, "b": "x"})]
+
+    expected = r"^f\.jsonl:2: not valid JSON \(.* at column 8\); expected JSONL: a JSON object per line$"
+    with pytest.raises(BadInput, match=expected):
+        list(json_objects(['{"a": 1}', '{"a": 1'], lambda n: f"f.jsonl:{n}", BadInput))
+    with pytest.raises(BadInput, match=r"^f\.jsonl:1: expected a JSON object with a, got a list$"):
+        list(json_objects(["[1, 2]"], lambda n: f"f.jsonl:{n}", BadInput, "a JSON object with a"))

@@ -169,7 +169,8 @@ def test_topics_and_qrels_must_belong_together(tmp_path: Path, data_root: Path) 
 
 
 @pytest.mark.parametrize(("name", "rows", "message"), [
-    ("docs-0.jsonl", ["docid,title,text", "1#0,a,b"], r"docs-0\.jsonl line 1: not JSON .*expected JSONL"),
+    ("docs-0.jsonl", ["docid,title,text", "1#0,a,b"],
+     r"docs-0\.jsonl line 1: not valid JSON .*expected JSONL: a JSON object with docid, title and text per line"),
     ("docs-0.jsonl", [["1#0", "t", "x"]], r"line 1: expected a JSON object with docid, title and text, got a list"),
     ("docs-0.jsonl", [{"docid": "1#0", "title": "t"}], r"line 1: field 'text' is None; expected a non-empty string"),
     ("docs-0.jsonl", [{"id": "1#0", "text": "x"}], r"line 1: field 'docid' is None"),

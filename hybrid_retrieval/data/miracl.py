@@ -26,13 +26,13 @@ Shards are read one line at a time (nothing holds a whole corpus in memory) in n
 from __future__ import annotations
 
 import gzip
-import json
 import os
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hybrid_retrieval.data.jsonl import json_objects
 from hybrid_retrieval.data.sources import (
     DATA_ENV, VERIFY_ENV, DataChecksumError, DataNotFoundError, _cached_sha256, _offline, _verify_enabled,
     default_cache_dir, sort_out_languages,
@@ -307,12 +307,11 @@ def corpus_shards(folder: str | Path) -> list[Path]:
     return shards
 
 
-def _open_shard(path: Path) -> Iterator[tuple[int, str]]:
+def _shard_lines(path: Path) -> Iterator[str]:
     opener = gzip.open if path.name.endswith(".gz") else open
     try:
         with opener(path, "rt", encoding="utf-8") as handle:  # type: ignore[operator]
-            for number, line in enumerate(handle, start=1):
-                yield number, line
+            yield from handle
     except (OSError, EOFError) as err:  # gzip.BadGzipFile is an OSError
         raise MiraclFormatError(f"corpus shard {path}: cannot be read as {'gzip ' if path.suffix == '.gz' else ''}"
                                 f"JSONL ({err})") from err
@@ -323,27 +322,18 @@ def _open_shard(path: Path) -> Iterator[tuple[int, str]]:
 def iter_passages(shards: Iterable[Path]) -> Iterator[Passage]:
     """Every passage of the shards, in order; an error names the shard, line and field of a bad line."""
     for path in shards:
-        for number, line in _open_shard(path):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise MiraclFormatError(f"corpus shard {path} line {number}: not JSON ({err.msg}); expected JSONL "
-                                        "with one {\"docid\", \"title\", \"text\"} object a line") from None
-            if not isinstance(record, dict):
-                raise MiraclFormatError(f"corpus shard {path} line {number}: expected a JSON object with docid, "
-                                        f"title and text, got a {type(record).__name__}")
+        records = json_objects(_shard_lines(path), lambda number: f"corpus shard {path} line {number}",
+                               MiraclFormatError, "a JSON object with docid, title and text")
+        for _, where, record in records:
             for name in ("docid", "text"):
                 if not isinstance(record.get(name), str) or not record[name].strip():
-                    raise MiraclFormatError(f"corpus shard {path} line {number}: field {name!r} is "
-                                            f"{record.get(name)!r:.60}; expected a non-empty string")
+                    raise MiraclFormatError(f"{where}: field {name!r} is {record.get(name)!r:.60}; expected a "
+                                            "non-empty string")
             docid, title = record["docid"], record.get("title") or ""
             if any(c.isspace() for c in docid):
-                raise MiraclFormatError(f"corpus shard {path} line {number}: docid {docid!r} holds whitespace")
+                raise MiraclFormatError(f"{where}: docid {docid!r} holds whitespace")
             if not isinstance(title, str):
-                raise MiraclFormatError(f"corpus shard {path} line {number}: field 'title' is {title!r:.60}; "
-                                        "expected a string")
+                raise MiraclFormatError(f"{where}: field 'title' is {title!r:.60}; expected a string")
             yield Passage(docid, title, record["text"])
 
 

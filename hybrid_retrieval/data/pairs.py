@@ -39,6 +39,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from hybrid_retrieval.data.jsonl import json_objects
+
 import numpy as np
 
 from hybrid_retrieval.data.lareqa import (PASSAGE_TEXTS, DataFormatError, Paragraph, _get, format_passage,
@@ -62,6 +64,7 @@ __all__ = [
     "from_jsonl",
     "from_lareqa",
     "from_squad",
+    "read_jsonl_rows",
     "load_squad",
     "read_squad_file",
     "resolve_squad_files",
@@ -235,34 +238,15 @@ def from_lareqa(
     )
 
 
-def from_jsonl(path: str | os.PathLike[str], name: str | None = None, hard_negative: str | None = "file") -> ParallelPairs:
-    """Training rows from a JSON-lines file (format in the module docstring); `name` defaults to the file stem.
-
-    hard_negative: "file" uses the rows' ``hard_negative`` fields (where present); None ignores them.
-
-    Every line is checked; an error names the file, the line number and the field.
-    """
-    if hard_negative not in JSONL_HARD_NEGATIVES:
-        raise ValueError(f"hard_negative must be one of {list(JSONL_HARD_NEGATIVES)}, got {hard_negative!r}")
+def read_jsonl_rows(path: str | os.PathLike[str]) -> list[tuple[int, PairRow]]:
+    """Every row of a training JSON-lines file (format in the module docstring) with its line number (1-based),
+    each line checked; an error names the file, the line number and the field."""
     file = Path(path).expanduser()
     if not file.is_file():
         raise FileNotFoundError(f"training data file {str(file)!r} does not exist (train_data path)")
-    group_ids: list[str] = []
-    language_ids: list[str] = []
-    queries: list[str] = []
-    passages: list[str] = []
-    negatives: list[str | None] = []
+    rows: list[tuple[int, PairRow]] = []
     with file.open("r", encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{file}:{number}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        for number, where, row in json_objects(handle, lambda n: f"{file}:{n}", ValueError):
             unknown = sorted(set(row) - set(JSONL_FIELDS))
             if unknown:
                 raise ValueError(f"{where}: unknown field(s) {unknown}; expected fields {list(JSONL_FIELDS)}")
@@ -274,11 +258,27 @@ def from_jsonl(path: str | os.PathLike[str], name: str | None = None, hard_negat
                     raise ValueError(f"{where}: field {field!r} is missing (expected a non-empty string)")
                 if not isinstance(value, str) or not value.strip():
                     raise ValueError(f"{where}: field {field!r} must be a non-empty string, got {value!r}")
-            group_ids.append(row["group"])
-            language_ids.append(row["language"])
-            queries.append(row["query"])
-            passages.append(row["passage"])
-            negatives.append(row.get("hard_negative"))
+            rows.append((number, PairRow(row["group"], row["language"], row["query"], row["passage"],
+                                         row.get("hard_negative"))))
+    return rows
+
+
+def from_jsonl(path: str | os.PathLike[str], name: str | None = None, hard_negative: str | None = "file") -> ParallelPairs:
+    """Training rows from a JSON-lines file (format in the module docstring); `name` defaults to the file stem.
+
+    hard_negative: "file" uses the rows' ``hard_negative`` fields (where present); None ignores them.
+
+    Every line is checked (:func:`read_jsonl_rows`); an error names the file, the line number and the field.
+    """
+    if hard_negative not in JSONL_HARD_NEGATIVES:
+        raise ValueError(f"hard_negative must be one of {list(JSONL_HARD_NEGATIVES)}, got {hard_negative!r}")
+    file = Path(path).expanduser()
+    rows = [row for _, row in read_jsonl_rows(file)]
+    group_ids = [r.group for r in rows]
+    language_ids = [r.language for r in rows]
+    queries = [r.query for r in rows]
+    passages = [r.passage for r in rows]
+    negatives = [r.hard_negative for r in rows]
     if not queries:
         raise ValueError(f"{file}: no rows (expected one JSON object per line)")
     groups, _ = _index(group_ids)

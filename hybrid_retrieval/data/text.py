@@ -26,13 +26,14 @@ held-out slice never repeats a training text. ``max_texts`` keeps a seeded rando
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from hybrid_retrieval.data.jsonl import json_objects
 
 __all__ = ["TEXT_SOURCES", "TextSourceError", "check_text_options", "load_texts", "read_hf_dataset",
            "read_jsonl", "read_text_folder", "uses_eval_corpus"]
@@ -101,20 +102,12 @@ def read_jsonl(path: str | os.PathLike[str], field: str = "text", option: str = 
         raise TextSourceError(f"{option}.path={str(path)!r}: no such file; expected a JSONL file")
     texts: list[str] = []
     with file.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise TextSourceError(f"{file}:{number}: not valid JSON ({error.msg})") from error
-            if not isinstance(row, Mapping):
-                raise TextSourceError(f"{file}:{number}: expected a JSON object, got {type(row).__name__}")
+        for _, where, row in json_objects(handle, lambda n: f"{file}:{n}", TextSourceError):
             if field not in row:
-                raise TextSourceError(f"{file}:{number}: no field {field!r} ({option}.field); the object has "
+                raise TextSourceError(f"{where}: no field {field!r} ({option}.field); the object has "
                                       f"{sorted(row)}")
             if not isinstance(row[field], str):
-                raise TextSourceError(f"{file}:{number}: field {field!r} is {type(row[field]).__name__}, expected "
+                raise TextSourceError(f"{where}: field {field!r} is {type(row[field]).__name__}, expected "
                                       "a string")
             texts.append(row[field])
     texts = _unique(texts)

@@ -152,7 +152,8 @@ class Encoder(nn.Module):
 
         All texts are tokenised once, sorted by length and cut into batches of at most `batch_size` texts (see
         :func:`plan_batches`), each padded only to its own longest text, which removes most padding work.
-        ``dtype=torch.bfloat16`` runs the backbone under autocast (fast only where the CPU/GPU has bf16 units).
+        ``dtype=torch.bfloat16`` runs the backbone under autocast (fast only where the CPU/GPU has bf16 units);
+        fp32 on CPU runs the linear layers through oneDNN (:mod:`hybrid_retrieval.models.cpu_kernels`).
         `max_batch_tokens` caps padded tokens per batch; default: 2048 on CPU (cache-friendly), none elsewhere.
         `progress`: texts/s on stderr; None = on from PROGRESS_MIN_TEXTS texts. ``shard=(rank, world)`` encodes
         only every ``world``-th batch of that plan, from ``rank`` on (the other rows stay zero; :meth:`shard_rows`

@@ -12,6 +12,7 @@ from typing import Any, Sequence
 from hydra.experimental.callback import Callback
 
 from hybrid_retrieval import tracking
+from hybrid_retrieval.config_checks import RUN_INFO, read_run_info
 from hybrid_retrieval.reporting.plots import write_plots
 from hybrid_retrieval.reporting.report import Report, build_report, markdown, write_tables
 
@@ -71,8 +72,8 @@ def print_report(made: MadeReport, tracking_uri: str) -> None:
 
 def sweep_tracking(sweep_dir: Path) -> tuple[str, str] | None:
     """(tracking URI, experiment name) that a sweep's jobs wrote to, from their run folders."""
-    for info in sorted(sweep_dir.glob("*/run_info.json")):
-        data = json.loads(info.read_text())
+    for info in sorted(sweep_dir.glob(f"*/{RUN_INFO}")):
+        data = read_run_info(info.parent)
         if data.get("tracking_uri"):
             return data["tracking_uri"], data.get("experiment_name", "hybrid_retrieval")
     return None

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hybrid_retrieval.data.pairs import (PairRow, from_jsonl, read_squad_file, split_sentences, squad_rows,
+from hybrid_retrieval.data.pairs import (PairRow, read_jsonl_rows, read_squad_file, split_sentences, squad_rows,
                                          xquad_question_ids)
 from hybrid_retrieval.progress import Progress
 from hybrid_retrieval.translation.languages import joiner
@@ -117,14 +117,8 @@ def read_input(path: str | os.PathLike[str] | None, source_language: str, input_
         rows = [SourceRow(row, i) for i, row in enumerate(squad_rows(
             {source_language: parsed}, options.get("passage_text", "sentence"), None, options.get("hard_negative")))]
     else:
-        from_jsonl(file)  # the training reader checks every line (file:line and field in its errors)
-        rows = []
-        with file.open("r", encoding="utf-8") as handle:
-            for number, line in enumerate(handle, start=1):
-                if line.strip():
-                    raw = json.loads(line)
-                    rows.append(SourceRow(PairRow(raw["group"], raw["language"], raw["query"], raw["passage"],
-                                                  raw.get("hard_negative")), len(rows), number))
+        # The training reader checks every line (file:line and field in its errors).
+        rows = [SourceRow(row, index, number) for index, (number, row) in enumerate(read_jsonl_rows(file))]
     sources = [r for r in rows if r.row.language == source_language]
     if not sources:
         found = sorted({r.row.language for r in rows})
