@@ -18,11 +18,11 @@ from omegaconf import DictConfig
 
 from hybrid_retrieval import tracking
 from hybrid_retrieval.config_checks import check_evaluate_config
+from hybrid_retrieval.encode import load_model
 from hybrid_retrieval.evaluation.evaluator import EvaluationResult
 from hybrid_retrieval.evaluation.index import write_rankings
 from hybrid_retrieval.evaluation.sets import (LareqaSet, describe, evaluate_set, load_evaluation_sets,
                                               metric_values, write_reports)
-from hybrid_retrieval.encode import load_model
 from hybrid_retrieval.hardware import encode_dtype, encode_dtype_name
 
 

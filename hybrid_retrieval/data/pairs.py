@@ -39,10 +39,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from hybrid_retrieval.data.jsonl import json_objects
-
 import numpy as np
 
+from hybrid_retrieval.data.jsonl import json_objects
 from hybrid_retrieval.data.lareqa import (PASSAGE_TEXTS, DataFormatError, Paragraph, _get, format_passage,
                                           load_language_files, sha1_order)
 from hybrid_retrieval.data.sources import DATA_ENV, DataNotFoundError, resolve_dataset_dir
@@ -64,8 +63,8 @@ __all__ = [
     "from_jsonl",
     "from_lareqa",
     "from_squad",
-    "read_jsonl_rows",
     "load_squad",
+    "read_jsonl_rows",
     "read_squad_file",
     "resolve_squad_files",
     "sentence_spans",

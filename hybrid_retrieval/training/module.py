@@ -307,18 +307,17 @@ class HybridRetrievalModule(pl.LightningModule):
         # CPU the loop cost about a fifth of a me5_small step with trainable embeddings (benchmarks/bench_train.py).
         kernel = optimizer_kernel(decay + no_decay, str(self.trainer.precision))
         embedding = self.encoder.backbone.get_input_embeddings()
-        if (self.sparse_embeddings and isinstance(embedding, torch.nn.Embedding) and embedding.weight.requires_grad
-                and self.trainer.world_size == 1):
-            # The vocabulary matrix: only the rows training reads are updated (exactly AdamW; sparse_rows.py).
+        sparse = (self.sparse_embeddings and isinstance(embedding, torch.nn.Embedding)
+                  and embedding.weight.requires_grad and self.trainer.world_size == 1)
+        if sparse:  # the vocabulary matrix leaves the dense groups for RowSparseAdamW's own (sparse_rows.py)
             decay = [p for p in decay if p is not embedding.weight]
-            optimizer = RowSparseAdamW([{"params": decay, "weight_decay": settings.weight_decay},
-                                        {"params": no_decay, "weight_decay": 0.0}], embedding, lr=settings.lr,
-                                       embedding_weight_decay=settings.weight_decay, **kernel)
+        groups = [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if sparse:
+            # Only the rows training reads are updated (exactly AdamW's result).
+            optimizer = RowSparseAdamW(groups, embedding, lr=settings.lr, embedding_weight_decay=settings.weight_decay,
+                                       **kernel)
         else:
-            optimizer = torch.optim.AdamW([
-                {"params": decay, "weight_decay": settings.weight_decay},
-                {"params": no_decay, "weight_decay": 0.0},
-            ], lr=settings.lr, **kernel)
+            optimizer = torch.optim.AdamW(groups, lr=settings.lr, **kernel)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = int(settings.warmup_ratio * total)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
