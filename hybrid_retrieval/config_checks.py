@@ -69,6 +69,22 @@ def check_dataset(dataset: DictConfig, option: str = "dataset") -> None:
              "null or a positive integer", cap)
     _require(dataset.get("passage_text") in PASSAGE_TEXTS, f"{option}.passage_text",
              f"one of {PASSAGE_TEXTS}", dataset.get("passage_text"))
+    if "holdout" in dataset:
+        from omegaconf.errors import InterpolationResolutionError
+
+        from hybrid_retrieval.data.lareqa import check_holdout
+
+        try:
+            spec = check_holdout(dataset.get("holdout"), f"{option}.holdout")
+        except InterpolationResolutionError as error:
+            raise ConfigError(f"{option}.holdout: {error}; set train_data.holdout (training) or {option}.holdout "
+                              "(python -m hybrid_retrieval.evaluate)") from error
+        except ValueError as error:
+            raise ConfigError(str(error)) from error
+        _require(spec is not None, f"{option}.holdout", "a holdout spec for the selection split: set "
+                 "train_data.holdout='{dataset: mlqa_r, groups: 400, seed: 0}'", None)
+        _require(spec["dataset"] == dataset.name, f"{option}.holdout.dataset", f"{dataset.name!r} (the dataset "
+                 "it holds out of)", spec["dataset"])
 
 
 def check_hardware(hardware: DictConfig) -> None:
@@ -174,6 +190,13 @@ def check_train_config(cfg: DictConfig) -> None:
              "train.warmup_ratio", "a number in [0, 1)", cfg.train.get("warmup_ratio"))
     _require(len(cfg.train_data.get("datasets") or []) > 0, "train_data.datasets", "at least one dataset",
              cfg.train_data.get("datasets"))
+    if cfg.train_data.get("holdout") is not None:
+        from hybrid_retrieval.data.lareqa import check_holdout
+
+        try:
+            check_holdout(cfg.train_data.holdout)
+        except ValueError as error:
+            raise ConfigError(str(error)) from error
     check_monitor(cfg)
     check_launch(cfg)
     before = cfg.train.get("evaluate_before", True)
@@ -189,6 +212,15 @@ def check_train_config(cfg: DictConfig) -> None:
     resume_target(cfg)
     for flag in ("sparse_embeddings", "dynamic_padding", "freeze_embeddings"):
         _require(cfg.train.get(flag, False) in (True, False), f"train.{flag}", "true or false", cfg.train.get(flag))
+    merge = cfg.train.get("merge_ratio")
+    _require(merge is None or (isinstance(merge, (int, float)) and not isinstance(merge, bool) and 0 <= merge <= 1),
+             "train.merge_ratio", "null or a number in [0, 1] (WiSE-FT with the starting model: 1 = trained weights)",
+             merge)
+    weight, temperature = cfg.loss.get("distill_weight", 0.0), cfg.loss.get("distill_temperature", 0.05)
+    _require(isinstance(weight, (int, float)) and not isinstance(weight, bool) and weight >= 0, "loss.distill_weight",
+             "a number >= 0 (0 = no distillation)", weight)
+    _require(isinstance(temperature, (int, float)) and not isinstance(temperature, bool) and temperature > 0,
+             "loss.distill_temperature", "a positive number", temperature)
     chunk = cfg.train.get("grad_cache_chunk")
     _require(chunk is None or _positive_int(chunk), "train.grad_cache_chunk", "null or a positive integer", chunk)
     if chunk is not None:

@@ -135,9 +135,13 @@ def check_model_source(cfg: DictConfig) -> None:
 def load_model(cfg: DictConfig) -> Encoder:
     """The encoder of ``checkpoint`` if set, else of the ``model`` config, in eval mode on ``hardware``'s device."""
     if cfg.get("checkpoint"):
-        from hybrid_retrieval.models.checkpoint import load_checkpoint_encoder
+        from hybrid_retrieval.models.checkpoint import encoder_from_checkpoint, merge_with_start, read_checkpoint
 
-        encoder = load_checkpoint_encoder(cfg.checkpoint)
+        checkpoint = read_checkpoint(cfg.checkpoint)
+        encoder = encoder_from_checkpoint(checkpoint)
+        ratio = merge_ratio(cfg)
+        if ratio is not None:  # WiSE-FT with the run's starting model
+            encoder = merge_with_start(encoder, checkpoint, ratio)
     else:
         from hydra.utils import instantiate
 
@@ -145,10 +149,26 @@ def load_model(cfg: DictConfig) -> Encoder:
     return encoder.to(torch_device(cfg.hardware)).eval()
 
 
+def merge_ratio(cfg: DictConfig) -> float | None:
+    """``merge_with=start merge_ratio=r`` (checked; only with ``checkpoint=``), or None."""
+    from hybrid_retrieval.config_checks import ConfigError
+    from hybrid_retrieval.models.merge import check_merge
+
+    try:
+        ratio = check_merge(cfg.get("merge_with"), cfg.get("merge_ratio", 1.0))
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
+    if ratio is not None and not cfg.get("checkpoint"):
+        raise ConfigError("merge_with=start needs checkpoint=<run folder>/checkpoints/best.ckpt: the checkpoint "
+                          "records the model its run started from")
+    return ratio
+
+
 def model_source(cfg: DictConfig) -> str:
     """Where the weights came from, for meta files and MLflow tags."""
     if cfg.get("checkpoint"):
-        return f"checkpoint:{Path(str(cfg.checkpoint)).expanduser().resolve()}"
+        merged = f" merged with start at {cfg.merge_ratio}" if cfg.get("merge_with") else ""
+        return f"checkpoint:{Path(str(cfg.checkpoint)).expanduser().resolve()}{merged}"
     if cfg.model.get("path"):
         return f"path:{Path(str(cfg.model.path)).expanduser().resolve()}"
     return f"{cfg.model.source}:{cfg.model.get('checkpoint') or cfg.model.name}"

@@ -19,7 +19,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from hybrid_retrieval import tracking
 from hybrid_retrieval.config_checks import ConfigError
-from hybrid_retrieval.models.checkpoint import TrainingCheckpoint, encoder_from_checkpoint, read_checkpoint
+from hybrid_retrieval.models.checkpoint import (TrainingCheckpoint, encoder_from_checkpoint, merge_with_start,
+                                                read_checkpoint)
 from hybrid_retrieval.models.export import SETTINGS_FILE, export_encoder
 
 # Parts of a run's composed config that describe how the model was trained (the card shows these).
@@ -90,9 +91,15 @@ def _describe_dataset(entry: Any) -> str:
 def export(cfg: DictConfig) -> Path:
     """Export the checkpoint that `cfg` names (validated and loaded first) and log it; returns the folder."""
     checkpoint_file, out = check_export_config(cfg)
+    from hybrid_retrieval.encode import merge_ratio
+
+    ratio = merge_ratio(cfg)
     checkpoint = read_checkpoint(checkpoint_file)
     encoder = encoder_from_checkpoint(checkpoint)
     card = model_card(checkpoint, cfg)
+    if ratio is not None:
+        encoder = merge_with_start(encoder, checkpoint, ratio)
+        card["merge"] = f"WiSE-FT: (1 - {ratio}) x the starting model + {ratio} x the checkpoint's weights"
     with tracking.mlflow_run(cfg, job="export", tags={"model": encoder.name},
                              title=f"export {encoder.name}") as run:
         start = time.perf_counter()

@@ -43,6 +43,7 @@ __all__ = [
     "Question",
     "cap_groups",
     "format_passage",
+    "holdout_groups",
     "load_language_files",
     "load_split",
     "read_language_file",
@@ -283,25 +284,92 @@ def load_language_files(
     return {lang: read_language_file(folder / source.filename(lang), lang) for lang in chosen}
 
 
+HOLDOUT_KEYS = ("dataset", "groups", "seed")
+
+
+def check_holdout(holdout: Any, option: str = "train_data.holdout") -> dict[str, Any] | None:
+    """A holdout spec as a plain dict (None when off); a clear error naming ``option`` when malformed."""
+    if holdout is None:
+        return None
+    if not hasattr(holdout, "get") or set(holdout) - set(HOLDOUT_KEYS):
+        raise ValueError(f"{option} must be null or a mapping with keys {list(HOLDOUT_KEYS)} "
+                         f"(e.g. {{dataset: mlqa_r, groups: 400, seed: 0}}), got {holdout!r}")
+    spec = {"dataset": holdout.get("dataset", "mlqa_r"), "groups": holdout.get("groups"),
+            "seed": holdout.get("seed", 0)}
+    if spec["dataset"] not in ("mlqa_r", "xquad_r"):
+        raise ValueError(f"{option}.dataset must be mlqa_r or xquad_r, got {spec['dataset']!r}")
+    groups = spec["groups"]
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"{option}.groups must be a positive int (question groups held out), got {groups!r}")
+    if isinstance(spec["seed"], bool) or not isinstance(spec["seed"], int):
+        raise ValueError(f"{option}.seed must be an int, got {spec['seed']!r}")
+    return spec
+
+
+def holdout_groups(holdout: Any, root: str | os.PathLike[str] | None = None) -> frozenset[str]:
+    """The question ids a holdout spec (``{dataset, groups, seed}``) holds out of training, for selection.
+
+    ``groups`` ids are drawn in a seeded stable order (sha1 of ``"<seed>:<id>"``) over every language of the
+    dataset, so training and the selection split agree whatever languages either uses. The set is then closed
+    over paragraphs: an id whose paragraph (in any language) also holds a held-out question is held out too, so
+    no held-out sentence, nor its translation, is ever a training passage. All languages of a group go together:
+    a held-out question's translation is never trained on.
+    """
+    spec = check_holdout(holdout)
+    if spec is None:
+        return frozenset()
+    return _holdout_groups(spec["dataset"], None if root is None else str(root), spec["groups"], spec["seed"])
+
+
+@lru_cache(maxsize=8)
+def _holdout_groups(name: str, root: str | None, size: int, seed: int) -> frozenset[str]:
+    files = load_language_files(name, root, None)
+    all_ids = set().union(*({q.id for q in f.questions} for f in files.values()))
+    if size >= len(all_ids):
+        raise ValueError(f"holdout.groups={size} would hold out every one of {name}'s {len(all_ids)} question ids")
+    chosen = set(sorted(all_ids, key=lambda group: _sha1(f"{seed}:{group}"))[:size])
+    by_paragraph: dict[tuple[str, int], set[str]] = {}
+    for lang, parsed in files.items():
+        for q in parsed.questions:
+            by_paragraph.setdefault((lang, q.paragraph), set()).add(q.id)
+    while True:  # closure: a paragraph holding a held-out question is held out whole, in every language
+        grown = set(chosen)
+        for ids in by_paragraph.values():
+            if ids & chosen:
+                grown |= ids
+        if grown == chosen:
+            return frozenset(chosen)
+        chosen = grown
+
+
 def load_split(
     name: str,
     root: str | os.PathLike[str] | None = None,
     languages: Sequence[str] | str | None = None,
     max_questions_per_language: int | None = None,
+    holdout: Any = None,
 ) -> LareqaSplit:
     """Load XQuAD-R ("xquad_r") or MLQA-R ("mlqa_r") as a :class:`LareqaSplit`.
 
     `root`: see :func:`hybrid_retrieval.data.sources.resolve_dataset_dir`. `languages`: subset, kept in the
     given order (None: all, sorted); queries and candidates are then only those languages, and relevance is
-    restricted to them. `max_questions_per_language`: parallel cap (module docstring).
+    restricted to them. `max_questions_per_language`: parallel cap (module docstring). `holdout`: a spec of
+    :func:`holdout_groups`; the split is then only the held-out question groups (the selection split), with the
+    pool shrunk to their paragraphs as under a cap.
     """
     cap = _check_cap(max_questions_per_language)
+    spec = check_holdout(holdout, "dataset.holdout")
+    if spec is not None and spec["dataset"] != name:
+        raise ValueError(f"dataset.holdout.dataset={spec['dataset']!r} but the dataset is {name!r}")
     files = load_language_files(name, root, languages)
     chosen = list(files)
 
     kept: set[str] | None = None
+    if spec is not None:
+        kept = set(holdout_groups(spec, root))
     if cap is not None:
-        kept = cap_groups({lang: {q.id for q in f.questions} for lang, f in files.items()}, cap)
+        ids_by_language = {lang: {q.id for q in f.questions if kept is None or q.id in kept} for lang, f in files.items()}
+        kept = cap_groups(ids_by_language, cap)
 
     candidates: list[Candidate] = []
     gold: dict[tuple[str, str], int] = {}  # (group, language) -> candidate index of its relevant sentence

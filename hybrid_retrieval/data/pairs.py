@@ -42,8 +42,8 @@ from typing import Any
 import numpy as np
 
 from hybrid_retrieval.data.jsonl import json_objects
-from hybrid_retrieval.data.lareqa import (PASSAGE_TEXTS, DataFormatError, Paragraph, _get, format_passage,
-                                          load_language_files, sha1_order)
+from hybrid_retrieval.data.lareqa import (PASSAGE_TEXTS, DataFormatError, Paragraph, _get, check_holdout,
+                                          format_passage, holdout_groups, load_language_files, sha1_order)
 from hybrid_retrieval.data.sources import DATA_ENV, DataNotFoundError, resolve_dataset_dir
 
 log = logging.getLogger(__name__)
@@ -178,8 +178,13 @@ def from_lareqa(
     passage_text: str = "sentence",
     max_groups: int | None = None,
     hard_negative: str | None = None,
+    holdout: Any = None,
 ) -> ParallelPairs:
     """Training rows from XQuAD-R / MLQA-R: one per (question, language), grouped by question id.
+
+    - holdout: a spec ``{dataset, groups, seed}`` (``train_data.holdout``); when it names this dataset, its
+      held-out question groups (:func:`~hybrid_retrieval.data.lareqa.holdout_groups`: whole paragraphs, every
+      language) are left out of training, for the selection split ``dataset=mlqa_r_selection`` to evaluate.
 
     - passage_text: "sentence" (the gold sentence) or "sentence_paragraph" (sentence + " " + paragraph), the
       same option and the same :func:`~hybrid_retrieval.data.lareqa.format_passage` as evaluation.
@@ -194,13 +199,15 @@ def from_lareqa(
         raise ValueError(f"hard_negative must be one of {list(HARD_NEGATIVE_SOURCES)}, got {hard_negative!r}")
     if max_groups is not None and (isinstance(max_groups, bool) or not isinstance(max_groups, int) or max_groups < 1):
         raise ValueError(f"max_groups must be null or a positive int, got {max_groups!r}")
+    spec = check_holdout(holdout)
     files = load_language_files(name, root, languages)
+    held = holdout_groups(spec, root) if spec is not None and spec["dataset"] == name else frozenset()
 
     kept: set[str] | None = None
-    if max_groups is not None:
+    if max_groups is not None or held:
         # Same stable order as load_split's cap; a kept id keeps its rows in every language.
-        all_ids = set().union(*({q.id for q in f.questions} for f in files.values()))
-        kept = set(sha1_order(all_ids)[:max_groups])
+        all_ids = set().union(*({q.id for q in f.questions} for f in files.values())) - held
+        kept = set(sha1_order(all_ids)[:max_groups]) if max_groups is not None else all_ids
 
     group_ids: list[str] = []
     language_ids: list[str] = []
@@ -302,6 +309,12 @@ def build_datasets(train_data: Any) -> list[ParallelPairs]:
     entries = train_data.datasets if isinstance(train_data, (DictConfig, dict)) else train_data
     if isinstance(entries, (DictConfig, dict)) or not entries:
         raise ValueError("train_data.datasets must be a non-empty list of dataset configs with a _target_")
+    holdout = train_data.get("holdout") if isinstance(train_data, (DictConfig, dict)) else None
+    if holdout is not None:
+        check_holdout(holdout)
+        # One spec for the whole train_data: every LAReQA entry of the held-out dataset leaves those groups out.
+        entries = [{**entry, "holdout": holdout} if str(entry.get("_target_", "")).endswith(".from_lareqa") else entry
+                   for entry in entries]
     try:
         built = instantiate(entries, _convert_="all")
     except MissingMandatoryValue as exc:

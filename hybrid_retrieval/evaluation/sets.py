@@ -104,7 +104,8 @@ class LareqaSet(EvaluationSet):
 def load_dataset(dataset: Any) -> LareqaSplit:
     """The LAReQA split a ``conf/dataset`` config describes."""
     return load_split(dataset.name, root=dataset.get("root"), languages=dataset.get("languages"),
-                      max_questions_per_language=dataset.get("max_questions_per_language"))
+                      max_questions_per_language=dataset.get("max_questions_per_language"),
+                      holdout=dataset.get("holdout"))
 
 
 def load_set(key: str, dataset: Any) -> LareqaSet:

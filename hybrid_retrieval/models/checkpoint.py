@@ -20,7 +20,7 @@ import torch
 from hybrid_retrieval.models.encoder import Encoder, load_encoder
 
 __all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_KEY", "CheckpointError", "TrainingCheckpoint", "encoder_from_checkpoint",
-           "load_checkpoint_encoder", "read_checkpoint"]
+           "load_checkpoint_encoder", "merge_with_start", "read_checkpoint"]
 
 CHECKPOINT_KEY = "hybrid_retrieval"
 CHECKPOINT_FORMAT = 1
@@ -136,6 +136,22 @@ def encoder_from_checkpoint(checkpoint: TrainingCheckpoint) -> Encoder:
                               f"model config {kwargs.get('name')!r} builds: {'; '.join(parts)}")
     encoder.load_state_dict(checkpoint.encoder_state, strict=True)
     return encoder.eval()
+
+
+def merge_with_start(encoder: Encoder, checkpoint: TrainingCheckpoint, ratio: float) -> Encoder:
+    """WiSE-FT of a checkpoint's encoder with the model its run started from (rebuilt from the model config the
+    checkpoint records): ``(1 - ratio) * start + ratio * trained``, in place (:mod:`hybrid_retrieval.models.merge`)."""
+    from hybrid_retrieval.models.merge import merge_into
+
+    if "merge" in checkpoint.info:
+        raise CheckpointError(f"checkpoint {checkpoint.path} already holds a merge with its start "
+                              f"({checkpoint.info['merge']}); merge its run's trained weights, or drop merge_with")
+    kwargs = {k: v for k, v in checkpoint.model.items() if k not in HYDRA_KEYS}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="dense head weights not found")
+        start = load_encoder(**kwargs)
+    merge_into(encoder, start.to(next(encoder.parameters()).device), ratio)
+    return encoder
 
 
 def load_checkpoint_encoder(path: str | Path) -> Encoder:

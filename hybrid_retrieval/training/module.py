@@ -105,14 +105,30 @@ class HybridRetrievalModule(pl.LightningModule):
             (:func:`embed_by_length`): less padded work, the same batch.
         sparse_embeddings: a trainable vocabulary matrix gets sparse gradients and the exact row-sparse AdamW of
             :mod:`hybrid_retrieval.training.sparse_rows` (one process; DDP keeps the dense update).
+        distill: an :class:`~hybrid_retrieval.losses.distill.InBatchDistillation` term added to the loss, the
+            teacher being a frozen copy of ``encoder`` as it is now (before training); None or weight 0 = off.
+        merge_ratio: WiSE-FT (:mod:`hybrid_retrieval.models.merge`): every validation, hence the best checkpoint
+            and the export, holds ``(1 - merge_ratio) * start + merge_ratio * trained``; training itself goes on
+            from the trained weights (resumable checkpoints keep those). None = off.
     """
 
     def __init__(self, encoder: Encoder, loss: torch.nn.Module, optimizer: OptimizerSettings,
                  model_config: Mapping[str, Any] | None = None, freeze_embeddings: bool = False,
                  evaluation: EvaluationSettings | None = None, grad_cache_chunk: int | None = None,
                  gradient_clip_val: float | None = None, gradient_checkpointing: bool = False,
-                 dynamic_padding: bool = False, sparse_embeddings: bool = False) -> None:
+                 dynamic_padding: bool = False, sparse_embeddings: bool = False,
+                 distill: torch.nn.Module | None = None, merge_ratio: float | None = None) -> None:
         super().__init__()
+        self.distill = distill if distill is not None and getattr(distill, "weight", 1.0) > 0 else None
+        self.merge_ratio = merge_ratio
+        self._start: list[Encoder] = []  # a list, not a submodule: kept out of state_dict, checkpoints and optimiser
+        self._trained: dict[str, torch.Tensor] | None = None  # the trained weights while a merge is swapped in
+        if self.distill is not None or merge_ratio is not None:
+            import copy
+
+            start = copy.deepcopy(encoder).eval()
+            start.requires_grad_(False)
+            self._start.append(start)
         self.sparse_embeddings = sparse_embeddings
         self.encoder = encoder
         # Slicing off padding assumes it is on the right (every tokenizer this project configures pads there).
@@ -141,19 +157,49 @@ class HybridRetrievalModule(pl.LightningModule):
             datamodule.set_epoch(self.current_epoch)
 
     def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self._embed(self.encoder, inputs)
+
+    def _embed(self, encoder: Encoder, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         if self.dynamic_padding:
-            return embed_by_length(self.encoder, inputs)
-        return self.encoder(**inputs)
+            return embed_by_length(encoder, inputs)
+        return encoder(**inputs)
+
+    @property
+    def start_encoder(self) -> Encoder | None:
+        """The frozen copy of the model before training (distillation teacher, merge start), or None."""
+        return self._start[0] if self._start else None
+
+    def on_fit_start(self) -> None:
+        if self._start:
+            self._start[0].to(self.device)
+
+    def _teacher_embeddings(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        teacher = self._start[0]
+        with torch.no_grad():
+            return (self._embed(teacher, batch["query"]), self._embed(teacher, batch["passage"]),
+                    self._embed(teacher, batch["hard_negative"]) if "hard_negative" in batch else None)
+
+    def _loss(self, queries: torch.Tensor, passages: torch.Tensor, negatives: torch.Tensor | None,
+              teacher: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None) -> torch.Tensor:
+        loss = self.loss(queries, passages, negatives)
+        if teacher is not None:
+            distill = self.distill(queries, passages, negatives, *teacher)
+            self._last_distill = distill.detach()
+            loss = loss + distill
+        return loss
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        teacher = self._teacher_embeddings(batch) if self.distill is not None else None
         if self.grad_cache_chunk is not None:
-            loss = self._cached_step(batch)
+            loss = self._cached_step(batch, teacher)
         else:
             queries = self(batch["query"])
             passages = self(batch["passage"])
             negatives = self(batch["hard_negative"]) if "hard_negative" in batch else None
-            loss = self.loss(queries, passages, negatives)
+            loss = self._loss(queries, passages, negatives, teacher)
         self._check_finite(loss, batch)
+        if teacher is not None:
+            self.log("train/distill", self._last_distill.float(), batch_size=batch["query"]["input_ids"].shape[0])
         size = batch["query"]["input_ids"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
         self.log("train/mono_batch", float(batch["monolingual"]), batch_size=size)
@@ -182,7 +228,8 @@ class HybridRetrievalModule(pl.LightningModule):
                 "check the data of this batch (train.log_batches=true lists its rows), or use hardware precision "
                 "32-true")
 
-    def _cached_step(self, batch: dict[str, Any]) -> torch.Tensor:
+    def _cached_step(self, batch: dict[str, Any], teacher: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
+                     ) -> torch.Tensor:
         """One optimiser step with gradient caching; DDP's per-backward reduction is replaced by one average."""
         import contextlib
 
@@ -197,7 +244,7 @@ class HybridRetrievalModule(pl.LightningModule):
         groups = {"query": batch["query"], "passage": batch["passage"], "hard_negative": batch.get("hard_negative")}
         with no_sync:
             loss = cached_backward(self.encoder, groups,
-                                   lambda e: self.loss(e["query"], e["passage"], e["hard_negative"]),
+                                   lambda e: self._loss(e["query"], e["passage"], e["hard_negative"], teacher),
                                    self.grad_cache_chunk)
         self._check_finite(loss, batch)  # before the optimiser step: the weights stay finite
         _, world = rank_and_world()
@@ -232,8 +279,14 @@ class HybridRetrievalModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[CHECKPOINT_KEY] = {"format": CHECKPOINT_FORMAT, "model": self.model_config}
+        if self.merge_ratio is not None:
+            checkpoint[CHECKPOINT_KEY]["merge"] = {"with": "start", "ratio": self.merge_ratio}
         if not checkpoint.get("optimizer_states"):
-            return  # weights only: nothing to resume
+            return  # weights only: nothing to resume (the best checkpoint holds the merge, when there is one)
+        if self._trained is not None:  # saved mid-validation: training resumes from the trained weights
+            state = checkpoint["state_dict"]
+            for name, value in self._trained.items():
+                state[f"encoder.{name}"] = value.clone()
         import random
 
         import numpy as np
@@ -273,6 +326,19 @@ class HybridRetrievalModule(pl.LightningModule):
 
     def on_validation_start(self) -> None:
         self._materialise_embeddings()
+        if self.merge_ratio is not None and self._trained is None:
+            from hybrid_retrieval.models.merge import merge_into
+
+            self._start[0].to(self.device)
+            self._trained = merge_into(self.encoder, self._start[0], self.merge_ratio, trainable_only=True)
+
+    def on_validation_end(self) -> None:
+        # After the callbacks' on_validation_end (Lightning calls them first): the best checkpoint held the merge.
+        if self._trained is not None:
+            from hybrid_retrieval.models.merge import restore
+
+            restore(self.encoder, self._trained)
+            self._trained = None
 
     def on_train_end(self) -> None:
         self._materialise_embeddings()

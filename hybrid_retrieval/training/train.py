@@ -53,6 +53,19 @@ def record_best(folder: Path, monitor: str, best: float) -> None:
     (folder / RUN_INFO).write_text(json.dumps(info))
 
 
+def write_holdout(folder: Path, cfg: DictConfig) -> Path:
+    """``holdout.json``: the selection split's spec and every question id it held out of training."""
+    import json
+
+    from hybrid_retrieval.data.lareqa import check_holdout, holdout_groups
+
+    spec = check_holdout(cfg.train_data.holdout)
+    ids = sorted(holdout_groups(spec))
+    path = folder / "holdout.json"
+    path.write_text(json.dumps({"holdout": spec, "question_groups": len(ids), "ids": ids}, indent=1))
+    return path
+
+
 def evaluates_before(cfg: DictConfig) -> bool:
     """``train.evaluate_before``: true, false, or ``first_job`` (only job 0 of a sweep)."""
     value = cfg.train.evaluate_before
@@ -74,9 +87,25 @@ def build_datamodule(cfg: DictConfig, inputs: TrainingInputs | None = None) -> H
                             inputs.evaluation_sets)
 
 
+DISTILL_KEYS = ("distill_weight", "distill_temperature")
+
+
+def build_losses(loss: DictConfig) -> tuple[torch.nn.Module, torch.nn.Module | None]:
+    """The contrastive loss of ``conf/loss`` and its distillation term (None when ``distill_weight`` is 0)."""
+    from hybrid_retrieval.losses.distill import InBatchDistillation
+
+    options = OmegaConf.to_container(loss, resolve=True)
+    weight = options.pop("distill_weight", 0.0)
+    temperature = options.pop("distill_temperature", 0.05)
+    distill = InBatchDistillation(weight, temperature) if weight else None
+    return instantiate(options), distill
+
+
 def build_module(cfg: DictConfig, encoder: Any = None) -> HybridRetrievalModule:
+    loss, distill = build_losses(cfg.loss)
     return HybridRetrievalModule(
-        encoder=encoder if encoder is not None else instantiate(cfg.model), loss=instantiate(cfg.loss),
+        encoder=encoder if encoder is not None else instantiate(cfg.model), loss=loss, distill=distill,
+        merge_ratio=cfg.train.get("merge_ratio"),
         optimizer=OptimizerSettings(cfg.train.lr, cfg.train.weight_decay, cfg.train.warmup_ratio, cfg.train.schedule),
         model_config=OmegaConf.to_container(cfg.model, resolve=True),
         freeze_embeddings=cfg.train.freeze_embeddings,
@@ -232,6 +261,8 @@ def train(cfg: DictConfig, inputs: TrainingInputs | None = None) -> float:
             run.set_tag("resumed_from", last)
         else:
             write_run_info(output_dir, run, cfg.logger.experiment_name, cfg)
+            if cfg.train_data.get("holdout") is not None:
+                run.log_artifact(write_holdout(output_dir, cfg))
         for data in datamodule.summary():
             log.info("training data %s", data)
         trainer = build_trainer(cfg, run, checkpoint, output_dir)
