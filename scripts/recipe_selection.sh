@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Recipe selection on the MLQA-R selection split (experiment=recipe_select; never XQuAD-R): one training run per
+# variant into multirun/recipe_select/<name>/, then WiSE-FT ratios of chosen runs evaluated on the same split.
+# Resumable: finished runs are skipped, a stopped one resumes (train.resume=auto). Summary:
+#   python -m hybrid_retrieval.report sweep=multirun/recipe_select at=last
+# Usage: scripts/recipe_selection.sh [round]   (round 1 = single changes; 2 = combinations; see the table)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-.venv/bin/python}
+OUT=${OUT:-multirun/recipe_select}
+round=${1:-1}
+
+train() {  # name, overrides...
+  local name=$1; shift
+  if [ -f "$OUT/$name/run_info.json" ] && grep -q '"best"' "$OUT/$name/run_info.json"; then
+    echo "== $name: finished, skipped"; return; fi
+  echo "== $name: $*"
+  "$PY" run.py experiment=recipe_select "$@" hydra.run.dir="$OUT/$name" run_name="select $name"
+}
+
+merge_eval() {  # name of a finished run, ratio
+  local name=$1 ratio=$2 dir="$OUT/merge_$1_$2"
+  if [ -f "$dir/metrics.json" ]; then echo "== merge $name $ratio: done, skipped"; return; fi
+  echo "== merge $name at $ratio"
+  "$PY" -m hybrid_retrieval.evaluate checkpoint="$OUT/$name/checkpoints/best.ckpt" merge_with=start \
+    merge_ratio="$ratio" dataset=mlqa_r_selection 'dataset.holdout={dataset: mlqa_r, groups: 200, seed: 0}' \
+    hardware=cpu_auto rankings_top_k=0 hydra.run.dir="$dir" run_name="select merge $name $ratio"
+}
+
+if [ "$round" = 1 ]; then
+  train base                                   # the old recipe (README "The paper's comparison")
+  train t01 loss.temperature=0.01
+  train t02 loss.temperature=0.02
+  train hn train_data.datasets.0.hard_negative=same_paragraph
+  train distill loss.distill_weight=1.0
+  train lr2e5 train.lr=2e-5
+  train steps100 trainer.limit_train_batches=100
+  for r in 0 0.25 0.5 0.75; do merge_eval base $r; done
+fi
