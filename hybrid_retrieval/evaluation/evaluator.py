@@ -20,16 +20,17 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from hybrid_retrieval.evaluation.metrics import METRICS, per_query_metrics
+from hybrid_retrieval.evaluation.metrics import BIAS_METRICS, RANKING_METRICS, own_language_first, per_query_metrics
 from hybrid_retrieval.evaluation.ranks import relevant_ranks
 
 SETTINGS = ("mono", "cross", "multi")
 # Metrics each setting reports (rank distance needs several languages in one ranking).
 SUMMARY_METRICS = {
-    "mono": METRICS[:-1],
-    "cross": METRICS[:-1],
-    "multi": METRICS,
+    "mono": RANKING_METRICS,
+    "cross": RANKING_METRICS,
+    "multi": (*RANKING_METRICS, *BIAS_METRICS),
 }
+TABLE_METRICS = (*RANKING_METRICS, *BIAS_METRICS)
 
 
 @dataclass
@@ -76,11 +77,11 @@ class EvaluationResult:
 
     def table(self) -> str:
         """The summary as a fixed-width text table, one row per setting."""
-        header = f"{'setting':<8}" + "".join(f"{m:>15}" for m in METRICS)
+        header = f"{'setting':<8}" + "".join(f"{m:>19}" for m in TABLE_METRICS)
         lines = [header, "-" * len(header)]
         for setting in SETTINGS:
             values = self.summary.get(setting, {})
-            cells = "".join(f"{values[m]:>15.4f}" if m in values else f"{'':>15}" for m in METRICS)
+            cells = "".join(f"{values[m]:>19.4f}" if m in values else f"{'':>19}" for m in TABLE_METRICS)
             lines.append(f"{setting:<8}{cells}")
         if "mono" in self.per_language:
             lines.append("")
@@ -100,7 +101,7 @@ def _mean_by_group(metrics: dict[str, np.ndarray], group: np.ndarray, names: Seq
     for g, label in enumerate(labels):
         members = valid & (group == g)
         if members.any():
-            out[label] = {m: float(np.mean(metrics[m][members])) for m in names}
+            out[label] = {m: float(np.nanmean(metrics[m][members])) for m in names}
     return out
 
 
@@ -142,6 +143,8 @@ def evaluate_embeddings(query_emb: np.ndarray, candidate_emb: np.ndarray, query_
     cross = {k: v for k, v in by_language_pair.items() if k.split("-")[0] != k.split("-")[1]}
 
     by_query = per_query_metrics(ranks.query_index, ranks.rank_overall, n_queries)
+    by_query["own_language_first"] = own_language_first(ranks.query_index, ranks.rank_overall,
+                                                        ranks.candidate_language, query_language, n_queries)
     multi = _mean_by_group(by_query, query_language, SUMMARY_METRICS["multi"], list(languages))
 
     per_language = {"mono": mono, "cross": cross, "multi": multi}

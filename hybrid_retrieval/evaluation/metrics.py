@@ -11,13 +11,22 @@ tied candidates take the last position of their group) determine every metric he
 - nDCG@10: binary gains, ``sum 1/log2(1 + rank)`` over relevant items in the top 10, divided by the ideal
   ``sum_{i <= min(R, 10)} 1/log2(1 + i)``.
 - rank distance: max rank minus min rank of the query's relevant items (language bias, multilingual setting).
+- Max@R (``max_at_r``): the worst rank among the query's relevant items, i.e. how deep one must read the
+  pooled ranking to have retrieved every one of its parallel relevant items (arXiv 2604.05684; multilingual
+  setting; lower is better).
+- own-language-first rate (``own_language_first``, :func:`own_language_first`): 1 when the query's best-ranked
+  relevant item is in the query's own language, else 0; a tie for the best rank counts for the own language.
+  Averaged, the share of queries that prefer their own language (arXiv 2605.07249's language preference;
+  multilingual setting; an unbiased model sits near 1 / the number of languages a query's relevant items span).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-METRICS = ("map", "recall_at_1", "recall_at_10", "mrr_at_10", "ndcg_at_10", "rank_distance")
+RANKING_METRICS = ("map", "recall_at_1", "recall_at_10", "mrr_at_10", "ndcg_at_10")
+BIAS_METRICS = ("rank_distance", "max_at_r", "own_language_first")  # multilingual setting only
+METRICS = (*RANKING_METRICS, *BIAS_METRICS[:2])  # per_query_metrics' outputs
 
 
 def average_precision(ranks: np.ndarray) -> float:
@@ -66,8 +75,31 @@ def per_query_metrics(query_index: np.ndarray, ranks: np.ndarray, n_queries: int
             "mrr_at_10": np.where(best <= 10, 1.0 / best, 0.0),
             "ndcg_at_10": np.bincount(query_index, weights=gains, minlength=n_queries) / ideal,
             "rank_distance": (worst - best).astype(np.float64),
+            "max_at_r": worst.astype(np.float64),
         }
     missing = count == 0
     for values in result.values():
         values[missing] = np.nan
     return result
+
+
+def own_language_first(query_index: np.ndarray, ranks: np.ndarray, candidate_language: np.ndarray,
+                       query_language: np.ndarray, n_queries: int) -> np.ndarray:
+    """Per query: 1.0 when a relevant item in the query's own language holds the best rank among its relevant
+    items (ties for that rank count), 0.0 when none does, NaN for a query with no relevant item or none in its own
+    language (it has no own-language item to prefer).
+
+    Flat inputs as in :func:`per_query_metrics`, plus each pair's candidate language and each query's language.
+    """
+    query_index = np.asarray(query_index, dtype=np.int64)
+    ranks = np.asarray(ranks, dtype=np.int64)
+    candidate_language = np.asarray(candidate_language, dtype=np.int64)
+    query_language = np.asarray(query_language, dtype=np.int64)
+    best = np.full(n_queries, np.iinfo(np.int64).max)
+    np.minimum.at(best, query_index, ranks)
+    own = candidate_language == query_language[query_index]
+    has_own = np.zeros(n_queries, dtype=bool)
+    has_own[query_index[own]] = True
+    first = np.zeros(n_queries, dtype=bool)
+    first[query_index[own & (ranks == best[query_index])]] = True
+    return np.where(has_own, first.astype(np.float64), np.nan)

@@ -32,7 +32,7 @@ from hybrid_retrieval.evaluation.evaluator import EvaluationResult, evaluate_enc
 PREFIX = "val"
 # This module is the LAReQA kind: its summary settings and metrics are the evaluator's.
 SUMMARY_METRICS = evaluator.SUMMARY_METRICS
-LOWER_IS_BETTER = ("rank_distance",)
+LOWER_IS_BETTER = ("rank_distance", "max_at_r", "own_language_first")
 
 # Dataset name -> module of its kind (this module is the LAReQA kind).
 KIND_OF_DATASET = {

@@ -32,7 +32,8 @@ PREFIX = "val"
 COLUMNS: dict[str, list[tuple[str, str]]] = {
     "lareqa": [("Mo mAP", "mono/map"), ("Cr mAP", "cross/map"), ("Mul mAP", "multi/map"),
                ("Mul R@1", "multi/recall_at_1"), ("Mul R@10", "multi/recall_at_10"),
-               ("Mul nDCG@10", "multi/ndcg_at_10"), ("rank distance", "multi/rank_distance")],
+               ("Mul nDCG@10", "multi/ndcg_at_10"), ("rank distance", "multi/rank_distance"),
+               ("Max@R", "multi/max_at_r"), ("own language first", "multi/own_language_first")],
     "tatoeba": [("acc@1", "both/accuracy_at_1"), ("LR acc@1", "low_resource/both/accuracy_at_1"),
                 ("LR xx→en acc@1", "low_resource/xx_to_en/accuracy_at_1"), ("LR mAP", "low_resource/both/map"),
                 ("LR nDCG@10", "low_resource/both/ndcg_at_10")],
@@ -214,7 +215,7 @@ def _cell(row: Row, key: str, std: bool = True) -> str:
     mean = row.mean(key)
     if not math.isfinite(mean):
         return "—"
-    digits = 1 if key.endswith("rank_distance") else 3
+    digits = 1 if key.endswith(("rank_distance", "max_at_r")) else 3
     text = f"{mean:.{digits}f}"
     spread = row.std(key)
     if std and math.isfinite(spread) and (row.stage == "trained" or spread > 0):
@@ -252,7 +253,7 @@ def per_language_markdown(report: Report) -> str:
             groups, values = per_language(report, key, setting, metric)
             if not groups:
                 continue
-            digits = 1 if metric == "rank_distance" else 3
+            digits = 1 if metric in ("rank_distance", "max_at_r") else 3
             lines += [f"**{key} {setting} {metric}** per language", "",
                       "| run | " + " | ".join(groups) + " |", "|---|" + "---|" * len(groups)]
             for row, row_values in zip(report.rows, values):
