@@ -326,14 +326,22 @@ class HybridRetrievalModule(pl.LightningModule):
 
     def on_validation_start(self) -> None:
         self._materialise_embeddings()
+        self.swap_in_merge()
+
+    def on_validation_end(self) -> None:
+        # After the callbacks' on_validation_end (Lightning calls them first): the best checkpoint held the merge.
+        self.swap_out_merge()
+
+    def swap_in_merge(self) -> None:
+        """With ``merge_ratio``: the encoder holds the WiSE-FT merge until :meth:`swap_out_merge`."""
         if self.merge_ratio is not None and self._trained is None:
             from hybrid_retrieval.models.merge import merge_into
 
             self._start[0].to(self.device)
             self._trained = merge_into(self.encoder, self._start[0], self.merge_ratio, trainable_only=True)
 
-    def on_validation_end(self) -> None:
-        # After the callbacks' on_validation_end (Lightning calls them first): the best checkpoint held the merge.
+    def swap_out_merge(self) -> None:
+        """The trained weights back in place."""
         if self._trained is not None:
             from hybrid_retrieval.models.merge import restore
 
