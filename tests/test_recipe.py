@@ -245,3 +245,74 @@ def test_bias_metrics_match_a_brute_force_sort() -> None:
     assert result.summary["multi"]["max_at_r"] == pytest.approx(
         np.mean([max_rank[query_language == lang].mean() for lang in range(n_lang)]))
     assert "max_at_r" not in result.summary["mono"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Hard-negative mining
+
+
+def _unit(rows: list[list[float]]) -> np.ndarray:
+    array = np.array(rows, dtype=np.float32)
+    return array / np.linalg.norm(array, axis=1, keepdims=True)
+
+
+def test_mining_never_picks_a_translation_and_applies_the_window_and_the_margin() -> None:
+    from hybrid_retrieval.mining import MiningSettings, mine_negatives, passage_pool
+
+    # Pool (language 0 unless noted): 0 = query 0's passage (group 0); 1 = group 0's passage in language 1 (its
+    # translation); 2 = group 0's passage in language 0 written again by another question of group 0;
+    # 3 = a near duplicate of the positive (group 5); 4 = a good hard negative (group 6); 5 = far away (group 7).
+    texts, groups, pool_lang, row_to_pool = passage_pool(
+        ["p0", "p0-de", "p0 again", "near", "hard", "far"], [0, 0, 0, 5, 6, 7], [0, 1, 0, 0, 0, 0])
+    assert groups[0] == frozenset({0}) and list(row_to_pool) == [0, 1, 2, 3, 4, 5]
+    passages = _unit([[1, 0, 0], [1, 0.01, 0], [1, 0.02, 0], [1, 0.05, 0], [1, 0.6, 0], [0, 0, 1]])
+    query = _unit([[1, 0, 0]])  # ranking: 0, 1, 2, 3, 4, 5
+    settings = MiningSettings(rank_window=(1, 6), max_score_ratio=0.99, same_language=False)
+    [mined] = mine_negatives(query, passages, [0], [0], [0], groups, pool_lang, settings)
+    assert mined.passage == 4  # 1 and 2 are the group's own (translation / same answer), 3 fails the margin
+    assert mined.skipped == {"translation_group": 2, "own_passage": 1, "rank_window": 0, "score_ratio": 1}
+    assert mined.score < 0.99 * mined.positive_score
+    # Without the margin the near duplicate is taken; with a window starting at rank 5 it is skipped by rank.
+    [loose] = mine_negatives(query, passages, [0], [0], [0], groups, pool_lang,
+                             MiningSettings((1, 6), None, False))
+    assert loose.passage == 3 and loose.rank == 4
+    [late] = mine_negatives(query, passages, [0], [0], [0], groups, pool_lang, MiningSettings((5, 6), None, False))
+    assert late.passage == 4 and late.rank == 5 and late.skipped["rank_window"] == 1
+    # Same language: the translation is not even in the pool searched; a window too narrow finds nothing.
+    [same] = mine_negatives(query, passages, [0], [0], [0], groups, pool_lang, MiningSettings((1, 2), 0.99, True))
+    assert same.passage == -1 and same.skipped["translation_group"] == 1
+    with pytest.raises(ValueError, match="rank_window"):
+        MiningSettings((0, 3))
+
+
+@pytest.mark.slow
+def test_mine_command_writes_training_jsonl_without_translation_negatives(tmp_path: Path, data_root: Path,
+                                                                         tiny_encoder: Any) -> None:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from hybrid_retrieval.data.pairs import from_jsonl
+
+    out = tmp_path / "mined"
+    env = {**os.environ, "HYBRID_RETRIEVAL_MLFLOW_URI": f"sqlite:///{tmp_path}/mlflow.db"}
+    done = subprocess.run([sys.executable, "-m", "hybrid_retrieval.mine", "model=tiny", f"output={out}",
+                           "train_data.datasets.0.languages=[en,de,es]", "train_data.datasets.0.max_groups=60",
+                           "mining.max_score_ratio=null", f"hydra.run.dir={tmp_path}/run"], cwd=Path(__file__).resolve().parents[1], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    pairs = from_jsonl(out / "pairs.jsonl")
+    source = from_lareqa("mlqa_r", data_root, languages=["en", "de", "es"], max_groups=60)
+    assert len(pairs) == len(source) and pairs.hard_negatives is not None
+    passages_of_group: dict[int, set[str]] = {}
+    for group, passage in zip(pairs.groups, pairs.passages):
+        passages_of_group.setdefault(int(group), set()).add(passage)
+    mined = [n for n in pairs.hard_negatives if n is not None]
+    assert len(mined) > len(pairs) // 2
+    for group, negative, passage in zip(pairs.groups, pairs.hard_negatives, pairs.passages):
+        assert negative is None or (negative != passage and negative not in passages_of_group[int(group)])
+    provenance = [json.loads(line) for line in (out / "pairs.provenance.jsonl").read_text().splitlines()]
+    assert len(provenance) == len(pairs) and all(p["model"].startswith("random:") or p["model"] for p in provenance)
+    assert all(p["rank"] is None or 2 <= p["rank"] <= 30 for p in provenance)
+    assert json.loads((out / "mine.json").read_text())["rows"] == len(pairs)
