@@ -27,13 +27,15 @@ merge_eval() {  # name of a finished run, ratio
     hardware=cpu_auto rankings_top_k=0 hydra.run.dir="$dir" run_name="select merge $name $ratio"
 }
 
-if [ "$round" = 1 ]; then
+if [ "$round" = 1 ]; then                     # one change at a time against the old recipe
   train base                                   # the old recipe (README "The paper's comparison")
   train t01 loss.temperature=0.01              # multilingual-E5's own training temperature
   train hn train_data.datasets.0.hard_negative=same_paragraph
-  train t01_hn loss.temperature=0.01 train_data.datasets.0.hard_negative=same_paragraph
-  train distill loss.distill_weight=1.0
+fi
+if [ "$round" = 2 ]; then                     # on top of the temperature, the clear winner of round 1
   merge_eval base 0                            # the starting model on the selection split
-  merge_eval base 0.5
-  merge_eval t01_hn 0.5
+  merge_eval base 1                            # the old recipe again, with the bias metrics
+  train t01_hn loss.temperature=0.01 train_data.datasets.0.hard_negative=same_paragraph
+  train t01_distill loss.temperature=0.01 loss.distill_weight=1.0 loss.distill_temperature=0.01
+  merge_eval t01 0.5
 fi
