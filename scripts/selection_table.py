@@ -18,6 +18,10 @@ def overrides(folder: Path) -> str:
     if not file.is_file():
         return ""
     lines = [line.removeprefix("- ").strip() for line in file.read_text().splitlines() if line.startswith("- ")]
+    options = dict(line.split("=", 1) for line in lines if "=" in line)
+    if options.get("merge_with") == "start":  # an evaluation of a WiSE-FT merge (scripts/recipe_selection.sh)
+        run = Path(options["checkpoint"]).parent.parent.name
+        return f"WiSE-FT of `{run}` with the start, ratio {options['merge_ratio']}"
     return " ".join(f"`{line}`" for line in lines if not line.startswith(("hydra.", "run_name", "experiment=")))
 
 
