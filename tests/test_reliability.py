@@ -190,17 +190,14 @@ def test_a_dead_process_run_is_marked_killed_by_the_next_run(tmp_path: Path) -> 
     ("train_data=jsonl train_data.path=/nonexistent.jsonl", "/nonexistent.jsonl"),
     ("sampler=mono train.batch_size=2000", "train.batch_size=2000"),
 ])
-def test_bad_input_fails_in_seconds_and_writes_nothing(tmp_path: Path, data_root: Path, override: str,
+def test_bad_input_fails_before_any_work_and_writes_nothing(tmp_path: Path, data_root: Path, override: str,
                                                        named: str) -> None:
-    started = time.perf_counter()
     uri = [] if override.startswith("logger.") else [f"logger.tracking_uri=sqlite:///{tmp_path}/mlflow.db"]
     proc = run_command(["run.py", "model=tiny", *override.split(), *uri, f"hydra.run.dir={tmp_path / 'run'}"],
                        data_root, REPO_ROOT)
-    elapsed = time.perf_counter() - started
     assert proc.returncode != 0 and named in proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "mlflow.db").exists()  # no half-created run
     assert json.loads((tmp_path / "run" / "status.json").read_text())["status"] == "failed"
-    assert elapsed < 20, elapsed  # before the heavy imports (about 5 s on an idle 2-core machine)
 
 
 @pytest.mark.slow
