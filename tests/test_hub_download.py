@@ -22,6 +22,9 @@ from urllib.parse import unquote, urlsplit
 import numpy as np
 import pytest
 
+# Every test here starts Python processes against a local stand-in for the hub: end-to-end.
+pytestmark = pytest.mark.slow
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REPO_ID = "org/tiny-model"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"

@@ -142,6 +142,7 @@ _MATERIALISE = (
 )
 
 
+@pytest.mark.slow
 def test_concurrent_materialisation_and_rebuild(tmp_path: Path) -> None:
     cache = tmp_path / "models"
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
