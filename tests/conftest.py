@@ -11,8 +11,9 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO_ROOT / "conf"
 DATA_ENV = "HYBRID_RETRIEVAL_DATA"
-# README's test command sets a relative path (../shared/data); tests that change directory, and the commands they
-# start elsewhere, must still find the data, so it is made absolute once, against the directory pytest started in.
+# HYBRID_RETRIEVAL_DATA may be relative (README's run command uses ../shared/data); tests that change directory, and
+# the commands they start elsewhere, must still find the data, so it is made absolute once, against the directory
+# pytest started in.
 if os.environ.get(DATA_ENV):
     os.environ[DATA_ENV] = str(Path(os.environ[DATA_ENV]).expanduser().resolve())
 

@@ -300,6 +300,7 @@ def test_checkpoint_head_is_loaded_and_matches_transformers(tmp_path: Path, tiny
 # -------------------------------------------------------------------------------------------------- training
 
 
+@pytest.mark.slow
 def test_loss_decreases_on_a_tiny_repeated_corpus_and_only_the_backbone_changes() -> None:
     encoder = fresh_tiny()
     original = {k: v.clone() for k, v in encoder.backbone.state_dict().items()}

@@ -167,7 +167,6 @@ def test_training_is_reproducible_with_or_without_the_step_0_validation(tmp_path
 ])
 def test_bad_config_fails_before_any_work(tmp_path: Path, data_root: Path, override: str, named: str) -> None:
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    started = time.perf_counter()
     flags = [arg for arg in override.split() if arg.startswith("-")]  # Hydra wants -m before the overrides
     rest = [arg for arg in override.split() if not arg.startswith("-")]
     proc = run_command(["run.py", *flags, *([] if override.startswith("model=") else ["model=tiny"]), *rest,
@@ -176,7 +175,6 @@ def test_bad_config_fails_before_any_work(tmp_path: Path, data_root: Path, overr
                        data_root, REPO_ROOT)
     assert proc.returncode != 0
     assert named in proc.stderr
-    assert time.perf_counter() - started < 30
     assert not (tmp_path / "mlflow.db").exists()  # nothing was started, so nothing half-written
 
 
@@ -260,7 +258,6 @@ def test_evaluate_with_a_gpu_config_on_a_machine_without_one_fails_before_any_wo
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a CUDA GPU")
-    started = time.perf_counter()
     proc = run_command(["-m", "hybrid_retrieval.evaluate", "hardware=gpu", "model=tiny", *SMALL_EVAL,
                         f"logger.tracking_uri=sqlite:///{tmp_path}/mlflow.db", f"hydra.run.dir={tmp_path / 'run'}"],
                        data_root, REPO_ROOT)
@@ -268,4 +265,3 @@ def test_evaluate_with_a_gpu_config_on_a_machine_without_one_fails_before_any_wo
     assert "hardware.accelerator='gpu': expected a CUDA device visible to torch" in proc.stderr, proc.stderr[-2000:]
     assert "hardware=cpu" in proc.stderr
     assert not (tmp_path / "mlflow.db").exists()
-    assert time.perf_counter() - started < 30

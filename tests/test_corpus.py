@@ -42,6 +42,7 @@ def encoder_fn(encoder: Any, calls: list[int] | None = None) -> Any:
 CONFIG = {"model": "tiny", "passage_text": "text"}
 
 
+@pytest.mark.slow
 def test_shards_hold_the_encoder_embeddings_in_input_order(tiny_encoder: Any, tmp_path: Path,
                                                            caplog: pytest.LogCaptureFixture,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
@@ -90,6 +91,7 @@ KILLER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_a_killed_encoding_resumes_without_re_encoding_finished_shards(tiny_encoder: Any, tmp_path: Path,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     import hybrid_retrieval.evaluation.corpus as corpus
@@ -209,6 +211,7 @@ def test_flat_from_shards_and_sharded_flat_are_exact(stored: tuple[EmbeddingShar
     np.testing.assert_array_equal(loaded.search(queries, 100)[1], r2)
 
 
+@pytest.mark.slow
 def test_ivfpq_trained_on_a_sample_and_rerank(stored: tuple[EmbeddingShards, np.ndarray, np.ndarray],
                                               tmp_path: Path) -> None:
     shards, queries, exact = stored

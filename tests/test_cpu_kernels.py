@@ -33,6 +33,7 @@ def _snapshot(model: nn.Module) -> tuple[dict[str, type], dict[str, torch.Tensor
     return classes, {k: v.clone() for k, v in model.state_dict().items()}
 
 
+@pytest.mark.slow
 def test_encode_runs_onednn_and_matches_the_default_linear(me5_small) -> None:
     ops = _ops_run(lambda: me5_small.encode(TEXTS, "passage", batch_size=8))
     assert "mkldnn::_linear_pointwise" in ops

@@ -9,7 +9,6 @@ import json
 import shutil
 import socket
 import threading
-import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -200,10 +199,8 @@ def test_nothing_found_names_files_places_and_settings(
     empty.mkdir()
     monkeypatch.setenv(sources.DATA_ENV, str(empty))
     monkeypatch.setenv(sources.DATA_URL_ENV, _closed_port_url())
-    start = time.perf_counter()
     with pytest.raises(DataNotFoundError) as info:
         resolve_dataset_dir("mlqa_r", timeout=5)
-    assert time.perf_counter() - start < 10
     message = str(info.value)
     for expected in ("ar.json", "zh.json", str(empty), str(clean_env / "data" / "mlqa-r"),
                      "download failed", "dataset.root=", sources.DATA_ENV):  # fmt: skip

@@ -16,6 +16,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+# Gradient equality across gloo processes and gradient caching: seconds per test, tens of seconds in all.
+pytestmark = pytest.mark.slow
+
 from hybrid_retrieval.losses.cached import cached_backward
 from hybrid_retrieval.losses.info_nce import InfoNCELoss
 
@@ -203,7 +206,6 @@ def test_gradient_caching_replays_dropout(setup: Any) -> None:
     assert float(other) != pytest.approx(cached_loss, rel=1e-6)
 
 
-@pytest.mark.slow
 def test_ddp_run_on_two_cpu_processes(tmp_path: Path, data_root: Path) -> None:
     """`run.py hardware=ddp_cpu`: one MLflow run; every global batch one hybrid batch; validation as one process."""
     import json

@@ -6,12 +6,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 
 from hybrid_retrieval.data.lareqa import load_split
 from hybrid_retrieval.evaluation.evaluator import evaluate_encoder, evaluate_split
 from hybrid_retrieval.evaluation.index import CandidateIndex
 
 
+@pytest.mark.slow
 def test_me5_small_zero_shot_on_an_xquad_r_slice(me5_small: Any, tiny_encoder: Any, data_root: Path) -> None:
     split = load_split("xquad_r", root=data_root, languages=["en", "de", "zh"], max_questions_per_language=30)
     result = evaluate_encoder(me5_small, split, "sentence", batch_size=32)

@@ -160,6 +160,7 @@ def test_sentence_transformers_reproduces_encoder(exported_tiny: Path, tiny_enco
     assert cosine(tiny_encoder.encode(SENTENCES, "query"), no_prompt).min() < 0.999
 
 
+@pytest.mark.slow
 def test_dense_head_round_trips_through_export(tmp_path: Path) -> None:
     """LaBSE's form (CLS -> dense tanh -> L2): sentence-transformers gets a Dense module, and the project's
     loader restores the head from 2_Dense/."""
@@ -425,6 +426,7 @@ def test_encode_config_errors_come_before_any_work(tmp_path: Path) -> None:
     assert not db.exists() and not (tmp_path / "a").exists()
 
 
+@pytest.mark.slow
 def test_encode_cli_rejects_bad_input_before_loading_the_model(tmp_path: Path, data_root: Path) -> None:
     db = tmp_path / "mlflow.db"
     bad = tmp_path / "bad.jsonl"

@@ -352,6 +352,7 @@ def test_corpus_cap_and_kept_embeddings(tiny_encoder: Any, corpus_root: Path, ev
         load_set("miracl", cfg).evaluate(other, batch_size=32, num_threads=1)
 
 
+@pytest.mark.slow
 def test_approximate_index_by_config(tiny_encoder: Any, corpus_root: Path, evaluated: tuple[MiraclSet, Any]) -> None:
     """dataset.index: IVF-PQ in several parts, re-scoring more candidates than a part holds, must give exactly the
     flat index's run (the plumbing of training, sharding, merging and re-scoring loses nothing); without

@@ -119,7 +119,8 @@ def _train(sparse: bool, precision: str = "32-true", grad_cache_chunk: int | Non
     return {name: value.detach().clone() for name, value in encoder.state_dict().items()}
 
 
-@pytest.mark.parametrize("precision,grad_cache_chunk", [("32-true", None), ("bf16-mixed", None), ("32-true", 3)])
+@pytest.mark.parametrize("precision,grad_cache_chunk", [("32-true", None), ("bf16-mixed", None),
+                                                        pytest.param("32-true", 3, marks=pytest.mark.slow)])
 def test_training_with_sparse_embeddings_ends_at_the_dense_weights(precision: str, grad_cache_chunk: int | None) -> None:
     dense, sparse = (_train(flag, precision, grad_cache_chunk) for flag in (False, True))
     embedding = "backbone.embeddings.word_embeddings.weight"

@@ -36,6 +36,7 @@ def data_env(data_root: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 # Real files: the counts of their SOURCE.md files
 
 
+@pytest.mark.slow
 def test_real_files_match_source_counts(data_env: Path) -> None:
     dropped = load_squad({"es": ES, "it": IT})
     es, it = dropped["es"], dropped["it"]
@@ -243,6 +244,7 @@ def compose(overrides: list[str]):
         return hydra_compose("config", overrides=overrides)
 
 
+@pytest.mark.slow
 def test_train_data_configs_build_and_make_cross_lingual_batches(data_env: Path) -> None:
     from hybrid_retrieval.config_checks import check_train_config
     from hybrid_retrieval.training.sampler import HybridBatchSampler

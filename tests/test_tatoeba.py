@@ -165,6 +165,7 @@ def reference_direction(queries: np.ndarray, candidates: np.ndarray) -> dict[str
     return {"accuracy_at_1": float(np.mean(hit)), "map": float(np.mean(ap)), "ndcg_at_10": float(np.mean(ndcg))}
 
 
+@pytest.mark.slow
 def test_metrics_match_independent_computation_on_real_files(data_root: Path) -> None:
     split = load_tatoeba(languages=["deu", "tzl", "swg", "hsb", "amh"], max_pairs_per_language=300,
                          low_resource=["tzl", "amh", "kab"])

@@ -251,6 +251,7 @@ def _runs(uri: str) -> list[Any]:
     return client.search_runs([experiment.experiment_id])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("error,status", [(None, "FINISHED"), (ValueError("bad batch"), "FAILED"),
                                           (KeyboardInterrupt(), "KILLED")])
 def test_mlflow_run_lifecycle(tmp_path: Path, error: BaseException | None, status: str) -> None:
@@ -276,6 +277,7 @@ def test_mlflow_run_lifecycle(tmp_path: Path, error: BaseException | None, statu
         assert "error" not in logged.data.tags
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_gives_the_same_gradients(pairs: Any, tiny_encoder: Any) -> None:
     import copy
 
@@ -297,6 +299,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(pairs: Any, tiny_encode
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7, msg=name)
 
 
+@pytest.mark.slow
 def test_training_with_gradient_caching_steps_like_plain_training(tmp_path: Path, pairs: Any, tiny_encoder: Any,
                                                                   evaluation_set: EvaluationSet) -> None:
     """Through Lightning: manual optimisation with cached gradients (clipping included) = automatic optimisation."""

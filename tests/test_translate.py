@@ -224,6 +224,7 @@ def test_translator_keeps_input_order_and_matches_one_by_one(tiny_nllb: Path, sq
 # The stage end to end (in process): schema, provenance, cache hits
 
 
+@pytest.mark.slow
 def test_translate_jsonl_writes_training_rows_with_provenance(tiny_nllb: Path, squad_es: Any, tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     from mlflow.tracking import MlflowClient
@@ -286,6 +287,7 @@ def test_translate_jsonl_writes_training_rows_with_provenance(tiny_nllb: Path, s
     assert output.read_bytes() == before and len(read_lines(tmp_path / "cache.jsonl")) == len(cache)
 
 
+@pytest.mark.slow
 def test_resume_after_a_crash_translates_only_what_is_missing(tiny_nllb: Path, squad_es: Any, tmp_path: Path) -> None:
     source = write_jsonl(tmp_path / "in.jsonl", source_rows(squad_es, 14))
     common = dict(input=source, source_language="es", target_languages="[it]", batch_size=3)
@@ -305,6 +307,7 @@ def test_resume_after_a_crash_translates_only_what_is_missing(tiny_nllb: Path, s
     assert (crashed / "out" / "pairs.jsonl").read_bytes() == (tmp_path / "a" / "out" / "pairs.jsonl").read_bytes()
 
 
+@pytest.mark.slow
 def test_translate_squad_input(tiny_nllb: Path, data_root: Path, tmp_path: Path,
                                monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HYBRID_RETRIEVAL_DATA", str(data_root))
@@ -325,6 +328,7 @@ def test_translate_squad_input(tiny_nllb: Path, data_root: Path, tmp_path: Path,
     assert pairs.summary()["groups_by_language_count"] == {2: 6}
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:Recommended. pip install sacremoses")
 def test_marian_loads_one_model_per_language_pair(tiny_marian: Path, squad_es: Any, tmp_path: Path) -> None:
     source = write_jsonl(tmp_path / "in.jsonl", source_rows(squad_es, 6))
