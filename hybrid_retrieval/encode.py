@@ -138,6 +138,12 @@ def load_model(cfg: DictConfig) -> Encoder:
         from hybrid_retrieval.models.checkpoint import load_checkpoint_encoder
 
         encoder = load_checkpoint_encoder(cfg.checkpoint)
+        truncate_dim = cfg.get("model", {}).get("truncate_dim")
+        if truncate_dim is not None:  # the command line's size wins over the one the checkpoint was trained with
+            from hybrid_retrieval.models.encoder import check_truncate_dim
+
+            check_truncate_dim(truncate_dim, encoder.embedding_dim)
+            encoder.truncate_dim = int(truncate_dim)
     else:
         from hydra.utils import instantiate
 
