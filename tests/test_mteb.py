@@ -89,3 +89,45 @@ def test_a_task_without_reachable_data_fails_before_encoding(tmp_path: Path, dat
     proc = run_command(["-m", "hybrid_retrieval.mteb", "model=tiny", "tasks=[NoSuchTask]",
                         f"logger.tracking_uri={uri}", f"hydra.run.dir={tmp_path / 'run2'}"], data_root)
     assert proc.returncode != 0 and "tasks: 'NoSuchTask' is not an MTEB task" in proc.stderr, proc.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_matryoshka_training_to_card_to_mteb_results_filed_under_the_run(tmp_path: Path, data_root: Path) -> None:
+    import yaml
+    from mlflow.tracking import MlflowClient
+    from test_cli import SMALL_TRAIN
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    run = tmp_path / "2026-12-04" / "15-06-38"
+    proc = run_command(["run.py", *SMALL_TRAIN, "trainer.limit_train_batches=2", "loss.matryoshka_dims=[64,32]",
+                        "loss.matryoshka_weights=[1,0.5]", "train.grad_cache_chunk=4", "model.truncate_dim=32",
+                        "+dataset@extra_datasets.mlqa=mlqa_r", "extra_datasets.mlqa.languages=[en,de]",
+                        "extra_datasets.mlqa.max_questions_per_language=10", f"logger.tracking_uri={uri}",
+                        f"hydra.run.dir={run}"], data_root)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    model = run / "model"
+    settings = json.loads((model / "hybrid_retrieval.json").read_text())
+    assert (settings["matryoshka_dims"], settings["truncate_dim"]) == ([64, 32], 32)
+    assert settings["model_name"] == "tiny-ft-2026-12-04_15-06-38"
+    front = yaml.safe_load((model / "README.md").read_text().split("---\n")[1])
+    (index,) = front["model-index"]
+    assert {r["dataset"]["type"] for r in index["results"]} == {"xquad_r", "mlqa_r"}  # every evaluation set
+    final = json.loads((run / "metrics.json").read_text())["summary"]["multi"]["map"]
+    xquad = next(r for r in index["results"] if r["dataset"]["type"] == "xquad_r")
+    assert {m["type"]: m["value"] for m in xquad["metrics"]}["multi_map"] == pytest.approx(final, abs=1e-6)
+
+    proc = run_command(["-m", "hybrid_retrieval.mteb", f"model.path={run}", "model=tiny", "local.languages=[en]",
+                        "local.max_questions_per_language=20", f"logger.tracking_uri={uri}",
+                        f"hydra.run.dir={tmp_path / 'mteb_job'}"], data_root)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (filed,) = (run / "mteb" / "results").iterdir()  # under the run folder, named after the run
+    assert filed.name == "hybrid_retrieval__tiny-ft-2026-12-04_15-06-38"
+    (result_file,) = filed.rglob("XQuADRMonolingual.json")
+    meta = json.loads((result_file.parent / "model_meta.json").read_text())
+    assert meta["name"] == "hybrid_retrieval/tiny-ft-2026-12-04_15-06-38" and meta["embed_dim"] == 32
+    client = MlflowClient(tracking_uri=uri)
+    (mteb_run,) = [r for r in client.search_runs([client.get_experiment_by_name("hybrid_retrieval").experiment_id])
+                   if r.data.tags.get("job") == "mteb"]
+    assert mteb_run.info.status == "FINISHED"
+    score = json.loads(result_file.read_text())["scores"]["test"][0]["ndcg_at_10"]
+    assert mteb_run.data.metrics["mteb/XQuADRMonolingual/en/ndcg_at_10"] == pytest.approx(score)

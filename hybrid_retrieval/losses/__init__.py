@@ -1,5 +1,6 @@
 """Training losses for the dual encoder."""
 
 from hybrid_retrieval.losses.info_nce import InfoNCELoss
+from hybrid_retrieval.losses.matryoshka import MatryoshkaLoss
 
-__all__ = ["InfoNCELoss"]
+__all__ = ["InfoNCELoss", "MatryoshkaLoss"]

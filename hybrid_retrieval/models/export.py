@@ -180,7 +180,8 @@ def _sentence_transformers_files(encoder: Encoder, folder: Path) -> None:
         "default_prompt_name": None,
         # Unnormalised embeddings are scored by inner product in this project, so say so.
         "similarity_fn_name": "cosine" if encoder.normalize else "dot",
-        # sentence-transformers cuts (and, with the Normalize module, re-normalises) to this size.
+        # sentence-transformers cuts its embeddings to this size (after its Normalize module: its cosine similarity
+        # ignores the norm; encode(normalize_embeddings=True) gives this project's re-normalised prefix).
         **({"truncate_dim": encoder.truncate_dim} if encoder.truncate_dim is not None else {}),
     })
 
