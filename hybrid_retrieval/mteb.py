@@ -58,6 +58,17 @@ def model_name(cfg: DictConfig, folder: Path | None, run_dir: Path | None, encod
     return folder.name
 
 
+def base_model(run_dir: Path | None, encoder_name: str) -> str:
+    """What a fine-tuned model was adapted from (MTEB's ``adapted_from``): the run's ``model.checkpoint`` (or its
+    ``model.name``) from its ``.hydra/config.yaml``, else the name the folder's settings give."""
+    config_file = run_dir / ".hydra" / "config.yaml" if run_dir is not None else None
+    if config_file is not None and config_file.is_file():
+        model = OmegaConf.load(config_file).get("model") or {}
+        if model.get("checkpoint") or model.get("name"):
+            return str(model.get("checkpoint") or model.get("name"))
+    return encoder_name
+
+
 def check_mteb_config(cfg: DictConfig) -> tuple[Path | None, Path | None]:
     """Checks before anything loads; (model folder, run folder) from ``model.path`` (None, None without one)."""
     tasks = cfg.get("tasks")
@@ -99,8 +110,8 @@ def run_mteb(cfg: DictConfig) -> dict[str, float]:
     torch.set_num_threads(cfg.hardware.num_threads)
     encoder = load_model(cfg)
     name = model_name(cfg, folder, run_dir, encoder.name)
-    base = cfg.model.get("checkpoint") or cfg.model.name
-    meta = model_meta(encoder, name, weights_revision(encoder), base_model=str(base) if folder is not None else None)
+    meta = model_meta(encoder, name, weights_revision(encoder),
+                      base_model=base_model(run_dir, encoder.name) if folder is not None else None)
     output = Path(str(cfg.output)).expanduser() if cfg.get("output") else \
         (run_dir / "mteb" if run_dir is not None else Path(tracking.job_context()["output_dir"]))
     cache = mteb.ResultCache(cache_path=str(output))
