@@ -17,7 +17,7 @@ pytest.importorskip("mteb")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_command(args: list[str], data_root: Path, timeout: int = 900) -> subprocess.CompletedProcess:
+def run_command(args: list[str], data_root: Path, timeout: int = 1800) -> subprocess.CompletedProcess:
     env = {**os.environ, "HYBRID_RETRIEVAL_DATA": str(data_root), "HYBRID_RETRIEVAL_OFFLINE": "1"}
     env.pop("HYBRID_RETRIEVAL_MLFLOW_URI", None)
     return subprocess.run([sys.executable, *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
