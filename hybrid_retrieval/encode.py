@@ -142,6 +142,12 @@ def load_model(cfg: DictConfig) -> Encoder:
         ratio = merge_ratio(cfg)
         if ratio is not None:  # WiSE-FT with the run's starting model
             encoder = merge_with_start(encoder, checkpoint, ratio)
+        truncate_dim = cfg.get("model", {}).get("truncate_dim")
+        if truncate_dim is not None:  # the command line's size wins over the one the checkpoint was trained with
+            from hybrid_retrieval.models.encoder import check_truncate_dim
+
+            check_truncate_dim(truncate_dim, encoder.embedding_dim)
+            encoder.truncate_dim = int(truncate_dim)
     else:
         from hydra.utils import instantiate
 

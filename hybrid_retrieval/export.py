@@ -21,7 +21,7 @@ from hybrid_retrieval import tracking
 from hybrid_retrieval.config_checks import ConfigError
 from hybrid_retrieval.models.checkpoint import (TrainingCheckpoint, encoder_from_checkpoint, merge_with_start,
                                                 read_checkpoint)
-from hybrid_retrieval.models.export import SETTINGS_FILE, export_encoder
+from hybrid_retrieval.models.export import SETTINGS_FILE, export_encoder, read_run_results, run_model_name
 
 # Parts of a run's composed config that describe how the model was trained (the card shows these).
 TRAINING_KEYS = ("model", "sampler", "loss", "train", "trainer", "train_data", "dataset", "hardware")
@@ -71,6 +71,9 @@ def model_card(checkpoint: TrainingCheckpoint, cfg: DictConfig) -> dict[str, Any
     metrics_file = run_dir / "metrics.json"
     if metrics_file.is_file():
         card["metrics"] = json.loads(metrics_file.read_text(encoding="utf-8"))
+    card["results"] = read_run_results(run_dir)
+    if config_file.is_file() or card["results"]:  # a run folder: the model is named after the run
+        card["model_name"] = run_model_name(run_dir, str(model.get("name", "model")))
     card["checkpoint"] = {"file": str(checkpoint.path.resolve()), **checkpoint.info}
     return card
 
@@ -100,6 +103,9 @@ def export(cfg: DictConfig) -> Path:
     if ratio is not None:
         encoder = merge_with_start(encoder, checkpoint, ratio)
         card["merge"] = f"WiSE-FT: (1 - {ratio}) x the starting model + {ratio} x the checkpoint's weights"
+    loss = (card.get("training") or {}).get("loss")
+    if isinstance(loss, dict) and loss.get("matryoshka_dims"):  # the folder records the sizes it was trained at
+        encoder.matryoshka_dims = [int(d) for d in loss["matryoshka_dims"]]
     with tracking.mlflow_run(cfg, job="export", tags={"model": encoder.name},
                              title=f"export {encoder.name}") as run:
         start = time.perf_counter()

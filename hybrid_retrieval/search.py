@@ -58,10 +58,11 @@ def _index_spec(cfg: DictConfig) -> dict[str, Any]:
 
 def check_model_fits_index(manifest: dict[str, Any], encoder: Any, index_dir: str) -> None:
     """Queries must be embedded by the model that embedded the indexed passages."""
-    if manifest.get("dim") != encoder.embedding_dim or manifest.get("model") != encoder.name:
+    if manifest.get("dim") != encoder.output_dim or manifest.get("model") != encoder.name:
         raise ConfigError(f"index_dir={index_dir!r} holds {manifest.get('dim')}-dimensional embeddings of model "
                           f"{manifest.get('model')!r}, but the queries would be encoded by {encoder.name!r} "
-                          f"({encoder.embedding_dim} dimensions); pass the model that built the index")
+                          f"({encoder.output_dim} dimensions); pass the model (and model.truncate_dim) that built "
+                          "the index")
 
 
 def search(cfg: DictConfig) -> Path:
@@ -74,7 +75,7 @@ def search(cfg: DictConfig) -> Path:
         check_model_fits_index(manifest, encoder, str(cfg.index_dir))
     else:
         # A factory string FAISS cannot build fails here, before the passages are encoded.
-        resolve_index_spec(_index_spec(cfg), count=len(passages), dim=encoder.embedding_dim)
+        resolve_index_spec(_index_spec(cfg), count=len(passages), dim=encoder.output_dim)
     folder = output_folder(cfg)
     tag = str(cfg.tag) if cfg.get("tag") else "_".join(encoder.name.split()) or "hybrid_retrieval"
     timings: dict[str, float] = {}

@@ -21,6 +21,7 @@ pytestmark = pytest.mark.slow
 
 from hybrid_retrieval.losses.cached import cached_backward
 from hybrid_retrieval.losses.info_nce import InfoNCELoss
+from hybrid_retrieval.losses.matryoshka import MatryoshkaLoss
 
 ROWS = 8          # global batch: 4 rows per rank
 NEGATIVES = (3, 1)  # hard negatives held by rank 0 and rank 1: uneven on purpose
@@ -77,6 +78,8 @@ def _rank_step(rank: int, world: int, encoder: Any, batch: dict[str, Any], optio
         local["negative"] = None
     loss = InfoNCELoss(temperature=0.05, symmetric=options.get("symmetric", False),
                        gather_across_devices=options["gather"])
+    if options.get("matryoshka"):
+        loss = MatryoshkaLoss(loss, options["matryoshka"], [1.0, 0.5, 0.25])
     value, grads = _loss_and_grads(encoder, loss, local, options.get("chunk"))
     # What DDP does after backward: average every gradient (and here the loss, for the comparison) over ranks.
     mean = torch.tensor([value])
@@ -100,6 +103,7 @@ VARIANTS = {
     "local": {"gather": False},
     "gather_cached": {"gather": True, "chunk": 3},
     "gather_no_negatives": {"gather": True, "negatives": False},
+    "gather_cached_matryoshka": {"gather": True, "chunk": 3, "matryoshka": [64, 32, 16]},
 }
 
 
@@ -160,6 +164,17 @@ def test_gradient_caching_with_gathered_negatives_equals_the_plain_global_batch(
     result = two_ranks["gather_cached"]
     loss, grads = _loss_and_grads(copy.deepcopy(encoder), InfoNCELoss(temperature=0.05), batch)
     _assert_same(result, loss, grads)
+
+
+def test_matryoshka_with_gradient_caching_and_gathered_negatives_equals_the_plain_global_batch(
+        setup: Any, two_ranks: Any) -> None:
+    encoder, batch = setup
+    result = two_ranks["gather_cached_matryoshka"]
+    loss = MatryoshkaLoss(InfoNCELoss(temperature=0.05), [64, 32, 16], [1.0, 0.5, 0.25])
+    value, grads = _loss_and_grads(copy.deepcopy(encoder), loss, batch)
+    _assert_same(result, value, grads)
+    plain, _ = _loss_and_grads(copy.deepcopy(encoder), InfoNCELoss(temperature=0.05), batch)
+    assert value > plain + 1e-3  # the truncated terms are really there
 
 
 def test_no_hard_negatives_on_any_rank(setup: Any, two_ranks: Any) -> None:

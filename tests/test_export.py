@@ -97,7 +97,9 @@ def test_export_folder_layout_and_card(exported_tiny: Path, tiny_encoder: Encode
                                    "query_prefix": "query: ", "passage_prefix": "passage: ",
                                    "max_query_length": 64, "max_passage_length": 128}
     st_config = json.loads((exported_tiny / "config_sentence_transformers.json").read_text())
-    assert st_config["prompts"] == {"query": "query: ", "passage": "passage: "}
+    # MTEB and encode_document read "document"; "passage" stays for this project's own name.
+    assert st_config["prompts"] == {"query": "query: ", "document": "passage: ", "passage": "passage: "}
+    assert "truncate_dim" not in st_config and settings["truncate_dim"] is None
     assert st_config["similarity_fn_name"] == "cosine"
     card = (exported_tiny / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: sentence-transformers")
@@ -158,6 +160,57 @@ def test_sentence_transformers_reproduces_encoder(exported_tiny: Path, tiny_enco
         assert_same_embeddings(tiny_encoder.encode(SENTENCES, kind), theirs, f"sentence-transformers, {kind}")
     no_prompt = model.encode(SENTENCES, convert_to_numpy=True)
     assert cosine(tiny_encoder.encode(SENTENCES, "query"), no_prompt).min() < 0.999
+
+
+def test_card_results_of_every_evaluation_set_and_a_model_index_the_hub_reads(tiny_encoder: Encoder,
+                                                                              tmp_path: Path) -> None:
+    import copy
+
+    import yaml
+    from sentence_transformers import SentenceTransformer
+
+    from hybrid_retrieval.models.export import read_run_results, run_model_name
+
+    run = tmp_path / "2026-12-04" / "15-06-38"  # a run folder as run.py leaves it
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text(
+        "dataset:\n  name: xquad_r\n  languages: [en, de]\n  max_questions_per_language: 60\n"
+        "extra_datasets:\n  mlqa:\n    name: mlqa_r\n    languages: [en]\n")
+    (run / "metrics.json").write_text(json.dumps({"summary": {"mono": {"map": 0.75, "ndcg_at_10": 0.5},
+                                                              "multi": {"map": 0.25, "rank_distance": 12.5}}}))
+    (run / "mlqa_metrics.json").write_text(json.dumps({"summary": {"cross": {"map": 0.125}}}))
+    results = read_run_results(run)
+    assert list(results) == ["xquad_r", "mlqa"]
+    encoder = copy.deepcopy(tiny_encoder)
+    encoder.truncate_dim, encoder.matryoshka_dims = 32, [64, 32, 16]
+    name = run_model_name(run, "tiny")
+    folder = export_encoder(encoder, tmp_path / "model", card={"results": results, "model_name": name,
+                                                              "base_model": "intfloat/multilingual-e5-small"})
+    card = (folder / "README.md").read_text()
+    front = yaml.safe_load(card.split("---\n")[1])
+    assert front["base_model"] == "intfloat/multilingual-e5-small" and front["library_name"] == "sentence-transformers"
+    (index,) = front["model-index"]
+    assert index["name"] == name == "tiny-ft-2026-12-04_15-06-38"
+    by_dataset = {r["dataset"]["type"]: r for r in index["results"]}
+    assert set(by_dataset) == {"xquad_r", "mlqa_r"}
+    assert all(r["task"]["type"] == "retrieval" for r in index["results"])
+    assert by_dataset["xquad_r"]["dataset"]["name"] == "XQuAD-R (en, de; 60 questions per language)"
+    values = {m["type"]: m["value"] for m in by_dataset["xquad_r"]["metrics"]}
+    assert values == {"mono_map": 0.75, "mono_ndcg_at_10": 0.5, "multi_map": 0.25, "multi_rank_distance": 12.5}
+    assert [m["value"] for m in by_dataset["mlqa_r"]["metrics"]] == [0.125]
+    assert "| multi | 0.2500 | | 12.5000 |" in card.replace("|  |", "| |") and "| cross | 0.1250 |" in card
+    assert "[64, 32, 16]" in card
+    # The sizes: hybrid_retrieval.json, sentence-transformers' truncate_dim, and back through load_encoder.
+    recorded = json.loads((folder / SETTINGS_FILE).read_text())
+    assert (recorded["matryoshka_dims"], recorded["truncate_dim"], recorded["model_name"]) == ([64, 32, 16], 32, name)
+    st_config = json.loads((folder / "config_sentence_transformers.json").read_text())
+    assert st_config["truncate_dim"] == 32
+    loaded = load_encoder(name="tiny", source="hub", path=str(folder))
+    assert (loaded.truncate_dim, loaded.matryoshka_dims, loaded.output_dim) == (32, [64, 32, 16], 32)
+    # sentence-transformers cuts after its Normalize module: re-normalised on request (cosine ignores the norm).
+    theirs = SentenceTransformer(str(folder), device="cpu").encode(SENTENCES, prompt_name="document",
+                                                                   normalize_embeddings=True)
+    assert_same_embeddings(encoder.encode(SENTENCES, "passage"), theirs, "truncated, sentence-transformers")
 
 
 @pytest.mark.slow

@@ -202,7 +202,7 @@ class MiraclSet(EvaluationSet):
         keep = self.embeddings_dir is not None and rank == 0  # under DDP other ranks write private copies
         fingerprint = encoder_fingerprint(encoder) if keep else None
         try:  # an index FAISS cannot build for this model fails here, before any passage is encoded
-            resolve_index_spec(self.index_spec, dim=encoder.embedding_dim)
+            resolve_index_spec(self.index_spec, dim=encoder.output_dim)
         except IndexConfigError as error:
             raise IndexConfigError(str(error).replace("index.", "dataset.index.")) from error
         timings = {"encode_s": 0.0, "index_s": 0.0, "search_s": 0.0, "metrics_s": 0.0}
@@ -220,7 +220,7 @@ class MiraclSet(EvaluationSet):
                 embeddings = encode_corpus(
                     lambda texts: encode_across_ranks(encoder, texts, "passage", **options), passages, folder,
                     model=encoder.name, config=self._encoding_config(language, encoder, dtype, fingerprint),
-                    dim=encoder.embedding_dim, shard_size=self.shard_size,
+                    dim=encoder.output_dim, shard_size=self.shard_size,
                     total=len(passages) if isinstance(passages, list) else None,
                     progress=self.progress and rank == 0, option=f"dataset.embeddings_dir ({language})")
                 qids = list(topics.topics)

@@ -67,6 +67,8 @@ class Encoder(nn.Module):
         passage_prefix: str = "",
         max_query_length: int = 64,
         max_passage_length: int = 256,
+        truncate_dim: int | None = None,
+        matryoshka_dims: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         if pooling not in POOLINGS:
@@ -86,12 +88,22 @@ class Encoder(nn.Module):
         self.prefixes: dict[str, str] = {"query": query_prefix or "", "passage": passage_prefix or ""}
         self.max_lengths: dict[str, int] = {"query": max_query_length, "passage": max_passage_length}
         self.pad_token_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+        check_truncate_dim(truncate_dim, self.embedding_dim)
+        # encode() returns the first truncate_dim components, re-normalised (Matryoshka); training sees them all.
+        self.truncate_dim = int(truncate_dim) if truncate_dim is not None else None
+        # The sizes a Matryoshka loss trained (loss.matryoshka_dims); recorded by the export, no effect here.
+        self.matryoshka_dims = [int(d) for d in matryoshka_dims] if matryoshka_dims else None
 
     @property
     def embedding_dim(self) -> int:
         if self.dense is not None:
             return int(_dense_linear(self.dense).out_features)
         return int(self.backbone.config.hidden_size)
+
+    @property
+    def output_dim(self) -> int:
+        """The width of what :meth:`encode` returns: ``truncate_dim`` when set, else :attr:`embedding_dim`."""
+        return self.truncate_dim if self.truncate_dim is not None else self.embedding_dim
 
     def _check_kind(self, kind: str) -> None:
         if kind not in self.prefixes:
@@ -148,7 +160,8 @@ class Encoder(nn.Module):
         max_batch_tokens: int | None = None,
         shard: tuple[int, int] | None = None,
     ) -> np.ndarray:
-        """Embed `texts` as float32 array (n, embedding_dim), rows in input order.
+        """Embed `texts` as float32 array (n, output_dim), rows in input order: with ``truncate_dim=k`` the first k
+        components of each embedding, re-normalised to unit length (a Matryoshka model's smaller size).
 
         All texts are tokenised once, sorted by length and cut into batches of at most `batch_size` texts (see
         :func:`plan_batches`), each padded only to its own longest text, which removes most padding work.
@@ -167,9 +180,9 @@ class Encoder(nn.Module):
         self._check_kind(kind)
         texts = list(texts) if not isinstance(texts, str) else texts
         if not texts:  # the tokenizer rejects an empty batch
-            return np.empty((0, self.embedding_dim), dtype=np.float32)
+            return np.empty((0, self.output_dim), dtype=np.float32)
         ids = self._token_ids(texts, kind)
-        out = np.empty((len(ids), self.embedding_dim), dtype=np.float32)
+        out = np.empty((len(ids), self.output_dim), dtype=np.float32)
         lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
         # Longest first: the peak-memory batch comes first and fails fast if it does not fit.
         order = np.argsort(-lengths, kind="stable")
@@ -202,6 +215,8 @@ class Encoder(nn.Module):
                     )
                     with autocast:
                         emb = self(input_ids.to(device), attention_mask.to(device))
+                    if self.truncate_dim is not None:
+                        emb = nn.functional.normalize(emb[:, :self.truncate_dim].float(), p=2, dim=-1)
                     out[idx] = emb.float().cpu().numpy()
                     bar.update(len(idx))
         finally:
@@ -230,6 +245,18 @@ class Encoder(nn.Module):
         if self.dense is not None:
             _save_dense(self.dense, folder / "2_Dense")
         return folder
+
+
+def check_truncate_dim(truncate_dim: Any, embedding_dim: int | None) -> None:
+    """Raise ValueError naming ``model.truncate_dim`` unless it is null or an integer in [1, embedding_dim]."""
+    if truncate_dim is None:
+        return
+    if not isinstance(truncate_dim, int) or isinstance(truncate_dim, bool) or truncate_dim < 1:
+        raise ValueError(f"model.truncate_dim={truncate_dim!r}: expected a positive integer (the number of leading "
+                         "embedding dimensions to keep) or null (all)")
+    if embedding_dim is not None and truncate_dim > embedding_dim:
+        raise ValueError(f"model.truncate_dim={truncate_dim} exceeds the model's {embedding_dim} embedding dimensions; "
+                         f"use a value <= {embedding_dim}, or null for all of them")
 
 
 BATCH_OVERHEAD_TOKENS = 64
@@ -625,6 +652,7 @@ def load_encoder(
     tiny: Mapping[str, Any] | None = None,
     seed: int = 0,
     cache_dir: str | Path | None = None,
+    truncate_dim: int | None = None,
 ) -> Encoder:
     """Build an :class:`Encoder` from a model config (the keys of ``conf/model/*.yaml``).
 
@@ -638,7 +666,11 @@ def load_encoder(
     path: a local model folder is loaded whatever `source` says (an export of
     :func:`hybrid_retrieval.models.export.export_encoder`, a fine-tuned copy); the settings in its
     ``hybrid_retrieval.json``, if any, override the ones given here (with a warning naming those that differ).
+    truncate_dim: :meth:`Encoder.encode` returns the first k dimensions, re-normalised; None = all (or the
+    ``truncate_dim`` an exported folder records).
     """
+    check_truncate_dim(truncate_dim, None)  # its type, before anything loads; its size once the model is known
+    matryoshka_dims = None
     if source not in SOURCES:
         raise ValueError(f"model.source={source!r} is not supported; expected one of {SOURCES}")
     if pooling not in POOLINGS:
@@ -661,6 +693,11 @@ def load_encoder(
             dense_spec = _as_dict(merged["dense"], "dense")
             query_prefix, passage_prefix = merged["query_prefix"], merged["passage_prefix"]
             max_query_length, max_passage_length = merged["max_query_length"], merged["max_passage_length"]
+            from hybrid_retrieval.models.export import folder_matryoshka
+
+            saved = folder_matryoshka(model_dir)
+            matryoshka_dims = saved["matryoshka_dims"]
+            truncate_dim = truncate_dim if truncate_dim is not None else saved["truncate_dim"]
         tokenizer = _load_tokenizer(str(model_dir))
         backbone = _load_backbone(model_dir)
     else:
@@ -682,7 +719,7 @@ def load_encoder(
     encoder = Encoder(
         backbone, tokenizer, name=name, pooling=pooling, normalize=normalize, dense=head,
         query_prefix=query_prefix, passage_prefix=passage_prefix, max_query_length=max_query_length,
-        max_passage_length=max_passage_length,
+        max_passage_length=max_passage_length, truncate_dim=truncate_dim, matryoshka_dims=matryoshka_dims,
     )
     return encoder.eval()
 

@@ -28,7 +28,8 @@ from torch import nn
 from hybrid_retrieval.models.encoder import Encoder, _dense_linear, _quiet_transformers, _save_dense
 
 __all__ = ["SETTINGS_FILE", "TOKENIZER_FILES", "check_tokenizer_files", "encoder_settings", "export_encoder",
-           "folder_settings", "merge_folder_settings", "render_model_card"]
+           "folder_matryoshka", "folder_settings", "merge_folder_settings", "read_run_results", "render_model_card",
+           "run_model_name"]
 
 SETTINGS_FILE = "hybrid_retrieval.json"
 SETTINGS_FORMAT = 1
@@ -173,10 +174,15 @@ def _sentence_transformers_files(encoder: Encoder, folder: Path) -> None:
 
     _write_json(folder / "config_sentence_transformers.json", {
         "__version__": {"transformers": transformers.__version__, "pytorch": torch.__version__},
-        "prompts": {"query": encoder.prefixes["query"], "passage": encoder.prefixes["passage"]},
+        # "document" is the name MTEB and sentence-transformers' encode_document read; "passage" is this project's.
+        "prompts": {"query": encoder.prefixes["query"], "document": encoder.prefixes["passage"],
+                    "passage": encoder.prefixes["passage"]},
         "default_prompt_name": None,
         # Unnormalised embeddings are scored by inner product in this project, so say so.
         "similarity_fn_name": "cosine" if encoder.normalize else "dot",
+        # sentence-transformers cuts its embeddings to this size (after its Normalize module: its cosine similarity
+        # ignores the norm; encode(normalize_embeddings=True) gives this project's re-normalised prefix).
+        **({"truncate_dim": encoder.truncate_dim} if encoder.truncate_dim is not None else {}),
     })
 
 
@@ -203,6 +209,87 @@ def _metrics_table(metrics: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+DATASET_LABELS = {"xquad_r": "XQuAD-R", "mlqa_r": "MLQA-R", "tatoeba": "Tatoeba", "miracl": "MIRACL"}
+SETTING_LABELS = {"mono": "monolingual", "cross": "cross-lingual", "multi": "multilingual"}
+
+
+def run_model_name(run_dir: Path, base: str) -> str:
+    """The name a model fine-tuned in ``run_dir`` goes by (MTEB results, model cards): ``<base>-ft-<run>``, the run
+    being the folder's last two parts (``2026-12-04_15-06-38``, or ``15-06-38_3`` for a sweep's job 3): never the
+    base model's own name, so results of the two are never filed together."""
+    import re
+
+    run = "_".join(Path(run_dir).resolve().parts[-2:])
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", f"{base}-ft-{run}")
+
+
+def _dataset_label(dataset: Mapping[str, Any] | None, fallback: str) -> str:
+    dataset = dataset or {}
+    name = str(dataset.get("name", fallback))
+    label = DATASET_LABELS.get(name, name)
+    details = []
+    if dataset.get("languages"):
+        details.append(", ".join(map(str, dataset["languages"])))
+    if dataset.get("max_questions_per_language"):
+        details.append(f"{dataset['max_questions_per_language']} questions per language")
+    return f"{label} ({'; '.join(details)})" if details else label
+
+
+def read_run_results(run_dir: Path) -> dict[str, dict[str, Any]]:
+    """Every evaluation set's final validation in a run folder: ``metrics.json`` (the main ``dataset``) and
+    ``<key>_metrics.json`` (each of ``extra_datasets``), named from the run's ``.hydra/config.yaml`` when present.
+
+    Returns ``{key: {"type": dataset name, "name": label, "summary": {setting: {metric: value}}}}`` (empty when the
+    folder has no metrics)."""
+    run_dir = Path(run_dir)
+    config: Mapping[str, Any] = {}
+    config_file = run_dir / ".hydra" / "config.yaml"
+    if config_file.is_file():
+        from omegaconf import OmegaConf
+
+        loaded = OmegaConf.to_container(OmegaConf.load(config_file), resolve=False)
+        config = loaded if isinstance(loaded, Mapping) else {}
+    main = config.get("dataset") if isinstance(config.get("dataset"), Mapping) else None
+    extras = config.get("extra_datasets") if isinstance(config.get("extra_datasets"), Mapping) else {}
+    files: dict[str, tuple[Path, Mapping[str, Any] | None]] = {}
+    if (run_dir / "metrics.json").is_file():
+        files[str(main.get("name")) if main else "main"] = (run_dir / "metrics.json", main)
+    for path in sorted(run_dir.glob("*_metrics.json")):
+        key = path.name[:-len("_metrics.json")]
+        files[key] = (path, extras.get(key) if isinstance(extras.get(key), Mapping) else None)
+    results: dict[str, dict[str, Any]] = {}
+    for key, (path, dataset) in files.items():
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(data, Mapping) and isinstance(data.get("summary"), Mapping):
+            results[key] = {"type": str((dataset or {}).get("name", key)), "name": _dataset_label(dataset, key),
+                            "summary": data["summary"]}
+    return results
+
+
+def _results_tables(results: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    lines: list[str] = []
+    for key, result in results.items():
+        lines += [f"**{result.get('name', key)}** (`{key}`)", "", *_metrics_table({"summary": result["summary"]}), ""]
+    return lines
+
+
+def _model_index(name: str, results: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The hub's ``model-index`` (one retrieval result per evaluation set, one metric per setting x metric)."""
+    import math
+
+    entries = []
+    for key, result in results.items():
+        metrics = [{"type": f"{setting}_{metric}", "value": round(float(value), 6),
+                    "name": f"{SETTING_LABELS.get(setting, setting)} {metric}"}
+                   for setting, values in result["summary"].items() if isinstance(values, Mapping)
+                   for metric, value in values.items()
+                   if isinstance(value, (int, float)) and math.isfinite(float(value))]
+        entries.append({"task": {"type": "retrieval", "name": "Retrieval"},
+                        "dataset": {"name": str(result.get("name", key)), "type": str(result.get("type", key))},
+                        "metrics": metrics})
+    return [{"name": name, "results": entries}] if entries else []
+
+
 def _yaml_block(value: Any) -> list[str]:
     from omegaconf import OmegaConf
 
@@ -214,8 +301,10 @@ def render_model_card(settings: Mapping[str, Any], card: Mapping[str, Any] | Non
                       folder_name: str = "model", without_pooler: bool = False) -> str:
     """The README.md of an exported folder: settings, training config, data, final metrics and how to load it.
 
-    `card` is free-form; these keys are recognised: ``title``, ``description``, ``base_model``, ``training``
-    (the training config), ``data`` (a string, list or mapping), ``metrics`` (a flat mapping, or metrics.json's
+    `card` is free-form; these keys are recognised: ``title``, ``description``, ``base_model``, ``model_name``
+    (the name in ``model-index``; default: the title), ``training`` (the training config), ``data`` (a string,
+    list or mapping), ``results`` (every evaluation set's final validation, :func:`read_run_results`: a table each
+    and the front matter's ``model-index``), ``metrics`` (a flat mapping, or metrics.json's
     ``{"summary": {setting: {metric: value}}}``); any other key becomes a section of its own.
     `without_pooler`: the backbone was saved without a pooler (the usage example then says so to transformers).
     """
@@ -224,13 +313,20 @@ def render_model_card(settings: Mapping[str, Any], card: Mapping[str, Any] | Non
     description = card.pop("description", None)
     base_model = card.pop("base_model", None)
     training, data, metrics = card.pop("training", None), card.pop("data", None), card.pop("metrics", None)
+    results = card.pop("results", None) or {}
+    model_name = str(card.pop("model_name", None) or title)
     dense = settings["dense"]
-    front = ["---", "library_name: sentence-transformers", "pipeline_tag: sentence-similarity",
-             "tags:", "- sentence-transformers", "- feature-extraction", "- sentence-similarity",
-             "- hybrid_retrieval"]
+    import yaml
+
+    front: dict[str, Any] = {"library_name": "sentence-transformers", "pipeline_tag": "sentence-similarity",
+                             "tags": ["sentence-transformers", "feature-extraction", "sentence-similarity",
+                                      "hybrid_retrieval"]}
     if base_model:
-        front.append(f"base_model: {base_model}")
-    lines = [*front, "---", "", f"# {title}", ""]
+        front["base_model"] = str(base_model)
+    if results:
+        front["model-index"] = _model_index(model_name, results)
+    lines = ["---", *yaml.safe_dump(front, sort_keys=False, allow_unicode=True).rstrip("\n").splitlines(), "---", "",
+             f"# {title}", ""]
     lines += [description, ""] if description else []
     lines += ["A multilingual dense retrieval encoder (a dual encoder: queries and passages share the weights) "
               "exported by hybrid_retrieval, a framework for hybrid monolingual + cross-lingual batch training "
@@ -245,8 +341,20 @@ def render_model_card(settings: Mapping[str, Any], card: Mapping[str, Any] | Non
               ""]
     if base_model:
         lines += [f"Base model: `{base_model}`.", ""]
-    if metrics:
+    if results:
+        lines += ["## Results", "", "The run's final validation (the exported weights), every evaluation set:", "",
+                  *_results_tables(results)]
+    elif metrics:
         lines += ["## Results", "", *_metrics_table(metrics), ""]
+    sizes = []
+    if settings.get("matryoshka_dims"):
+        sizes.append(f"Trained with a Matryoshka loss at {settings['matryoshka_dims']} dimensions: the first k "
+                     "dimensions, re-normalised, are an embedding of their own (sentence-transformers "
+                     "`truncate_dim=k`, this project `model.truncate_dim=k`).")
+    if settings.get("truncate_dim"):
+        sizes.append(f"Embeddings are cut to their first {settings['truncate_dim']} dimensions (`truncate_dim`).")
+    if sizes:
+        lines += ["## Embedding sizes", "", *sizes, ""]
     if data:
         lines += ["## Data", ""]
         if isinstance(data, Mapping):
@@ -305,6 +413,14 @@ def _write_json(path: Path, value: Any) -> None:
     path.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
+def folder_matryoshka(folder: Path) -> dict[str, Any]:
+    """``{"matryoshka_dims", "truncate_dim", "model_name"}`` recorded in ``<folder>/hybrid_retrieval.json`` (None
+    each when absent)."""
+    file = Path(folder) / SETTINGS_FILE
+    data = json.loads(file.read_text(encoding="utf-8")) if file.is_file() else {}
+    return {key: data.get(key) for key in ("matryoshka_dims", "truncate_dim", "model_name")}
+
+
 def export_encoder(encoder: Encoder, folder: str | Path, card: Mapping[str, Any] | None = None,
                    overwrite: bool = False) -> Path:
     """Write `encoder` as a transformers + sentence-transformers + hybrid_retrieval folder at `folder`.
@@ -328,9 +444,14 @@ def export_encoder(encoder: Encoder, folder: str | Path, card: Mapping[str, Any]
             encoder.tokenizer.save_pretrained(str(tmp))
         _sentence_transformers_files(encoder, tmp)
         settings = encoder_settings(encoder)
+        # Beside "encoder" (whose keys older readers check strictly): sizes and the name results are filed under.
+        sizes = {"matryoshka_dims": getattr(encoder, "matryoshka_dims", None),
+                 "truncate_dim": getattr(encoder, "truncate_dim", None)}
+        model_name = (card or {}).get("model_name")
         _write_json(tmp / SETTINGS_FILE, {"format": SETTINGS_FORMAT, "encoder": settings,
-                                          "embedding_dim": encoder.embedding_dim})
-        readme = render_model_card(settings, card, folder.name, _takes_pooling_flag(encoder.backbone))
+                                          "embedding_dim": encoder.embedding_dim, **sizes,
+                                          **({"model_name": str(model_name)} if model_name else {})})
+        readme = render_model_card({**settings, **sizes}, card, folder.name, _takes_pooling_flag(encoder.backbone))
         (tmp / "README.md").write_text(readme, encoding="utf-8")
         _replace_folder(tmp, folder)
     except BaseException:

@@ -25,6 +25,8 @@ from hybrid_retrieval.config_checks import RUN_INFO, check_train_config, read_ru
 from hybrid_retrieval.evaluation.sets import describe, write_reports
 from hybrid_retrieval.hardware import (encode_dtype, encode_dtype_name, set_attention_backends, trainer_precision,
                                        uses_gpu)
+from hybrid_retrieval.losses.matryoshka import instantiate_loss
+from hybrid_retrieval.models.export import read_run_results, run_model_name
 from hybrid_retrieval.training.callbacks import (BatchLog, BestCheckpoint, ResumeCheckpoint, TrackedRunLogger,
                                                  TrainingProgress)
 from hybrid_retrieval.training.datamodule import HybridDataModule
@@ -91,14 +93,15 @@ DISTILL_KEYS = ("distill_weight", "distill_temperature")
 
 
 def build_losses(loss: DictConfig) -> tuple[torch.nn.Module, torch.nn.Module | None]:
-    """The contrastive loss of ``conf/loss`` and its distillation term (None when ``distill_weight`` is 0)."""
+    """The contrastive loss of ``conf/loss`` (Matryoshka-wrapped when ``matryoshka_dims`` is set) and its
+    distillation term (None when ``distill_weight`` is 0)."""
     from hybrid_retrieval.losses.distill import InBatchDistillation
 
     options = OmegaConf.to_container(loss, resolve=True)
     weight = options.pop("distill_weight", 0.0)
     temperature = options.pop("distill_temperature", 0.05)
     distill = InBatchDistillation(weight, temperature) if weight else None
-    return instantiate(options), distill
+    return instantiate_loss(options), distill
 
 
 def build_module(cfg: DictConfig, encoder: Any = None) -> HybridRetrievalModule:
@@ -278,8 +281,10 @@ def train(cfg: DictConfig, inputs: TrainingInputs | None = None) -> float:
                         step=trainer.global_step)
         run.set_tag("best_checkpoint", checkpoint.best_model_path)
         load_best_weights(module, checkpoint)
-        model_dir = export_model(module, model_card(cfg, datamodule, checkpoint, trainer.global_step),
-                                 output_dir / "model")
+        card = model_card(cfg, datamodule, checkpoint, trainer.global_step)
+        # The card's results: every evaluation set's final validation, as written to the run folder just above.
+        card.update(results=read_run_results(output_dir), model_name=run_model_name(output_dir, cfg.model.name))
+        model_dir = export_model(module, card, output_dir / "model")
         run.set_tag("model_dir", model_dir)
         run.add_to_description(f"Model: `{model_dir}` (`model.path={model_dir}`, or "
                                f"`SentenceTransformer(\"{model_dir}\")`)")
@@ -297,8 +302,11 @@ def train(cfg: DictConfig, inputs: TrainingInputs | None = None) -> float:
 
 
 def export_model(module: HybridRetrievalModule, card: dict[str, Any], folder: Path) -> Path:
+    from hybrid_retrieval.losses.matryoshka import MatryoshkaLoss
     from hybrid_retrieval.models.export import export_encoder
 
+    if isinstance(module.loss, MatryoshkaLoss):  # the folder records the sizes it was trained at
+        module.encoder.matryoshka_dims = list(module.loss.dims)
     was_training = module.encoder.training
     module.encoder.eval()
     try:

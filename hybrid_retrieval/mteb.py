@@ -1,0 +1,145 @@
+"""MTEB from the command line: ``python -m hybrid_retrieval.mteb model.path=<run folder> tasks=[XQuADRMonolingual]``.
+
+Runs the ``mteb`` package's own evaluation (``mteb.evaluate``) on a model: a run folder of ``run.py`` (its exported
+``model/``), an exported folder, or a configured model (``model=me5_small``). Queries get the model's query prefix,
+documents its passage prefix (:mod:`hybrid_retrieval.evaluation.mteb_eval`), ``model.truncate_dim`` applies. The
+results are MTEB's layout (``<output>/results/hybrid_retrieval__<name>/<weights hash>/<Task>.json`` and
+``model_meta.json``), by default under the run folder (``<run>/mteb``), the model named after its run so a
+fine-tuned model is never filed under (nor reuses the cached results of) its base model. The main scores go to
+MLflow (``mteb/<task>/<subset>/<metric>``) through the run lifecycle of every command.
+
+Every task's data is loaded before the model: a task whose data is not reachable (offline) stops the command
+there, named, with the way to provide it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from hybrid_retrieval import tracking
+from hybrid_retrieval.config_checks import ConfigError, check_device, check_hardware, check_logger, check_model
+from hybrid_retrieval.data.sources import OFFLINE_ENV
+from hybrid_retrieval.models.export import folder_matryoshka, run_model_name
+
+RUN_MARKERS = ("run_info.json", ".hydra", "checkpoints", "metrics.json")
+
+
+def locate_model(path: str | os.PathLike[str]) -> tuple[Path, Path | None]:
+    """(model folder, run folder or None) for ``model.path``: a run folder (its ``model/`` export), the export inside
+    a run folder, or any other model folder."""
+    path = Path(path).expanduser().resolve()
+    if not (path / "config.json").is_file() and (path / "model" / "config.json").is_file():
+        return path / "model", path
+    parent = path.parent
+    if (path / "config.json").is_file() and any((parent / marker).exists() for marker in RUN_MARKERS):
+        return path, parent
+    return path, None
+
+
+def model_name(cfg: DictConfig, folder: Path | None, run_dir: Path | None, encoder_name: str) -> str:
+    """What MTEB files the results under (without the ``hybrid_retrieval/`` organisation): ``name=``, else the
+    name the export recorded, else the run's (``<model>-ft-<run>``), else the folder's; the config's name for a
+    configured (base) model."""
+    if cfg.get("name"):
+        return str(cfg.name)
+    if folder is None:
+        return str(cfg.model.name)
+    recorded = folder_matryoshka(folder).get("model_name")
+    if recorded:
+        return str(recorded)
+    if run_dir is not None:
+        return run_model_name(run_dir, encoder_name)
+    return folder.name
+
+
+def base_model(run_dir: Path | None, encoder_name: str) -> str:
+    """What a fine-tuned model was adapted from (MTEB's ``adapted_from``): the run's ``model.checkpoint`` (or its
+    ``model.name``) from its ``.hydra/config.yaml``, else the name the folder's settings give."""
+    config_file = run_dir / ".hydra" / "config.yaml" if run_dir is not None else None
+    if config_file is not None and config_file.is_file():
+        model = OmegaConf.load(config_file).get("model") or {}
+        if model.get("checkpoint") or model.get("name"):
+            return str(model.get("checkpoint") or model.get("name"))
+    return encoder_name
+
+
+def check_mteb_config(cfg: DictConfig) -> tuple[Path | None, Path | None]:
+    """Checks before anything loads; (model folder, run folder) from ``model.path`` (None, None without one)."""
+    tasks = cfg.get("tasks")
+    if not tasks or isinstance(tasks, str) or not all(isinstance(t, str) and t for t in tasks):
+        raise ConfigError(f"tasks={OmegaConf.to_container(tasks) if tasks is not None else None!r}: expected a list "
+                          "of MTEB task names, e.g. tasks=[XQuADRMonolingual] or tasks=[XQuADRetrieval,MLQARetrieval]")
+    folder = run_dir = None
+    if cfg.model.get("path"):
+        folder, run_dir = locate_model(cfg.model.path)
+        with open_dict(cfg):
+            cfg.model.path = str(folder)
+    check_model(cfg.model)
+    check_hardware(cfg.hardware)
+    check_device(cfg.hardware)
+    check_logger(cfg)
+    return folder, run_dir
+
+
+def run_mteb(cfg: DictConfig) -> dict[str, float]:
+    """Evaluate as ``cfg`` says (checked first, then every task's data loaded, then the model); returns the main
+    scores logged to MLflow."""
+    folder, run_dir = check_mteb_config(cfg)
+    if os.environ.get(OFFLINE_ENV) == "1":  # before datasets / huggingface_hub read them
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    import mteb
+
+    from hybrid_retrieval.encode import load_model
+    from hybrid_retrieval.evaluation.mteb_eval import (MtebEncoder, TaskDataError, check_task_data, main_scores,
+                                                       model_meta, resolve_tasks, weights_revision)
+    from hybrid_retrieval.hardware import encode_dtype
+
+    local = OmegaConf.to_container(cfg.get("local") or {}, resolve=True)
+    try:
+        tasks = resolve_tasks(list(cfg.tasks), local)
+        check_task_data(tasks)  # before the model: nothing is encoded for a task that cannot run
+    except (ValueError, TaskDataError) as error:
+        raise ConfigError(str(error)) from error
+    torch.set_num_threads(cfg.hardware.num_threads)
+    encoder = load_model(cfg)
+    name = model_name(cfg, folder, run_dir, encoder.name)
+    meta = model_meta(encoder, name, weights_revision(encoder),
+                      base_model=base_model(run_dir, encoder.name) if folder is not None else None)
+    output = Path(str(cfg.output)).expanduser() if cfg.get("output") else \
+        (run_dir / "mteb" if run_dir is not None else Path(tracking.job_context()["output_dir"]))
+    cache = mteb.ResultCache(cache_path=str(output))
+    tags = {"model": meta.name, "tasks": ",".join(cfg.tasks)}
+    if run_dir is not None:
+        tags["source_run"] = str(run_dir)
+    with tracking.mlflow_run(cfg, job="mteb", tags=tags, title=f"mteb {meta.name}") as run:
+        result = mteb.evaluate(MtebEncoder(encoder, meta, cfg.hardware.encode_batch_size, encode_dtype(cfg.hardware)),
+                               tasks, cache=cache, overwrite_strategy="always" if cfg.get("overwrite") else
+                               "only-missing", encode_kwargs={"batch_size": int(cfg.hardware.encode_batch_size)},
+                               show_progress_bar=False)
+        scores = main_scores(result, tasks)
+        run.log_metrics(scores)
+        folder_of_results = cache.get_task_result_path(tasks[0].metadata.name, meta).parent
+        for path in sorted(folder_of_results.glob("*.json")):
+            run.log_artifact(path, "mteb")
+        run.set_tag("mteb_results", str(folder_of_results))
+    width = max(len(k) for k in scores) if scores else 10
+    print("\n".join(f"{k:<{width}}  {v:.4f}" for k, v in scores.items()))
+    tracking.print_summary({"model": f"{meta.name} (revision {meta.revision})", "results": folder_of_results}, run)
+    return scores
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="mteb")
+def main(cfg: DictConfig) -> None:
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    run_mteb(cfg)
+
+
+if __name__ == "__main__":
+    main()
