@@ -8,7 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["InBatchDistillation"]
+__all__ = ["DISTILL_KEYS", "InBatchDistillation"]
+
+DISTILL_KEYS = ("distill_weight", "distill_temperature")  # conf/loss keys of this term, not of the contrastive loss
 
 
 class InBatchDistillation(nn.Module):

@@ -118,6 +118,10 @@ def instantiate_loss(loss_config: Mapping[str, Any]) -> nn.Module:
     config = OmegaConf.to_container(loss_config, resolve=True) if not isinstance(loss_config, dict) \
         else dict(loss_config)
     dims, weights = config.pop("matryoshka_dims", None), config.pop("matryoshka_weights", None)
+    from hybrid_retrieval.losses.distill import DISTILL_KEYS
+
+    for key in DISTILL_KEYS:  # the distillation term is a module of its own (training.train.build_losses)
+        config.pop(key, None)
     base = instantiate(config)
     if dims is None:
         check_matryoshka(dims, weights)

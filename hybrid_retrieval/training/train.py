@@ -89,9 +89,6 @@ def build_datamodule(cfg: DictConfig, inputs: TrainingInputs | None = None) -> H
                             inputs.evaluation_sets)
 
 
-DISTILL_KEYS = ("distill_weight", "distill_temperature")
-
-
 def build_losses(loss: DictConfig) -> tuple[torch.nn.Module, torch.nn.Module | None]:
     """The contrastive loss of ``conf/loss`` (Matryoshka-wrapped when ``matryoshka_dims`` is set) and its
     distillation term (None when ``distill_weight`` is 0)."""
