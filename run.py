@@ -2,11 +2,12 @@
 
 import logging
 
-import hydra
 from omegaconf import DictConfig
 
+from hybrid_retrieval.cli import hydra_main
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+
+@hydra_main("config", config_path="conf")
 def main(cfg: DictConfig) -> float:
     from hybrid_retrieval.config_checks import check_train_config, finished_job
     from hybrid_retrieval.tracking import folder_status
@@ -20,7 +21,6 @@ def main(cfg: DictConfig) -> float:
         from hybrid_retrieval.training.inputs import load_training_inputs
 
         inputs = load_training_inputs(cfg)  # and so does bad data
-        logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # it reports which SIMD build it picked
         from hybrid_retrieval.training.train import train
 
         return train(cfg, inputs)

@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import hydra
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -22,21 +21,11 @@ from omegaconf import DictConfig, OmegaConf
 from hybrid_retrieval import tracking
 from hybrid_retrieval.adaptation.mlm import (AdaptConfigError, adapt_encoder, adapt_tags, check_adapt_config,
                                              load_adapt_texts)
+from hybrid_retrieval.cli import check_new_folder, hydra_main, output_folder, run_folder
 from hybrid_retrieval.config_checks import check_device
+from hybrid_retrieval.data.fingerprint import texts_data
 from hybrid_retrieval.hardware import torch_device
 from hybrid_retrieval.models.export import SETTINGS_FILE, export_encoder
-
-
-def output_folder(cfg: DictConfig) -> Path:
-    """Where the model goes (``out``, else ``<run folder>/model``), checked to be new, empty or overwritable."""
-    folder = Path(str(cfg.out)).expanduser() if cfg.get("out") else \
-        Path(tracking.job_context()["output_dir"]) / "model"
-    if folder.exists() and not folder.is_dir():
-        raise AdaptConfigError(f"out={str(folder)!r}: exists and is not a folder")
-    if folder.is_dir() and any(folder.iterdir()) and not cfg.get("overwrite"):
-        raise AdaptConfigError(f"out={str(folder)!r}: folder exists and is not empty; choose another folder or "
-                               "pass overwrite=true to replace it")
-    return folder
 
 
 def adapt(cfg: DictConfig) -> Path:
@@ -45,7 +34,8 @@ def adapt(cfg: DictConfig) -> Path:
     if settings is None:
         raise AdaptConfigError("adapt.method=none: nothing to do; use adapt=mlm")
     check_device(cfg.hardware)
-    folder = output_folder(cfg)
+    # Where the model goes (``out``, else ``<run folder>/model``): new, empty or overwritable.
+    folder = check_new_folder(output_folder(cfg, "out", "model"), "out", bool(cfg.get("overwrite")), AdaptConfigError)
     torch.set_num_threads(cfg.hardware.num_threads)
     torch.manual_seed(settings.seed)
     texts = load_adapt_texts(cfg.adapt)
@@ -53,6 +43,7 @@ def adapt(cfg: DictConfig) -> Path:
     encoder = encoder.to(torch_device(cfg.hardware))
     with tracking.mlflow_run(cfg, job="adapt", tags={"model": encoder.name, **adapt_tags(cfg.adapt)},
                              title=f"adapt {encoder.name} (MLM)") as run:
+        run.log_datasets([texts_data(texts, "adapt text", "training", adapt_tags(cfg.adapt)["adapt_text"])])
         run.log_metrics({"adapt/texts": float(len(texts))})
         result = adapt_encoder(encoder, cfg.adapt, log_metrics=run.log_metrics, texts=texts)
         card: dict[str, Any] = {
@@ -70,7 +61,7 @@ def adapt(cfg: DictConfig) -> Path:
         started = time.perf_counter()
         folder = export_encoder(encoder.cpu(), folder, card=card, overwrite=bool(cfg.get("overwrite")))
         run.log_metrics({"time/export_s": time.perf_counter() - started})
-        report = Path(tracking.job_context()["output_dir"]) / "adapt.json"
+        report = run_folder() / "adapt.json"
         report.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         run.log_artifact(report)
         for name in (SETTINGS_FILE, "README.md"):
@@ -83,7 +74,7 @@ def adapt(cfg: DictConfig) -> Path:
     return folder
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="adapt")
+@hydra_main("adapt")
 def main(cfg: DictConfig) -> None:
     adapt(cfg)
 

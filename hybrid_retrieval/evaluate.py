@@ -8,17 +8,16 @@ the run folder, and logs everything to MLflow under the same metric names as tra
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
-import hydra
 import numpy as np
 import torch
 from omegaconf import DictConfig
 
 from hybrid_retrieval import tracking
+from hybrid_retrieval.cli import hydra_main, load_model, run_folder
 from hybrid_retrieval.config_checks import check_evaluate_config
-from hybrid_retrieval.encode import load_model
+from hybrid_retrieval.data.fingerprint import evaluation_data
 from hybrid_retrieval.evaluation.evaluator import EvaluationResult
 from hybrid_retrieval.evaluation.index import write_rankings
 from hybrid_retrieval.evaluation.sets import (LareqaSet, describe, evaluate_set, load_evaluation_sets,
@@ -32,13 +31,14 @@ def evaluate(cfg: DictConfig) -> dict[str, EvaluationResult]:
     torch.set_num_threads(cfg.hardware.num_threads)
     sets = load_evaluation_sets(cfg.dataset, cfg.get("extra_datasets"))
     encoder = load_model(cfg)
-    folder = Path(tracking.job_context()["output_dir"])
+    folder = run_folder()
     results: dict[str, EvaluationResult] = {}
     tags = {"model": encoder.name, "dataset": cfg.dataset.name, "encode_dtype": encode_dtype_name(cfg.hardware)}
     if cfg.get("checkpoint"):
         tags["checkpoint"] = str(cfg.checkpoint)
     with tracking.mlflow_run(cfg, job="evaluate", tags=tags,
                              title=f"evaluate {encoder.name} on {cfg.dataset.name}") as run:
+        run.log_datasets(evaluation_data(cfg.dataset, cfg.get("extra_datasets"), sets))
         metrics: dict[str, float] = {}
         for i, evaluation_set in enumerate(sets):
             result = evaluate_set(encoder, evaluation_set, batch_size=cfg.hardware.encode_batch_size,
@@ -87,9 +87,8 @@ def process_seconds() -> float | None:
     return uptime - ticks / os.sysconf("SC_CLK_TCK")
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
+@hydra_main("evaluate")
 def main(cfg: DictConfig) -> float:
-    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     results = evaluate(cfg)
     summary = results[cfg.dataset.name].summary  # what a sweeper optimises: multilingual mAP, else the first metric
     value = summary["multi"]["map"] if "multi" in summary else next(iter(next(iter(summary.values())).values()))

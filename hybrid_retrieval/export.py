@@ -9,15 +9,14 @@ unless ``overwrite=true``; the checkpoint is fully checked before the MLflow run
 from __future__ import annotations
 
 import json
-import logging
 import time
 from pathlib import Path
 from typing import Any
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from hybrid_retrieval import tracking
+from hybrid_retrieval.cli import check_new_folder, hydra_main, merge_ratio
 from hybrid_retrieval.config_checks import ConfigError
 from hybrid_retrieval.models.checkpoint import (TrainingCheckpoint, encoder_from_checkpoint, merge_with_start,
                                                 read_checkpoint)
@@ -38,13 +37,7 @@ def check_export_config(cfg: DictConfig) -> tuple[Path, Path]:
     if not checkpoint.is_file():
         raise ConfigError(f"checkpoint={str(cfg.checkpoint)!r}: file does not exist; expected a checkpoint written "
                           "by run.py (outputs/train/<date>/<time>/checkpoints/best.ckpt)")
-    out = Path(str(cfg.out)).expanduser()
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"out={str(cfg.out)!r}: exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not cfg.get("overwrite"):
-        raise ConfigError(f"out={str(cfg.out)!r}: folder exists and is not empty; choose another folder or pass "
-                          "overwrite=true to replace it")
-    return checkpoint, out
+    return checkpoint, check_new_folder(Path(str(cfg.out)).expanduser(), "out", bool(cfg.get("overwrite")))
 
 
 def model_card(checkpoint: TrainingCheckpoint, cfg: DictConfig) -> dict[str, Any]:
@@ -94,8 +87,6 @@ def _describe_dataset(entry: Any) -> str:
 def export(cfg: DictConfig) -> Path:
     """Export the checkpoint that `cfg` names (validated and loaded first) and log it; returns the folder."""
     checkpoint_file, out = check_export_config(cfg)
-    from hybrid_retrieval.encode import merge_ratio
-
     ratio = merge_ratio(cfg)
     checkpoint = read_checkpoint(checkpoint_file)
     encoder = encoder_from_checkpoint(checkpoint)
@@ -127,9 +118,8 @@ def export(cfg: DictConfig) -> Path:
     return folder
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="export")
+@hydra_main("export")
 def main(cfg: DictConfig) -> None:
-    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     export(cfg)
 
 

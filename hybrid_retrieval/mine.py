@@ -11,19 +11,16 @@ negative per row and writes ``pairs.jsonl`` (the training JSONL: ``train_data=js
 from __future__ import annotations
 
 import json
-import logging
 import time
 from pathlib import Path
 
-import hydra
-import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from hybrid_retrieval import tracking
+from hybrid_retrieval.cli import check_model_source, encode_texts, hydra_main, load_model, model_source, output_folder
 from hybrid_retrieval.config_checks import ConfigError, check_device, check_hardware
 from hybrid_retrieval.data.pairs import build_datasets
-from hybrid_retrieval.encode import check_model_source, encode_texts, load_model, model_source, output_folder
 from hybrid_retrieval.mining import MiningSettings, mine_negatives, passage_pool
 
 OUTPUT_FILES = ("pairs.jsonl", "pairs.provenance.jsonl", "mine.json")
@@ -103,9 +100,8 @@ def mine(cfg: DictConfig) -> Path:
     return folder
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="mine")
+@hydra_main("mine")
 def main(cfg: DictConfig) -> None:
-    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     mine(cfg)
 
 

@@ -14,15 +14,14 @@ there, named, with the way to provide it.
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 
-import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from hybrid_retrieval import tracking
+from hybrid_retrieval.cli import hydra_main
 from hybrid_retrieval.config_checks import ConfigError, check_device, check_hardware, check_logger, check_model
 from hybrid_retrieval.data.sources import OFFLINE_ENV
 from hybrid_retrieval.models.export import folder_matryoshka, run_model_name
@@ -96,7 +95,7 @@ def run_mteb(cfg: DictConfig) -> dict[str, float]:
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     import mteb
 
-    from hybrid_retrieval.encode import load_model
+    from hybrid_retrieval.cli import load_model
     from hybrid_retrieval.evaluation.mteb_eval import (MtebEncoder, TaskDataError, check_task_data, main_scores,
                                                        model_meta, resolve_tasks, weights_revision)
     from hybrid_retrieval.hardware import encode_dtype
@@ -135,9 +134,8 @@ def run_mteb(cfg: DictConfig) -> dict[str, float]:
     return scores
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="mteb")
+@hydra_main("mteb")
 def main(cfg: DictConfig) -> None:
-    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     run_mteb(cfg)
 
 

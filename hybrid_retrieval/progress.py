@@ -79,8 +79,8 @@ class Progress:
             self.bar.update(n)
             return
         now = time.monotonic()
-        if now - self.last >= self.every_s:
-            log.info(self.line())
+        if now - self.last >= self.every_s and not (self.total and self.done >= self.total):
+            log.info(self.line())  # (the last step's line is the one close() writes, once)
             self.last = now
 
     def close(self) -> None:

@@ -7,11 +7,10 @@ run. Options: conf/report.yaml.
 
 from __future__ import annotations
 
-
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from hybrid_retrieval import tracking
+from hybrid_retrieval.cli import hydra_main
 from hybrid_retrieval.reporting.sweep import make_report, print_report
 
 
@@ -32,7 +31,7 @@ def check_report_config(cfg: DictConfig) -> None:
     tracking.check_tracking_uri(cfg.logger.tracking_uri)
 
 
-@hydra.main(config_path="../conf", config_name="report", version_base="1.3")
+@hydra_main("report")
 def main(cfg: DictConfig) -> None:
     check_report_config(cfg)
     out = cfg.out

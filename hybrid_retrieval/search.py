@@ -9,21 +9,19 @@ Files, index config and model are all checked before anything is encoded.
 from __future__ import annotations
 
 import json
-import logging
 import time
 from pathlib import Path
 from typing import Any
 
 import faiss
-import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from hybrid_retrieval import tracking
+from hybrid_retrieval.cli import check_model_source, encode_texts, hydra_main, load_model, model_source, output_folder
 from hybrid_retrieval.config_checks import ConfigError, check_device, check_hardware
-from hybrid_retrieval.encode import (
-    TextFile, check_model_source, encode_texts, load_model, model_source, output_folder, read_texts,
-)
+from hybrid_retrieval.data.fingerprint import describe_file
+from hybrid_retrieval.data.text_files import TEXT_COLUMNS, TextFile, read_texts
 from hybrid_retrieval.evaluation.index import (
     PassageIndex, build_index, load_index, read_manifest, resolve_index_spec, save_index,
     write_search_results, write_trec_run,
@@ -81,6 +79,8 @@ def search(cfg: DictConfig) -> Path:
     timings: dict[str, float] = {}
     with tracking.mlflow_run(cfg, job="search", tags={"model": encoder.name},
                              title=f"search {encoder.name}") as run:
+        run.log_datasets([describe_file(f.path, "inference", file_columns=TEXT_COLUMNS, rows=len(f))
+                          for f in (queries, passages) if f is not None])
         if passages is not None:
             passage_emb, timings["time/encode_passages_s"] = encode_texts(encoder, passages.texts, "passage",
                                                                            cfg.hardware)
@@ -116,9 +116,8 @@ def _report(index: PassageIndex, queries: TextFile, index_dir: Path, trec: Path,
           f"{spent}")
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="search")
+@hydra_main("search")
 def main(cfg: DictConfig) -> None:
-    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     search(cfg)
 
 

@@ -227,6 +227,27 @@ def job_command(context: Mapping[str, Any]) -> str:
     return " ".join([_driver(), *(shlex.quote(o) for o in context["override_list"])])
 
 
+def source_tags() -> dict[str, str]:
+    """MLflow's own source fields (the UI's Source column): the entry point (``run.py`` or the command module,
+    relative to the project), and the git commit when the project is a git checkout."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    script = Path(sys.argv[0]).resolve() if sys.argv and sys.argv[0] else None
+    name = str(script.relative_to(root)) if script is not None and script.is_relative_to(root) else _driver()
+    tags = {"mlflow.source.name": name, "mlflow.source.type": "LOCAL"}
+    if (root / ".git").exists():
+        try:
+            commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                    timeout=10, check=True).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            commit = ""
+        if commit:
+            tags["mlflow.source.git.commit"] = commit
+    return tags
+
+
 def start_run(tracking_uri: str, experiment_name: str, run_name: str | None = None,
               tags: Mapping[str, str] | None = None, title: str | None = None) -> tuple[Any, str]:
     """Create a run (nested under its sweep's parent run in a multirun); returns (client, run id).
@@ -237,7 +258,7 @@ def start_run(tracking_uri: str, experiment_name: str, run_name: str | None = No
     experiment_id = get_experiment_id(client, experiment_name)
     context = job_context()
     all_tags = {"overrides": context["overrides"] or "(defaults)", "output_dir": context["output_dir"],
-                "command": job_command(context)}
+                "command": job_command(context), **source_tags()}
     if context["sweep_id"]:
         folder = Path(context["sweep_id"])
         parent = sweep_parent_run(client, experiment_id, context["sweep_id"],
@@ -311,6 +332,26 @@ class TrackedRun:
 
     def log_artifacts(self, folder: str | Path, artifact_path: str | None = None) -> None:
         with_retry(lambda: self.client.log_artifacts(self.run_id, str(folder), artifact_path))
+
+    def log_datasets(self, datasets: Sequence[Any]) -> None:
+        """MLflow dataset inputs (the UI's Dataset column): each :class:`~hybrid_retrieval.data.fingerprint.DatasetInfo`
+        with its name, digest, source, schema and row count, tagged with its context (training / evaluation).
+        A resumed run logging the same data again adds nothing."""
+        import json
+
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        inputs = []
+        for info in datasets:
+            schema = json.dumps({"mlflow_colspec": [{"type": kind, "name": name, "required": True}
+                                                    for name, kind in info.columns.items()]}) if info.columns else None
+            profile = json.dumps({"num_rows": info.rows}) if info.rows is not None else None
+            source = json.dumps({"uri": Path(info.source).as_uri() if Path(info.source).is_absolute() else info.source})
+            inputs.append(DatasetInput(Dataset(name=info.name, digest=info.digest, source_type="local", source=source,
+                                               schema=schema, profile=profile),
+                                       tags=[InputTag("mlflow.data.context", info.context)]))
+        if inputs:
+            with_retry(lambda: self.client.log_inputs(self.run_id, datasets=inputs))
 
     def set_tag(self, key: str, value: Any) -> None:
         with_retry(lambda: self.client.set_tag(self.run_id, key, str(value)[:MAX_TAG_LENGTH]))

@@ -14,10 +14,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig
 
 from hybrid_retrieval import tracking
+from hybrid_retrieval.cli import hydra_main, run_folder
+from hybrid_retrieval.data.fingerprint import describe
 from hybrid_retrieval.translation.job import TranslateJob, prepare_job, run_job
 from hybrid_retrieval.translation.stage import TranslationStopped
 
@@ -26,7 +27,7 @@ def translate(cfg: DictConfig) -> TranslateJob:
     """Run the translation that ``cfg`` describes (checked first) and log it; returns the job with its stats."""
     import torch
 
-    folder = Path(tracking.job_context()["output_dir"])
+    folder = run_folder()
     job = prepare_job(cfg, folder)
     torch.set_num_threads(cfg.hardware.num_threads)
     tags = {"model": ",".join(sorted(set(job.models.values()))), "source_language": job.source_language,
@@ -34,6 +35,9 @@ def translate(cfg: DictConfig) -> TranslateJob:
     stopped: TranslationStopped | None = None
     with tracking.mlflow_run(cfg, job="translate", tags=tags,
                              title=f"translate {job.source_language} -> {','.join(job.targets)}") as run:
+        # The pairs it translates: training data of the run that trains on its output.
+        run.log_datasets([describe(job.rows, Path(str(cfg.translate.input)).name, "training",
+                                   Path(str(cfg.translate.input)).expanduser().resolve())])
         try:
             output, provenance = run_job(job)
         except TranslationStopped as error:
@@ -61,7 +65,7 @@ def translate(cfg: DictConfig) -> TranslateJob:
     return job
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="translate")
+@hydra_main("translate")
 def main(cfg: DictConfig) -> None:
     translate(cfg)
 

@@ -450,7 +450,8 @@ def encode_config(*overrides: str) -> Any:
 
 def test_encode_config_errors_come_before_any_work(tmp_path: Path) -> None:
     from hybrid_retrieval.config_checks import ConfigError
-    from hybrid_retrieval.encode import InputFileError, encode
+    from hybrid_retrieval.data.text_files import InputFileError
+    from hybrid_retrieval.encode import encode
 
     db = tmp_path / "mlflow.db"
     texts = tmp_path / "texts.txt"

@@ -190,6 +190,17 @@ def _browser(binary: str, driver: str):
     return webdriver.Chrome(service=Service(driver), options=options)
 
 
+def _close_assistant(browser) -> None:
+    """MLflow 3.17 opens its Assistant side panel on the first visit; close it (the UI remembers) so the pages show
+    the runs in full width."""
+    for button in browser.find_elements("css selector", "button[data-component-id='mlflow.assistant.chat_panel.close']"):
+        button.click()
+    deadline = time.monotonic() + 10
+    while browser.find_elements("css selector", "button[data-component-id='mlflow.assistant.chat_panel.close']"):
+        assert time.monotonic() < deadline, "the MLflow Assistant panel did not close"
+        time.sleep(0.2)
+
+
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -234,12 +245,18 @@ def test_mlflow_ui_lists_the_runs_and_shows_metrics_and_the_heatmap(chromium: tu
         # The experiment page, in the model-training view (the link every command prints).
         browser.get(f"{base}/#/experiments/{experiment.experiment_id}?workflowType=machine_learning")
         _wait_for_text(browser, ["sweep ", "Run Name"])
+        _close_assistant(browser)
         # The jobs are nested under the sweep's parent run: expand it, as a person would.
         expand = browser.find_element("css selector", "button[data-component-id*='runnamecellrenderer']")
         expand.click()
         names = [r.info.run_name for r in runs]
-        body = _wait_for_text(browser, [name.split(" · ")[0] for name in names] + ["sampler=mono", "sampler=cross"])
+        # MLflow's own columns: Dataset (the training data logged as a dataset input) and Source (the entry point).
+        data = {d.dataset.name for d in runs[0].inputs.dataset_inputs if d.tags[0].value == "training"}
+        assert data == {"mlqa_r"}
+        body = _wait_for_text(browser, [name.split(" · ")[0] for name in names] + ["sampler=mono", "sampler=cross",
+                                                                                  "mlqa_r", "run.py"])
         assert sum(body.count(f"train.seed={seed}") for seed in (1, 2)) >= 4, body[:3000]
+        assert body.count("mlqa_r") >= 4 and body.count("run.py") >= 4, body[:3000]  # every job's row
         screenshots = [tmp_path / "mlflow_ui_experiment.png"]
         browser.save_screenshot(str(screenshots[-1]))
 

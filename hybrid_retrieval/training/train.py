@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -185,6 +184,18 @@ def adapt(cfg: DictConfig, encoder: Any, inputs: TrainingInputs, run: tracking.T
     pl.seed_everything(cfg.train.seed, workers=True, verbose=False)  # training starts from the same RNG state
 
 
+def logged_data(cfg: DictConfig, inputs: TrainingInputs, datamodule: HybridDataModule) -> list[Any]:
+    """What the run reads, for MLflow's dataset inputs: training pairs (and adaptation text), evaluation sets."""
+    from hybrid_retrieval.data.fingerprint import evaluation_data, texts_data, training_data
+
+    data = training_data(OmegaConf.to_container(cfg.train_data.datasets, resolve=True), inputs.datasets)
+    if inputs.adapt_texts is not None:
+        from hybrid_retrieval.adaptation import adapt_tags
+
+        data.append(texts_data(inputs.adapt_texts, "adapt text", "training", adapt_tags(cfg.adapt)["adapt_text"]))
+    return data + evaluation_data(cfg.dataset, cfg.get("extra_datasets"), datamodule.evaluation_sets)
+
+
 def load_best_weights(module: HybridRetrievalModule, checkpoint: BestCheckpoint) -> None:
     state = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=True)
     module.load_state_dict(state["state_dict"])
@@ -212,8 +223,6 @@ def train(cfg: DictConfig, inputs: TrainingInputs | None = None) -> float:
     ``inputs``: the data, when the caller loaded it already (``run.py`` does, before importing Lightning).
     """
     check_train_config(cfg)
-    # Validation metrics come from embeddings gathered across ranks: every rank has the same values already.
-    warnings.filterwarnings("ignore", message=r".*sync_dist=True.*when logging on epoch level")
     torch.set_num_threads(cfg.hardware.num_threads)
     set_attention_backends(cfg.hardware)
     if uses_gpu(cfg.hardware) and cfg.train.get("dynamic_padding"):
@@ -265,6 +274,7 @@ def train(cfg: DictConfig, inputs: TrainingInputs | None = None) -> float:
                 run.log_artifact(write_holdout(output_dir, cfg))
         for data in datamodule.summary():
             log.info("training data %s", data)
+        run.log_datasets(logged_data(cfg, inputs, datamodule))
         trainer = build_trainer(cfg, run, checkpoint, output_dir)
         interrupted = fit(trainer, module, datamodule, checkpoint, evaluate_before, cfg.train.seed, last)
         if checkpoint.best_step is None:
