@@ -94,7 +94,10 @@ def test_clipping_a_sparse_gradient_matches_clipping_its_dense_equivalent() -> N
     torch.testing.assert_close(sparse_model.linear.weight.grad, dense_model.linear.weight.grad)
 
 
-def _train(sparse: bool, precision: str = "32-true", grad_cache_chunk: int | None = None, steps: int = 6):
+STEPS = 6
+
+
+def _train(sparse: bool, precision: str = "32-true", grad_cache_chunk: int | None = None, steps: int = STEPS):
     torch.manual_seed(0)
     encoder = load_encoder(name="tiny", source="random", max_query_length=16, max_passage_length=16, seed=3)
     module = HybridRetrievalModule(encoder, InfoNCELoss(temperature=0.05), OptimizerSettings(1e-3, 0.1, 0.0, "linear"),
@@ -126,7 +129,16 @@ def test_training_with_sparse_embeddings_ends_at_the_dense_weights(precision: st
     embedding = "backbone.embeddings.word_embeddings.weight"
     assert not torch.equal(dense[embedding], _train(False, precision, grad_cache_chunk, steps=1)[embedding])
     # fp32: rounding only. bf16: the forward pass rounds to 3 digits, so rounding-level differences in the
-    # embeddings flip some roundings; still far below one step's movement (lr 1e-3).
-    tolerance = {"rtol": 1e-4, "atol": 1e-5} if precision == "32-true" else {"rtol": 1e-3, "atol": 1e-4}
+    # embeddings flip some roundings. Adam's step m / sqrt(v) does not scale with the gradient, so an element whose
+    # tiny gradient flips sign under such a rounding moves by up to 2 lr (seen for 8 of 16M elements on a CPU that
+    # emulates bf16): every element within 2 lr a step, and all but a handful within the rounding tolerance.
+    if precision == "32-true":
+        for name, value in dense.items():
+            torch.testing.assert_close(sparse[name], value, rtol=1e-4, atol=1e-5, msg=name)
+        return
+    # The attention key biases get no true gradient at all (softmax ignores a shift shared by every key): they move
+    # by Adam steps on rounding noise alone.
+    off = sum(int((~torch.isclose(sparse[name], value, rtol=1e-3, atol=1e-4)).sum()) for name, value in dense.items())
+    assert off < 1e-5 * sum(value.numel() for value in dense.values()), off
     for name, value in dense.items():
-        torch.testing.assert_close(sparse[name], value, **tolerance, msg=name)
+        assert (sparse[name] - value).abs().max().item() <= 2 * 1e-3 * STEPS, name
