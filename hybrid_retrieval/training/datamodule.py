@@ -41,7 +41,7 @@ class HybridDataModule(pl.LightningDataModule):
         self.seed = seed
         self.evaluation_sets = list(evaluation_sets)
         self.sampler: HybridBatchSampler | None = None
-        self._resume_at: tuple[int, int] | None = None  # (epoch, batches done) from a checkpoint of before 2026-12
+        self._resume_at: tuple[int, int] | None = None  # (epoch, batches done) of a resumed run
 
     def build_sampler(self, num_replicas: int = 1, rank: int = 0) -> HybridBatchSampler:
         return self.sampler_factory(datasets=self.train_datasets, batch_size=self.batch_size, seed=self.seed,
@@ -50,21 +50,15 @@ class HybridDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
         self.sampler = self.build_sampler(trainer.world_size, trainer.global_rank)
-        loader = ResumableLoader(PairTexts(self.train_datasets), batch_sampler=self.sampler,
-                                 collate_fn=PairCollator(trainer.lightning_module.encoder.tokenize))
-        loader.position = self._position
-        if self._resume_at is not None:  # a checkpoint that kept the position in the datamodule's state
-            loader.load_state_dict({"epoch": self._resume_at[0], "batches_done": self._resume_at[1]})
-            self._resume_at = None
+        if self._resume_at is not None:
+            # Resuming mid-epoch: Lightning counts the batches already done; the sampler skips exactly those.
+            # Lightning iterates the resumed epoch's loader once, without setting the epoch first.
+            self.sampler.set_epoch(self._resume_at[0])
+            self.sampler.skip_next(*self._resume_at)
         # The module calls set_epoch at the start of every epoch (Lightning itself only sets a DataLoader's sampler,
         # not its batch sampler): batches differ per epoch.
-        return loader
-
-    def _position(self) -> dict[str, int]:
-        """Where training is in the epoch: the batches the training loop has finished."""
-        trainer = self.trainer
-        progress = trainer.fit_loop.epoch_loop.batch_progress.current
-        return {"epoch": trainer.current_epoch, "batches_done": progress.processed}
+        tokenize = trainer.lightning_module.encoder.tokenize
+        return DataLoader(PairTexts(self.train_datasets), batch_sampler=self.sampler, collate_fn=PairCollator(tokenize))
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.evaluation_sets, batch_size=None, collate_fn=_identity)
@@ -74,8 +68,15 @@ class HybridDataModule(pl.LightningDataModule):
             return batch  # texts, not tensors: the encoder moves its own inputs
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
+    def state_dict(self) -> dict[str, Any]:
+        """Where training is in the epoch, saved in resumable checkpoints: the batches already trained on."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return {}
+        progress = trainer.fit_loop.epoch_loop.batch_progress.current
+        return {"epoch": trainer.current_epoch, "batches_done": progress.processed}
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Checkpoints written before the training loader kept its own position saved it here."""
         self._resume_at = (int(state_dict["epoch"]), int(state_dict["batches_done"])) if state_dict else None
 
     def set_epoch(self, epoch: int) -> None:
@@ -84,25 +85,6 @@ class HybridDataModule(pl.LightningDataModule):
 
     def summary(self) -> list[dict[str, Any]]:
         return [data.summary() for data in self.train_datasets]
-
-
-class ResumableLoader(DataLoader):
-    """The training loader, resumable through Lightning's ``state_dict`` / ``load_state_dict`` interface: its state
-    is the position in the epoch (saved with the loops in every resumable checkpoint); loading it makes the batch
-    sampler skip exactly the batches already trained on, so a run resumed mid-epoch trains on the batches the
-    uninterrupted run would have (and Lightning knows the loader resumes)."""
-
-    position: Callable[[], dict[str, int]] | None = None  # set by the datamodule: reads the training loop
-
-    def state_dict(self) -> dict[str, int]:
-        return self.position() if self.position is not None else {}
-
-    def load_state_dict(self, state_dict: dict[str, int]) -> None:
-        if not state_dict:
-            return
-        # Lightning loads this before it iterates the resumed epoch's loader, without setting the epoch first.
-        self.batch_sampler.set_epoch(int(state_dict["epoch"]))
-        self.batch_sampler.skip_next(int(state_dict["epoch"]), int(state_dict["batches_done"]))
 
 
 def _identity(item: Any) -> Any:
