@@ -263,15 +263,15 @@ def check_train_config(cfg: DictConfig) -> None:
     resume_target(cfg)
     for flag in ("sparse_embeddings", "dynamic_padding", "freeze_embeddings"):
         _require(cfg.train.get(flag, False) in (True, False), f"train.{flag}", "true or false", cfg.train.get(flag))
-    merge = cfg.train.get("merge_ratio")
-    _require(merge is None or (isinstance(merge, (int, float)) and not isinstance(merge, bool) and 0 <= merge <= 1),
-             "train.merge_ratio", "null or a number in [0, 1] (WiSE-FT with the starting model: 1 = trained weights)",
-             merge)
-    weight, temperature = cfg.loss.get("distill_weight", 0.0), cfg.loss.get("distill_temperature", 0.05)
-    _require(isinstance(weight, (int, float)) and not isinstance(weight, bool) and weight >= 0, "loss.distill_weight",
-             "a number >= 0 (0 = no distillation)", weight)
-    _require(isinstance(temperature, (int, float)) and not isinstance(temperature, bool) and temperature > 0,
-             "loss.distill_temperature", "a positive number", temperature)
+    from hybrid_retrieval.losses.distill import InBatchDistillation
+    from hybrid_retrieval.models.merge import check_merge
+
+    try:  # the checks of the merge and of the distillation term themselves, before any model loads
+        if cfg.train.get("merge_ratio") is not None:
+            check_merge("start", cfg.train.merge_ratio, "train.")
+        InBatchDistillation(cfg.loss.get("distill_weight", 0.0), cfg.loss.get("distill_temperature", 0.05))
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
     chunk = cfg.train.get("grad_cache_chunk")
     _require(chunk is None or _positive_int(chunk), "train.grad_cache_chunk", "null or a positive integer", chunk)
     if chunk is not None:
