@@ -3,7 +3,8 @@
 # variant into multirun/recipe_select/<name>/, then WiSE-FT ratios of chosen runs evaluated on the same split.
 # Resumable: finished runs are skipped, a stopped one resumes (train.resume=auto). Summary:
 #   python -m hybrid_retrieval.report sweep=multirun/recipe_select at=last
-# Usage: scripts/recipe_selection.sh [round]   (round 1 = single changes; 2 = combinations; see the table)
+# Usage: scripts/recipe_selection.sh [round]   (1 = single changes; 2 = combinations; 3 = more cross-lingual
+# signal on top of the chosen t01_hn, for the multilingual and bias goals; see docs/results/recipe/selection.md)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -38,4 +39,10 @@ if [ "$round" = 2 ]; then                     # on top of the temperature, the c
   train t01_hn loss.temperature=0.01 train_data.datasets.0.hard_negative=same_paragraph
   train t01_distill loss.temperature=0.01 loss.distill_weight=1.0 loss.distill_temperature=0.01
   merge_eval t01 0.5
+fi
+if [ "$round" = 3 ]; then                     # more cross-lingual signal on top of the chosen t01_hn
+  T01_HN=(loss.temperature=0.01 train_data.datasets.0.hard_negative=same_paragraph)
+  train t01_hn_a25 "${T01_HN[@]}" sampler.mono_ratio=0.25
+  train t01_hn_mt train_data=mlqa_r_squad_mt "${T01_HN[@]}" train_data.datasets.1.hard_negative=same_paragraph
+  train t01_hn_60 "${T01_HN[@]}" trainer.limit_train_batches=60
 fi
