@@ -13,6 +13,7 @@ from hydra.experimental.callback import Callback
 
 from hybrid_retrieval import tracking
 from hybrid_retrieval.config_checks import RUN_INFO, read_run_info
+from hybrid_retrieval.reporting.claims import claims_markdown
 from hybrid_retrieval.reporting.plots import write_plots
 from hybrid_retrieval.reporting.report import Report, build_report, markdown, write_tables
 
@@ -47,6 +48,10 @@ def make_report(tracking_uri: str, experiment_name: str, out: str | Path | None 
         out = Path(parent["sweep_id"]) / ARTIFACT_PATH
     folder = Path(out)
     files = write_tables(report, folder)
+    claims = claims_markdown(report)
+    if claims:  # a mono / cross / hybrid comparison: the paper's claims in standard errors
+        (folder / "claims.md").write_text(claims)
+        files.append(folder / "claims.md")
     files += write_plots(report, records, folder, heatmap_rows, diff)
     (folder / "runs.json").write_text(json.dumps(
         [{"run_id": r["run_id"], "name": r["name"], "status": r["status"]} for r in records], indent=2) + "\n")
@@ -62,9 +67,13 @@ def failed_jobs(records: Sequence[dict[str, Any]]) -> list[str]:
 
 def print_report(made: MadeReport, tracking_uri: str) -> None:
     print("\n" + markdown(made.report))
+    claims = claims_markdown(made.report)
+    if claims:
+        print(claims)
     for line in failed_jobs(made.records):
         print(f"not in the table: {line}")
-    print(f"report:    {made.folder} (report.md, report.csv, per_language/, PNG plots)")
+    print(f"report:    {made.folder} (report.md, report.csv, per_language/, PNG plots"
+          f"{', claims.md' if claims else ''})")
     if made.parent_run_id:
         print(f"MLflow:    parent run {made.parent_run_id}, artifacts {ARTIFACT_PATH}/")
     print(f"MLflow UI: {tracking.ui_command(tracking_uri)}")
