@@ -28,6 +28,7 @@ class MadeReport:
     folder: Path
     parent_run_id: str
     records: list[dict[str, Any]]
+    claims: str | None = None    # claims.md's table, when the report compares mono, cross and hybrid
 
 
 def make_report(tracking_uri: str, experiment_name: str, out: str | Path | None = None,
@@ -57,7 +58,7 @@ def make_report(tracking_uri: str, experiment_name: str, out: str | Path | None 
         [{"run_id": r["run_id"], "name": r["name"], "status": r["status"]} for r in records], indent=2) + "\n")
     if parent:
         tracking.log_artifacts_to(tracking_uri, parent["run_id"], folder, ARTIFACT_PATH)
-    return MadeReport(report, files, folder, parent.get("run_id", ""), records)
+    return MadeReport(report, files, folder, parent.get("run_id", ""), records, claims)
 
 
 def failed_jobs(records: Sequence[dict[str, Any]]) -> list[str]:
@@ -67,13 +68,12 @@ def failed_jobs(records: Sequence[dict[str, Any]]) -> list[str]:
 
 def print_report(made: MadeReport, tracking_uri: str) -> None:
     print("\n" + markdown(made.report))
-    claims = claims_markdown(made.report)
-    if claims:
-        print(claims)
+    if made.claims:
+        print(made.claims)
     for line in failed_jobs(made.records):
         print(f"not in the table: {line}")
     print(f"report:    {made.folder} (report.md, report.csv, per_language/, PNG plots"
-          f"{', claims.md' if claims else ''})")
+          f"{', claims.md' if made.claims else ''})")
     if made.parent_run_id:
         print(f"MLflow:    parent run {made.parent_run_id}, artifacts {ARTIFACT_PATH}/")
     print(f"MLflow UI: {tracking.ui_command(tracking_uri)}")
