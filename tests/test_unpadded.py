@@ -191,3 +191,22 @@ def test_unpad_must_be_a_bool() -> None:
         check_model(model)
     with pytest.raises(ValueError, match=r"model\.unpad='yes'"):
         load_encoder(**{k: v for k, v in OmegaConf.to_container(model).items() if not k.startswith("_")})
+
+
+def test_mlm_loss_on_packed_tokens_equals_padded(tiny_encoder: Encoder) -> None:
+    """MLM adaptation reads only the masked positions' states: the same ones, in the same order, when packed."""
+    from hybrid_retrieval.adaptation.mlm import _loss_sum
+
+    batch = tiny_encoder.tokenize(PASSAGES, "passage")
+    mask = batch["attention_mask"].bool()
+    labels = torch.full_like(batch["input_ids"], -100)
+    chosen = mask & (torch.arange(mask.shape[1]) % 3 == 1)
+    labels[chosen] = torch.arange(int(chosen.sum())) % 50
+    torch.manual_seed(0)
+    head = nn.Linear(tiny_encoder.backbone.config.hidden_size, 50)
+    inputs = {**batch, "labels": labels}
+    backbone = copy.deepcopy(tiny_encoder.backbone).eval()
+    packed, n_packed = _loss_sum(backbone, head, inputs, torch.device("cpu"), unpad=True)
+    padded, n_padded = _loss_sum(backbone, head, inputs, torch.device("cpu"), unpad=False)
+    assert n_packed == n_padded == int(chosen.sum()) > 3
+    torch.testing.assert_close(packed, padded, atol=1e-5, rtol=1e-6)
