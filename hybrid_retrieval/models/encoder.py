@@ -717,7 +717,7 @@ def load_encoder(
     unpad: run the backbone on the real tokens only (:mod:`hybrid_retrieval.models.unpadded`; same embeddings to
     float rounding); architectures it does not cover run padded, with the reason logged once.
     """
-    check_truncate_dim(truncate_dim, None)
+    check_truncate_dim(truncate_dim, None)  # its type, before anything loads; its size once the model is known
     check_unpad(unpad)  # its type, before anything loads; its size once the model is known
     matryoshka_dims = None
     if source not in SOURCES:
