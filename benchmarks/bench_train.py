@@ -272,7 +272,7 @@ def matmul_rates(args: argparse.Namespace) -> dict[str, float]:
     rates = {"fp32": matmul_rate(*shape, torch.float32, seconds=args.matmul_seconds) / 1e3,
              "bf16": matmul_rate(*shape, torch.bfloat16, seconds=args.matmul_seconds) / 1e3}
     print(f"bare matmul ({shape[0]} x {shape[1]}) @ ({shape[1]} x {shape[2]}), {args.threads} threads: "
-          f"fp32 {rates['fp32']:.3f} TFLOP/s, bf16 {rates['bf16']:.3f} TFLOP/s")
+          f"fp32 {rates['fp32'] * 1e3:.1f} GFLOP/s, bf16 {rates['bf16'] * 1e3:.1f} GFLOP/s")
     return rates
 
 
