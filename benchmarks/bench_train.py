@@ -300,7 +300,7 @@ def report(args: argparse.Namespace, runs: dict[str, list[dict]], rates: dict[st
         print(title)
         rate = rates.get(group)
         print(f"{'configuration':<21} {'pairs/s (median)':>16} {'range':>13} {memory:>12} {'× ' + base:>10} "
-              f"{'mem ×':>7} {'TFLOP/s':>8} {'real':>7}" + (f" {'real/matmul':>11}" if rate else "")
+              f"{'mem ×':>7} {'GFLOP/s':>8} {'real':>8}" + (f" {'real/matmul':>11}" if rate else "")
               + (f" {'MFU':>6} {'real':>6}" if args.peak_tflops else "") + f" {'mean loss':>10}")
         for config in configs:
             results = runs[config]
@@ -320,10 +320,10 @@ def report(args: argparse.Namespace, runs: dict[str, list[dict]], rates: dict[st
                                "real_mfu": real / args.peak_tflops if args.peak_tflops else None}
             shown = (f"{ratio:>10.2f} {mem_ratio:>7.2f}" if ratio is not None else f"{'-':>10} {'-':>7}")
             print(f"{config:<21} {median:>16.2f} {min(speeds):>6.2f}–{max(speeds):<6.2f} {mem:>12.0f} {shown} "
-                  f"{tflops:>8.3f} {real:>7.3f}" + (f" {real / rate:>11.1%}" if rate else "")
+                  f"{tflops * 1e3:>8.1f} {real * 1e3:>8.1f}" + (f" {real / rate:>11.1%}" if rate else "")
                   + (f" {tflops / args.peak_tflops:>6.1%} {real / args.peak_tflops:>6.1%}" if args.peak_tflops else "")
                   + f" {loss:>10.4f}")
-    print("\nTFLOP/s: model FLOPs per second on padded shapes; 'real': on the real tokens only (the useful work, "
+    print("\nGFLOP/s: model FLOPs per second on padded shapes; 'real': on the real tokens only (the useful work, "
           "the same count for padded and unpadded rows)"
           + ("; real/matmul: 'real' as a share of the bare matmul rate of the row's precision measured above"
              if rates else "")
