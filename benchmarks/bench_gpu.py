@@ -133,9 +133,9 @@ def main() -> None:
               "--peak-tflops", f"{info['matmul_bf16_tflops']:.1f}"]
     if "train" not in args.skip:
         # project_bf16_sparse is what training does by default (train.sparse_embeddings); project_bf16 the dense
-        # update.
+        # update; project_bf16_padded the dense update with model.unpad=false.
         subprocess.run([*common, "--repeats", str(args.repeats), "--configs", "st_bf16", "project_bf16_sparse",
-                        "project_bf16", "--out", str(out / "train.json")])
+                        "project_bf16", "project_bf16_padded", "--out", str(out / "train.json")])
         # The same with cuDNN's fused attention (PyTorch's default choice on this GPU), for the difference.
         subprocess.run([*common, "--repeats", "1", "--configs", "st_bf16", "project_bf16_sparse", "--cudnn-attention",
                         "on", "--out", str(out / "train_cudnn.json")])

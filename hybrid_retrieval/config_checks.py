@@ -44,6 +44,8 @@ def check_model(model: DictConfig, option: str = "model") -> None:
     _require(model.get("pooling") in POOLINGS, f"{option}.pooling", f"one of {POOLINGS}", model.get("pooling"))
     for key in ("max_query_length", "max_passage_length"):
         _require(_positive_int(model.get(key)), f"{option}.{key}", "a positive integer", model.get(key))
+    _require(isinstance(model.get("unpad", True), bool), f"{option}.unpad",
+             "true or false (run the backbone on real tokens only, or padded)", model.get("unpad"))
     folder = None
     if model.source == "hub" or model.get("path") is not None:
         # A missing model must stop the run here, not after data loading and MLflow set-up.

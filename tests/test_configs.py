@@ -65,6 +65,7 @@ def test_labse_is_cls_dense_tanh_normalised() -> None:
     ("dataset.max_questions_per_language=0", "dataset.max_questions_per_language"),
     ("hardware.encode_dtype=float16", "hardware.encode_dtype"),
     ("model.pooling=max", "model.pooling"),
+    ("model.unpad=yes", "model.unpad"),
 ])
 def test_bad_values_name_the_option(override: str, option: str) -> None:
     with pytest.raises(ConfigError, match=option.replace(".", r"\.")):

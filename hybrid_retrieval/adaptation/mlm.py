@@ -33,6 +33,7 @@ the adapted encoder is exported and fine-tuned like any other.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -45,6 +46,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from hybrid_retrieval.models.unpadded import packed_forward, unsupported_reason
 from hybrid_retrieval.progress import Progress
 
 __all__ = ["METHODS", "AdaptConfigError", "MLMHead", "MLMSettings", "adapt_encoder", "adapt_tags",
@@ -349,17 +351,19 @@ def _cycle(texts: Sequence[str], batch_size: int, rng: np.random.Generator) -> I
 
 
 def _loss_sum(backbone: nn.Module, head: MLMHead, batch: Mapping[str, torch.Tensor],
-              device: torch.device, frozen: bool = False) -> tuple[torch.Tensor, int]:
-    """Summed cross-entropy over the masked tokens, and their count; only masked positions reach the head."""
+              device: torch.device, frozen: bool = False, unpad: bool = False) -> tuple[torch.Tensor, int]:
+    """Summed cross-entropy over the masked tokens, and their count; only masked positions reach the head.
+    `unpad`: the backbone runs on real tokens only (``model.unpad``, models/unpadded.py) where it can."""
     input_ids, attention_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
     labels = batch["labels"].to(device)
     selected = labels != -100
-    if frozen:
-        with torch.no_grad():
-            hidden = backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-    else:
-        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-    logits = head(hidden[selected])
+    with torch.no_grad() if frozen else contextlib.nullcontext():
+        if unpad and unsupported_reason(backbone) is None and not bool((selected & ~attention_mask.bool()).any()):
+            packed, packing = packed_forward(backbone, input_ids, attention_mask)
+            states = packed[selected.reshape(-1).index_select(0, packing.flat)]  # row-major, as hidden[selected]
+        else:
+            states = backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[selected]
+    logits = head(states)
     loss = nn.functional.cross_entropy(logits.float(), labels[selected], reduction="sum")
     return loss, int(selected.sum())
 
@@ -373,7 +377,7 @@ def _masked(batcher: _Batcher, texts: Sequence[str], settings: MLMSettings, mask
 
 
 def _heldout_loss(backbone: nn.Module, head: MLMHead, batches: Sequence[Mapping[str, torch.Tensor]],
-                  device: torch.device) -> float:
+                  device: torch.device, unpad: bool = False) -> float:
     was_training = backbone.training, head.training
     backbone.eval()
     head.eval()
@@ -381,7 +385,7 @@ def _heldout_loss(backbone: nn.Module, head: MLMHead, batches: Sequence[Mapping[
     try:
         with torch.no_grad():
             for batch in batches:
-                loss, n = _loss_sum(backbone, head, batch, device)
+                loss, n = _loss_sum(backbone, head, batch, device, unpad=unpad)
                 total, count = total + float(loss), count + n
     finally:
         backbone.train(was_training[0])
@@ -413,7 +417,7 @@ def _optimizer(backbone: nn.Module, head: MLMHead, settings: MLMSettings) -> tor
 
 
 def warm_up_head(backbone: nn.Module, head: MLMHead, batches: Iterable[Mapping[str, torch.Tensor]],
-                 settings: MLMSettings, log_metrics: LogMetrics | None = None) -> int:
+                 settings: MLMSettings, log_metrics: LogMetrics | None = None, unpad: bool = False) -> int:
     """Train only the head's own parameters (dense, LayerNorm, output bias) on masked `batches`, reading the
     backbone without gradients and without dropout; the backbone, its embedding matrix (the tied decoder) and
     its ``requires_grad`` flags are left exactly as they were. Returns the number of steps taken."""
@@ -431,7 +435,7 @@ def warm_up_head(backbone: nn.Module, head: MLMHead, batches: Iterable[Mapping[s
         for batch in batches:
             steps += 1
             progress.update()
-            loss_sum, count = _loss_sum(backbone, head, batch, device, frozen=True)
+            loss_sum, count = _loss_sum(backbone, head, batch, device, frozen=True, unpad=unpad)
             if not count:
                 continue
             optimizer.zero_grad(set_to_none=True)
@@ -459,6 +463,7 @@ def train_mlm(encoder: Any, train_texts: Sequence[str], heldout_texts: Sequence[
     log = log_metrics or (lambda metrics, step: None)
     backbone = encoder.backbone
     device = next(backbone.parameters()).device
+    unpad = bool(getattr(encoder, "unpad", False))  # the encoder's model.unpad (its fallback reasons apply here too)
     tokenizer = encoder.tokenizer
     batcher = _Batcher(tokenizer, settings.max_length)
     mask_id = int(tokenizer.mask_token_id)
@@ -484,10 +489,10 @@ def train_mlm(encoder: Any, train_texts: Sequence[str], heldout_texts: Sequence[
     try:
         warmup_steps = 0 if pretrained else settings.head_warmup_steps
         warm_up_head(backbone, head, (_masked(batcher, next(batches), settings, mask_id, generator)
-                                      for _ in range(warmup_steps)), settings, log)
+                                      for _ in range(warmup_steps)), settings, log, unpad=unpad)
         out["head_warmup_steps"] = float(warmup_steps)
 
-        out["heldout_loss_before"] = _heldout_loss(backbone, head, heldout, device)
+        out["heldout_loss_before"] = _heldout_loss(backbone, head, heldout, device, unpad=unpad)
         log({"adapt/heldout_loss_before": out["heldout_loss_before"],
              "adapt/heldout_perplexity_before": math.exp(out["heldout_loss_before"])}, 0)
 
@@ -503,7 +508,7 @@ def train_mlm(encoder: Any, train_texts: Sequence[str], heldout_texts: Sequence[
         progress = Progress(settings.steps, "MLM adaptation", "steps")
         for step in range(1, settings.steps + 1):
             loss_sum, count = _loss_sum(backbone, head, _masked(batcher, next(batches), settings, mask_id,
-                                                                generator), device)
+                                                                generator), device, unpad=unpad)
             if count:
                 loss = loss_sum / count
                 optimizer.zero_grad(set_to_none=True)
@@ -522,7 +527,7 @@ def train_mlm(encoder: Any, train_texts: Sequence[str], heldout_texts: Sequence[
         if losses:
             out["loss_first"], out["loss_last"] = losses[0], losses[-1]
 
-        out["heldout_loss_after"] = _heldout_loss(backbone, head, heldout, device)
+        out["heldout_loss_after"] = _heldout_loss(backbone, head, heldout, device, unpad=unpad)
         out["heldout_perplexity_before"] = math.exp(out["heldout_loss_before"])
         out["heldout_perplexity_after"] = math.exp(out["heldout_loss_after"])
         out["seconds"] = time.perf_counter() - started

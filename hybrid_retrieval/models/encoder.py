@@ -10,7 +10,9 @@ from one of three sources:
 * ``random``: a small randomly initialised BERT on the multilingual e5 tokenizer, for fast tests and smoke runs.
 
 The same module serves training (``forward`` is differentiable) and inference (``encode``: length-sorted
-batches with per-batch padding, returned in input order, optionally under bfloat16 autocast).
+batches with per-batch padding, returned in input order, optionally under bfloat16 autocast). Both run the
+backbone on the real tokens only (``model.unpad``, :mod:`hybrid_retrieval.models.unpadded`) where its architecture
+allows, and the padded forward otherwise.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import contextlib
 import functools
 import inspect
 import json
+import logging
 import math
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -30,8 +33,10 @@ import torch
 from torch import nn
 
 from hybrid_retrieval.models.cpu_kernels import onednn_linears
+from hybrid_retrieval.models.unpadded import packed_forward, unsupported_reason
 
-__all__ = ["DEFAULT_TINY_CONFIG", "Encoder", "ModelNotFoundError", "cosine", "load_encoder", "plan_batches"]
+__all__ = ["DEFAULT_TINY_CONFIG", "Encoder", "ModelNotFoundError", "check_unpad", "cosine", "load_encoder",
+           "plan_batches"]
 
 Kind = Literal["query", "passage"]
 POOLINGS = ("mean", "cls")
@@ -41,6 +46,7 @@ DEFAULT_TINY_CONFIG: dict[str, int] = {
     "num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 2, "intermediate_size": 128,
 }
 DENSE_WEIGHTS = "model.safetensors"
+log = logging.getLogger(__name__)
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -69,6 +75,7 @@ class Encoder(nn.Module):
         max_passage_length: int = 256,
         truncate_dim: int | None = None,
         matryoshka_dims: Sequence[int] | None = None,
+        unpad: bool = True,
     ) -> None:
         super().__init__()
         if pooling not in POOLINGS:
@@ -93,6 +100,10 @@ class Encoder(nn.Module):
         self.truncate_dim = int(truncate_dim) if truncate_dim is not None else None
         # The sizes a Matryoshka loss trained (loss.matryoshka_dims); recorded by the export, no effect here.
         self.matryoshka_dims = [int(d) for d in matryoshka_dims] if matryoshka_dims else None
+        check_unpad(unpad)
+        # Run the backbone on real tokens only (models/unpadded.py) where it supports that; else padded, logged once.
+        self.unpad = unpad
+        self._fallbacks_logged: set[str] = set()
 
     @property
     def embedding_dim(self) -> int:
@@ -124,20 +135,47 @@ class Encoder(nn.Module):
         )
         return {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
 
+    def unpad_fallback(self, attention_mask: torch.Tensor | None = None) -> str | None:
+        """Why :meth:`forward` runs the padded backbone although ``unpad`` is on (None: it runs packed, or
+        ``unpad`` is off). `attention_mask`: the batch, for the one per-batch case (CLS pooling of a batch whose
+        first column is padding: the padded path pools that pad token's state, which packing never computes)."""
+        if not self.unpad:
+            return None
+        reason = unsupported_reason(self.backbone)
+        if reason is None and self.pooling == "cls" and attention_mask is not None and not bool(
+            attention_mask[:, 0].all()
+        ):
+            reason = "CLS pooling of a batch whose first column is padding (left-padded input)"
+        return reason
+
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Embeddings of shape (batch, embedding_dim), float32 (also under autocast), differentiable."""
-        kwargs: dict[str, torch.Tensor] = {"input_ids": input_ids, "attention_mask": attention_mask}
-        if token_type_ids is not None:
-            kwargs["token_type_ids"] = token_type_ids
-        hidden = self.backbone(**kwargs).last_hidden_state
-        if self.pooling == "cls":
-            pooled = hidden[:, 0]
+        fallback = self.unpad_fallback(attention_mask)
+        if fallback is not None and fallback not in self._fallbacks_logged:
+            self._fallbacks_logged.add(fallback)
+            log.warning("model %r: model.unpad is on but the padded forward runs: %s", self.name, fallback)
+        if self.unpad and fallback is None:
+            packed, packing = packed_forward(self.backbone, input_ids, attention_mask, token_type_ids)
+            if self.pooling == "cls":
+                pooled = packed.index_select(0, packing.starts())
+            else:
+                # Pool in float32: under bf16 autocast a bf16 sum over hundreds of tokens loses precision.
+                sums = torch.zeros(packing.batch, packed.shape[-1], dtype=torch.float32, device=packed.device)
+                sums = sums.index_add(0, packing.batch_index, packed.float())
+                pooled = sums / packing.lengths.unsqueeze(1).to(torch.float32).clamp_min(1.0)
         else:
-            # Pool in float32: under bf16 autocast a bf16 sum over hundreds of tokens loses precision.
-            mask = attention_mask.unsqueeze(-1).to(torch.float32)
-            pooled = (hidden.float() * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)
+            kwargs: dict[str, torch.Tensor] = {"input_ids": input_ids, "attention_mask": attention_mask}
+            if token_type_ids is not None:
+                kwargs["token_type_ids"] = token_type_ids
+            hidden = self.backbone(**kwargs).last_hidden_state
+            if self.pooling == "cls":
+                pooled = hidden[:, 0]
+            else:
+                # Pool in float32: under bf16 autocast a bf16 sum over hundreds of tokens loses precision.
+                mask = attention_mask.unsqueeze(-1).to(torch.float32)
+                pooled = (hidden.float() * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)
         if self.dense is not None:
             pooled = self.dense(pooled)
         pooled = pooled.float()
@@ -245,6 +283,13 @@ class Encoder(nn.Module):
         if self.dense is not None:
             _save_dense(self.dense, folder / "2_Dense")
         return folder
+
+
+def check_unpad(unpad: Any) -> None:
+    """Raise ValueError naming ``model.unpad`` unless it is a bool (a string such as "yes" is refused)."""
+    if not isinstance(unpad, bool):
+        raise ValueError(f"model.unpad={unpad!r}: expected true or false (run the backbone on real tokens only, "
+                         "or on the padded batch)")
 
 
 def check_truncate_dim(truncate_dim: Any, embedding_dim: int | None) -> None:
@@ -653,6 +698,7 @@ def load_encoder(
     seed: int = 0,
     cache_dir: str | Path | None = None,
     truncate_dim: int | None = None,
+    unpad: bool = True,
 ) -> Encoder:
     """Build an :class:`Encoder` from a model config (the keys of ``conf/model/*.yaml``).
 
@@ -668,8 +714,11 @@ def load_encoder(
     ``hybrid_retrieval.json``, if any, override the ones given here (with a warning naming those that differ).
     truncate_dim: :meth:`Encoder.encode` returns the first k dimensions, re-normalised; None = all (or the
     ``truncate_dim`` an exported folder records).
+    unpad: run the backbone on the real tokens only (:mod:`hybrid_retrieval.models.unpadded`; same embeddings to
+    float rounding); architectures it does not cover run padded, with the reason logged once.
     """
     check_truncate_dim(truncate_dim, None)  # its type, before anything loads; its size once the model is known
+    check_unpad(unpad)  # its type, before anything loads; its size once the model is known
     matryoshka_dims = None
     if source not in SOURCES:
         raise ValueError(f"model.source={source!r} is not supported; expected one of {SOURCES}")
@@ -720,6 +769,7 @@ def load_encoder(
         backbone, tokenizer, name=name, pooling=pooling, normalize=normalize, dense=head,
         query_prefix=query_prefix, passage_prefix=passage_prefix, max_query_length=max_query_length,
         max_passage_length=max_passage_length, truncate_dim=truncate_dim, matryoshka_dims=matryoshka_dims,
+        unpad=unpad,
     )
     return encoder.eval()
 
