@@ -9,8 +9,9 @@ from hybrid_retrieval.cli import hydra_main
 
 @hydra_main("config", config_path="conf")
 def main(cfg: DictConfig) -> float:
-    from hybrid_retrieval.config_checks import check_train_config, finished_job
+    from hybrid_retrieval.config_checks import check_train_config
     from hybrid_retrieval.tracking import folder_status
+    from hybrid_retrieval.training.run_folder import finished_job, plan_run
 
     done = finished_job(cfg)  # train.resume=auto in a rerun sweep: a finished job is not run again
     if done is not None:
@@ -18,12 +19,13 @@ def main(cfg: DictConfig) -> float:
         return done
     with folder_status():
         check_train_config(cfg)  # before the heavy imports: a bad option fails in seconds
+        plan = plan_run(cfg)  # train.resume, resolved once: a fresh run or which checkpoint it continues
         from hybrid_retrieval.training.inputs import load_training_inputs
 
         inputs = load_training_inputs(cfg)  # and so does bad data
         from hybrid_retrieval.training.train import train
 
-        return train(cfg, inputs)
+        return train(cfg, inputs, plan)
 
 
 if __name__ == "__main__":

@@ -38,14 +38,14 @@ def adapt(cfg: DictConfig) -> Path:
     folder = check_new_folder(output_folder(cfg, "out", "model"), "out", bool(cfg.get("overwrite")), AdaptConfigError)
     torch.set_num_threads(cfg.hardware.num_threads)
     torch.manual_seed(settings.seed)
-    texts = load_adapt_texts(cfg.adapt)
+    texts = load_adapt_texts(cfg.adapt, settings=settings)
     encoder = instantiate(cfg.model)
     encoder = encoder.to(torch_device(cfg.hardware))
     with tracking.mlflow_run(cfg, job="adapt", tags={"model": encoder.name, **adapt_tags(cfg.adapt)},
                              title=f"adapt {encoder.name} (MLM)") as run:
         run.log_datasets([texts_data(texts, "adapt text", "training", adapt_tags(cfg.adapt)["adapt_text"])])
         run.log_metrics({"adapt/texts": float(len(texts))})
-        result = adapt_encoder(encoder, cfg.adapt, log_metrics=run.log_metrics, texts=texts)
+        result = adapt_encoder(encoder, cfg.adapt, log_metrics=run.log_metrics, texts=texts, settings=settings)
         card: dict[str, Any] = {
             "title": cfg.get("title") or f"{encoder.name} adapted by masked language modelling",
             "description": f"{encoder.name} after {settings.steps} steps of continued masked language modelling "

@@ -182,13 +182,10 @@ def hydra_main(config_name: str, config_path: str = "../conf") -> Callable[[Call
 def check_model_source(cfg: DictConfig) -> None:
     """The model must be loadable: ``checkpoint`` an existing file, else ``model`` a valid config (a given
     ``model.path`` an existing model folder with its tokenizer)."""
-    from hybrid_retrieval.config_checks import check_model
+    from hybrid_retrieval.config_checks import check_checkpoint_file, check_model
 
     if cfg.get("checkpoint"):
-        path = Path(str(cfg.checkpoint)).expanduser()
-        if not path.is_file():
-            raise ConfigError(f"checkpoint={str(cfg.checkpoint)!r}: file does not exist; expected a checkpoint "
-                              "written by run.py (outputs/train/<date>/<time>/checkpoints/best.ckpt)")
+        check_checkpoint_file(cfg.checkpoint)
         return
     check_model(cfg.model)
     if cfg.model.get("path"):

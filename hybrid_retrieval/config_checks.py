@@ -18,8 +18,6 @@ from hybrid_retrieval.evaluation.sets import kind_module, lower_is_better, monit
 from hybrid_retrieval.models.encoder import POOLINGS, check_truncate_dim, resolve_hub_folder
 from hybrid_retrieval.models.encoder import SOURCES as MODEL_SOURCES
 
-RUN_INFO = "run_info.json"  # a training run folder's MLflow run, store and starting config (training/train.py)
-
 ENCODE_DTYPES = ("float32", "bfloat16", "auto")
 
 
@@ -174,12 +172,15 @@ def check_monitor(cfg: DictConfig) -> None:
              f"{'worse' if expected == 'min' else 'better'})", mode)
 
 
-def check_checkpoint_path(path: str | None, option: str = "checkpoint") -> None:
-    if path is None:
-        return
-    file = Path(str(path)).expanduser()
-    _require(file.is_file(), option, "an existing checkpoint file written by run.py (e.g. "
-             "<run folder>/checkpoints/best.ckpt)", str(path))
+def check_checkpoint_file(value: Any, option: str = "checkpoint") -> Path:
+    """``checkpoint=``: an existing file (read and checked in full by ``models.checkpoint.read_checkpoint``)."""
+    from hybrid_retrieval.training.run_folder import BEST_CHECKPOINT_EXAMPLE
+
+    path = Path(str(value)).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"{option}={str(value)!r}: file does not exist; expected a checkpoint written by run.py "
+                          f"({BEST_CHECKPOINT_EXAMPLE})")
+    return path
 
 
 def check_extra_datasets(cfg: DictConfig) -> None:
@@ -208,8 +209,9 @@ def check_logger(cfg: DictConfig) -> None:
 
 def check_evaluate_config(cfg: DictConfig) -> None:
     checkpoint = cfg.get("checkpoint")
-    check_checkpoint_path(checkpoint)
-    if checkpoint is None:  # a checkpoint carries its own model config
+    if checkpoint is not None:
+        check_checkpoint_file(checkpoint)
+    else:  # a checkpoint carries its own model config
         check_model(cfg.model)
     check_dataset(cfg.dataset)
     check_extra_datasets(cfg)
@@ -219,6 +221,8 @@ def check_evaluate_config(cfg: DictConfig) -> None:
 
 
 def check_train_config(cfg: DictConfig) -> None:
+    """Every training option but ``adapt`` (checked once, with its text, by ``training/inputs.py``) and
+    ``train.resume`` (resolved once by ``training/run_folder.plan_run``)."""
     check_model(cfg.model)
     check_dataset(cfg.dataset)
     check_extra_datasets(cfg)
@@ -255,14 +259,6 @@ def check_train_config(cfg: DictConfig) -> None:
     before = cfg.train.get("evaluate_before", True)
     _require(before in (True, False, "first_job"), "train.evaluate_before", "true, false or first_job (step 0 "
              "validated only in a sweep's job 0: for sweeps whose jobs all start from the same model)", before)
-    if cfg.get("adapt") is not None:
-        from hybrid_retrieval.adaptation.mlm import check_adapt_config
-
-        try:
-            check_adapt_config(cfg.adapt, eval_datasets=evaluation_datasets(cfg))
-        except ValueError as error:
-            raise ConfigError(str(error)) from error
-    resume_target(cfg)
     for flag in ("sparse_embeddings", "dynamic_padding", "freeze_embeddings"):
         _require(cfg.train.get(flag, False) in (True, False), f"train.{flag}", "true or false", cfg.train.get(flag))
     from hybrid_retrieval.losses.distill import InBatchDistillation
@@ -303,96 +299,3 @@ def check_launch(cfg: DictConfig) -> None:
         raise ConfigError(f"hardware.strategy={cfg.hardware.strategy} in a local multirun (-m): Lightning would "
                           "start each extra rank with the whole sweep's command line. Run the jobs one at a time, "
                           "or sweep on a cluster with hydra/launcher=slurm hardware=slurm (SLURM starts the ranks)")
-
-
-def resume_target(cfg: DictConfig) -> Path | None:
-    """The run folder ``train.resume`` names, checked: it holds ``checkpoints/last.ckpt``, ``run_info.json`` and the
-    composed config, and that config equals this one but for ``train.resume`` (a resumed run continues the same
-    experiment). ``last``: the newest run under outputs/train with a resumable checkpoint. ``auto``: this job's own
-    folder when it holds a resumable checkpoint, else None (a fresh start) — with a fixed ``hydra.sweep.dir``,
-    rerunning a stopped sweep continues it (finished jobs are skipped by :func:`finished_job`)."""
-    value = cfg.train.get("resume")
-    if not value:
-        return None
-    if value == "auto":
-        from hybrid_retrieval.tracking import job_context
-
-        folder = Path(job_context()["output_dir"])
-        if not ((folder / "checkpoints" / "last.ckpt").is_file() and (folder / RUN_INFO).is_file()):
-            return None
-    elif value == "last":
-        from hydra.core.hydra_config import HydraConfig
-
-        base = Path(HydraConfig.get().runtime.cwd) if HydraConfig.initialized() else Path.cwd()
-        candidates = sorted((p.parent.parent for p in (base / "outputs" / "train").glob("*/*/checkpoints/last.ckpt")),
-                            key=lambda p: p.stat().st_mtime)
-        _require(bool(candidates), "train.resume", "a run folder; 'last' found no run with a resumable checkpoint "
-                 f"under {base / 'outputs' / 'train'}", value)
-        folder = candidates[-1]
-    else:
-        folder = Path(str(value)).expanduser()
-    for needed in ("checkpoints/last.ckpt", RUN_INFO, ".hydra/config.yaml"):
-        _require((folder / needed).is_file(), "train.resume", f"a run folder of run.py holding {needed} "
-                 f"(written by a run with train.checkpoint_every_n_steps, or stopped by SIGTERM/Ctrl+C)", str(value))
-    check_same_config(cfg, folder)
-    return folder
-
-
-def read_run_info(folder: Path) -> dict[str, Any]:
-    """A training run folder's ``run_info.json``: its MLflow run and store, starting config and, once finished, its
-    monitored best value (written by ``training/train.py``)."""
-    import json
-
-    return json.loads((folder / RUN_INFO).read_text())
-
-
-def saved_config(folder: Path) -> dict:
-    """The config a run started with: kept in run_info.json (Hydra rewrites .hydra/config.yaml when a job reruns in
-    the same folder), else .hydra/config.yaml (runs from before run_info kept it)."""
-    from omegaconf import OmegaConf
-
-    info = read_run_info(folder) if (folder / RUN_INFO).is_file() else {}
-    if "config" in info:
-        return info["config"]
-    return OmegaConf.to_container(OmegaConf.load(folder / ".hydra" / "config.yaml"), resolve=False)
-
-
-def check_same_config(cfg: DictConfig, folder: Path) -> None:
-    from omegaconf import OmegaConf
-
-    saved = saved_config(folder)
-    current = OmegaConf.to_container(cfg, resolve=False)
-    for config in (saved, current):
-        config.get("train", {}).pop("resume", None)
-    differences = sorted(_differences(saved, current))
-    _require(not differences, "train.resume", "the same command as the run being resumed, plus train.resume; these "
-             f"options differ: {differences[:8]}", f"{cfg.train.get('resume')} ({folder})")
-
-
-def finished_job(cfg: DictConfig) -> float | None:
-    """With ``train.resume=auto``: the monitored best value of this job's folder when a run there finished with the
-    same config (the job is then skipped), else None."""
-    import json
-
-    if cfg.train.get("resume") != "auto":
-        return None
-    from hybrid_retrieval.tracking import job_context
-
-    folder = Path(job_context()["output_dir"])
-    status = folder / "status.json"
-    if not (status.is_file() and (folder / RUN_INFO).is_file()):
-        return None
-    info = read_run_info(folder)
-    if json.loads(status.read_text()).get("status") != "finished" or "best" not in info:
-        return None
-    check_same_config(cfg, folder)
-    return float(info["best"])
-
-
-def _differences(a: Any, b: Any, path: str = "") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        out: list[str] = []
-        for key in set(a) | set(b):
-            out += _differences(a.get(key, "<missing>"), b.get(key, "<missing>"), f"{path}.{key}" if path else key)
-        return out
-    return [] if a == b else [path]

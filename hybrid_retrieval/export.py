@@ -17,10 +17,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from hybrid_retrieval import tracking
 from hybrid_retrieval.cli import check_new_folder, hydra_main, merge_ratio
-from hybrid_retrieval.config_checks import ConfigError
+from hybrid_retrieval.config_checks import ConfigError, check_checkpoint_file
 from hybrid_retrieval.models.checkpoint import (TrainingCheckpoint, encoder_from_checkpoint, merge_with_start,
                                                 read_checkpoint)
 from hybrid_retrieval.models.export import SETTINGS_FILE, export_encoder, read_run_results, run_model_name
+from hybrid_retrieval.training.run_folder import BEST_CHECKPOINT_EXAMPLE, HYDRA_CONFIG
 
 # Parts of a run's composed config that describe how the model was trained (the card shows these).
 TRAINING_KEYS = ("model", "sampler", "loss", "train", "trainer", "train_data", "dataset", "hardware")
@@ -30,13 +31,10 @@ def check_export_config(cfg: DictConfig) -> tuple[Path, Path]:
     """(checkpoint file, output folder), checked: the file exists, the folder is new, empty or overwritable."""
     if not cfg.get("checkpoint"):
         raise ConfigError("checkpoint is not set; expected checkpoint=<file written by run.py>, e.g. "
-                          "outputs/train/<date>/<time>/checkpoints/best.ckpt")
+                          f"{BEST_CHECKPOINT_EXAMPLE}")
     if not cfg.get("out"):
         raise ConfigError("out is not set; expected out=<folder to write the model into>")
-    checkpoint = Path(str(cfg.checkpoint)).expanduser()
-    if not checkpoint.is_file():
-        raise ConfigError(f"checkpoint={str(cfg.checkpoint)!r}: file does not exist; expected a checkpoint written "
-                          "by run.py (outputs/train/<date>/<time>/checkpoints/best.ckpt)")
+    checkpoint = check_checkpoint_file(cfg.checkpoint)
     return checkpoint, check_new_folder(Path(str(cfg.out)).expanduser(), "out", bool(cfg.get("overwrite")))
 
 
@@ -52,7 +50,7 @@ def model_card(checkpoint: TrainingCheckpoint, cfg: DictConfig) -> dict[str, Any
     if model.get("checkpoint"):
         card["base_model"] = model["checkpoint"]
     run_dir = checkpoint.path.resolve().parent.parent
-    config_file = run_dir / ".hydra" / "config.yaml"
+    config_file = run_dir / HYDRA_CONFIG
     if config_file.is_file():
         config = OmegaConf.to_container(OmegaConf.load(config_file), resolve=False)
         card["training"] = {k: config[k] for k in TRAINING_KEYS if k in config} or config

@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
 from omegaconf import DictConfig, OmegaConf
 
 MAX_PARAM_LENGTH = 6000
+STATUS_FILE = "status.json"  # a command's outcome in its run folder (folder_status)
 T = TypeVar("T")
 
 
@@ -442,7 +443,7 @@ def folder_status(folder: str | Path | None = None) -> Iterator[None]:
     folder left by a failure is told apart from a run in progress."""
     import json
 
-    path = Path(folder or job_context()["output_dir"]) / "status.json"
+    path = Path(folder or job_context()["output_dir"]) / STATUS_FILE
     started = time.time()
 
     def write(status: str, error: str | None = None) -> None:

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from hybrid_retrieval.config_checks import RUN_INFO, ConfigError, finished_job, resume_target
+from hybrid_retrieval.config_checks import ConfigError
+from hybrid_retrieval.training.run_folder import RUN_INFO, RunPlan, finished_job, plan_run
 from tests.test_cli import REPO_ROOT, mlflow_client, run_command
 
 TINY = ["model=tiny", "train.seed=42", "trainer.limit_train_batches=2", "train.batch_size=8",
@@ -82,7 +83,7 @@ def test_resume_auto_starts_fresh_resumes_a_stopped_job_and_skips_a_finished_one
     monkeypatch.chdir(tmp_path)  # outside a Hydra job, a job's folder is the working directory
     cfg = _compose()
     assert cfg.train.resume == "auto" and cfg.train.evaluate_before == "first_job"
-    assert resume_target(cfg) is None and finished_job(cfg) is None  # an empty folder: a fresh start
+    assert plan_run(cfg) == RunPlan(tmp_path) and finished_job(cfg) is None  # an empty folder: a fresh start
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"x")
     (tmp_path / ".hydra").mkdir()
@@ -90,7 +91,8 @@ def test_resume_auto_starts_fresh_resumes_a_stopped_job_and_skips_a_finished_one
     info = {"mlflow_run_id": "r", "config": OmegaConf.to_container(cfg, resolve=False)}
     (tmp_path / RUN_INFO).write_text(json.dumps(info))
     # The run's starting config (run_info.json) decides, not .hydra/config.yaml (rewritten by every rerun).
-    assert resume_target(cfg) == tmp_path
+    assert plan_run(cfg) == RunPlan(tmp_path, resumed=True, run_id="r")
+    assert plan_run(cfg).last_checkpoint == tmp_path / "checkpoints" / "last.ckpt"
     assert finished_job(cfg) is None  # no status.json: stopped, not finished
     (tmp_path / "status.json").write_text(json.dumps({"status": "killed"}))
     assert finished_job(cfg) is None
@@ -100,7 +102,7 @@ def test_resume_auto_starts_fresh_resumes_a_stopped_job_and_skips_a_finished_one
     with pytest.raises(ConfigError, match=r"train\.resume.*train\.lr"):
         finished_job(_compose("train.lr=0.001"))
     with pytest.raises(ConfigError, match=r"train\.resume.*train\.seed"):
-        resume_target(_compose("train.seed=7"))
+        plan_run(_compose("train.seed=7"))
 
 
 def test_evaluate_before_takes_true_false_or_first_job() -> None:

@@ -537,3 +537,25 @@ def test_json_objects_numbers_lines_skips_blanks_and_names_the_bad_line() -> Non
         list(json_objects(['{"a": 1}', '{"a": 1'], lambda n: f"f.jsonl:{n}", BadInput))
     with pytest.raises(BadInput, match=r"^f\.jsonl:1: expected a JSON object with a, got a list$"):
         list(json_objects(["[1, 2]"], lambda n: f"f.jsonl:{n}", BadInput, "a JSON object with a"))
+
+
+def test_every_target_in_conf_resolves_and_pairs_keeps_the_readers_names() -> None:
+    """The readers live in their own modules; ``hybrid_retrieval.data.pairs.<reader>``, which conf/train_data (and
+    the configs earlier runs logged) name, is the same function."""
+    import re
+
+    from hydra.utils import get_object
+
+    from hybrid_retrieval.data import jsonl_pairs, lareqa_pairs, pairs, sentences, squad
+
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    targets = {t for file in conf.rglob("*.yaml") for t in re.findall(r"_target_: *([\w.]+)", file.read_text())}
+    assert "hybrid_retrieval.data.pairs.from_squad" in targets
+    for target in targets:
+        assert get_object(target) is not None, target
+    for module in (lareqa_pairs, jsonl_pairs, squad, sentences):
+        for name in module.__all__:
+            assert getattr(pairs, name) is getattr(module, name), name
+    assert set(pairs.__all__) >= {*lareqa_pairs.__all__, *jsonl_pairs.__all__, *squad.__all__, *sentences.__all__}
+    with pytest.raises(AttributeError, match="no_such_reader"):
+        pairs.no_such_reader  # noqa: B018

@@ -228,3 +228,50 @@ def test_parallel_sweep_on_one_new_store_loses_nothing_and_a_failing_job_stops_n
         assert len(run.data.params) > 50 and "cross_lingual_map.png" in {a.path for a in client.list_artifacts(run.info.run_id)}
         counted += len(run.data.metrics)
     assert counted > 200  # every metric of both finished jobs is in the store
+
+
+def test_a_run_and_its_resume_resolve_train_resume_and_check_each_option_once(tmp_path: Path, data_root: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """run.py in this process (its real functions, counted): the config is checked once, ``train.resume`` is resolved
+    once (a resume compares the config once) and the adapt options are checked once, across the heavy imports."""
+    from collections import Counter
+
+    import run
+    from hybrid_retrieval import config_checks
+    from hybrid_retrieval.adaptation import mlm
+    from hybrid_retrieval.training import run_folder
+    from hybrid_retrieval.training import train as train_module
+
+    calls: Counter[str] = Counter()
+
+    def count(module: Any, name: str) -> None:
+        real = getattr(module, name)
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            calls[name] += 1
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, counted)
+
+    for module, name in [(config_checks, "check_train_config"), (train_module, "check_train_config"),
+                         (run_folder, "plan_run"), (train_module, "plan_run"), (run_folder, "check_same_config"),
+                         (mlm, "check_adapt_config")]:
+        count(module, name)
+    for key, value in _env(data_root).items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("HYBRID_RETRIEVAL_MLFLOW_URI", raising=False)
+    monkeypatch.chdir(REPO_ROOT)
+    # In this process Hydra finds conf/ by path (it looks for run.py's config next to the importing module).
+    args = ["run.py", f"--config-path={REPO_ROOT / 'conf'}", *SMALL_TRAIN, "adapt=mlm", "adapt.steps=2",
+            "adapt.head_warmup_steps=1", "adapt.heldout_size=8", "adapt.batch_size=4", "adapt.text.max_texts=24",
+            "train.checkpoint_every_n_steps=1", "train.evaluate_before=false", f"logger.tracking_uri=sqlite:///{tmp_path}/mlflow.db"]
+
+    monkeypatch.setattr(sys, "argv", [*args, f"hydra.run.dir={tmp_path}/run"])
+    run.main()
+    assert calls == {"check_train_config": 1, "plan_run": 1, "check_adapt_config": 1}
+    calls.clear()
+    monkeypatch.setattr(sys, "argv", [*args, f"train.resume={tmp_path}/run", f"hydra.run.dir={tmp_path}/again"])
+    run.main()
+    assert calls == {"check_train_config": 1, "plan_run": 1, "check_same_config": 1, "check_adapt_config": 1}
+    client, resumed = _only_run(f"sqlite:///{tmp_path}/mlflow.db")
+    assert resumed.info.status == "FINISHED" and resumed.data.tags["resumed_from"].endswith("last.ckpt")

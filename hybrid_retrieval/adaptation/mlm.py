@@ -540,12 +540,14 @@ def train_mlm(encoder: Any, train_texts: Sequence[str], heldout_texts: Sequence[
     return out
 
 
-def load_adapt_texts(adapt_cfg: Any, eval_datasets: Sequence[str] = ()) -> list[str] | None:
+def load_adapt_texts(adapt_cfg: Any, eval_datasets: Sequence[str] = (),
+                     settings: MLMSettings | None = None) -> list[str] | None:
     """The unlabelled texts of ``adapt.text`` (None for ``method: none``): call it before a run starts so a missing
-    or empty source fails before any model or MLflow work."""
+    or empty source fails before any model or MLflow work. `settings`: what :func:`check_adapt_config` returned,
+    when the caller checked the config already."""
     from hybrid_retrieval.data.text import load_texts
 
-    settings = check_adapt_config(adapt_cfg, eval_datasets)
+    settings = settings or check_adapt_config(adapt_cfg, eval_datasets)
     if settings is None:
         return None
     return load_texts(_container(adapt_cfg)["text"], seed=settings.seed, eval_datasets=eval_datasets)
@@ -565,17 +567,19 @@ def adapt_tags(adapt_cfg: Any) -> dict[str, str]:
 
 
 def adapt_encoder(encoder: Any, adapt_cfg: Any, log_metrics: LogMetrics | None = None,
-                  texts: Sequence[str] | None = None, eval_datasets: Sequence[str] = ()) -> dict[str, float]:
+                  texts: Sequence[str] | None = None, eval_datasets: Sequence[str] = (),
+                  settings: MLMSettings | None = None) -> dict[str, float]:
     """Adapt ``encoder.backbone`` in place as ``adapt_cfg`` (``conf/adapt/*.yaml``) says; {} for ``method: none``.
 
     `log_metrics(metrics, step)` receives ``adapt/...`` metrics (e.g. ``TrackedRun.log_metrics``). `texts`: the
     unlabelled texts, if already loaded (else read from ``adapt_cfg.text``). `eval_datasets`: see
-    :func:`check_adapt_config`. Returns the held-out loss and perplexity before and after, and run facts.
+    :func:`check_adapt_config`. `settings`: what :func:`check_adapt_config` returned, when the caller checked the
+    config already. Returns the held-out loss and perplexity before and after, and run facts.
     """
-    settings = check_adapt_config(adapt_cfg, eval_datasets)
+    settings = settings or check_adapt_config(adapt_cfg, eval_datasets)
     if settings is None:
         return {}
     if texts is None:
-        texts = load_adapt_texts(adapt_cfg, eval_datasets)
+        texts = load_adapt_texts(adapt_cfg, eval_datasets, settings)
     train_texts, heldout_texts = split_heldout(list(texts), settings.heldout_size, settings.seed)
     return train_mlm(encoder, train_texts, heldout_texts, settings, log_metrics)

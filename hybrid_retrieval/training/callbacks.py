@@ -21,13 +21,14 @@ from pytorch_lightning.utilities import rank_zero_only
 
 
 from hybrid_retrieval.tracking import TrackedRun
+from hybrid_retrieval.training.run_folder import BEST, LAST
 
 
 class BestCheckpoint(ModelCheckpoint):
     """Best weights (``<dirpath>/best.ckpt``, weights and model config only) among the validations that ran."""
 
     def __init__(self, dirpath: str | Path, monitor: str, mode: str = "max") -> None:
-        super().__init__(dirpath=str(dirpath), filename="best", monitor=monitor, mode=mode, save_top_k=1,
+        super().__init__(dirpath=str(dirpath), filename=BEST, monitor=monitor, mode=mode, save_top_k=1,
                          save_weights_only=True, save_on_train_epoch_end=False, auto_insert_metric_name=False,
                          enable_version_counter=False)
         self.validated_steps: list[int] = []
@@ -124,7 +125,7 @@ class ResumeCheckpoint(ModelCheckpoint):
     an exception or a signal (the last finite state, for a NaN loss). ``train.resume`` continues from it."""
 
     def __init__(self, dirpath: str | Path, every_n_steps: int | None) -> None:
-        super().__init__(dirpath=str(dirpath), filename="last", monitor=None, save_top_k=1, save_weights_only=False,
+        super().__init__(dirpath=str(dirpath), filename=LAST, monitor=None, save_top_k=1, save_weights_only=False,
                          every_n_train_steps=every_n_steps, save_on_exception=True, enable_version_counter=False,
                          auto_insert_metric_name=False)
 

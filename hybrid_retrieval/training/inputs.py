@@ -5,13 +5,16 @@ surface in seconds."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from omegaconf import DictConfig
 
-from hybrid_retrieval.config_checks import ConfigError
+from hybrid_retrieval.config_checks import ConfigError, evaluation_datasets
 from hybrid_retrieval.data.pairs import ParallelPairs, build_datasets
 from hybrid_retrieval.evaluation.sets import EvaluationSet, load_evaluation_sets
+
+if TYPE_CHECKING:
+    from hybrid_retrieval.adaptation.mlm import MLMSettings
 
 
 @dataclass
@@ -20,11 +23,20 @@ class TrainingInputs:
     sampler_factory: Callable[..., Any]
     evaluation_sets: list[EvaluationSet]
     adapt_texts: list[str] | None = None  # unlabelled text of the adaptation stage (adapt=mlm)
+    adapt_settings: MLMSettings | None = None  # its options, checked once
 
 
 def load_training_inputs(cfg: DictConfig) -> TrainingInputs:
     from hydra.utils import instantiate
 
+    adapt_settings = None
+    if cfg.get("adapt") is not None:  # the one check of the adapt options in a training run, before any data
+        from hybrid_retrieval.adaptation.mlm import check_adapt_config
+
+        try:
+            adapt_settings = check_adapt_config(cfg.adapt, eval_datasets=evaluation_datasets(cfg))
+        except ValueError as error:
+            raise ConfigError(str(error)) from error
     sampler_factory = instantiate(cfg.sampler)
     datasets = build_datasets(cfg.train_data)
     try:  # one sampler now: the real ones are built per rank by the datamodule
@@ -32,13 +44,12 @@ def load_training_inputs(cfg: DictConfig) -> TrainingInputs:
     except ValueError as error:
         raise ConfigError(f"sampler={cfg.sampler.name} with train.batch_size={cfg.train.batch_size}: {error}") from error
     adapt_texts = None
-    if cfg.get("adapt") is not None and cfg.adapt.get("method") != "none":
+    if adapt_settings is not None:
         from hybrid_retrieval.adaptation.mlm import load_adapt_texts
-        from hybrid_retrieval.config_checks import evaluation_datasets
 
         try:
-            adapt_texts = load_adapt_texts(cfg.adapt, eval_datasets=evaluation_datasets(cfg))
+            adapt_texts = load_adapt_texts(cfg.adapt, evaluation_datasets(cfg), adapt_settings)
         except ValueError as error:
             raise ConfigError(str(error)) from error
     return TrainingInputs(datasets, sampler_factory, load_evaluation_sets(cfg.dataset, cfg.get("extra_datasets")),
-                          adapt_texts)
+                          adapt_texts, adapt_settings)

@@ -20,7 +20,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from hybrid_retrieval import tracking
-from hybrid_retrieval.config_checks import RUN_INFO, check_train_config, read_run_info
+from hybrid_retrieval.config_checks import check_train_config
 from hybrid_retrieval.evaluation.sets import describe, write_reports
 from hybrid_retrieval.hardware import (encode_dtype, encode_dtype_name, set_attention_backends, trainer_precision,
                                        uses_gpu)
@@ -31,27 +31,9 @@ from hybrid_retrieval.training.callbacks import (BatchLog, BestCheckpoint, Resum
 from hybrid_retrieval.training.datamodule import HybridDataModule
 from hybrid_retrieval.training.inputs import TrainingInputs, load_training_inputs
 from hybrid_retrieval.training.module import EvaluationSettings, HybridRetrievalModule, OptimizerSettings
+from hybrid_retrieval.training.run_folder import CHECKPOINTS, RunPlan, plan_run, record_best, write_run_info
 
 log = logging.getLogger(__name__)
-
-
-def write_run_info(folder: Path, run: tracking.TrackedRun, experiment_name: str, cfg: DictConfig) -> None:
-    """What a resumed run needs to log into the same MLflow run (and a sweep's report, to find the store), and the
-    config it started with (a resume must match it)."""
-    import json
-
-    (folder / RUN_INFO).write_text(json.dumps({"mlflow_run_id": run.run_id, "tracking_uri": run.tracking_uri,
-                                               "experiment_name": experiment_name,
-                                               "config": OmegaConf.to_container(cfg, resolve=False)}))
-
-
-def record_best(folder: Path, monitor: str, best: float) -> None:
-    """The finished run's result, kept in run_info.json (a rerun sweep with train.resume=auto skips the job)."""
-    import json
-
-    info = read_run_info(folder)
-    info.update(monitor=monitor, best=best)
-    (folder / RUN_INFO).write_text(json.dumps(info))
 
 
 def write_holdout(folder: Path, cfg: DictConfig) -> Path:
@@ -73,12 +55,6 @@ def evaluates_before(cfg: DictConfig) -> bool:
     if value == "first_job":
         return tracking.job_context()["job_num"] == "0"
     return bool(value)
-
-
-def resume_folder(cfg: DictConfig) -> Path | None:
-    from hybrid_retrieval.config_checks import resume_target
-
-    return resume_target(cfg)
 
 
 def build_datamodule(cfg: DictConfig, inputs: TrainingInputs | None = None) -> HybridDataModule:
@@ -123,7 +99,7 @@ def build_trainer(cfg: DictConfig, run: tracking.TrackedRun | None, checkpoint: 
     options = OmegaConf.to_container(cfg.trainer, resolve=True)
     if cfg.train.get("grad_cache_chunk"):
         options["gradient_clip_val"] = None  # the module clips: it steps the optimiser itself
-    resumable = ResumeCheckpoint(output_dir / "checkpoints", cfg.train.get("checkpoint_every_n_steps"))
+    resumable = ResumeCheckpoint(output_dir / CHECKPOINTS, cfg.train.get("checkpoint_every_n_steps"))
     from hybrid_retrieval.progress import on_terminal
 
     terminal = on_terminal()
@@ -179,7 +155,8 @@ def adapt(cfg: DictConfig, encoder: Any, inputs: TrainingInputs, run: tracking.T
     from hybrid_retrieval.config_checks import evaluation_datasets
 
     result = adapt_encoder(encoder, cfg.adapt, log_metrics=run.log_metrics if run is not None else None,
-                           texts=inputs.adapt_texts, eval_datasets=evaluation_datasets(cfg))
+                           texts=inputs.adapt_texts, eval_datasets=evaluation_datasets(cfg),
+                           settings=inputs.adapt_settings)
     log.info("adaptation: %s", {k: v for k, v in result.items() if "heldout" in k})
     pl.seed_everything(cfg.train.seed, workers=True, verbose=False)  # training starts from the same RNG state
 
@@ -217,27 +194,28 @@ def model_card(cfg: DictConfig, datamodule: HybridDataModule, checkpoint: BestCh
     }
 
 
-def train(cfg: DictConfig, inputs: TrainingInputs | None = None) -> float:
+def train(cfg: DictConfig, inputs: TrainingInputs | None = None, plan: RunPlan | None = None) -> float:
     """Fine-tune as ``cfg`` says; returns the best value of ``cfg.train.monitor`` (what sweepers optimise).
 
-    ``inputs``: the data, when the caller loaded it already (``run.py`` does, before importing Lightning).
+    ``inputs`` and ``plan``: the data and the run's plan (``run_folder.plan_run``), when the caller checked the
+    config and made them already (``run.py`` does, before importing Lightning); else they are made here.
     """
-    check_train_config(cfg)
+    if plan is None:
+        check_train_config(cfg)
+        plan = plan_run(cfg)
     torch.set_num_threads(cfg.hardware.num_threads)
     set_attention_backends(cfg.hardware)
     if uses_gpu(cfg.hardware) and cfg.train.get("dynamic_padding"):
         log.warning("train.dynamic_padding=true on a GPU: measured 0.10x the pairs/s of plain batches on an H200 "
                     "(each chunk is a forward and backward pass of its own; README \"Speed\"); it is meant for CPUs")
     pl.seed_everything(cfg.train.seed, workers=True, verbose=False)
-    resume = resume_folder(cfg)  # checked by check_train_config
     inputs = inputs or load_training_inputs(cfg)
     datamodule = build_datamodule(cfg, inputs)
     encoder = instantiate(cfg.model)
-    adapting = inputs.adapt_texts is not None and resume is None  # a resumed run's weights are adapted already
-    output_dir = resume or Path(tracking.job_context()["output_dir"])
-    last = output_dir / "checkpoints" / "last.ckpt" if resume else None
-    evaluate_before = evaluates_before(cfg) and resume is None  # a resumed run logged it already
-    checkpoint = BestCheckpoint(output_dir / "checkpoints", cfg.train.monitor, cfg.train.monitor_mode)
+    adapting = inputs.adapt_texts is not None and not plan.resumed  # a resumed run's weights are adapted already
+    output_dir, last = plan.folder, plan.last_checkpoint
+    evaluate_before = evaluates_before(cfg) and not plan.resumed  # a resumed run logged it already
+    checkpoint = BestCheckpoint(plan.checkpoint_dir, cfg.train.monitor, cfg.train.monitor_mode)
     tags = {"model": cfg.model.name, "sampler": cfg.sampler.name, "mono_ratio": str(cfg.sampler.mono_ratio),
             "dataset": cfg.dataset.name, "seed": str(cfg.train.seed), "precision": trainer_precision(cfg.hardware),
             "encode_dtype": encode_dtype_name(cfg.hardware)}
@@ -253,7 +231,6 @@ def train(cfg: DictConfig, inputs: TrainingInputs | None = None) -> float:
         fit(trainer, module, datamodule, checkpoint, evaluate_before, cfg.train.seed, last)
         return float(checkpoint.best_metrics.get(cfg.train.monitor, math.nan))
 
-    run_id = read_run_info(resume)["mlflow_run_id"] if resume else None
     if adapting:
         from hybrid_retrieval.adaptation import adapt_tags
 
@@ -261,15 +238,15 @@ def train(cfg: DictConfig, inputs: TrainingInputs | None = None) -> float:
     title = f"{cfg.model.name} {cfg.sampler.name} α={cfg.sampler.mono_ratio} seed={cfg.train.seed}"
     if adapting:
         title += f" adapt={cfg.adapt.method}"
-    with tracking.mlflow_run(cfg, job="train", tags=tags, resume_run_id=run_id, title=title) as run:
+    with tracking.mlflow_run(cfg, job="train", tags=tags, resume_run_id=plan.run_id, title=title) as run:
         if adapting:
             adapt(cfg, encoder, inputs, run)
         module = build_module(cfg, encoder)  # after adaptation: it may freeze the (adapted) embeddings
-        if resume:
+        if plan.resumed:
             log.info("resuming %s from %s", output_dir, last)
             run.set_tag("resumed_from", last)
         else:
-            write_run_info(output_dir, run, cfg.logger.experiment_name, cfg)
+            write_run_info(output_dir, run.run_id, run.tracking_uri, cfg.logger.experiment_name, cfg)
             if cfg.train_data.get("holdout") is not None:
                 run.log_artifact(write_holdout(output_dir, cfg))
         for data in datamodule.summary():

@@ -11,7 +11,8 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from hybrid_retrieval.data.pairs import PASSAGE_TEXTS, SQUAD_HARD_NEGATIVES
+from hybrid_retrieval.data.lareqa import PASSAGE_TEXTS
+from hybrid_retrieval.data.squad import SQUAD_HARD_NEGATIVES
 from hybrid_retrieval.translation.languages import FAMILIES, LanguageError, model_language_code
 from hybrid_retrieval.translation.stage import (SourceRow, StageStats, assemble_rows, plan_units, read_input,
                                                 translate_units, write_output)

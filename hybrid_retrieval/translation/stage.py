@@ -1,10 +1,10 @@
 """The translation stage: training rows in one language -> the same rows in other languages, as training JSONL.
 
-1. :func:`read_input`: SQuAD-format JSON (one language; rows by :func:`hybrid_retrieval.data.pairs.squad_rows`)
-   or the training JSONL (checked by :func:`~hybrid_retrieval.data.pairs.from_jsonl`, so the translated file has
-   exactly the schema training reads). Errors name the file (and line) before any model is loaded.
+1. :func:`read_input`: SQuAD-format JSON (one language; rows by :func:`hybrid_retrieval.data.squad.squad_rows`)
+   or the training JSONL (checked by :func:`~hybrid_retrieval.data.jsonl_pairs.from_jsonl`, so the translated
+   file has exactly the schema training reads). Errors name the file (and line) before any model is loaded.
 2. :func:`plan_units`: the texts to translate, each once: a row's query whole, its passage and hard negative split
-   into sentences (:func:`~hybrid_retrieval.data.pairs.split_sentences`; sentence-level models translate long
+   into sentences (:func:`~hybrid_retrieval.data.sentences.split_sentences`; sentence-level models translate long
    passages badly) unless ``split_passages`` is off. Identical texts are one unit.
 3. :func:`translate_units`: per target language, every unit is looked up in the cache; the rest run through the
    model in length-sorted batches (:func:`~hybrid_retrieval.translation.translator.plan_length_batches`, planned over
@@ -27,8 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hybrid_retrieval.data.pairs import (PairRow, read_jsonl_rows, read_squad_file, split_sentences, squad_rows,
-                                         xquad_question_ids)
+from hybrid_retrieval.data.jsonl_pairs import read_jsonl_rows
+from hybrid_retrieval.data.pairs import PairRow
+from hybrid_retrieval.data.sentences import split_sentences
+from hybrid_retrieval.data.squad import read_squad_file, squad_rows, xquad_question_ids
 from hybrid_retrieval.progress import Progress
 from hybrid_retrieval.translation.languages import joiner
 
@@ -316,7 +318,7 @@ def _write_atomic(path: Path, lines: Sequence[str]) -> None:
 def write_output(path: str | os.PathLike[str], rows: Sequence[PairRow],
                  provenance: Sequence[Mapping[str, Any]]) -> tuple[Path, Path]:
     """The training JSONL (``{"group","language","query","passage"[,"hard_negative"]}``, what
-    :func:`~hybrid_retrieval.data.pairs.from_jsonl` reads) and its provenance file, each replaced atomically."""
+    :func:`~hybrid_retrieval.data.jsonl_pairs.from_jsonl` reads) and its provenance file, each replaced atomically."""
     output = Path(path).expanduser()
     lines = []
     for row in rows:

@@ -1,0 +1,168 @@
+"""A training run's folder: the names of its files, its ``run_info.json``, and what ``train.resume`` makes of a run.
+
+``<run folder>/`` holds ``checkpoints/best.ckpt`` (the best weights and the model config), ``checkpoints/last.ckpt``
+(the full training state a resume continues from), ``run_info.json`` (the MLflow run and store, the config the run
+started with and, once finished, its monitored best value), Hydra's ``.hydra/config.yaml`` and the command's
+``status.json`` (``tracking.folder_status``).
+
+:func:`plan_run` resolves ``train.resume`` once into a :class:`RunPlan` (a fresh run, or a resume from which
+checkpoint into which MLflow run); ``run.py`` makes it and hands it to ``training.train.train``. A job of a rerun
+sweep that finished before is told by :func:`finished_job`, which runs before the job writes its own status.
+No Lightning and no MLflow here: ``run.py`` reads the folder before the heavy imports.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from hybrid_retrieval.config_checks import _require
+from hybrid_retrieval.tracking import STATUS_FILE
+
+RUN_INFO = "run_info.json"
+CHECKPOINTS = "checkpoints"
+# Lightning's ModelCheckpoint takes the file name without ``.ckpt`` (callbacks.BestCheckpoint, ResumeCheckpoint).
+BEST = "best"
+LAST = "last"
+BEST_CHECKPOINT = f"{CHECKPOINTS}/{BEST}.ckpt"  # paths inside a run folder
+LAST_CHECKPOINT = f"{CHECKPOINTS}/{LAST}.ckpt"
+HYDRA_CONFIG = ".hydra/config.yaml"
+# Where error messages point a user for a trained model's checkpoint.
+BEST_CHECKPOINT_EXAMPLE = f"outputs/train/<date>/<time>/{BEST_CHECKPOINT}"
+
+
+# ------------------------------------------------------------------------------------------------ run_info.json
+
+
+def read_run_info(folder: Path) -> dict[str, Any]:
+    """A training run folder's ``run_info.json``: its MLflow run and store, starting config and, once finished, its
+    monitored best value."""
+    return json.loads((Path(folder) / RUN_INFO).read_text())
+
+
+def write_run_info(folder: Path, run_id: str, tracking_uri: str, experiment_name: str, cfg: DictConfig) -> None:
+    """What a resumed run needs to log into the same MLflow run (and a sweep's report, to find the store), and the
+    config it started with (a resume must match it)."""
+    (Path(folder) / RUN_INFO).write_text(json.dumps({"mlflow_run_id": run_id, "tracking_uri": tracking_uri,
+                                                     "experiment_name": experiment_name,
+                                                     "config": OmegaConf.to_container(cfg, resolve=False)}))
+
+
+def record_best(folder: Path, monitor: str, best: float) -> None:
+    """The finished run's result, kept in run_info.json (a rerun sweep with train.resume=auto skips the job)."""
+    info = read_run_info(folder)
+    info.update(monitor=monitor, best=best)
+    (Path(folder) / RUN_INFO).write_text(json.dumps(info))
+
+
+def saved_config(folder: Path) -> dict:
+    """The config a run started with: kept in run_info.json (Hydra rewrites .hydra/config.yaml when a job reruns in
+    the same folder), else .hydra/config.yaml (runs from before run_info kept it)."""
+    info = read_run_info(folder) if (folder / RUN_INFO).is_file() else {}
+    if "config" in info:
+        return info["config"]
+    return OmegaConf.to_container(OmegaConf.load(folder / HYDRA_CONFIG), resolve=False)
+
+
+def check_same_config(cfg: DictConfig, folder: Path) -> None:
+    """A resumed (or skipped) run continues the same experiment: its config equals this one but for ``train.resume``."""
+    saved = saved_config(folder)
+    current = OmegaConf.to_container(cfg, resolve=False)
+    for config in (saved, current):
+        config.get("train", {}).pop("resume", None)
+    differences = sorted(_differences(saved, current))
+    _require(not differences, "train.resume", "the same command as the run being resumed, plus train.resume; these "
+             f"options differ: {differences[:8]}", f"{cfg.train.get('resume')} ({folder})")
+
+
+def _differences(a: Any, b: Any, path: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out: list[str] = []
+        for key in set(a) | set(b):
+            out += _differences(a.get(key, "<missing>"), b.get(key, "<missing>"), f"{path}.{key}" if path else key)
+        return out
+    return [] if a == b else [path]
+
+
+# ------------------------------------------------------------------------------------------------ the plan
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What a training run is, resolved once from ``train.resume``: where it writes and what it continues."""
+
+    folder: Path                # the run folder: the resumed run's, else this job's
+    resumed: bool = False
+    run_id: str | None = None   # the MLflow run a resume logs into (from run_info.json)
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.folder / CHECKPOINTS
+
+    @property
+    def last_checkpoint(self) -> Path | None:
+        """The checkpoint a resume continues from; None for a fresh run."""
+        return self.folder / LAST_CHECKPOINT if self.resumed else None
+
+
+def _job_folder() -> Path:
+    from hybrid_retrieval.tracking import job_context
+
+    return Path(job_context()["output_dir"])
+
+
+def _resumable(folder: Path) -> bool:
+    return (folder / LAST_CHECKPOINT).is_file() and (folder / RUN_INFO).is_file()
+
+
+def plan_run(cfg: DictConfig) -> RunPlan:
+    """The run ``train.resume`` asks for, checked. Unset: a fresh run in this job's folder. A folder: a resume of
+    the run there, which must hold ``checkpoints/last.ckpt``, ``run_info.json`` and the composed config, that config
+    equal to this one but for ``train.resume`` (a resumed run continues the same experiment). ``last``: the newest
+    run under outputs/train with a resumable checkpoint. ``auto``: this job's own folder when it holds a resumable
+    checkpoint, else a fresh start — with a fixed ``hydra.sweep.dir``, rerunning a stopped sweep continues it
+    (finished jobs are skipped by :func:`finished_job`)."""
+    value = cfg.train.get("resume")
+    if not value:
+        return RunPlan(_job_folder())
+    if value == "auto":
+        folder = _job_folder()
+        if not _resumable(folder):
+            return RunPlan(folder)
+    elif value == "last":
+        from hydra.core.hydra_config import HydraConfig
+
+        base = Path(HydraConfig.get().runtime.cwd) if HydraConfig.initialized() else Path.cwd()
+        candidates = sorted((p.parent.parent for p in (base / "outputs" / "train").glob(f"*/*/{LAST_CHECKPOINT}")),
+                            key=lambda p: p.stat().st_mtime)
+        _require(bool(candidates), "train.resume", "a run folder; 'last' found no run with a resumable checkpoint "
+                 f"under {base / 'outputs' / 'train'}", value)
+        folder = candidates[-1]
+    else:
+        folder = Path(str(value)).expanduser()
+    for needed in (LAST_CHECKPOINT, RUN_INFO, HYDRA_CONFIG):
+        _require((folder / needed).is_file(), "train.resume", f"a run folder of run.py holding {needed} "
+                 f"(written by a run with train.checkpoint_every_n_steps, or stopped by SIGTERM/Ctrl+C)", str(value))
+    check_same_config(cfg, folder)
+    return RunPlan(folder, resumed=True, run_id=read_run_info(folder)["mlflow_run_id"])
+
+
+def finished_job(cfg: DictConfig) -> float | None:
+    """With ``train.resume=auto``: the monitored best value of this job's folder when a run there finished with the
+    same config (the job is then skipped), else None. Read before the job writes its own ``status.json``; a changed
+    command is refused here without marking the finished run's folder failed."""
+    if cfg.train.get("resume") != "auto":
+        return None
+    folder = _job_folder()
+    status = folder / STATUS_FILE
+    if not (status.is_file() and (folder / RUN_INFO).is_file()):
+        return None
+    info = read_run_info(folder)
+    if json.loads(status.read_text()).get("status") != "finished" or "best" not in info:
+        return None
+    check_same_config(cfg, folder)
+    return float(info["best"])
