@@ -25,6 +25,8 @@ batches in the same order for every configuration. Each configuration runs in a 
   ``hardware=cpu_bf16``, or what ``hardware=cpu_auto`` picks on a CPU with bf16 units.
 - ``project_fp32_sparse`` / ``project_bf16_sparse``: ``project_fp32`` / ``project_bf16`` with
   ``train.sparse_embeddings`` (the vocabulary matrix's sparse gradient and exact row-sparse AdamW).
+- ``project_fp32_sparse_distill``: ``project_fp32_sparse`` plus distillation from the starting model
+  (``loss.distill_weight=1``: a frozen copy of the model encodes every batch again, without gradients).
 - ``project_bf16_dynpad``: the same plus ``train.dynamic_padding`` (each side of the batch embedded in
   length-sorted chunks, each padded to its own longest text: the same batch, less padded work).
 - ``project_bf16_compile``: ``project_bf16`` with the backbone wrapped in ``torch.compile(dynamic=True)`` (a lead
@@ -66,7 +68,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from machine import cpu_description, peak_rss_mb  # noqa: E402 (benchmarks/machine.py)
 CONFIGS = ("st", "project_fp32_padded", "project_fp32", "st_bf16", "project_bf16_padded", "project_bf16",
-           "project_loop", "project_fp32_sparse", "project_bf16_sparse", "project_bf16_dynpad", "project_bf16_compile",
+           "project_loop", "project_fp32_sparse", "project_bf16_sparse", "project_fp32_sparse_distill",
+           "project_bf16_dynpad", "project_bf16_compile",
            "project_bf16_graphs")
 DEFAULT_CONFIGS = ("st", "project_fp32_padded", "project_fp32", "project_fp32_sparse", "st_bf16", "project_bf16_padded",
                    "project_bf16", "project_bf16_sparse")
@@ -157,6 +160,7 @@ def run_project(args: argparse.Namespace, batches: list, config: str) -> dict:
 
     from hybrid_retrieval.losses.info_nce import InfoNCELoss
     from hybrid_retrieval.training import module as module_lib
+    from hybrid_retrieval.losses.distill import InBatchDistillation
     from hybrid_retrieval.training.module import HybridRetrievalModule, OptimizerSettings
 
     model_cfg = OmegaConf.load(REPO / "conf" / "model" / "me5_small.yaml")
@@ -169,7 +173,8 @@ def run_project(args: argparse.Namespace, batches: list, config: str) -> dict:
     module = HybridRetrievalModule(encoder, InfoNCELoss(temperature=0.05),
                                    OptimizerSettings(args.lr, 0.01, 0.0, "constant"), freeze_embeddings=False,
                                    gradient_clip_val=1.0, dynamic_padding=config.endswith("_dynpad"),
-                                   sparse_embeddings=config.endswith("_sparse"))
+                                   sparse_embeddings="_sparse" in config,
+                                   distill=InBatchDistillation(1.0, 0.05) if config.endswith("_distill") else None)
     if config.endswith("_compile"):
         encoder.backbone = torch.compile(encoder.backbone, dynamic=True)
     fixed_shape = config.endswith("_graphs")
@@ -307,7 +312,7 @@ def report(args: argparse.Namespace, runs: dict[str, list[dict]], rates: dict[st
                       "show the code path, not a speed-up)")
         print(title)
         rate = rates.get(group)
-        print(f"{'configuration':<21} {'pairs/s (median)':>16} {'range':>13} {memory:>12} {'× ' + base:>10} "
+        print(f"{'configuration':<28} {'pairs/s (median)':>16} {'range':>13} {memory:>12} {'× ' + base:>10} "
               f"{'mem ×':>7} {'GFLOP/s':>8} {'real':>8}" + (f" {'real/matmul':>11}" if rate else "")
               + (f" {'MFU':>6} {'real':>6}" if args.peak_tflops else "") + f" {'mean loss':>10}")
         for config in configs:
@@ -327,7 +332,7 @@ def report(args: argparse.Namespace, runs: dict[str, list[dict]], rates: dict[st
                                "mfu": tflops / args.peak_tflops if args.peak_tflops else None,
                                "real_mfu": real / args.peak_tflops if args.peak_tflops else None}
             shown = (f"{ratio:>10.2f} {mem_ratio:>7.2f}" if ratio is not None else f"{'-':>10} {'-':>7}")
-            print(f"{config:<21} {median:>16.2f} {min(speeds):>6.2f}–{max(speeds):<6.2f} {mem:>12.0f} {shown} "
+            print(f"{config:<28} {median:>16.2f} {min(speeds):>6.2f}–{max(speeds):<6.2f} {mem:>12.0f} {shown} "
                   f"{tflops * 1e3:>8.1f} {real * 1e3:>8.1f}" + (f" {real / rate:>11.1%}" if rate else "")
                   + (f" {tflops / args.peak_tflops:>6.1%} {real / args.peak_tflops:>6.1%}" if args.peak_tflops else "")
                   + f" {loss:>10.4f}")
