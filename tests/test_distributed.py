@@ -129,7 +129,11 @@ def _assert_same(result: dict[str, Any], loss: float, grads: dict[str, torch.Ten
     assert result["loss"] == pytest.approx(loss, rel=1e-5, abs=1e-6)
     assert result["grads"].keys() == grads.keys()
     for name, grad in grads.items():
-        torch.testing.assert_close(result["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+        # A gradient such as the token-type table's sums every token of the batch; the chunked and the whole-batch
+        # runs add those terms in different orders (the packed forward gathers the real tokens of each chunk), so
+        # fp32 rounding scales with the tensor's largest entry: the absolute bound follows it (1e-6 below 0.25).
+        atol = max(1e-6, 4e-6 * float(grad.abs().max()))
+        torch.testing.assert_close(result["grads"][name], grad, rtol=1e-4, atol=atol, msg=name)
 
 
 @pytest.mark.parametrize("symmetric", [False, True])
