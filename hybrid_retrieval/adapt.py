@@ -25,7 +25,8 @@ from hybrid_retrieval.cli import check_new_folder, hydra_main, output_folder, ru
 from hybrid_retrieval.config_checks import check_device
 from hybrid_retrieval.data.fingerprint import texts_data
 from hybrid_retrieval.hardware import torch_device
-from hybrid_retrieval.models.export import SETTINGS_FILE, export_encoder
+from hybrid_retrieval.models.export import export_encoder
+from hybrid_retrieval.models.loading import SETTINGS_FILE
 
 
 def adapt(cfg: DictConfig) -> Path:

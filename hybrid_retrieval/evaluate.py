@@ -20,8 +20,8 @@ from hybrid_retrieval.config_checks import check_evaluate_config
 from hybrid_retrieval.data.fingerprint import evaluation_data
 from hybrid_retrieval.evaluation.evaluator import EvaluationResult
 from hybrid_retrieval.evaluation.index import write_rankings
-from hybrid_retrieval.evaluation.sets import (LareqaSet, describe, evaluate_set, load_evaluation_sets,
-                                              metric_values, write_reports)
+from hybrid_retrieval.evaluation.lareqa import LareqaSet
+from hybrid_retrieval.evaluation.sets import describe, evaluate_set, load_evaluation_sets, metric_values, write_reports
 from hybrid_retrieval.hardware import encode_dtype, encode_dtype_name
 
 

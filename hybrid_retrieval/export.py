@@ -17,10 +17,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from hybrid_retrieval import tracking
 from hybrid_retrieval.cli import check_new_folder, hydra_main, merge_ratio
-from hybrid_retrieval.config_checks import ConfigError, check_checkpoint_file
+from hybrid_retrieval.config_checks import ConfigError
+from hybrid_retrieval.training.run_folder import check_checkpoint_file
 from hybrid_retrieval.models.checkpoint import (TrainingCheckpoint, encoder_from_checkpoint, merge_with_start,
                                                 read_checkpoint)
-from hybrid_retrieval.models.export import SETTINGS_FILE, export_encoder, read_run_results, run_model_name
+from hybrid_retrieval.models.export import export_encoder, read_run_results, run_model_name
+from hybrid_retrieval.models.loading import SETTINGS_FILE
 from hybrid_retrieval.training.run_folder import BEST_CHECKPOINT_EXAMPLE, HYDRA_CONFIG
 
 # Parts of a run's composed config that describe how the model was trained (the card shows these).

@@ -13,7 +13,7 @@ best remaining candidate becomes the row's ``hard_negative``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 

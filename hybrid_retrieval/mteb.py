@@ -24,7 +24,8 @@ from hybrid_retrieval import tracking
 from hybrid_retrieval.cli import hydra_main
 from hybrid_retrieval.config_checks import ConfigError, check_device, check_hardware, check_logger, check_model
 from hybrid_retrieval.data.sources import OFFLINE_ENV
-from hybrid_retrieval.models.export import folder_matryoshka, run_model_name
+from hybrid_retrieval.models.export import run_model_name
+from hybrid_retrieval.models.loading import folder_matryoshka
 from hybrid_retrieval.training.run_folder import CHECKPOINTS, RUN_INFO
 
 RUN_MARKERS = (RUN_INFO, ".hydra", CHECKPOINTS, "metrics.json")

@@ -17,7 +17,8 @@ from omegaconf import OmegaConf
 
 from hybrid_retrieval.models.checkpoint import CheckpointError, load_checkpoint_encoder
 from hybrid_retrieval.models.encoder import Encoder, ModelNotFoundError, cosine, load_encoder
-from hybrid_retrieval.models.export import SETTINGS_FILE, export_encoder
+from hybrid_retrieval.models.export import export_encoder
+from hybrid_retrieval.models.loading import SETTINGS_FILE
 
 # Latin (en, de, vi), Cyrillic, Arabic, Han, Thai, Devanagari, Hangul.
 SENTENCES = [

@@ -45,7 +45,8 @@ HUB_ENV = ("HF_ENDPOINT", "HF_HOME", "HF_HUB_CACHE", "HF_HUB_OFFLINE", "TRANSFOR
 CHILD = r"""
 import json, sys
 import numpy as np
-from hybrid_retrieval.models.encoder import ModelNotFoundError, load_encoder, resolve_hub_folder
+from hybrid_retrieval.models.encoder import load_encoder
+from hybrid_retrieval.models.loading import ModelNotFoundError, resolve_hub_folder
 
 action, checkpoint, out = sys.argv[1], sys.argv[2], sys.argv[3]
 result = {}
@@ -192,7 +193,8 @@ def run_child(action: str, checkpoint: str, env: dict[str, str], out: Path, *arg
 
 def test_hub_model_is_downloaded_once_then_read_from_the_cache(tmp_path: Path, hub: FakeHub,
                                                                  tiny_model_dir: Path) -> None:
-    from hybrid_retrieval.models.encoder import hub_files_to_fetch, load_encoder
+    from hybrid_retrieval.models.encoder import load_encoder
+    from hybrid_retrieval.models.loading import hub_files_to_fetch
 
     hf_home = tmp_path / "hf"
     env = hub_env(hub.endpoint, hf_home)

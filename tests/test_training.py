@@ -19,7 +19,8 @@ from hybrid_retrieval.config_checks import ConfigError, check_train_config
 from hybrid_retrieval.data.lareqa import load_split
 from hybrid_retrieval.data.pairs import from_lareqa
 from hybrid_retrieval.evaluation.evaluator import evaluate_encoder
-from hybrid_retrieval.evaluation.sets import EvaluationSet, LareqaSet, monitor_keys
+from hybrid_retrieval.evaluation.lareqa import LareqaSet
+from hybrid_retrieval.evaluation.sets import EvaluationSet, monitor_keys
 from hybrid_retrieval.losses.info_nce import InfoNCELoss
 from hybrid_retrieval.training.callbacks import BestCheckpoint
 from hybrid_retrieval.training.datamodule import HybridDataModule

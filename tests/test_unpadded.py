@@ -109,9 +109,9 @@ def test_contrastive_gradients_equal_padded(tiny_encoder: Encoder, checkpointing
 def _tiny_xlmr(me5_small_dir: Path) -> Encoder:
     from transformers import XLMRobertaConfig, XLMRobertaModel
 
-    from hybrid_retrieval.models.encoder import _load_tokenizer
+    from hybrid_retrieval.models.loading import load_tokenizer
 
-    tokenizer = _load_tokenizer(str(me5_small_dir))
+    tokenizer = load_tokenizer(str(me5_small_dir))
     config = XLMRobertaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                               intermediate_size=64, max_position_embeddings=130, pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(0)
@@ -152,9 +152,9 @@ def test_cls_pooling_equal_padded(me5_small_dir: Path) -> None:
 def _distilbert(me5_small_dir: Path) -> Encoder:
     from transformers import DistilBertConfig, DistilBertModel
 
-    from hybrid_retrieval.models.encoder import _load_tokenizer
+    from hybrid_retrieval.models.loading import load_tokenizer
 
-    tokenizer = _load_tokenizer(str(me5_small_dir))
+    tokenizer = load_tokenizer(str(me5_small_dir))
     config = DistilBertConfig(vocab_size=len(tokenizer), dim=32, n_layers=1, n_heads=2, hidden_dim=64,
                               pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(0)

@@ -149,7 +149,7 @@ def _fail(path: Path, field: str, expected: str, value: Any) -> DataFormatError:
     return DataFormatError(f"{path}: field {field}: expected {expected}, got {shown}")
 
 
-def _get(obj: Any, key: str, kind: type | tuple[type, ...], path: Path, field: str, expected: str) -> Any:
+def get_field(obj: Any, key: str, kind: type | tuple[type, ...], path: Path, field: str, expected: str) -> Any:
     if not isinstance(obj, dict):
         parent = field.rsplit(".", 1)[0] if "." in field else "(top level)"
         raise _fail(path, parent, "an object", obj)
@@ -163,17 +163,17 @@ def _get(obj: Any, key: str, kind: type | tuple[type, ...], path: Path, field: s
 
 
 def _parse(raw: Any, path: Path, language: str) -> LanguageFile:
-    data = _get(raw, "data", list, path, "data", "a list of articles")
+    data = get_field(raw, "data", list, path, "data", "a list of articles")
     paragraphs: list[Paragraph] = []
     questions: list[Question] = []
     seen: set[str] = set()
     for a, article in enumerate(data):
         where_a = f"data[{a}]"
-        for p, para in enumerate(_get(article, "paragraphs", list, path, f"{where_a}.paragraphs", "a list")):
+        for p, para in enumerate(get_field(article, "paragraphs", list, path, f"{where_a}.paragraphs", "a list")):
             where = f"{where_a}.paragraphs[{p}]"
-            context = _get(para, "context", str, path, f"{where}.context", "a string")
-            sentences = _get(para, "sentences", list, path, f"{where}.sentences", "a list of strings")
-            breaks = _get(para, "sentence_breaks", list, path, f"{where}.sentence_breaks", "a list of [start, end]")
+            context = get_field(para, "context", str, path, f"{where}.context", "a string")
+            sentences = get_field(para, "sentences", list, path, f"{where}.sentences", "a list of strings")
+            breaks = get_field(para, "sentence_breaks", list, path, f"{where}.sentence_breaks", "a list of [start, end]")
             if len(breaks) != len(sentences):
                 raise DataFormatError(
                     f"{path}: field {where}.sentence_breaks has {len(breaks)} spans but {where}.sentences has "
@@ -192,15 +192,15 @@ def _parse(raw: Any, path: Path, language: str) -> LanguageFile:
                     raise _fail(path, f"{where}.sentence_breaks[{s}]", "[start, end] integers", span)
                 spans.append((span[0], span[1]))
             paragraph_index = len(paragraphs)
-            for q, qa in enumerate(_get(para, "qas", list, path, f"{where}.qas", "a list of questions")):
+            for q, qa in enumerate(get_field(para, "qas", list, path, f"{where}.qas", "a list of questions")):
                 where_q = f"{where}.qas[{q}]"
-                qid = _get(qa, "id", str, path, f"{where_q}.id", "a string")
-                text = _get(qa, "question", str, path, f"{where_q}.question", "a string")
-                answers = _get(qa, "answers", list, path, f"{where_q}.answers", "a non-empty list")
+                qid = get_field(qa, "id", str, path, f"{where_q}.id", "a string")
+                text = get_field(qa, "question", str, path, f"{where_q}.question", "a string")
+                answers = get_field(qa, "answers", list, path, f"{where_q}.answers", "a non-empty list")
                 if not answers:
                     raise _fail(path, f"{where_q}.answers", "a non-empty list", answers)
-                answer_text = _get(answers[0], "text", str, path, f"{where_q}.answers[0].text", "a string")
-                start = _get(answers[0], "answer_start", int, path, f"{where_q}.answers[0].answer_start", "an int")
+                answer_text = get_field(answers[0], "text", str, path, f"{where_q}.answers[0].text", "a string")
+                start = get_field(answers[0], "answer_start", int, path, f"{where_q}.answers[0].answer_start", "an int")
                 if qid in seen:
                     raise DataFormatError(f"{path}: field {where_q}.id: question id {qid!r} occurs twice")
                 seen.add(qid)

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from hybrid_retrieval.data.jsonl import json_objects
 from hybrid_retrieval.data.sources import (
-    DATA_ENV, VERIFY_ENV, DataChecksumError, DataNotFoundError, _cached_sha256, _offline, _verify_enabled,
+    DATA_ENV, VERIFY_ENV, DataChecksumError, DataNotFoundError, cached_sha256, offline, verify_enabled,
     default_cache_dir, sort_out_languages,
 )
 
@@ -224,7 +224,7 @@ def find_topics_dir(root: str | os.PathLike[str] | None, languages: Sequence[str
 
 def _verify(path: Path, expected: str) -> None:
     stat = path.stat()
-    actual = _cached_sha256(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    actual = cached_sha256(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
     if actual != expected:
         raise DataChecksumError(f"{path}: sha256 is {actual}, expected {expected} (edited or another version of "
                                 f"the MIRACL v1.0 dev file). Set {VERIFY_ENV}=0 to use an edited copy.")
@@ -253,7 +253,7 @@ def load_language(language: str, root: str | os.PathLike[str] | None = None, spl
         raise ValueError(f"dataset.split={split!r}: expected one of {SPLITS}")
     folder = find_topics_dir(root, [language], split)
     topics_path, qrels_path = folder / topics_filename(language, split), folder / qrels_filename(language, split)
-    if split == "dev" and _verify_enabled(verify):
+    if split == "dev" and verify_enabled(verify):
         _verify(topics_path, DEV_SHA256[language][0])
         _verify(qrels_path, DEV_SHA256[language][1])
     topics, qrels = read_topics(topics_path), read_qrels(qrels_path)
@@ -400,8 +400,8 @@ def corpus_dir(language: str, corpus_root: str | os.PathLike[str] | None = None,
         if folder is not None:
             return folder
         looked.append(f"{label} ({base})")
-    offline = _offline() or os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
-    allowed = (not offline) if download is None else download
+    no_network = offline() or os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+    allowed = (not no_network) if download is None else download
     if allowed:
         try:
             return _download_corpus(language, cache)

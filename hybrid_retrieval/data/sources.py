@@ -197,7 +197,7 @@ def _sha256(path: Path) -> str:
 
 
 @lru_cache(maxsize=256)
-def _cached_sha256(path_str: str, mtime_ns: int, size: int) -> str:
+def cached_sha256(path_str: str, mtime_ns: int, size: int) -> str:
     # mtime and size in the key: an edited file is hashed again.
     return _sha256(Path(path_str))
 
@@ -213,7 +213,7 @@ def _verify(folder: Path, source: DatasetSource, languages: Sequence[str]) -> No
     for language in languages:
         path = (folder / source.filename(language)).resolve()
         stat = path.stat()
-        actual = _cached_sha256(str(path), stat.st_mtime_ns, stat.st_size)
+        actual = cached_sha256(str(path), stat.st_mtime_ns, stat.st_size)
         expected = source.sha256[language]
         if actual != expected:
             other = _known_files().get(actual)
@@ -224,7 +224,7 @@ def _verify(folder: Path, source: DatasetSource, languages: Sequence[str]) -> No
             )
 
 
-def _verify_enabled(verify: bool | None) -> bool:
+def verify_enabled(verify: bool | None) -> bool:
     if verify is not None:
         return verify
     return os.environ.get(VERIFY_ENV, "").strip().lower() not in {"0", "false", "no", "off"}
@@ -253,7 +253,7 @@ def _download(url: str, target: Path, expected_sha256: str, timeout: float) -> N
         tmp.unlink(missing_ok=True)
 
 
-def _offline() -> bool:
+def offline() -> bool:
     return os.environ.get(OFFLINE_ENV, "").strip().lower() in {"1", "true", "yes", "on"}
 
 
@@ -279,7 +279,7 @@ def resolve_dataset_dir(
     wanted = check_languages(name, languages)
 
     def checked(folder: Path) -> Path:
-        if _verify_enabled(verify):
+        if verify_enabled(verify):
             _verify(folder, source, wanted)
         return folder
 
@@ -323,7 +323,7 @@ def resolve_dataset_dir(
         return checked(cache_folder)
     looked.append(f"cache {cache_folder} (missing {', '.join(missing)})")
 
-    allowed = (not _offline()) if download is None else download
+    allowed = (not offline()) if download is None else download
     if not allowed:
         looked.append(f"download (disabled by download=False or ${OFFLINE_ENV})")
     else:

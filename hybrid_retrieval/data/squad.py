@@ -18,7 +18,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from hybrid_retrieval.data.lareqa import DataFormatError, Paragraph, _get, sha1_order
+from hybrid_retrieval.data.lareqa import DataFormatError, Paragraph, get_field, sha1_order
 from hybrid_retrieval.data.pairs import PairRow, ParallelPairs, check_reader_options, question_rows
 from hybrid_retrieval.data.sentences import sentence_spans
 from hybrid_retrieval.data.sources import DATA_ENV, DataNotFoundError, resolve_dataset_dir
@@ -93,7 +93,7 @@ def _nearest_occurrence(context: str, text: str, position: int) -> int | None:
 
 
 def _parse_squad(raw: Any, path: Path, language: str, exclude: frozenset[str]) -> SquadFile:
-    data = _get(raw, "data", list, path, "data", "a list of articles")
+    data = get_field(raw, "data", list, path, "data", "a list of articles")
     paragraphs: list[Paragraph] = []
     questions: list[SquadQuestion] = []
     unanswered: list[str] = []
@@ -101,24 +101,24 @@ def _parse_squad(raw: Any, path: Path, language: str, exclude: frozenset[str]) -
     dropped_paragraphs = dropped_questions = 0
     for a, article in enumerate(data):
         where_a = f"data[{a}]"
-        for p, para in enumerate(_get(article, "paragraphs", list, path, f"{where_a}.paragraphs", "a list")):
+        for p, para in enumerate(get_field(article, "paragraphs", list, path, f"{where_a}.paragraphs", "a list")):
             where = f"{where_a}.paragraphs[{p}]"
-            context = _get(para, "context", str, path, f"{where}.context", "a string")
-            qas = _get(para, "qas", list, path, f"{where}.qas", "a list of questions")
+            context = get_field(para, "context", str, path, f"{where}.context", "a string")
+            qas = get_field(para, "qas", list, path, f"{where}.qas", "a list of questions")
             parsed: list[tuple[str, str, int | None, str]] = []  # (id, question, answer start, answer text)
             for q, qa in enumerate(qas):
                 where_q = f"{where}.qas[{q}]"
-                qid = _get(qa, "id", str, path, f"{where_q}.id", "a string")
-                text = _get(qa, "question", str, path, f"{where_q}.question", "a string")
-                answers = _get(qa, "answers", list, path, f"{where_q}.answers", "a list of answers")
+                qid = get_field(qa, "id", str, path, f"{where_q}.id", "a string")
+                text = get_field(qa, "question", str, path, f"{where_q}.question", "a string")
+                answers = get_field(qa, "answers", list, path, f"{where_q}.answers", "a list of answers")
                 if qid in seen:
                     raise DataFormatError(f"{path}: field {where_q}.id: question id {qid!r} occurs twice")
                 seen.add(qid)
                 chosen: tuple[int, str] | None = None
                 for i, answer in enumerate(answers):
                     field = f"{where_q}.answers[{i}]"
-                    answer_text = _get(answer, "text", str, path, f"{field}.text", "a string")
-                    start = _get(answer, "answer_start", int, path, f"{field}.answer_start", "an int")
+                    answer_text = get_field(answer, "text", str, path, f"{field}.text", "a string")
+                    start = get_field(answer, "answer_start", int, path, f"{field}.answer_start", "an int")
                     if start >= len(context):
                         raise DataFormatError(
                             f"{path}: question {qid!r}: field {field}.answer_start={start} lies outside every "
@@ -212,10 +212,10 @@ def _read_question_ids(path_str: str, mtime_ns: int, size: int) -> frozenset[str
     path = Path(path_str)
     raw = _read_json(path)
     ids: set[str] = set()
-    for a, article in enumerate(_get(raw, "data", list, path, "data", "a list of articles")):
-        for p, para in enumerate(_get(article, "paragraphs", list, path, f"data[{a}].paragraphs", "a list")):
-            for q, qa in enumerate(_get(para, "qas", list, path, f"data[{a}].paragraphs[{p}].qas", "a list")):
-                ids.add(_get(qa, "id", str, path, f"data[{a}].paragraphs[{p}].qas[{q}].id", "a string"))
+    for a, article in enumerate(get_field(raw, "data", list, path, "data", "a list of articles")):
+        for p, para in enumerate(get_field(article, "paragraphs", list, path, f"data[{a}].paragraphs", "a list")):
+            for q, qa in enumerate(get_field(para, "qas", list, path, f"data[{a}].paragraphs[{p}].qas", "a list")):
+                ids.add(get_field(qa, "id", str, path, f"data[{a}].paragraphs[{p}].qas[{q}].id", "a string"))
     return frozenset(ids)
 
 

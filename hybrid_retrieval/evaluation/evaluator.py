@@ -12,16 +12,15 @@ can be evaluated; :func:`evaluate_encoder` encodes a LAReQA split first.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
 from hybrid_retrieval.evaluation.metrics import BIAS_METRICS, RANKING_METRICS, own_language_first, per_query_metrics
 from hybrid_retrieval.evaluation.ranks import relevant_ranks
+from hybrid_retrieval.evaluation.result import NOT_SAVED, RetrievalResult
 
 SETTINGS = ("mono", "cross", "multi")
 # Metrics each setting reports (rank distance needs several languages in one ranking).
@@ -34,36 +33,13 @@ TABLE_METRICS = (*RANKING_METRICS, *BIAS_METRICS)
 
 
 @dataclass
-class EvaluationResult:
+class EvaluationResult(RetrievalResult):
     """Macro averages per setting, plus the per-language (per-pair) values they average."""
 
-    summary: dict[str, dict[str, float]]
-    per_language: dict[str, dict[str, dict[str, float]]]  # setting -> "en" or "en-de" -> metric -> value
     timings: dict[str, float] = field(default_factory=dict)
-    # Embeddings the result was computed from, when they were computed here (not serialised).
-    query_emb: np.ndarray | None = field(default=None, repr=False)
-    candidate_emb: np.ndarray | None = field(default=None, repr=False)
-
-    def flat(self, prefix: str = "") -> dict[str, float]:
-        """Metric names valid for MLflow: ``mono/map``, ``cross/en-de/map``, ``multi/rank_distance``..."""
-        out = {f"{prefix}{s}/{m}": v for s, values in self.summary.items() for m, v in values.items()}
-        for setting, groups in self.per_language.items():
-            for group, values in groups.items():
-                out.update({f"{prefix}{setting}/{group}/{m}": v for m, v in values.items()})
-        return out
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"summary": self.summary, "per_language": self.per_language, "timings": self.timings}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> EvaluationResult:
-        return cls(summary=data["summary"], per_language=data["per_language"], timings=dict(data.get("timings", {})))
-
-    def save_json(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True))
-        return path
+    # Embeddings the result was computed from, when they were computed here (not saved).
+    query_emb: np.ndarray | None = field(default=None, repr=False, metadata=NOT_SAVED)
+    candidate_emb: np.ndarray | None = field(default=None, repr=False, metadata=NOT_SAVED)
 
     def cross_matrix(self, languages: Sequence[str], metric: str = "map") -> np.ndarray:
         """(query language x candidate language) values; the diagonal holds the monolingual ones."""

@@ -27,7 +27,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -37,6 +37,7 @@ from hybrid_retrieval.evaluation.index import (
     IndexConfigError, build_index, load_index, read_manifest, resolve_index_spec, save_index,
 )
 from hybrid_retrieval.evaluation.ir import METRICS, evaluate_run, mean_metrics, run_from_arrays, write_run
+from hybrid_retrieval.evaluation.result import NOT_SAVED, RetrievalResult
 from hybrid_retrieval.evaluation.sets import EvaluationSet
 
 __all__ = ["LOWER_IS_BETTER", "SETTING", "SUMMARY_METRICS", "MiraclResult", "MiraclSet", "check_config", "load_set"]
@@ -110,34 +111,16 @@ def check_config(dataset: Any) -> None:
 
 
 @dataclass
-class MiraclResult:
+class MiraclResult(RetrievalResult):
     """Macro averages (``summary``), per-language means (``per_language``), per-topic values and the runs."""
 
-    summary: dict[str, dict[str, float]]
-    per_language: dict[str, dict[str, dict[str, float]]]
     counts: dict[str, dict[str, int]]  # language -> topics, passages, judged passages not in the corpus
     per_topic: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict, repr=False)
     timings: dict[str, float] = field(default_factory=dict)
-    runs: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict, repr=False)  # not serialised
+    runs: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict, repr=False, metadata=NOT_SAVED)
     notes: list[str] = field(default_factory=list)
 
-    def flat(self, prefix: str = "") -> dict[str, float]:
-        """MLflow names: ``mono/ndcg_at_10``, ``mono/sw/recall_at_100``, ... after `prefix`."""
-        out = {f"{prefix}{s}/{m}": v for s, values in self.summary.items() for m, v in values.items()}
-        for setting, languages in self.per_language.items():
-            for language, values in languages.items():
-                out.update({f"{prefix}{setting}/{language}/{m}": v for m, v in values.items()})
-        return out
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"summary": self.summary, "per_language": self.per_language, "counts": self.counts,
-                "per_topic": self.per_topic, "timings": self.timings, "notes": self.notes}
-
-    def save_json(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=1, sort_keys=True), encoding="utf-8")
-        return path
+    json_indent: ClassVar[int] = 1  # per-topic values of thousands of topics
 
     def table(self) -> str:
         """One row per language, then the macro average."""

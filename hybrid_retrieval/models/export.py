@@ -18,28 +18,19 @@ import json
 import os
 import shutil
 import tempfile
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from hybrid_retrieval.models.encoder import Encoder, _dense_linear, _quiet_transformers, _save_dense
+from hybrid_retrieval.models.dense import dense_linear, save_dense
+from hybrid_retrieval.models.encoder import Encoder
+from hybrid_retrieval.models.loading import SETTINGS_FILE, SETTINGS_FORMAT, quiet_transformers
 
-__all__ = ["SETTINGS_FILE", "TOKENIZER_FILES", "check_tokenizer_files", "encoder_settings", "export_encoder",
-           "folder_matryoshka", "folder_settings", "merge_folder_settings", "read_run_results", "render_model_card",
-           "run_model_name"]
+__all__ = ["encoder_settings", "export_encoder", "read_run_results", "render_model_card", "run_model_name"]
 
-SETTINGS_FILE = "hybrid_retrieval.json"
-SETTINGS_FORMAT = 1
 DENSE_FOLDER = "2_Dense"
-# Any one of these is a complete tokenizer for AutoTokenizer (tokenizer_config.json alone is not).
-TOKENIZER_FILES = ("tokenizer.json", "sentencepiece.bpe.model", "spiece.model", "tokenizer.model", "vocab.txt",
-                   "vocab.json")
-# Settings that hybrid_retrieval.json fixes for a folder; a config's differing values are overridden.
-SETTING_KEYS = ("name", "pooling", "normalize", "dense", "query_prefix", "passage_prefix", "max_query_length",
-                "max_passage_length")
 
 
 def _activation_name(dense: nn.Module) -> str:
@@ -51,7 +42,7 @@ def encoder_settings(encoder: Encoder) -> dict[str, Any]:
     """The settings that rebuild `encoder` around its weights (what ``hybrid_retrieval.json`` holds)."""
     dense = None
     if encoder.dense is not None:
-        linear = _dense_linear(encoder.dense)
+        linear = dense_linear(encoder.dense)
         dense = {"folder": DENSE_FOLDER, "out_features": int(linear.out_features),
                  "activation": _activation_name(encoder.dense), "bias": linear.bias is not None}
     return {
@@ -64,63 +55,6 @@ def encoder_settings(encoder: Encoder) -> dict[str, Any]:
         "max_query_length": encoder.max_lengths["query"],
         "max_passage_length": encoder.max_lengths["passage"],
     }
-
-
-def check_tokenizer_files(folder: Path, option: str = "model.path") -> None:
-    """Raise a clear error when `folder` holds a model but no tokenizer (a bare ``backbone.save_pretrained``)."""
-    from hybrid_retrieval.models.encoder import ModelNotFoundError
-
-    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
-        raise ModelNotFoundError(
-            f"{option}={str(folder)!r} has no tokenizer: none of {', '.join(TOKENIZER_FILES)} is in the folder. "
-            "Copy the tokenizer files of the base model into it, or export the model with "
-            "`python -m hybrid_retrieval.export` (which writes them)."
-        )
-
-
-def folder_settings(folder: Path) -> dict[str, Any] | None:
-    """The settings in ``<folder>/hybrid_retrieval.json``; None for a folder without one (a plain hub copy)."""
-    file = folder / SETTINGS_FILE
-    if not file.is_file():
-        return None
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{file}: not valid JSON ({err}); expected the settings written by export_encoder") from err
-    if not isinstance(data, Mapping) or not isinstance(data.get("encoder"), Mapping):
-        raise ValueError(f"{file}: expected an object with an 'encoder' object (the settings written by "
-                         "export_encoder)")
-    if data.get("format") != SETTINGS_FORMAT:
-        raise ValueError(f"{file}: format {data.get('format')!r} is not supported; expected {SETTINGS_FORMAT}")
-    unknown = set(data["encoder"]) - set(SETTING_KEYS)
-    if unknown:
-        raise ValueError(f"{file}: unknown encoder settings {sorted(unknown)}; expected keys among {SETTING_KEYS}")
-    return dict(data["encoder"])
-
-
-def _comparable(key: str, value: Any, saved: Any) -> Any:
-    if key == "dense" and isinstance(value, Mapping):
-        # A config may leave out keys that have defaults; "torch.nn.modules.activation.Tanh" == "tanh".
-        out_features = value.get("out_features", saved.get("out_features") if isinstance(saved, Mapping) else None)
-        return {"folder": value.get("folder"), "out_features": out_features,
-                "activation": str(value.get("activation", "tanh")).rsplit(".", 1)[-1].lower(),
-                "bias": bool(value.get("bias", True))}
-    return value
-
-
-def merge_folder_settings(folder: Path, config: Mapping[str, Any]) -> dict[str, Any]:
-    """`config` with the settings of ``<folder>/hybrid_retrieval.json`` on top; warns naming the keys that
-    differed (the folder's weights were trained with its own settings, so those win)."""
-    saved = folder_settings(folder)
-    if saved is None:
-        return dict(config)
-    differing = [k for k in SETTING_KEYS if k in saved and k in config
-                 and _comparable(k, saved[k], saved[k]) != _comparable(k, config[k], saved[k])]
-    if differing:
-        detail = ", ".join(f"{k}: {config[k]!r} -> {saved[k]!r}" for k in differing)
-        warnings.warn(f"model.path={str(folder)!r}: its {SETTINGS_FILE} overrides the model config for "
-                      f"{', '.join(differing)} ({detail})", UserWarning, stacklevel=3)
-    return {**config, **{k: saved[k] for k in SETTING_KEYS if k in saved}}
 
 
 # ------------------------------------------------------------------------------------------ sentence-transformers
@@ -154,7 +88,7 @@ def _sentence_transformers_files(encoder: Encoder, folder: Path) -> None:
                "pooling_mode_mean_sqrt_len_tokens": False}
     _write_json(folder / "1_Pooling" / "config.json", pooling)
     if encoder.dense is not None:
-        _save_dense(encoder.dense, folder / DENSE_FOLDER)
+        save_dense(encoder.dense, folder / DENSE_FOLDER)
         config_file = folder / DENSE_FOLDER / "config.json"
         config = json.loads(config_file.read_text(encoding="utf-8"))
         activation = encoder.dense[1] if isinstance(encoder.dense, nn.Sequential) and len(encoder.dense) > 1 \
@@ -413,14 +347,6 @@ def _write_json(path: Path, value: Any) -> None:
     path.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def folder_matryoshka(folder: Path) -> dict[str, Any]:
-    """``{"matryoshka_dims", "truncate_dim", "model_name"}`` recorded in ``<folder>/hybrid_retrieval.json`` (None
-    each when absent)."""
-    file = Path(folder) / SETTINGS_FILE
-    data = json.loads(file.read_text(encoding="utf-8")) if file.is_file() else {}
-    return {key: data.get(key) for key in ("matryoshka_dims", "truncate_dim", "model_name")}
-
-
 def export_encoder(encoder: Encoder, folder: str | Path, card: Mapping[str, Any] | None = None,
                    overwrite: bool = False) -> Path:
     """Write `encoder` as a transformers + sentence-transformers + hybrid_retrieval folder at `folder`.
@@ -439,7 +365,7 @@ def export_encoder(encoder: Encoder, folder: str | Path, card: Mapping[str, Any]
     # A sibling, so the final rename stays on one file system (and is atomic there).
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             encoder.backbone.save_pretrained(str(tmp))
             encoder.tokenizer.save_pretrained(str(tmp))
         _sentence_transformers_files(encoder, tmp)

@@ -226,8 +226,10 @@ class TrainingProgress(pl.Callback):
     ``pairs/s`` field; in logs and CI (no terminal) a line every N seconds replaces the bar
     (:mod:`hybrid_retrieval.progress`)."""
 
-    def __init__(self, on_terminal: bool) -> None:
-        self.on_terminal = on_terminal
+    def __init__(self, on_terminal: bool | None = None) -> None:
+        from hybrid_retrieval.progress import on_terminal as stdout_is_terminal
+
+        self.on_terminal = stdout_is_terminal() if on_terminal is None else on_terminal
         self.progress: Any = None
         self.started = 0.0
         self.pairs = 0

@@ -20,7 +20,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from hybrid_retrieval.config_checks import _require
+from hybrid_retrieval.config_error import ConfigError, require
 from hybrid_retrieval.tracking import STATUS_FILE
 
 RUN_INFO = "run_info.json"
@@ -33,6 +33,15 @@ LAST_CHECKPOINT = f"{CHECKPOINTS}/{LAST}.ckpt"
 HYDRA_CONFIG = ".hydra/config.yaml"
 # Where error messages point a user for a trained model's checkpoint.
 BEST_CHECKPOINT_EXAMPLE = f"outputs/train/<date>/<time>/{BEST_CHECKPOINT}"
+
+
+def check_checkpoint_file(value: Any, option: str = "checkpoint") -> Path:
+    """``checkpoint=``: an existing file (read and checked in full by ``models.checkpoint.read_checkpoint``)."""
+    path = Path(str(value)).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"{option}={str(value)!r}: file does not exist; expected a checkpoint written by run.py "
+                          f"({BEST_CHECKPOINT_EXAMPLE})")
+    return path
 
 
 # ------------------------------------------------------------------------------------------------ run_info.json
@@ -74,8 +83,10 @@ def check_same_config(cfg: DictConfig, folder: Path) -> None:
     current = OmegaConf.to_container(cfg, resolve=False)
     for config in (saved, current):
         config.get("train", {}).pop("resume", None)
+    if "callbacks" not in saved:  # a run started before conf/callbacks existed: its callbacks were the default ones
+        current.pop("callbacks", None)
     differences = sorted(_differences(saved, current))
-    _require(not differences, "train.resume", "the same command as the run being resumed, plus train.resume; these "
+    require(not differences, "train.resume", "the same command as the run being resumed, plus train.resume; these "
              f"options differ: {differences[:8]}", f"{cfg.train.get('resume')} ({folder})")
 
 
@@ -139,13 +150,13 @@ def plan_run(cfg: DictConfig) -> RunPlan:
         base = Path(HydraConfig.get().runtime.cwd) if HydraConfig.initialized() else Path.cwd()
         candidates = sorted((p.parent.parent for p in (base / "outputs" / "train").glob(f"*/*/{LAST_CHECKPOINT}")),
                             key=lambda p: p.stat().st_mtime)
-        _require(bool(candidates), "train.resume", "a run folder; 'last' found no run with a resumable checkpoint "
+        require(bool(candidates), "train.resume", "a run folder; 'last' found no run with a resumable checkpoint "
                  f"under {base / 'outputs' / 'train'}", value)
         folder = candidates[-1]
     else:
         folder = Path(str(value)).expanduser()
     for needed in (LAST_CHECKPOINT, RUN_INFO, HYDRA_CONFIG):
-        _require((folder / needed).is_file(), "train.resume", f"a run folder of run.py holding {needed} "
+        require((folder / needed).is_file(), "train.resume", f"a run folder of run.py holding {needed} "
                  f"(written by a run with train.checkpoint_every_n_steps, or stopped by SIGTERM/Ctrl+C)", str(value))
     check_same_config(cfg, folder)
     return RunPlan(folder, resumed=True, run_id=read_run_info(folder)["mlflow_run_id"])

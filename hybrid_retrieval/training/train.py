@@ -9,6 +9,8 @@ that ran, and the best weights are exported to ``<run folder>/model/``.
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import logging
 import math
 from pathlib import Path
@@ -26,8 +28,7 @@ from hybrid_retrieval.hardware import (encode_dtype, encode_dtype_name, set_atte
                                        uses_gpu)
 from hybrid_retrieval.losses.matryoshka import instantiate_loss
 from hybrid_retrieval.models.export import read_run_results, run_model_name
-from hybrid_retrieval.training.callbacks import (BatchLog, BestCheckpoint, ResumeCheckpoint, TrackedRunLogger,
-                                                 TrainingProgress)
+from hybrid_retrieval.training.callbacks import BatchLog, BestCheckpoint, ResumeCheckpoint, TrackedRunLogger
 from hybrid_retrieval.training.datamodule import HybridDataModule
 from hybrid_retrieval.training.inputs import TrainingInputs, load_training_inputs
 from hybrid_retrieval.training.module import EvaluationSettings, HybridRetrievalModule, OptimizerSettings
@@ -92,23 +93,34 @@ def build_module(cfg: DictConfig, encoder: Any = None) -> HybridRetrievalModule:
         sparse_embeddings=bool(cfg.train.get("sparse_embeddings", False)))
 
 
+def build_callbacks(cfg: DictConfig, output_dir: Path) -> list[pl.Callback]:
+    """The callbacks of ``conf/callbacks`` (each entry with a ``_target_``; one whose constructor takes
+    ``run_folder`` gets the run folder), then the batch log when ``train.log_batches`` is set."""
+    callbacks: list[pl.Callback] = []
+    for node in (cfg.get("callbacks") or {}).values():
+        if node is None or "_target_" not in node:
+            continue
+        factory = instantiate(node, _partial_=True)
+        takes_folder = "run_folder" in inspect.signature(factory.func).parameters
+        callbacks.append(factory(run_folder=output_dir) if takes_folder else factory())
+    if cfg.train.get("log_batches"):
+        callbacks.append(BatchLog(output_dir / "batches"))
+    return callbacks
+
+
 def build_trainer(cfg: DictConfig, run: tracking.TrackedRun | None, checkpoint: BestCheckpoint,
                   output_dir: Path) -> pl.Trainer:
-    from pytorch_lightning.callbacks import LearningRateMonitor
+    """Lightning's trainer: the run's own checkpoints (best by ``train.monitor``, resumable every
+    ``train.checkpoint_every_n_steps``), the callbacks of the config, the MLflow logger."""
+    from hybrid_retrieval.progress import on_terminal
 
     options = OmegaConf.to_container(cfg.trainer, resolve=True)
     if cfg.train.get("grad_cache_chunk"):
         options["gradient_clip_val"] = None  # the module clips: it steps the optimiser itself
-    resumable = ResumeCheckpoint(output_dir / CHECKPOINTS, cfg.train.get("checkpoint_every_n_steps"))
-    from hybrid_retrieval.progress import on_terminal
-
-    terminal = on_terminal()
-    if not terminal:  # logs and CI: a line every N seconds instead of a bar redrawn with carriage returns
+    if not on_terminal():  # logs and CI: a line every N seconds (TrainingProgress) instead of a redrawn bar
         options["enable_progress_bar"] = False
-    callbacks: list[pl.Callback] = [checkpoint, resumable, LearningRateMonitor(logging_interval="step"),
-                                    TrainingProgress(terminal)]
-    if cfg.train.get("log_batches"):
-        callbacks.append(BatchLog(output_dir / "batches"))
+    resumable = ResumeCheckpoint(output_dir / CHECKPOINTS, cfg.train.get("checkpoint_every_n_steps"))
+    callbacks = [checkpoint, resumable, *build_callbacks(cfg, output_dir)]
     return pl.Trainer(
         accelerator=cfg.hardware.accelerator, devices=cfg.hardware.devices, num_nodes=cfg.hardware.num_nodes,
         strategy=cfg.hardware.strategy, precision=trainer_precision(cfg.hardware),
@@ -222,38 +234,26 @@ def train(cfg: DictConfig, inputs: TrainingInputs | None = None, plan: RunPlan |
 
     from pytorch_lightning.utilities import rank_zero_only
 
-    if rank_zero_only.rank != 0:
-        # Other DDP ranks (started by Lightning, or by SLURM) train and validate; rank 0 logs, reports, exports.
-        if adapting:  # the same seed and text on every rank: the same adapted weights
-            adapt(cfg, encoder, inputs, None)
-        module = build_module(cfg, encoder)
-        trainer = build_trainer(cfg, None, checkpoint, output_dir)
-        fit(trainer, module, datamodule, checkpoint, evaluate_before, cfg.train.seed, last)
-        return float(checkpoint.best_metrics.get(cfg.train.monitor, math.nan))
-
+    title = f"{cfg.model.name} {cfg.sampler.name} α={cfg.sampler.mono_ratio} seed={cfg.train.seed}"
     if adapting:
         from hybrid_retrieval.adaptation import adapt_tags
 
         tags.update(adapt_tags(cfg.adapt))
-    title = f"{cfg.model.name} {cfg.sampler.name} α={cfg.sampler.mono_ratio} seed={cfg.train.seed}"
-    if adapting:
         title += f" adapt={cfg.adapt.method}"
-    with tracking.mlflow_run(cfg, job="train", tags=tags, resume_run_id=plan.run_id, title=title) as run:
-        if adapting:
+    # Every DDP rank (started by Lightning, or by SLURM) adapts, trains and validates; rank 0 alone has an MLflow
+    # run, and logs, reports and exports.
+    tracked = (tracking.mlflow_run(cfg, job="train", tags=tags, resume_run_id=plan.run_id, title=title)
+               if rank_zero_only.rank == 0 else contextlib.nullcontext(None))
+    with tracked as run:
+        if adapting:  # the same seed and text on every rank: the same adapted weights
             adapt(cfg, encoder, inputs, run)
         module = build_module(cfg, encoder)  # after adaptation: it may freeze the (adapted) embeddings
-        if plan.resumed:
-            log.info("resuming %s from %s", output_dir, last)
-            run.set_tag("resumed_from", last)
-        else:
-            write_run_info(output_dir, run.run_id, run.tracking_uri, cfg.logger.experiment_name, cfg)
-            if cfg.train_data.get("holdout") is not None:
-                run.log_artifact(write_holdout(output_dir, cfg))
-        for data in datamodule.summary():
-            log.info("training data %s", data)
-        run.log_datasets(logged_data(cfg, inputs, datamodule))
+        if run is not None:
+            start_run(cfg, run, plan, inputs, datamodule)
         trainer = build_trainer(cfg, run, checkpoint, output_dir)
         interrupted = fit(trainer, module, datamodule, checkpoint, evaluate_before, cfg.train.seed, last)
+        if run is None:
+            return float(checkpoint.best_metrics.get(cfg.train.monitor, math.nan))
         if checkpoint.best_step is None:
             raise RuntimeError(f"no validation produced {cfg.train.monitor!r} (validated steps: "
                                f"{checkpoint.validated_steps}); the metrics logged were {sorted(checkpoint.last_metrics)}")
@@ -283,6 +283,22 @@ def train(cfg: DictConfig, inputs: TrainingInputs | None = None, plan: RunPlan |
     report(cfg, datamodule, checkpoint, trainer.global_step, output_dir, model_dir, run, files)
     record_best(output_dir, cfg.train.monitor, float(best))
     return float(best)
+
+
+def start_run(cfg: DictConfig, run: tracking.TrackedRun, plan: RunPlan, inputs: TrainingInputs,
+              datamodule: HybridDataModule) -> None:
+    """What rank 0 records before training: the resume, or the new run's ``run_info.json`` and held-out groups; the
+    training data; MLflow's dataset inputs."""
+    if plan.resumed:
+        log.info("resuming %s from %s", plan.folder, plan.last_checkpoint)
+        run.set_tag("resumed_from", plan.last_checkpoint)
+    else:
+        write_run_info(plan.folder, run.run_id, run.tracking_uri, cfg.logger.experiment_name, cfg)
+        if cfg.train_data.get("holdout") is not None:
+            run.log_artifact(write_holdout(plan.folder, cfg))
+    for data in datamodule.summary():
+        log.info("training data %s", data)
+    run.log_datasets(logged_data(cfg, inputs, datamodule))
 
 
 def export_model(module: HybridRetrievalModule, card: dict[str, Any], folder: Path) -> Path:

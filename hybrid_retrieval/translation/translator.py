@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from hybrid_retrieval.models.encoder import ModelNotFoundError, hub_files_to_fetch, plan_batches
+from hybrid_retrieval.models.encoder import plan_batches
+from hybrid_retrieval.models.loading import ModelNotFoundError, hub_files_to_fetch
 
 __all__ = ["GenerationSettings", "Seq2SeqTranslator", "plan_length_batches", "resolve_model_folder"]
 
