@@ -182,3 +182,23 @@ def test_every_result_kind_shares_one_json_form_and_one_metric_name_scheme(tmp_p
         assert back.to_dict() == result.to_dict() == saved
     with pytest.raises(NotImplementedError, match="RetrievalResult has no table"):
         RetrievalResult(summary, per_language).table()
+
+
+def test_a_run_from_before_conf_callbacks_resumes_and_other_changes_are_still_refused(tmp_path: Path) -> None:
+    import json
+
+    from omegaconf import OmegaConf
+
+    from hybrid_retrieval.training.run_folder import RUN_INFO, check_same_config
+
+    cfg = composed(["train.resume=somewhere"])
+    saved = OmegaConf.to_container(cfg, resolve=False)
+    del saved["callbacks"]  # what a run folder written before conf/callbacks holds
+    (tmp_path / RUN_INFO).write_text(json.dumps({"mlflow_run_id": "x", "config": saved}))
+    check_same_config(cfg, tmp_path)
+    with pytest.raises(ConfigError, match=r"train\.lr"):
+        check_same_config(composed(["train.resume=somewhere", "train.lr=1e-4"]), tmp_path)
+    saved["callbacks"] = {}  # a run with callbacks recorded: they are compared like any option
+    (tmp_path / RUN_INFO).write_text(json.dumps({"mlflow_run_id": "x", "config": saved}))
+    with pytest.raises(ConfigError, match="callbacks"):
+        check_same_config(cfg, tmp_path)
