@@ -13,8 +13,15 @@ from torch import nn
 
 from hybrid_retrieval.config_checks import ConfigError, check_model
 from hybrid_retrieval.losses.info_nce import InfoNCELoss
+from hybrid_retrieval.models import unpadded
 from hybrid_retrieval.models.encoder import Encoder, load_encoder
-from hybrid_retrieval.models.unpadded import pack, packed_forward, position_ids, unsupported_reason
+from hybrid_retrieval.models.unpadded import (
+    _attend,
+    pack,
+    packed_forward,
+    position_ids,
+    unsupported_reason,
+)
 
 CONF_MODELS = Path(__file__).resolve().parents[1] / "conf" / "model"
 QUERIES = ["short", "what is the capital city of the country that hosted the games in the year before",
@@ -57,8 +64,17 @@ def test_default_is_on_in_every_model_config() -> None:
         assert OmegaConf.load(path).unpad is True, path.name
 
 
+@pytest.fixture(params=["cost model", "one group per length"])
+def attention_grouping(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The default grouping of rows for attention, and one that splits them as far as it can (no call overhead)."""
+    if request.param != "cost model":
+        monkeypatch.setattr(unpadded, "GROUP_OVERHEAD", 0)
+    return request.param
+
+
 @pytest.mark.parametrize("fixture", ["tiny_encoder", "me5_small"])
-def test_fp32_embeddings_equal_padded(fixture: str, request: pytest.FixtureRequest, one_torch_thread) -> None:
+def test_fp32_embeddings_equal_padded(fixture: str, request: pytest.FixtureRequest, one_torch_thread,
+                                      attention_grouping: str) -> None:
     encoder = request.getfixturevalue(fixture)
     assert encoder.unpad and encoder.unpad_fallback() is None
     batch = _ragged_batch(encoder, QUERIES)
@@ -87,7 +103,8 @@ def test_encode_equal_padded_with_onednn_linears(me5_small: Encoder, one_torch_t
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_contrastive_gradients_equal_padded(tiny_encoder: Encoder, checkpointing: bool) -> None:
+def test_contrastive_gradients_equal_padded(tiny_encoder: Encoder, checkpointing: bool,
+                                           attention_grouping: str) -> None:
     loss_fn = InfoNCELoss(temperature=0.05)
     queries, passages = _ragged_batch(tiny_encoder, QUERIES), _ragged_batch(tiny_encoder, PASSAGES, "passage")
     grads = {}
@@ -104,6 +121,31 @@ def test_contrastive_gradients_equal_padded(tiny_encoder: Encoder, checkpointing
     for name in sorted(names):
         ref, got = grads[False][name], grads[True][name]
         assert torch.linalg.vector_norm(got - ref) <= 1e-5 * torch.linalg.vector_norm(ref) + 1e-9, name
+
+
+def test_attention_with_dropout_path_equals_sdpa() -> None:
+    """On CPU with dropout the attention product runs outside SDPA (for the dropout mask): with a mask that keeps
+    everything it equals SDPA's result, bf16 inputs included."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(3, 2, 7, 8) for _ in range(3))
+    key_mask = (torch.arange(7) < torch.tensor([7, 3, 1]).unsqueeze(1))[:, None, None, :]
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, scale=0.3)
+    torch.testing.assert_close(_attend(q, k, v, key_mask, 1e-12, 0.3), expected, atol=1e-6, rtol=0)
+    got = _attend(q.bfloat16(), k.bfloat16(), v.bfloat16(), key_mask, 1e-12, 0.3)
+    assert got.dtype is torch.bfloat16
+    torch.testing.assert_close(got.float(), expected, atol=3e-2, rtol=0)
+
+
+def test_training_forward_replays_its_dropout(tiny_encoder: Encoder) -> None:
+    model = copy.deepcopy(tiny_encoder).train()
+    batch = _ragged_batch(model, PASSAGES, "passage")
+    torch.manual_seed(5)
+    first = model(**batch)
+    torch.manual_seed(5)
+    again = model(**batch)
+    torch.manual_seed(6)
+    other = model(**batch)
+    assert torch.equal(first, again) and not torch.allclose(first, other)
 
 
 def _tiny_xlmr(me5_small_dir: Path) -> Encoder:

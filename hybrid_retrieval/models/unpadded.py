@@ -3,14 +3,17 @@
 A padded batch of B texts of up to L tokens runs every linear layer, GELU, LayerNorm, residual add and dropout on
 B x L rows, padding included. Here the real tokens are gathered once with the attention mask into a
 ``[total_real_tokens, hidden]`` matrix (as FlashAttention's ``bert_padding`` utilities and ModernBERT do) and
-everything runs on it, except attention: each layer re-pads its queries, keys and values to
-``[batch, heads, longest_real_row, head_dim]``, calls ``torch.nn.functional.scaled_dot_product_attention`` with the
-key padding mask, and gathers the real rows back. LayerNorm and dropout are per token, so they are safe on packed
-tokens; attention is not, hence the re-pad.
+everything runs on it, except attention: each layer re-pads its queries, keys and values, calls
+``torch.nn.functional.scaled_dot_product_attention`` with the key padding mask, and gathers the real rows back.
+On CPU the rows are re-padded in up to four groups of similar length (:func:`attention_groups`: the split that
+minimises the padded attention work plus a per-call cost), so a batch of short questions and a few long texts
+does not pay the longest row's width everywhere. LayerNorm and dropout are per token, so they are safe on packed
+tokens; attention is not, hence the re-pad. Dropout (hidden states and, in training on CPU, the attention
+probabilities, whose product then runs outside SDPA) draws its masks with :mod:`hybrid_retrieval.models.dropout`.
 
 The forward calls the backbone's own modules (embeddings, ``attention.self.query/key/value``,
-``attention.output``, ``intermediate``, ``output``): no parameter is copied, ``state_dict`` and checkpoints are the
-padded model's, and :func:`hybrid_retrieval.models.cpu_kernels.onednn_linears` (which swaps the ``nn.Linear``
+``attention.output``'s and ``output``'s dense / dropout / LayerNorm, ``intermediate``): no parameter is copied,
+``state_dict`` and checkpoints are the padded model's, and :func:`hybrid_retrieval.models.cpu_kernels.onednn_linears` (which swaps the ``nn.Linear``
 classes and fuses GELU into ``intermediate.dense``) applies unchanged. Position ids are the padded path's (BERT's
 column index; XLM-R's ``padding_idx + cumulative count of non-pad ids``), gathered with the tokens, as are token
 type ids. Results equal the padded forward's on the real tokens to float rounding; dropout draws its masks on
@@ -27,12 +30,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import partial
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["SUPPORTED_MODEL_TYPES", "Packing", "pack", "packed_forward", "position_ids", "unsupported_reason"]
+from hybrid_retrieval.models.dropout import dropout
+
+__all__ = ["SUPPORTED_MODEL_TYPES", "AttentionGroup", "Packing", "attention_groups", "pack", "packed_forward",
+           "position_ids", "unsupported_reason"]
 
 SUPPORTED_MODEL_TYPES = ("bert", "xlm-roberta", "roberta", "camembert")
 # The transformers classes whose module tree (embeddings, encoder.layer[i].attention.self/output, intermediate,
@@ -40,15 +47,31 @@ SUPPORTED_MODEL_TYPES = ("bert", "xlm-roberta", "roberta", "camembert")
 SUPPORTED_CLASSES = ("BertModel", "XLMRobertaModel", "RobertaModel", "CamembertModel")
 
 
+# Cost of one more attention call, in the unit of attention_groups' cost (rows x width**2): about what 2,048
+# padded attention cells cost in time on the CPUs measured (a call's fixed work against its per-cell work).
+GROUP_OVERHEAD = 2048
+MAX_GROUPS = 4
+
+
+@dataclass(frozen=True)
+class AttentionGroup:
+    """Rows whose attention runs in one call: ``count`` rows padded to ``width``, stored from row ``offset`` of
+    the ``[Packing.size, ...]`` attention buffer; ``key_mask``: ``[count, 1, 1, width]``, True at real keys."""
+
+    count: int
+    width: int
+    offset: int
+    key_mask: torch.Tensor
+
+
 @dataclass(frozen=True)
 class Packing:
     """Where a padded batch's real tokens are, for gathering them and for re-padding attention inputs.
 
     ``flat``: index of each real token in the flattened ``[batch * width]`` input, row-major (the packed order);
-    ``batch_index``: the row of each real token; ``slots``: its index in the flattened ``[batch * max_len]``
-    attention layout (row, then rank among the row's real tokens); ``lengths``: real tokens per row;
-    ``max_len``: the longest row (the attention width); ``key_mask``: ``[batch, 1, 1, max_len]``, True where a key
-    is a real token.
+    ``batch_index``: the row of each real token; ``lengths``: real tokens per row; ``max_len``: the longest row.
+    Attention runs per :class:`AttentionGroup` (rows of similar length padded to their group's longest):
+    ``slots`` is each real token's row in the attention buffer of ``size`` rows that holds every group's block.
     """
 
     flat: torch.Tensor
@@ -57,7 +80,8 @@ class Packing:
     lengths: torch.Tensor
     batch: int
     max_len: int
-    key_mask: torch.Tensor
+    groups: tuple[AttentionGroup, ...]
+    size: int
 
     @property
     def total(self) -> int:
@@ -68,22 +92,76 @@ class Packing:
         return torch.cumsum(self.lengths, 0) - self.lengths
 
 
-def pack(attention_mask: torch.Tensor) -> Packing:
-    """The :class:`Packing` of a ``[batch, width]`` attention mask (1/True = real token; any pattern of holes)."""
+def attention_groups(lengths: list[int], max_groups: int = MAX_GROUPS,
+                     overhead: int | None = None) -> list[list[int]]:
+    """Rows (indices into `lengths`) split into at most `max_groups` groups of similar length, each group's rows
+    in increasing length, groups in increasing width: the split of the length-sorted rows minimising the padded
+    attention cost ``sum(rows x longest**2) + overhead x groups`` (exact, by dynamic programming over the
+    distinct lengths). Ties keep fewer groups. `overhead`: :data:`GROUP_OVERHEAD` by default."""
+    overhead = GROUP_OVERHEAD if overhead is None else overhead
+    order = sorted(range(len(lengths)), key=lambda row: (lengths[row], row))
+    if max_groups <= 1 or len(order) <= 1:
+        return [order]
+    widths = sorted(set(lengths))  # a group ends at a distinct length
+    covered = np.searchsorted(np.array([lengths[r] for r in order]), widths, side="right").astype(np.float64)
+    m = len(widths)
+    squares = np.array(widths, dtype=np.float64) ** 2
+    # best[i]: least cost of covering the rows of the first i distinct lengths; back[k][j]: where group k starts.
+    best = np.full(m + 1, np.inf)
+    best[0] = 0.0
+    start = np.concatenate([[0.0], covered])  # rows covered before distinct length i
+    backs = []
+    costs = []
+    for _ in range(max_groups):
+        # candidate[i, j] = best[i] + (rows up to length j - rows before i) * width_j**2 + overhead, for i <= j
+        candidate = best[:m, None] + (covered[None, :] - start[:m, None]) * squares[None, :] + overhead
+        candidate[np.tril_indices(m, -1)] = np.inf
+        back = candidate.argmin(axis=0)
+        best = np.concatenate([[np.inf], candidate[back, np.arange(m)]])
+        backs.append(back)
+        costs.append(best[m])
+    groups_used = int(np.argmin(costs)) + 1  # argmin takes the first (fewest groups) of equal costs
+    bounds = []
+    end = m - 1
+    for k in range(groups_used - 1, -1, -1):
+        begin = int(backs[k][end])
+        bounds.append((begin, end))
+        end = begin - 1
+    cuts = [int(start[b]) for b, _ in reversed(bounds)] + [len(order)]
+    return [order[cuts[g]:cuts[g + 1]] for g in range(groups_used)]
+
+
+def pack(attention_mask: torch.Tensor, max_groups: int | None = None) -> Packing:
+    """The :class:`Packing` of a ``[batch, width]`` attention mask (1/True = real token; any pattern of holes).
+    `max_groups`: attention calls per layer (:func:`attention_groups`); by default :data:`MAX_GROUPS` on CPU and
+    one on other devices, where each call is a kernel launch."""
     mask = attention_mask.bool()
     batch, width = mask.shape
     lengths = mask.sum(dim=1)
     flat = torch.nonzero(mask.reshape(-1), as_tuple=False).squeeze(1)
     batch_index = torch.div(flat, width, rounding_mode="floor")
-    max_len = int(lengths.max()) if batch else 0  # one host sync per forward, as FlashAttention's unpad_input
+    host_lengths = lengths.tolist()  # one host sync per forward, as FlashAttention's unpad_input
+    max_len = max(host_lengths, default=0)
+    if max_groups is None:
+        max_groups = MAX_GROUPS if mask.device.type == "cpu" else 1
+    groups = []
+    row_base = [0] * batch
+    offset = 0
+    for rows in attention_groups(host_lengths, max_groups) if batch else []:
+        group_width = max(1, max(host_lengths[r] for r in rows))  # a group of empty rows keeps one padded key
+        for position, row in enumerate(rows):
+            row_base[row] = offset + position * group_width
+        group_lengths = lengths[torch.tensor(rows, device=mask.device)]
+        keys = torch.arange(group_width, device=mask.device).unsqueeze(0) < group_lengths.unsqueeze(1)
+        # A row without real tokens would give an all-masked softmax (NaN) on its padded queries; they are
+        # dropped anyway, but NaN in backward is not worth the risk: let such rows attend to their (zero) padding.
+        keys = keys | (group_lengths == 0).unsqueeze(1)
+        groups.append(AttentionGroup(count=len(rows), width=group_width, offset=offset, key_mask=keys[:, None, None, :]))
+        offset += len(rows) * group_width
     rank = (torch.cumsum(mask, dim=1) - 1)[mask]
-    slots = batch_index * max_len + rank
-    keys = torch.arange(max_len, device=mask.device).unsqueeze(0) < lengths.unsqueeze(1)
-    # A row without real tokens would give an all-masked softmax (NaN) on its padded queries; they are dropped
-    # anyway, but NaN in backward is not worth the risk: let such rows attend to their (zero) padding.
-    keys = keys | (lengths == 0).unsqueeze(1)
+    slots = torch.tensor(row_base, dtype=torch.long, device=mask.device)[batch_index] + rank
     return Packing(flat=flat, batch_index=batch_index, slots=slots, lengths=lengths, batch=batch, max_len=max_len,
-                   key_mask=keys[:, None, None, :])
+                   groups=tuple(groups), size=offset)
 
 
 def unsupported_reason(backbone: nn.Module) -> str | None:
@@ -120,23 +198,45 @@ def position_ids(backbone: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     return embeddings.position_ids[:, :width].expand(batch, width)
 
 
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor, p: float,
+            scale: float) -> torch.Tensor:
+    """Attention of ``[rows, heads, width, head_dim]`` queries over keys where `key_mask` is True, dropout `p` on
+    the probabilities. On CPU with dropout the product runs here, in fp32 as SDPA's math path does for bf16
+    inputs, so that the probabilities' dropout mask comes from :func:`hybrid_retrieval.models.dropout.dropout`;
+    otherwise ``scaled_dot_product_attention`` (its fused kernels)."""
+    if p == 0.0 or q.device.type != "cpu":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=p, scale=scale)
+    with torch.autocast("cpu", enabled=False):
+        scores = torch.matmul(q.float() * scale, k.float().transpose(-1, -2))
+        probs = torch.softmax(scores.masked_fill(~key_mask, float("-inf")), dim=-1)
+        return torch.matmul(dropout(probs, p), v.float()).to(q.dtype)
+
+
+def _residual_block(block: nn.Module, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """``BertSelfOutput`` / ``BertOutput`` (and their XLM-R twins): ``LayerNorm(dropout(dense(x)) + residual)``."""
+    return block.LayerNorm(dropout(block.dense(x), block.dropout) + residual)
+
+
 def _attention_layer(layer: nn.Module, hidden: torch.Tensor, packing: Packing) -> torch.Tensor:
-    """One transformer layer on packed tokens: Q/K/V, output and feed-forward packed, attention re-padded."""
+    """One transformer layer on packed tokens: Q/K/V, output and feed-forward packed, attention re-padded per
+    :class:`AttentionGroup`."""
     attention = layer.attention.self
     heads, head_dim = attention.num_attention_heads, attention.attention_head_size
     width = heads * head_dim
+    p = attention.dropout.p if attention.training else 0.0
+    scale = getattr(attention, "scaling", head_dim ** -0.5)
     qkv = torch.cat([attention.query(hidden), attention.key(hidden), attention.value(hidden)], dim=-1)
     # One scatter for all three projections; index_copy's backward gathers the real rows' gradients.
-    padded = qkv.new_zeros(packing.batch * packing.max_len, 3 * width).index_copy(0, packing.slots, qkv)
-    q, k, v = padded.view(packing.batch, packing.max_len, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-    context = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=packing.key_mask,
-        dropout_p=attention.dropout.p if attention.training else 0.0,
-        scale=getattr(attention, "scaling", head_dim ** -0.5),
-    )
-    context = context.transpose(1, 2).reshape(packing.batch * packing.max_len, width).index_select(0, packing.slots)
-    attended = layer.attention.output(context, hidden)  # dense, dropout, LayerNorm(. + residual)
-    return layer.output(layer.intermediate(attended), attended)
+    padded = qkv.new_zeros(packing.size, 3 * width).index_copy(0, packing.slots, qkv)
+    contexts = []
+    for group in packing.groups:
+        block = padded[group.offset:group.offset + group.count * group.width]
+        q, k, v = block.view(group.count, group.width, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        context = _attend(q, k, v, group.key_mask, p, scale)
+        contexts.append(context.transpose(1, 2).reshape(group.count * group.width, width))
+    context = (contexts[0] if len(contexts) == 1 else torch.cat(contexts)).index_select(0, packing.slots)
+    attended = _residual_block(layer.attention.output, context, hidden)
+    return _residual_block(layer.output, layer.intermediate(attended), attended)
 
 
 def packed_forward(
@@ -156,7 +256,7 @@ def packed_forward(
     # The padded embeddings' order of additions: (words + token types) + positions.
     hidden = embeddings.word_embeddings(ids) + embeddings.token_type_embeddings(types)
     hidden = hidden + embeddings.position_embeddings(positions)
-    hidden = embeddings.dropout(embeddings.LayerNorm(hidden))
+    hidden = dropout(embeddings.LayerNorm(hidden), embeddings.dropout)
     for layer in backbone.encoder.layer:
         # gradient_checkpointing_enable() marks each layer and gives it the checkpoint function (with its kwargs).
         if getattr(layer, "gradient_checkpointing", False) and layer.training and torch.is_grad_enabled():
