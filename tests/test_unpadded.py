@@ -64,10 +64,13 @@ def test_default_is_on_in_every_model_config() -> None:
         assert OmegaConf.load(path).unpad is True, path.name
 
 
-@pytest.fixture(params=["cost model", "one group per length"])
+@pytest.fixture(params=["in place", "cost model", "one group per length"])
 def attention_grouping(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """The default grouping of rows for attention, and one that splits them as far as it can (no call overhead)."""
-    if request.param != "cost model":
+    """Attention in place on runs of equal length (the default for few runs), and through the padded buffer with
+    the default grouping of rows and with one that splits them as far as it can (no call overhead)."""
+    if request.param != "in place":
+        monkeypatch.setattr(unpadded, "MAX_EXACT_GROUPS", 0)
+    if request.param == "one group per length":
         monkeypatch.setattr(unpadded, "GROUP_OVERHEAD", 0)
     return request.param
 
@@ -94,12 +97,38 @@ def test_bf16_autocast_embeddings_close_to_padded(tiny_encoder: Encoder, one_tor
     torch.testing.assert_close(packed, padded, atol=2e-2, rtol=0)
 
 
-def test_encode_equal_padded_with_onednn_linears(me5_small: Encoder, one_torch_thread) -> None:
-    """encode() in fp32 on CPU runs the oneDNN linears (GELU fused into intermediate.dense) on packed tokens."""
-    texts = QUERIES + PASSAGES
-    packed = _variant(me5_small, True).encode(texts, "passage", batch_size=3)
-    padded = _variant(me5_small, False).encode(texts, "passage", batch_size=3)
+@pytest.mark.parametrize("exact_groups", [16, 0])
+def test_encode_equal_padded_with_onednn_linears(me5_small: Encoder, one_torch_thread, exact_groups: int,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """encode() in fp32 on CPU runs the oneDNN linears (GELU fused into intermediate.dense, Q/K/V joined) on
+    packed tokens, attending in place (sorted batches) or through the padded buffer."""
+    monkeypatch.setattr(unpadded, "MAX_EXACT_GROUPS", exact_groups)
+    texts = QUERIES + PASSAGES + ["zwei Wörter", "Rivers flow."]  # equal lengths: runs of more than one row
+    packed = _variant(me5_small, True).encode(texts, "passage", batch_size=5)
+    padded = _variant(me5_small, False).encode(texts, "passage", batch_size=5)
     assert abs(packed - padded).max() < 1e-5
+
+
+def test_pack_attends_in_place_on_runs_of_equal_length() -> None:
+    lengths = [9, 9, 9, 5, 5, 2]
+    mask = torch.arange(9).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)
+    packing = pack(mask)
+    assert packing.in_place and packing.size == packing.total == sum(lengths)
+    assert torch.equal(packing.slots, torch.arange(sum(lengths)))
+    assert [(g.count, g.width, g.offset) for g in packing.groups] == [(3, 9, 0), (2, 5, 27), (1, 2, 37)]
+    assert all(g.key_mask is None for g in packing.groups)
+    # Too many runs, an empty row, or a device where each group is a kernel launch: the padded buffer.
+    assert not pack(mask, max_exact_groups=2).in_place
+    assert not pack(mask, max_exact_groups=0).in_place
+    empty = mask.clone()
+    empty[-1] = False
+    assert not pack(empty).in_place
+    # Holes inside a row still pack in place: a row's real tokens keep their order.
+    holes = mask.clone()
+    holes[0, 3] = False
+    holes[1, 3] = False
+    holes[2, 3] = False
+    assert pack(holes).in_place and [g.width for g in pack(holes).groups] == [8, 5, 2]
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
@@ -131,6 +160,8 @@ def test_attention_with_dropout_path_equals_sdpa() -> None:
     key_mask = (torch.arange(7) < torch.tensor([7, 3, 1]).unsqueeze(1))[:, None, None, :]
     expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, scale=0.3)
     torch.testing.assert_close(_attend(q, k, v, key_mask, 1e-12, 0.3), expected, atol=1e-6, rtol=0)
+    unmasked = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=0.3)
+    torch.testing.assert_close(_attend(q, k, v, None, 1e-12, 0.3), unmasked, atol=1e-6, rtol=0)
     got = _attend(q.bfloat16(), k.bfloat16(), v.bfloat16(), key_mask, 1e-12, 0.3)
     assert got.dtype is torch.bfloat16
     torch.testing.assert_close(got.float(), expected, atol=3e-2, rtol=0)
