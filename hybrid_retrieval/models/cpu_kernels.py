@@ -3,8 +3,7 @@
 On CPU, ``torch.nn.functional.linear`` in float32 runs the BLAS behind ``torch.matmul`` (MKL in the PyPI wheel);
 oneDNN's inner-product primitive, which PyTorch ships too, ran every layer shape of me5_small 7-14 % faster on
 the CPUs measured (``benchmarks/bench_encode.py`` prints both rates), and it can apply GELU inside the same
-kernel instead of a second pass over the feed-forward activations, or add a residual inside the kernel
-(:meth:`OneDNNLinear.add_forward`). :func:`onednn_linears` swaps them in for the duration of a ``with`` block,
+kernel instead of a second pass over the feed-forward activations. :func:`onednn_linears` swaps them in for the duration of a ``with`` block,
 joins each self-attention's query, key and value weights into one ``[3 * width, hidden]`` layer for the packed
 forward (:func:`fused_qkv`: one product instead of three and a concatenation), and restores the model exactly as
 it was afterwards. Results equal the default path's to float rounding (about 1e-7 on unit-length embeddings; the
@@ -62,11 +61,6 @@ class OneDNNLinear(nn.Linear):
             return torch.ops.mkldnn._linear_pointwise(x, _onednn_weight(self), self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
 
-    def add_forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """``linear(x) + residual``, the addition inside oneDNN's kernel where it runs."""
-        if runs_onednn(x, self.weight) and residual.dtype is torch.float32 and residual.is_contiguous():
-            return torch.ops.mkldnn._linear_pointwise.binary(x, residual, _onednn_weight(self), self.bias, "add")
-        return self(x) + residual
 
 
 class OneDNNGeluLinear(nn.Linear):
