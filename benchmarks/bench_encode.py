@@ -9,10 +9,10 @@ Four ways to embed the same texts with the same model, timed in one run:
   ``Encoder.encode`` runs in fp32 on CPU (``hybrid_retrieval/models/cpu_kernels.py``);
 * encode-bf16: the same under bfloat16 autocast.
 
-All use a 128-token truncation limit, so the embeddings are comparable (their agreement is printed too). The
-same run times a bare product of the model's shape (2,048 token rows x hidden -> intermediate; fp32 with
-torch.matmul, oneDNN and oneDNN with a packed weight, the fastest counting as the machine's rate; bf16) and reports each method's useful
-rate: the model's FLOPs counted on real tokens only (linear layers plus attention scores; padding is not
+All use a 128-token truncation limit, so the embeddings are comparable (their agreement is printed too). The same
+run times a bare product of the model's shape (2,048 token rows x hidden -> intermediate; fp32 with torch.matmul,
+oneDNN and oneDNN with a packed weight, the fastest counting as the machine's rate; bf16) and reports each method's
+useful rate: the model's FLOPs counted on real tokens only (linear layers plus attention scores; padding is not
 counted) per second, as a share of that rate.
 
     python benchmarks/bench_encode.py --threads 2 --limit 256

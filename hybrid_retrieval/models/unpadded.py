@@ -13,13 +13,13 @@ no padding, scatter or gather at all. LayerNorm and dropout are per token, so th
 tokens; attention is not, hence the re-pad. Dropout (hidden states and, in training on CPU, the attention
 probabilities, whose product then runs outside SDPA) draws its masks with :mod:`hybrid_retrieval.models.dropout`.
 
-The forward calls the backbone's own modules (embeddings, ``attention.self.query/key/value``,
-``attention.output``'s and ``output``'s dense / dropout / LayerNorm, ``intermediate``): no parameter is copied,
-``state_dict`` and checkpoints are the padded model's. Within
-:func:`hybrid_retrieval.models.cpu_kernels.onednn_linears` (fp32 CPU inference) Q/K/V run as one joined product. Position ids are the padded path's (BERT's
-column index; XLM-R's ``padding_idx + cumulative count of non-pad ids``), gathered with the tokens, as are token
-type ids. Results equal the padded forward's on the real tokens to float rounding; dropout draws its masks on
-the packed tokens, so a training step with dropout is equal in distribution, not bit-identical.
+The forward calls the backbone's own modules (embeddings, ``attention.self.query/key/value``, ``attention.output``'s
+and ``output``'s dense / dropout / LayerNorm, ``intermediate``): no parameter is copied, ``state_dict`` and
+checkpoints are the padded model's. Within :func:`hybrid_retrieval.models.cpu_kernels.onednn_linears` (fp32 CPU
+inference) Q/K/V run as one joined product. Position ids are the padded path's (BERT's column index; XLM-R's
+``padding_idx + cumulative count of non-pad ids``), gathered with the tokens, as are token type ids. Results equal
+the padded forward's on the real tokens to float rounding; dropout draws its masks on the packed tokens, so a
+training step with dropout is equal in distribution, not bit-identical.
 
 Supported: transformers' ``BertModel``, ``XLMRobertaModel``, ``RobertaModel`` and ``CamembertModel`` as bidirectional
 encoders with absolute position embeddings. Anything else (another model type, a compiled or wrapped backbone,
