@@ -6,8 +6,8 @@ CPUs measured (``benchmarks/bench_encode.py`` prints both rates), and it can app
 instead of a second pass over the feed-forward activations. :func:`onednn_linears` swaps them in for the duration of
 a ``with`` block, joins each self-attention's query, key and value weights into one ``[3 * width, hidden]`` layer
 for the packed forward (:func:`fused_qkv`: one product instead of three and a concatenation), reorders every weight
-once into oneDNN's blocked layout (about 5 % faster products), and restores the model exactly as it was afterwards. Results equal the default path's to float rounding (about 1e-7 on unit-length
-embeddings; the tests check 1e-5).
+once into oneDNN's blocked layout (about 5 % faster products), and restores the model exactly as it was afterwards.
+Results equal the default path's to float rounding (about 1e-7 on unit-length embeddings; the tests check 1e-5).
 
 Only inference changes: the swapped layers fall back to ``torch.nn.functional.linear`` whenever autograd
 records, under autocast, for other dtypes and devices, so training and bf16 encoding run as before.
@@ -60,7 +60,6 @@ class OneDNNLinear(nn.Linear):
         if runs_onednn(x, self.weight):
             return torch.ops.mkldnn._linear_pointwise(x, _onednn_weight(self), self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
-
 
 
 class OneDNNGeluLinear(nn.Linear):
