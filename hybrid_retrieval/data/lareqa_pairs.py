@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from hybrid_retrieval.data.lareqa import check_holdout, holdout_groups, load_language_files, sha1_order
-from hybrid_retrieval.data.pairs import ParallelPairs, check_reader_options, question_rows
+from hybrid_retrieval.data.pairs import ParallelPairs, StoreSpec, check_reader_options, question_rows
 
 __all__ = ["HARD_NEGATIVE_SOURCES", "from_lareqa"]
 
@@ -49,4 +49,8 @@ def from_lareqa(
         kept = set(sha1_order(all_ids)[:max_groups]) if max_groups is not None else all_ids
 
     rows = question_rows(files, passage_text, hard_negative, kept)
-    return ParallelPairs.from_rows(name, rows, list(files), hard_negatives=hard_negative is not None)
+    store = StoreSpec("lareqa", {"name": name, "languages": list(files), "passage_text": passage_text,
+                                 "max_groups": max_groups, "hard_negative": hard_negative,
+                                 "holdout": spec if held else None},
+                      [str(f.path) for f in files.values()], name)
+    return ParallelPairs.from_rows(name, rows, list(files), hard_negatives=hard_negative is not None, store=store)

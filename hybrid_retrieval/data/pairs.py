@@ -21,14 +21,20 @@ dataclasses back into DictConfigs).
 
 from __future__ import annotations
 
-from collections import Counter
-from collections.abc import Mapping, Sequence
+import hashlib
+import json
+import os
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from hybrid_retrieval.data.lareqa import PASSAGE_TEXTS, Paragraph, check_holdout, format_passage
+from hybrid_retrieval.data.pair_store import Chunk, cached_store, open_index, open_rows, read_meta
 
 __all__ = [
     "HARD_NEGATIVE_SOURCES",
@@ -78,31 +84,127 @@ def __getattr__(name: str) -> Any:
     return getattr(import_module(f"hybrid_retrieval.data.{module}"), name)
 
 
-@dataclass
+class TextColumn(Sequence[Any]):
+    """One column of a pairs table as a read-only sequence: ``column[i]`` reads one value, iteration reads a chunk
+    at a time; nothing is copied until read."""
+
+    def __init__(self, column: pa.ChunkedArray) -> None:
+        self.chunks = column.chunks
+        self.offsets = np.cumsum([0] + [len(c) for c in self.chunks], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        index = int(index)
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(f"row {index} out of range for {len(self)} rows")
+        chunk = int(np.searchsorted(self.offsets, index, side="right")) - 1
+        return self.chunks[chunk][index - int(self.offsets[chunk])].as_py()
+
+    def take(self, rows: Sequence[int] | np.ndarray) -> list[Any]:
+        """The values of `rows`, in order."""
+        rows = np.asarray(rows, dtype=np.int64)
+        chunks = np.searchsorted(self.offsets, rows, side="right") - 1
+        local = rows - self.offsets[chunks]
+        return [self.chunks[c][i].as_py() for c, i in zip(chunks.tolist(), local.tolist())]
+
+    def __iter__(self) -> Iterator[Any]:
+        for chunk in self.chunks:
+            yield from chunk.to_pylist()
+
+
 class ParallelPairs:
-    """One training dataset: rows of (group, language, query, passage[, hard negative]). Rows that share a group
-    are translations of each other."""
+    """One training dataset: rows of (group, language, query, passage, hard negatives) in an Arrow table. Rows
+    that share a group are translations of each other.
 
-    name: str
-    groups: np.ndarray  # int64 group index per row (0..n_groups-1)
-    languages: np.ndarray  # int64 language index per row, into language_names
-    language_names: list[str]
-    queries: list[str]
-    passages: list[str]
-    hard_negatives: list[str | None] | None
+    ``groups`` and ``languages`` are integer arrays (group index 0..n_groups-1, language index into
+    ``language_names``): for a store (:meth:`open`) they are read-only views of its memory-mapped index, so
+    every process that opens it shares the same pages. Texts stay in the table until a batch reads them
+    (:meth:`fetch`). Built from Python lists (``queries``, ``passages``, ``hard_negatives``: per row None, one
+    string or a list of strings) the table is held in memory.
+    """
 
-    def __post_init__(self) -> None:
-        # Accept lists for convenience; everything downstream relies on int64 arrays.
-        self.groups = np.asarray(self.groups, dtype=np.int64)
-        self.languages = np.asarray(self.languages, dtype=np.int64)
-        self.language_names = list(self.language_names)
+    def __init__(self, name: str, groups: Any, languages: Any, language_names: Sequence[str],
+                 queries: Sequence[str] | None = None, passages: Sequence[str] | None = None,
+                 hard_negatives: Sequence[Any] | None = None, *, table: pa.Table | None = None,
+                 folder: Path | None = None, fingerprint: str | None = None) -> None:
+        self.name = name
+        self.groups = groups if isinstance(groups, np.ndarray) and groups.dtype.kind == "i" \
+            else np.asarray(groups, dtype=np.int64)
+        self.languages = languages if isinstance(languages, np.ndarray) and languages.dtype.kind == "i" \
+            else np.asarray(languages, dtype=np.int64)
+        self.language_names = list(language_names)
+        self.folder = folder
+        if table is None:
+            table = self._table_from_lists(queries, passages, hard_negatives)
+        self.table = table
+        self._fingerprint = fingerprint
         self.validate()
+        self.query_column = TextColumn(table.column("query"))
+        self.passage_column = TextColumn(table.column("passage"))
+        self.negative_column = TextColumn(table.column("hard_negatives"))
+        counts = pc.list_value_length(table.column("hard_negatives"))
+        self.max_hard_negatives = int(pc.max(counts).as_py() or 0) if len(counts) else 0
+        self.rows_with_hard_negatives = int(pc.sum(pc.greater(counts, 0)).as_py() or 0) if len(counts) else 0
+
+    def _table_from_lists(self, queries: Sequence[Any] | None, passages: Sequence[Any] | None,
+                          hard_negatives: Sequence[Any] | None) -> pa.Table:
+        where = f"ParallelPairs {self.name!r}"
+        n = len(self.groups)
+        lengths = {"queries": len(queries or []), "passages": len(passages or [])}
+        if hard_negatives is not None:
+            lengths["hard_negatives"] = len(hard_negatives)
+        for field, length in lengths.items():
+            if length != n:
+                raise ValueError(f"{where}: {field} has {length} rows, expected {n} like groups")
+        for field, values in (("queries", queries), ("passages", passages)):
+            bad = next((i for i, v in enumerate(values) if not isinstance(v, str)), None)
+            if bad is not None:
+                raise ValueError(f"{where}: {field}[{bad}] is {type(values[bad]).__name__}, expected str")
+        negatives: list[list[str]] = []
+        for i, value in enumerate(hard_negatives if hard_negatives is not None else [None] * n):
+            value = [] if value is None else [value] if isinstance(value, str) else value
+            if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+                raise ValueError(f"{where}: hard_negatives[{i}] is {type(value).__name__}, expected str, a list of "
+                                 "str or None")
+            negatives.append(list(value))
+        return pa.table({"group": pa.array([str(g) for g in self.groups.tolist()], pa.string()),
+                         "language": pa.array([self.language_names[i] if 0 <= i < len(self.language_names) else ""
+                                               for i in self.languages.tolist()], pa.string()),
+                         "query": pa.array(list(queries), pa.string()),
+                         "passage": pa.array(list(passages), pa.string()),
+                         "hard_negatives": pa.array(negatives, pa.list_(pa.string()))})
+
+    @classmethod
+    def open(cls, folder: str | os.PathLike[str]) -> ParallelPairs:
+        """A converted store (:mod:`~hybrid_retrieval.data.pair_store`), memory-mapped."""
+        folder = Path(folder)
+        meta = read_meta(folder)
+        groups, languages = open_index(folder)
+        return cls(meta["name"], groups, languages, meta["language_names"], table=open_rows(folder, meta["files"]),
+                   folder=folder, fingerprint=meta["fingerprint"])
 
     @classmethod
     def from_rows(cls, name: str, rows: Sequence[PairRow], language_names: Sequence[str] | None = None,
-                  hard_negatives: bool = False) -> ParallelPairs:
+                  hard_negatives: bool = False, store: StoreSpec | None = None) -> ParallelPairs:
         """A dataset of rows with string ids: groups numbered by first appearance; languages indexed into
-        `language_names` (default: by first appearance); the rows' hard negatives kept when `hard_negatives`."""
+        `language_names` (default: by first appearance); the rows' hard negatives kept when `hard_negatives`.
+        With `store` the rows are converted into the cache (once) and opened from there."""
+        if store is not None:
+            def chunks(_: Any) -> Iterator[Chunk]:
+                for start in range(0, len(rows), 100_000):
+                    part = rows[start : start + 100_000]
+                    yield Chunk([r.group for r in part], [r.language for r in part], [r.query for r in part],
+                                [r.passage for r in part],
+                                [[r.hard_negative] if hard_negatives and r.hard_negative is not None else []
+                                 for r in part],
+                                where=lambda i, start=start: f"{store.source} row {start + i + 1}")
+            return cls.open(cached_store(name, store.reader, store.options, store.sources, chunks, language_names))
         groups, _ = _index([row.group for row in rows])
         if language_names is None:
             languages, language_names = _index([row.language for row in rows])
@@ -114,26 +216,80 @@ class ParallelPairs:
                    hard_negatives=[row.hard_negative for row in rows] if hard_negatives else None)
 
     def __len__(self) -> int:
-        return len(self.queries)
+        return len(self.groups)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A store travels as its folder (DataLoader workers started by spawn, DDP ranks): each process maps the
+        # same files instead of receiving a copy of the table.
+        if self.folder is not None:
+            return {"folder": str(self.folder)}
+        return dict(self.__dict__)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        if "folder" in state and len(state) == 1:
+            state = ParallelPairs.open(state["folder"]).__dict__
+        self.__dict__.update(state)
+
+    @property
+    def fingerprint(self) -> str:
+        """What the data is, in constant time for a store (its cache key); digested from the table otherwise."""
+        if self._fingerprint is None:
+            digest = hashlib.sha256()
+            digest.update(np.ascontiguousarray(self.groups, dtype=np.int64).tobytes())
+            digest.update(np.ascontiguousarray(self.languages, dtype=np.int64).tobytes())
+            digest.update(json.dumps(self.language_names).encode())
+            for batch in self.table.select(["query", "passage", "hard_negatives"]).to_batches():
+                for column in batch.columns:
+                    for buffer in column.buffers():
+                        if buffer is not None:
+                            digest.update(buffer)
+            self._fingerprint = digest.hexdigest()[:16]
+        return self._fingerprint
+
+    @property
+    def queries(self) -> TextColumn:
+        return self.query_column
+
+    @property
+    def passages(self) -> TextColumn:
+        return self.passage_column
+
+    @property
+    def hard_negatives(self) -> TextColumn | None:
+        """Each row's list of hard negatives (empty lists for rows without), or None when no row has one."""
+        return self.negative_column if self.rows_with_hard_negatives else None
+
+    def fetch(self, query_rows: Sequence[int], passage_rows: Sequence[int],
+              hard_negatives: int = 1) -> tuple[list[str], list[str], list[list[str]]]:
+        """The texts of one batch: the queries of `query_rows`, the passages of `passage_rows` and up to
+        `hard_negatives` hard negatives of each passage row."""
+        queries = self.query_column.take(query_rows)
+        passages = self.passage_column.take(passage_rows)
+        if hard_negatives <= 0 or not self.rows_with_hard_negatives:
+            return queries, passages, [[] for _ in passages]
+        return queries, passages, [n[:hard_negatives] for n in self.negative_column.take(passage_rows)]
+
+    def to_hf(self) -> Any:
+        """The table as a Hugging Face ``datasets.Dataset`` (memory-mapped for a store)."""
+        import datasets
+
+        if self.folder is not None:
+            return datasets.load_from_disk(str(self.folder))
+        return datasets.Dataset(self.table)
 
     @property
     def n_groups(self) -> int:
         return int(self.groups.max()) + 1 if len(self.groups) else 0
 
     def validate(self) -> ParallelPairs:
-        """Check shapes, index ranges and text types; raises ValueError naming the field. Returns self."""
-        n = len(self.queries)
+        """Check shapes and index ranges; raises ValueError naming the field. Returns self. (Texts are checked
+        where the table is written.)"""
+        n = self.table.num_rows
         where = f"ParallelPairs {self.name!r}"
         for field in ("groups", "languages"):
             array = getattr(self, field)
             if array.ndim != 1 or len(array) != n:
                 raise ValueError(f"{where}: {field} has shape {array.shape}, expected ({n},) like queries")
-        lengths = {"passages": len(self.passages)}
-        if self.hard_negatives is not None:
-            lengths["hard_negatives"] = len(self.hard_negatives)
-        for field, length in lengths.items():
-            if length != n:
-                raise ValueError(f"{where}: {field} has {length} rows, expected {n} like queries")
         if n == 0:
             raise ValueError(f"{where}: no rows")
         if len(set(self.language_names)) != len(self.language_names):
@@ -143,20 +299,8 @@ class ParallelPairs:
                 f"{where}: languages must index language_names (0..{len(self.language_names) - 1}), "
                 f"got range {self.languages.min()}..{self.languages.max()}"
             )
-        used = np.unique(self.groups)
-        if used[0] != 0 or used[-1] != len(used) - 1:
+        if self.groups.min() != 0 or not np.bincount(self.groups).all():
             raise ValueError(f"{where}: groups must be numbered 0..n_groups-1 with none unused")
-        for field in ("queries", "passages"):
-            values = getattr(self, field)
-            bad = next((i for i, v in enumerate(values) if not isinstance(v, str)), None)
-            if bad is not None:
-                raise ValueError(f"{where}: {field}[{bad}] is {type(values[bad]).__name__}, expected str")
-        if self.hard_negatives is not None:
-            bad = next((i for i, v in enumerate(self.hard_negatives) if v is not None and not isinstance(v, str)), None)
-            if bad is not None:
-                raise ValueError(
-                    f"{where}: hard_negatives[{bad}] is {type(self.hard_negatives[bad]).__name__}, expected str or None"
-                )
         return self
 
     def rows_by_group(self) -> list[np.ndarray]:
@@ -165,18 +309,35 @@ class ParallelPairs:
         bounds = np.searchsorted(self.groups[order], np.arange(self.n_groups + 1))
         return [order[bounds[g] : bounds[g + 1]] for g in range(self.n_groups)]
 
+    def languages_per_group(self) -> np.ndarray:
+        """How many distinct languages each group has rows in."""
+        count = np.zeros(self.n_groups, dtype=np.int32)
+        for language in range(len(self.language_names)):
+            count += np.bincount(self.groups[self.languages == language], minlength=self.n_groups) > 0
+        return count
+
     def summary(self) -> dict[str, Any]:
         """Counts for logging: rows, groups, rows per language, groups by how many languages they span."""
-        per_language = Counter(self.languages.tolist())
-        spans = Counter(len(np.unique(self.languages[rows])) for rows in self.rows_by_group())
+        per_language = np.bincount(self.languages, minlength=len(self.language_names))
+        spans = np.bincount(self.languages_per_group())
         return {
             "name": self.name,
             "rows": len(self),
             "groups": self.n_groups,
-            "languages": {self.language_names[i]: per_language[i] for i in range(len(self.language_names))},
-            "groups_by_language_count": dict(sorted(spans.items())),
-            "hard_negatives": 0 if self.hard_negatives is None else sum(h is not None for h in self.hard_negatives),
+            "languages": {name: int(per_language[i]) for i, name in enumerate(self.language_names)},
+            "groups_by_language_count": {k: int(v) for k, v in enumerate(spans) if v},
+            "hard_negatives": self.rows_with_hard_negatives,
         }
+
+
+@dataclass(frozen=True)
+class StoreSpec:
+    """Where a reader's rows are cached: the reader's name, its options and the source files they depend on."""
+
+    reader: str
+    options: dict[str, Any]
+    sources: list[str]
+    source: str  # how a row's place is named in messages (a file or dataset name)
 
 
 @dataclass(frozen=True)

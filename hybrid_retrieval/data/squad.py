@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import bisect
 import gzip
+import hashlib
 import json
 import logging
 import os
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from hybrid_retrieval.data.lareqa import DataFormatError, Paragraph, get_field, sha1_order
-from hybrid_retrieval.data.pairs import PairRow, ParallelPairs, check_reader_options, question_rows
+from hybrid_retrieval.data.pairs import PairRow, ParallelPairs, StoreSpec, check_reader_options, question_rows
 from hybrid_retrieval.data.sentences import sentence_spans
 from hybrid_retrieval.data.sources import DATA_ENV, DataNotFoundError, resolve_dataset_dir
 
@@ -352,4 +353,11 @@ def from_squad(
     rows = squad_rows(parsed, passage_text, max_groups, hard_negative)
     if not rows:
         raise ValueError(f"from_squad {name!r}: no answerable questions in {[str(f.path) for f in parsed.values()]}")
-    return ParallelPairs.from_rows(name, rows, list(parsed), hard_negatives=hard_negative is not None)
+    sources = [str(f.path) for f in parsed.values()]
+    # The XQuAD ids that drop_xquad removes are part of what the rows are: they enter the cache key as a digest.
+    dropped = hashlib.sha256(" ".join(sorted(xquad_question_ids(xquad_root))).encode()).hexdigest()[:16] \
+        if drop_xquad else None
+    store = StoreSpec("squad", {"name": name, "languages": list(parsed), "passage_text": passage_text,
+                                "drop_xquad": dropped, "max_groups": max_groups, "hard_negative": hard_negative},
+                      sources, name)
+    return ParallelPairs.from_rows(name, rows, list(parsed), hard_negatives=hard_negative is not None, store=store)
