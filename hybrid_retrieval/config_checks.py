@@ -240,6 +240,10 @@ def check_train_config(cfg: DictConfig) -> None:
     require(isinstance(ratio, (int, float)) and 0.0 <= float(ratio) <= 1.0, "sampler.mono_ratio",
              "a number in [0, 1] (1 = monolingual batches only, 0 = cross-lingual only)", ratio)
     require(_positive_int(cfg.train.batch_size), "train.batch_size", "a positive integer", cfg.train.batch_size)
+    for option in ("num_workers", "hard_negatives"):
+        value = cfg.train.get(option, 0)
+        require(isinstance(value, int) and not isinstance(value, bool) and value >= 0, f"train.{option}",
+                 "a non-negative integer", value)
     require(isinstance(cfg.train.lr, (int, float)) and cfg.train.lr > 0, "train.lr", "a positive number",
              cfg.train.lr)
     require(cfg.train.get("schedule") in ("linear", "cosine", "constant"), "train.schedule",

@@ -167,7 +167,7 @@ def test_a_dataset_digest_changes_with_its_file_and_not_with_its_place(tmp_path:
 
     a, b = info(first), info(second)
     assert a.digest == b.digest and a.source == str(first) and a.context == "training" and a.rows == 8
-    assert {"queries": "string", "passages": "string"}.items() <= a.columns.items()
+    assert {"query": "string", "passage": "string"}.items() <= a.columns.items()
     rows[3]["passage"] = "another passage"
     second.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert info(second).digest != a.digest

@@ -423,8 +423,9 @@ def test_from_lareqa_options(data_root: Path) -> None:
     for sentence, passage, negative in zip(sentences.passages, pairs.passages, pairs.hard_negatives, strict=True):
         context = passage[len(sentence) + 1 :]
         assert passage.startswith(sentence + " ") and sentence in context
-        if negative is not None:
-            assert negative != passage and negative.endswith(" " + context)
+        assert len(negative) <= 1
+        if negative:
+            assert negative[0] != passage and negative[0].endswith(" " + context)
     with pytest.raises(ValueError, match="passage_text"):
         from_lareqa("mlqa_r", data_root, passage_text="paragraph")
 
@@ -461,10 +462,10 @@ def test_from_jsonl_good(tmp_path: Path) -> None:
     path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n\n", encoding="utf-8")
     pairs = from_jsonl(path)
     assert pairs.name == "train" and len(pairs) == 4
-    assert pairs.groups.tolist() == [0, 0, 1, 1] and pairs.groups.dtype == np.int64
+    assert pairs.groups.tolist() == [0, 0, 1, 1] and pairs.groups.dtype == np.int32
     assert pairs.language_names == ["en", "de", "fr"] and pairs.languages.tolist() == [0, 1, 1, 2]
     assert pairs.queries[3] == "Où?" and pairs.passages[1] == "Ann war es."
-    assert pairs.hard_negatives == ["Bob ran.", None, None, None]
+    assert pairs.hard_negatives == [["Bob ran."], [], [], []]
     assert pairs.summary() == {
         "name": "train", "rows": 4, "groups": 2, "languages": {"en": 1, "de": 2, "fr": 1},
         "groups_by_language_count": {2: 2}, "hard_negatives": 1,
@@ -486,8 +487,12 @@ def test_from_jsonl_good(tmp_path: Path) -> None:
         ('{"group": "g", "language": "en", "query": "q"}', "field 'passage' is missing"),
         ('{"group": "g", "language": "en", "query": 3, "passage": "p"}', "field 'query' must be a non-empty string"),
         ('{"group": "g", "language": " ", "query": "q", "passage": "p"}', "field 'language' must be a non-empty"),
+        ('{"group": "g", "language": "en", "query": "q", "passage": "p", "hard_negativs": ["n"]}',
+         r"unknown field\(s\) \['hard_negativs'\]"),
         ('{"group": "g", "language": "en", "query": "q", "passage": "p", "hard_negatives": "n"}',
-         r"unknown field\(s\) \['hard_negatives'\]"),
+         "field 'hard_negatives' must be a list of non-empty strings"),
+        ('{"group": "g", "language": "en", "query": "q", "passage": "p", "hard_negatives": ["n", " "]}',
+         "field 'hard_negatives' must be a list of non-empty strings"),
         ('{"group": "g", "language": "en", "query": "q", "passage": "p", "hard_negative": 1}', "'hard_negative'"),
     ],
 )  # fmt: skip

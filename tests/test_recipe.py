@@ -106,7 +106,7 @@ def _batch(encoder: Any, data_root: Path) -> dict[str, Any]:
                         hard_negative="same_paragraph")
     tokenize = encoder.tokenize
     return {"query": tokenize(pairs.queries[:6], "query"), "passage": tokenize(pairs.passages[:6], "passage"),
-            "hard_negative": tokenize([n or "" for n in pairs.hard_negatives[:6]], "passage"),
+            "hard_negative": tokenize([n[0] if n else "" for n in pairs.hard_negatives[:6]], "passage"),
             "monolingual": False}
 
 

@@ -103,7 +103,7 @@ def test_passage_options_and_hard_negatives(data_env: Path) -> None:
         assert plain.passages[i] == para.sentences[q.sentence]
         assert wide.passages[i] == f"{para.sentences[q.sentence]} {para.context}"
         neighbour = q.sentence + 1 if q.sentence + 1 < len(para.sentences) else q.sentence - 1
-        expected = None if neighbour < 0 else f"{para.sentences[neighbour]} {para.context}"
+        expected = [] if neighbour < 0 else [f"{para.sentences[neighbour]} {para.context}"]
         assert wide.hard_negatives[i] == expected
     # max_groups keeps a kept id in every language.
     both = from_squad({"es": ES, "it": IT}, max_groups=300)

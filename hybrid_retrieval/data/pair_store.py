@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import xxhash
 
 __all__ = ["PART_ROWS", "STORE_VERSION", "Chunk", "StoreError", "cached_store", "open_index", "open_rows",
            "pairs_cache_dir", "read_meta", "source_stats", "store_key", "write_store"]
@@ -83,8 +84,8 @@ def source_stats(sources: Sequence[str | os.PathLike[str]]) -> list[list[Any]]:
 
 
 def store_key(reader: str, options: dict[str, Any], sources: Sequence[str | os.PathLike[str]]) -> str:
-    """The cache key (and the dataset's fingerprint): the store version, the reader, its options and the
-    sources' stats."""
+    """The cache key: the store version, the reader, its options and the sources' paths, sizes and modification
+    times. (What the rows hold is the store's ``digest``, written with it.)"""
     described = {"version": STORE_VERSION, "reader": reader, "options": options, "sources": source_stats(sources)}
     return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -152,7 +153,7 @@ def check_chunk(chunk: Chunk) -> pa.RecordBatch:
     return pa.RecordBatch.from_arrays([columns[f.name] for f in SCHEMA], schema=SCHEMA)
 
 
-def _codes(column: pa.ChunkedArray, names: Sequence[str] | None, what: str) -> tuple[np.ndarray, list[str]]:
+def _codes(column: pa.ChunkedArray, names: Sequence[str] | None, what: str) -> tuple[np.ndarray, pa.Array]:
     """Indices of a string column into `names`, or into its values in order of first appearance."""
     values = pa.array(list(names), pa.string()) if names is not None else pc.unique(column)
     codes = pc.index_in(column, value_set=values)
@@ -160,7 +161,7 @@ def _codes(column: pa.ChunkedArray, names: Sequence[str] | None, what: str) -> t
         bad = int(pc.index(pc.is_null(codes), True).as_py())
         raise StoreError(f"row {bad}: {what} {column[bad].as_py()!r} is not one of {list(names or [])}")
     dtype = np.int32 if len(values) < 2**31 else np.int64
-    return codes.to_numpy().astype(dtype, copy=False), values.to_pylist()
+    return codes.to_numpy().astype(dtype, copy=False), values
 
 
 def write_store(folder: Path, chunks: Callable[[Any], Iterator[Chunk]], meta: dict[str, Any],
@@ -176,25 +177,27 @@ def write_store(folder: Path, chunks: Callable[[Any], Iterator[Chunk]], meta: di
     for stray in partial.glob("*.tmp"):
         stray.unlink()
     if progress is not None and state["parts"]:
-        progress.update(sum(rows for _, rows in state["parts"]))
+        progress.update(sum(part[1] for part in state["parts"]))
     writer = None
     part_rows = 0
+    digest = xxhash.xxh3_128()  # of the rows as written, part by part: equal data, equal digest, wherever it lies
 
     def commit(position: Any) -> None:
-        nonlocal writer, part_rows
+        nonlocal writer, part_rows, digest
         writer.close()
         name = f"part-{len(state['parts']):05d}.arrow"
         os.replace(partial / (name + ".tmp"), partial / name)
-        state["parts"].append([name, part_rows])
+        state["parts"].append([name, part_rows, digest.hexdigest()])
         state["position"] = position
         state_file.write_text(json.dumps(state))
-        writer, part_rows = None, 0
+        writer, part_rows, digest = None, 0, xxhash.xxh3_128()
 
     try:
         position = state["position"]
         for chunk in chunks(state["position"]):
             batch = check_chunk(chunk)
             if len(batch):
+                digest.update(batch.serialize())
                 if writer is None:
                     name = f"part-{len(state['parts']):05d}.arrow"
                     writer = pa.ipc.new_stream(str(partial / (name + ".tmp")), SCHEMA)
@@ -223,25 +226,26 @@ def write_store(folder: Path, chunks: Callable[[Any], Iterator[Chunk]], meta: di
 def _finish(folder: Path, parts: list[list[Any]], meta: dict[str, Any], language_names: Sequence[str] | None) -> None:
     """Name the parts as datasets does, number groups and languages, write the index and the metadata."""
     total = len(parts)
-    if total == 0 or sum(rows for _, rows in parts) == 0:
+    if total == 0 or sum(part[1] for part in parts) == 0:
         raise StoreError(f"{meta.get('source', meta.get('name'))}: no rows")
     files = []
-    for i, (name, _) in enumerate(parts):
+    content = hashlib.sha256(" ".join(part[2] for part in parts).encode())
+    for i, (name, *_) in enumerate(parts):
         target = f"data-{i:05d}-of-{total:05d}.arrow"
         os.replace(folder / name, folder / target)
         files.append(target)
     (folder / "progress.json").unlink(missing_ok=True)
     table = open_rows(folder, files)
-    groups, group_ids = _codes(table.column("group"), None, "group")
+    groups, _ = _codes(table.column("group"), None, "group")
     languages, names = _codes(table.column("language"), language_names, "language")
-    del group_ids
+    content.update(json.dumps(names.to_pylist()).encode())
     index = pa.RecordBatch.from_arrays([pa.array(groups), pa.array(languages)], ["group_index", "language_index"])
     with pa.ipc.new_stream(str(folder / (INDEX + ".tmp")), index.schema) as writer:
         writer.write_batch(index)
     os.replace(folder / (INDEX + ".tmp"), folder / INDEX)
     negatives = pc.list_value_length(table.column("hard_negatives"))
     full = {**meta, "version": STORE_VERSION, "files": files, "rows": table.num_rows,
-            "groups": int(groups.max()) + 1, "language_names": names,
+            "groups": int(groups.max()) + 1, "language_names": names.to_pylist(), "digest": content.hexdigest()[:16],
             "rows_with_hard_negatives": int(pc.sum(pc.greater(negatives, 0)).as_py() or 0),
             "max_hard_negatives": int(pc.max(negatives).as_py() or 0), "written": time.strftime("%Y-%m-%dT%H:%M:%S")}
     _write_datasets_files(folder, files, full)
@@ -294,5 +298,8 @@ def cached_store(name: str, reader: str, options: dict[str, Any], sources: Seque
         if not (folder / META).exists():
             meta = {"name": name, "reader": reader, "options": options, "fingerprint": key,
                     "source": ", ".join(str(Path(s).expanduser()) for s in sources)}
-            write_store(folder, chunks, meta, language_names, progress)
+            from hybrid_retrieval.progress import Progress
+
+            with progress or Progress(None, f"convert {name} into {folder}", unit="rows") as shown:
+                write_store(folder, chunks, meta, language_names, shown)
     return folder

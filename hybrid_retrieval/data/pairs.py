@@ -48,10 +48,12 @@ __all__ = [
     "SquadFile",
     "SquadQuestion",
     "build_datasets",
+    "check_jsonl_row",
     "check_reader_options",
     "from_jsonl",
     "from_lareqa",
     "from_squad",
+    "jsonl_chunks",
     "load_squad",
     "question_rows",
     "read_jsonl_rows",
@@ -67,7 +69,8 @@ __all__ = [
 # ``hybrid_retrieval.data.pairs.from_lareqa``; loaded on first use, since those modules import this one.
 _MOVED = {
     **dict.fromkeys(("from_lareqa", "HARD_NEGATIVE_SOURCES"), "lareqa_pairs"),
-    **dict.fromkeys(("from_jsonl", "read_jsonl_rows", "JSONL_FIELDS", "JSONL_HARD_NEGATIVES"), "jsonl_pairs"),
+    **dict.fromkeys(("from_jsonl", "read_jsonl_rows", "check_jsonl_row", "jsonl_chunks", "JSONL_FIELDS",
+                     "JSONL_HARD_NEGATIVES"), "jsonl_pairs"),
     **dict.fromkeys(("from_squad", "load_squad", "read_squad_file", "resolve_squad_files", "squad_rows",
                      "xquad_question_ids", "SquadFile", "SquadQuestion", "SQUAD_ANSWER_MATCHES",
                      "SQUAD_HARD_NEGATIVES"), "squad"),
@@ -117,6 +120,13 @@ class TextColumn(Sequence[Any]):
         for chunk in self.chunks:
             yield from chunk.to_pylist()
 
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, (TextColumn, list, tuple)):
+            return len(self) == len(other) and list(self) == list(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]  # mutable-sequence semantics: compared by value
+
 
 class ParallelPairs:
     """One training dataset: rows of (group, language, query, passage, hard negatives) in an Arrow table. Rows
@@ -132,7 +142,7 @@ class ParallelPairs:
     def __init__(self, name: str, groups: Any, languages: Any, language_names: Sequence[str],
                  queries: Sequence[str] | None = None, passages: Sequence[str] | None = None,
                  hard_negatives: Sequence[Any] | None = None, *, table: pa.Table | None = None,
-                 folder: Path | None = None, fingerprint: str | None = None) -> None:
+                 folder: Path | None = None, digest: str | None = None) -> None:
         self.name = name
         self.groups = groups if isinstance(groups, np.ndarray) and groups.dtype.kind == "i" \
             else np.asarray(groups, dtype=np.int64)
@@ -143,7 +153,7 @@ class ParallelPairs:
         if table is None:
             table = self._table_from_lists(queries, passages, hard_negatives)
         self.table = table
-        self._fingerprint = fingerprint
+        self._digest = digest
         self.validate()
         self.query_column = TextColumn(table.column("query"))
         self.passage_column = TextColumn(table.column("passage"))
@@ -187,7 +197,7 @@ class ParallelPairs:
         meta = read_meta(folder)
         groups, languages = open_index(folder)
         return cls(meta["name"], groups, languages, meta["language_names"], table=open_rows(folder, meta["files"]),
-                   folder=folder, fingerprint=meta["fingerprint"])
+                   folder=folder, digest=meta["digest"])
 
     @classmethod
     def from_rows(cls, name: str, rows: Sequence[PairRow], language_names: Sequence[str] | None = None,
@@ -231,9 +241,10 @@ class ParallelPairs:
         self.__dict__.update(state)
 
     @property
-    def fingerprint(self) -> str:
-        """What the data is, in constant time for a store (its cache key); digested from the table otherwise."""
-        if self._fingerprint is None:
+    def digest(self) -> str:
+        """What the rows hold: for a store, digested once when it was written (constant time here, at any size);
+        for a table in memory, digested now. Equal data, equal digest, wherever it was read from."""
+        if self._digest is None:
             digest = hashlib.sha256()
             digest.update(np.ascontiguousarray(self.groups, dtype=np.int64).tobytes())
             digest.update(np.ascontiguousarray(self.languages, dtype=np.int64).tobytes())
@@ -243,8 +254,8 @@ class ParallelPairs:
                     for buffer in column.buffers():
                         if buffer is not None:
                             digest.update(buffer)
-            self._fingerprint = digest.hexdigest()[:16]
-        return self._fingerprint
+            self._digest = digest.hexdigest()[:16]
+        return self._digest
 
     @property
     def queries(self) -> TextColumn:

@@ -1,8 +1,11 @@
 """Turning sampler rows into tokenized model inputs.
 
-The sampler (:mod:`hybrid_retrieval.training.sampler`) decides which rows form a batch; this module looks up
-their texts and tokenizes queries and passages, and the hard negatives of the batch's rows when their dataset
-has them (a dataset's ``hard_negative`` option is the one switch).
+The sampler (:mod:`hybrid_retrieval.training.sampler`) decides which rows form a batch; :class:`PairTexts` reads
+the texts of a whole batch from the datasets' Arrow tables in one call (``__getitems__``, which the DataLoader
+uses for a batch sampler), and :class:`PairCollator` tokenizes queries, passages and the hard negatives of the
+batch's passage rows: up to ``train.hard_negatives`` of each row, every one a negative for every query. With
+DataLoader workers (``train.num_workers``) both run in the workers; the tables are memory-mapped, so a worker
+reads the same pages as the main process instead of a copy.
 """
 
 from __future__ import annotations
@@ -15,49 +18,62 @@ from hybrid_retrieval.data.pairs import ParallelPairs
 
 
 class PairTexts(Dataset):
-    """Maps a sampler item ``(dataset_index, query_row, passage_row)`` to its texts."""
+    """Maps a batch of sampler items ``(dataset_index, query_row, passage_row)`` to its texts.
 
-    def __init__(self, datasets: Sequence[ParallelPairs]) -> None:
+    Args:
+        datasets: the training datasets, in the sampler's order.
+        hard_negatives: how many of each passage row's hard negatives enter the batch (0: none).
+    """
+
+    def __init__(self, datasets: Sequence[ParallelPairs], hard_negatives: int = 1) -> None:
         self.datasets = list(datasets)
+        self.hard_negatives = int(hard_negatives)
 
     def __len__(self) -> int:
         return sum(len(d) for d in self.datasets)
 
+    def __getitems__(self, items: Sequence[tuple[int, int, int]]) -> dict[str, Any]:
+        texts: dict[str, Any] = {"query": [], "passage": [], "hard_negative": [], "rows": [], "languages": [],
+                                 "passage_languages": []}
+        # The sampler draws one dataset per batch; grouping keeps any mix correct all the same.
+        for index in sorted({item[0] for item in items}):
+            mine = [item for item in items if item[0] == index]
+            data = self.datasets[index]
+            queries, passages, negatives = data.fetch([q for _, q, _ in mine], [p for _, _, p in mine],
+                                                      self.hard_negatives)
+            names = data.language_names
+            texts["query"] += queries
+            texts["passage"] += passages
+            texts["hard_negative"] += [n for row in negatives for n in row]
+            texts["rows"] += [tuple(item) for item in mine]
+            texts["languages"] += [names[data.languages[q]] for _, q, _ in mine]
+            texts["passage_languages"] += [names[data.languages[p]] for _, _, p in mine]
+        # Read from the rows themselves: with DataLoader workers the sampler runs ahead of training.
+        texts["monolingual"] = all(q == p for _, q, p in texts["rows"])
+        return texts
+
     def __getitem__(self, item: tuple[int, int, int]) -> dict[str, Any]:
-        dataset_index, query_row, passage_row = item
-        data = self.datasets[dataset_index]
-        negatives = data.hard_negatives
-        return {
-            "query": data.queries[query_row],
-            "passage": data.passages[passage_row],
-            "hard_negative": negatives[passage_row] if negatives is not None else None,
-            "monolingual": query_row == passage_row,
-            "row": (dataset_index, query_row, passage_row),
-            "language": data.language_names[data.languages[query_row]],
-            "passage_language": data.language_names[data.languages[passage_row]],
-        }
+        return self.__getitems__([item])
 
 
 class PairCollator:
-    """Tokenizes a list of :class:`PairTexts` items with the encoder's prefixes and maximum lengths."""
+    """Tokenizes the texts of a batch (:meth:`PairTexts.__getitems__`) with the encoder's prefixes and maximum
+    lengths."""
 
     def __init__(self, tokenize: Any) -> None:
         self.tokenize = tokenize
 
-    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+    def __call__(self, texts: dict[str, Any]) -> dict[str, Any]:
         batch: dict[str, Any] = {
-            "query": self.tokenize([i["query"] for i in items], "query"),
-            "passage": self.tokenize([i["passage"] for i in items], "passage"),
-            # Read from the rows themselves: with DataLoader workers the sampler runs ahead of training.
-            "monolingual": all(i["monolingual"] for i in items),
+            "query": self.tokenize(texts["query"], "query"),
+            "passage": self.tokenize(texts["passage"], "passage"),
+            "monolingual": texts["monolingual"],
             # What the batch is made of, for logs and error messages: (dataset, query row, passage row) and the
             # query and passage language of every row.
-            "rows": [i["row"] for i in items],
-            "languages": [i["language"] for i in items],
-            "passage_languages": [i["passage_language"] for i in items],
+            "rows": texts["rows"],
+            "languages": texts["languages"],
+            "passage_languages": texts["passage_languages"],
         }
-        negatives = [i["hard_negative"] for i in items if i["hard_negative"] is not None]
-        # Every hard negative present serves as a negative for every query of the batch.
-        if negatives:
-            batch["hard_negative"] = self.tokenize(negatives, "passage")
+        if texts["hard_negative"]:
+            batch["hard_negative"] = self.tokenize(texts["hard_negative"], "passage")
         return batch

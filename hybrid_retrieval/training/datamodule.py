@@ -8,6 +8,7 @@ module encodes and scores each set whole.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, Sequence
 
 import pytorch_lightning as pl
@@ -30,16 +31,21 @@ class HybridDataModule(pl.LightningDataModule):
         batch_size: rows per batch on one device.
         seed: the sampler's base seed (the epoch is mixed in by ``set_epoch``).
         evaluation_sets: validated at every check, the first one drives ``train.monitor``.
+        hard_negatives: how many hard negatives of each row enter its batch (``train.hard_negatives``).
+        num_workers: DataLoader workers that read and tokenize batches (``train.num_workers``; persistent).
     """
 
     def __init__(self, train_datasets: Sequence[ParallelPairs], sampler_factory: Callable[..., HybridBatchSampler],
-                 batch_size: int, seed: int, evaluation_sets: Sequence[EvaluationSet]) -> None:
+                 batch_size: int, seed: int, evaluation_sets: Sequence[EvaluationSet], hard_negatives: int = 1,
+                 num_workers: int = 0) -> None:
         super().__init__()
         self.train_datasets = list(train_datasets)
         self.sampler_factory = sampler_factory
         self.batch_size = batch_size
         self.seed = seed
         self.evaluation_sets = list(evaluation_sets)
+        self.hard_negatives = hard_negatives
+        self.num_workers = num_workers
         self.sampler: HybridBatchSampler | None = None
         self._resume_at: tuple[int, int] | None = None  # (epoch, batches done) of a resumed run
 
@@ -58,7 +64,12 @@ class HybridDataModule(pl.LightningDataModule):
         # The module calls set_epoch at the start of every epoch (Lightning itself only sets a DataLoader's sampler,
         # not its batch sampler): batches differ per epoch.
         tokenize = trainer.lightning_module.encoder.tokenize
-        return DataLoader(PairTexts(self.train_datasets), batch_sampler=self.sampler, collate_fn=PairCollator(tokenize))
+        workers = {"num_workers": self.num_workers, "persistent_workers": True} if self.num_workers else {}
+        if self.num_workers and "TOKENIZERS_PARALLELISM" not in os.environ:
+            # The workers are the parallelism; a tokenizer used before the fork would otherwise warn and serialise.
+            os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        return DataLoader(PairTexts(self.train_datasets, self.hard_negatives), batch_sampler=self.sampler,
+                          collate_fn=PairCollator(tokenize), **workers)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.evaluation_sets, batch_size=None, collate_fn=_identity)

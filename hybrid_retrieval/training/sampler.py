@@ -22,9 +22,10 @@ from __future__ import annotations
 import bisect
 import logging
 import math
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -55,6 +56,11 @@ class BatchInfo:
     language: str | None  # the batch language for monolingual batches, None for cross-lingual ones
 
 
+def _index_dtype(n: int) -> type:
+    """int32 for row and group indices where they fit (half the memory of int64 at 100M rows)."""
+    return np.int32 if n < 2**31 else np.int64
+
+
 class _GroupQueue:
     """A shuffled queue of row indices that hands out runs of rows from pairwise distinct groups.
 
@@ -62,26 +68,27 @@ class _GroupQueue:
     its rows (chosen at random) to round 0, another to round 1, and so on, each round in random order. Rows of
     one group therefore sit far apart and a run of rows rarely repeats a group. Rows skipped because their group
     was already taken stay at the front of the queue for the next pop, so every row of a cycle is still yielded.
+
+    Memory: the rows once (sorted by group where a group has several), the buffer, and a mark per group; what a
+    cycle needs beyond that is computed when it is drawn and freed after.
     """
 
     def __init__(self, rows: np.ndarray, row_groups: np.ndarray, n_groups: int) -> None:
-        self.rows = rows  # the rows this queue cycles over
         self.row_groups = row_groups  # dense group id per row of the dataset (indexed by row)
-        self.buffer = np.empty(0, dtype=np.int64)
+        dtype = _index_dtype(max(len(row_groups), n_groups))
+        self.buffer = np.empty(0, dtype=rows.dtype)
         self.pos = 0
         # Scratch space for distinctness checks without sorting: mark[g] holds a position of group g.
-        self._mark = np.empty(n_groups, dtype=np.int64)
+        self._mark = np.empty(n_groups, dtype=dtype)
         self._ramp = np.arange(0, dtype=np.int64)
-        # Static part of the round structure: rows sorted by group, and each sorted row's rank within its group.
-        groups = row_groups[rows]
-        self._by_group = np.argsort(groups, kind="stable")
-        sorted_groups = groups[self._by_group]
-        starts = np.flatnonzero(np.r_[True, sorted_groups[1:] != sorted_groups[:-1]])
-        counts = np.diff(np.r_[starts, len(rows)])
-        self._rank_in_group = np.arange(len(rows)) - np.repeat(starts, counts)
+        counts = np.bincount(row_groups[rows], minlength=n_groups) if len(rows) else np.zeros(0, np.int64)
+        self.n_distinct = int(np.count_nonzero(counts))
         self._one_per_group = bool(len(rows) == 0 or counts.max() == 1)
-        self._sorted_groups = sorted_groups
-        self.n_distinct = len(starts) if len(rows) else 0
+        if self._one_per_group:
+            self.rows = rows
+        else:
+            # The rows sorted by group (stable): a cycle ranks rows within their group from this order.
+            self.rows = rows[np.argsort(row_groups[rows], kind="stable")]
 
     def pop(self, n: int, rng: np.random.Generator) -> np.ndarray:
         if n > self.n_distinct:  # would never terminate; the sampler excludes such queues up front
@@ -97,13 +104,24 @@ class _GroupQueue:
     def _cycle(self, rng: np.random.Generator) -> np.ndarray:
         if self._one_per_group:
             return rng.permutation(self.rows)
+        n = len(self.rows)
+        sorted_groups = self.row_groups[self.rows]
+        starts = np.flatnonzero(np.r_[True, sorted_groups[1:] != sorted_groups[:-1]])
+        rank_in_group = np.arange(n, dtype=_index_dtype(n))
+        rank_in_group -= np.repeat(starts, np.diff(np.r_[starts, n])).astype(rank_in_group.dtype)
         # Shuffle rows within each group (group id plus a fraction in [0, 1) keeps groups apart), so that a
         # row's rank within its group is random; that rank is its round. Then shuffle within rounds the same way.
-        within = np.argsort(self._sorted_groups + rng.random(len(self.rows)))
-        rounds = np.empty(len(self.rows), dtype=np.int64)
-        rounds[within] = self._rank_in_group
-        order = np.argsort(rounds + rng.random(len(self.rows)))
-        return self.rows[self._by_group][order]
+        keys = rng.random(n)
+        keys += sorted_groups
+        del sorted_groups
+        within = np.argsort(keys)
+        rounds = np.empty(n, dtype=rank_in_group.dtype)
+        rounds[within] = rank_in_group
+        del within, rank_in_group
+        keys = rng.random(n)
+        keys += rounds
+        del rounds
+        return self.rows[np.argsort(keys)]
 
     def _first_occurrences(self, window: np.ndarray) -> np.ndarray:
         """Boolean mask of the positions in window whose group does not occur earlier in window."""
@@ -143,7 +161,12 @@ class _GroupQueue:
 
 
 class _DatasetIndex:
-    """Per-dataset arrays the sampler draws from, validated once."""
+    """Per-dataset arrays the sampler draws from, validated once.
+
+    Built from the integer columns alone, in a few passes of numpy: group ids that are already dense (0..n-1,
+    as every reader numbers them) are used as they are, a memory-mapped column is not copied, and row indices
+    are int32 where they fit. Built once per dataset object and shared by every sampler over it.
+    """
 
     def __init__(self, dataset: PairsLike, index: int) -> None:
         self.name = str(getattr(dataset, "name", f"#{index}"))
@@ -165,27 +188,45 @@ class _DatasetIndex:
             raise ValueError(f"HybridBatchSampler: {label}: 'languages' must index into language_names "
                              f"(0..{len(self.language_names) - 1}), got values in [{languages.min()}, {languages.max()}]")
         self.n_rows = len(groups)
-        # Dense group ids make bincount/indexing cheap whatever ids the dataset uses.
-        _, self.dense_groups = np.unique(groups, return_inverse=True)
-        self.dense_groups = self.dense_groups.astype(np.int64).reshape(-1)
-        self.languages = languages.astype(np.int64)
+        dtype = _index_dtype(self.n_rows)
+        # Dense group ids make bincount/indexing cheap whatever ids the dataset uses; ids already dense are their
+        # own dense ids (np.unique's inverse would equal them).
+        if self.n_rows and groups.min() >= 0 and np.bincount(groups).all():
+            self.dense_groups = groups
+        else:
+            _, inverse = np.unique(groups, return_inverse=True)
+            self.dense_groups = inverse.astype(dtype).reshape(-1)
+        self.languages = languages
         n_groups = self.n_groups = int(self.dense_groups.max()) + 1 if self.n_rows else 0
 
         # Rows of each group, contiguous: group g's rows are by_group[start[g] : start[g] + count[g]].
-        self.by_group = np.argsort(self.dense_groups, kind="stable")
+        self.by_group = np.argsort(self.dense_groups, kind="stable").astype(dtype)
         self.count = np.bincount(self.dense_groups, minlength=n_groups)
         self.start = np.concatenate([[0], np.cumsum(self.count)[:-1]]).astype(np.int64)
-        self.pos_in_group = np.empty(self.n_rows, dtype=np.int64)
-        self.pos_in_group[self.by_group] = np.arange(self.n_rows) - np.repeat(self.start, self.count)
 
+        # Per language: its rows, and how many distinct groups they hold; per group: in how many languages.
+        self.rows_by_language = []
+        self.groups_by_language = []
+        langs_per_group = np.zeros(n_groups, dtype=np.int32)
+        for lang in range(len(self.language_names)):
+            rows = np.flatnonzero(languages == lang).astype(dtype)
+            present = np.bincount(self.dense_groups[rows], minlength=n_groups) > 0
+            self.rows_by_language.append(rows)
+            self.groups_by_language.append(int(np.count_nonzero(present)))
+            langs_per_group += present
         # Groups present in at least two languages can give cross-lingual rows.
-        pair_keys = np.unique(self.dense_groups * max(len(self.language_names), 1) + self.languages)
-        langs_per_group = np.bincount(pair_keys // max(len(self.language_names), 1), minlength=n_groups)
-        self.cross_rows = np.flatnonzero(langs_per_group[self.dense_groups] >= 2)
-        self.n_cross_groups = int(np.count_nonzero(langs_per_group >= 2))
+        self._cross_groups = langs_per_group >= 2
+        self.n_cross_groups = int(np.count_nonzero(self._cross_groups))
 
-        self.rows_by_language = [np.flatnonzero(self.languages == lang) for lang in range(len(self.language_names))]
-        self.groups_by_language = [len(np.unique(self.dense_groups[rows])) for rows in self.rows_by_language]
+    @property
+    def cross_rows(self) -> np.ndarray:
+        """Rows whose group has rows in 2+ languages (computed when a cross-lingual queue is built)."""
+        return np.flatnonzero(self._cross_groups[self.dense_groups]).astype(_index_dtype(self.n_rows))
+
+    def _positions(self, queries: np.ndarray, start: np.ndarray, count: np.ndarray) -> np.ndarray:
+        """Each query row's position among its group's rows (which by_group holds in increasing order)."""
+        return np.array([np.searchsorted(self.by_group[s : s + c], q) for q, s, c in
+                         zip(queries.tolist(), start.tolist(), count.tolist())], dtype=np.int64)
 
     def passages_for(self, queries: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """A random row of each query row's group in another language."""
@@ -194,7 +235,7 @@ class _DatasetIndex:
         # Offsetting from the query's own position never lands on the query row itself, so with one row per
         # (group, language) the first draw is always valid.
         step = 1 + (rng.random(len(queries)) * (count - 1)).astype(np.int64)
-        passages = self.by_group[start + (self.pos_in_group[queries] + step) % count]
+        passages = self.by_group[start + (self._positions(queries, start, count) + step) % count]
         bad = np.flatnonzero(self.languages[passages] == self.languages[queries])
         for _ in range(_MAX_REJECTION_ROUNDS):
             if len(bad) == 0:
@@ -206,6 +247,20 @@ class _DatasetIndex:
             rows = self.by_group[start[i] : start[i] + count[i]]
             passages[i] = rng.choice(rows[self.languages[rows] != self.languages[queries[i]]])
         return passages
+
+
+_INDEXES: weakref.WeakKeyDictionary[Any, _DatasetIndex] = weakref.WeakKeyDictionary()
+
+
+def _dataset_index(dataset: PairsLike, index: int) -> _DatasetIndex:
+    """The index of a dataset, built once per dataset object (the trial sampler and each rank's share it)."""
+    try:
+        found = _INDEXES.get(dataset)
+    except TypeError:  # not weak-referenceable: build it every time
+        return _DatasetIndex(dataset, index)
+    if found is None or found.n_rows != len(np.asarray(dataset.groups)):
+        found = _INDEXES[dataset] = _DatasetIndex(dataset, index)
+    return found
 
 
 class _Choice:
@@ -287,7 +342,7 @@ class HybridBatchSampler(torch.utils.data.Sampler[list[tuple[int, int, int]]]):
         self._skip: tuple[int, int] | None = None  # (epoch, batches) to skip when that epoch is next iterated
         self.last_batch_info: BatchInfo | None = None
 
-        self._datasets = [_DatasetIndex(ds, i) for i, ds in enumerate(datasets)]
+        self._datasets = [_dataset_index(ds, i) for i, ds in enumerate(datasets)]
         n = self.global_batch_size
         total_rows = sum(d.n_rows for d in self._datasets)
 

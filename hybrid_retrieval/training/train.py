@@ -62,7 +62,7 @@ def build_datamodule(cfg: DictConfig, inputs: TrainingInputs | None = None) -> H
     """Training data, sampler and evaluation sets; every data error surfaces here, before the model loads."""
     inputs = inputs or load_training_inputs(cfg)
     return HybridDataModule(inputs.datasets, inputs.sampler_factory, cfg.train.batch_size, cfg.train.seed,
-                            inputs.evaluation_sets)
+                            inputs.evaluation_sets, cfg.train.get("hard_negatives", 1), cfg.train.get("num_workers", 0))
 
 
 def build_losses(loss: DictConfig) -> tuple[torch.nn.Module, torch.nn.Module | None]:
