@@ -240,6 +240,27 @@ def test_an_empty_passage_names_the_triple(mini: MiniMmarco, cache: Path) -> Non
     assert store_entries(cache) == []
 
 
+def test_invalid_utf8_names_the_triple_and_the_file(mini: MiniMmarco, cache: Path) -> None:
+    q, p, n = mini.triples[2]
+    path = mini.collection_file("chinese")
+    data = path.read_bytes()
+    at = data.index(f"\n{p}\t".encode()) + len(f"\n{p}\t")
+    path.write_bytes(data[:at] + b"\xff\xfe" + data[at:])
+    line, field = next((i + 1, "positive" if t[1] == p else "negative") for i, t in enumerate(mini.triples) if p in t[1:])
+    with pytest.raises(StoreError) as error:
+        from_mmarco(mini.root, LANGUAGES)
+    assert str(error.value).startswith(f"{mini.triples_file}:{line}: {field} pid {p}: its text in {path} (byte {at}) "
+                                       "is not valid UTF-8")
+    assert store_entries(cache) == []
+
+
+def test_a_byte_order_mark_is_skipped(mini: MiniMmarco, cache: Path) -> None:
+    for path in (mini.triples_file, mini.queries_file("german"), mini.collection_file("german")):
+        path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    pairs = from_mmarco(mini.root, LANGUAGES)
+    assert pairs.table.to_pylist() == expected_rows(mini, LANGUAGES, mini.triples)
+
+
 def test_every_position_resumes_where_it_was(mini: MiniMmarco, monkeypatch: pytest.MonkeyPatch) -> None:
     """The chunks read from a chunk's position are exactly the chunks that followed it."""
     monkeypatch.setattr(mmarco, "CHUNK_TRIPLES", 3)

@@ -93,6 +93,8 @@ def _incomplete(column: pa.ChunkedArray, required: bool) -> bool:
     """A missing value in a required field, or an empty or blank string in any."""
     if required and column.null_count:
         return True
+    if pa.types.is_list(column.type):
+        column = column.combine_chunks().flatten()
     return bool(pc.any(pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(column)), 0)).as_py())
 
 
@@ -142,7 +144,7 @@ def jsonl_chunks(file: Path, keep_negatives: bool) -> Any:
                     last = first + block.count(b"\n")
                     raise StoreError(f"{file}: lines {first}-{last}: {error}") from None
                 rows = _row_lines(block, first) if len(table) else np.empty(0, np.int64)
-                if any(_incomplete(table.column(name), name in TEXT_FIELDS) for name in _SCHEMA.names[:5]):
+                if any(_incomplete(table.column(name), name in TEXT_FIELDS) for name in _SCHEMA.names):
                     _check_lines(block, file, first)
                 offset += len(block)
                 line += block.count(b"\n")

@@ -150,6 +150,7 @@ def _chunks(files: dict[str, Path], languages: list[tuple[str, str]], max_triple
         for index in range(int(start["language"]), len(languages)):
             line, count, offset = ((int(start["line"]), int(start["triples"]), int(start["offset"]))
                                    if index == int(start["language"]) else (0, 0, 0))
+            offset = max(offset, triples.start)
             if done(count, offset):
                 continue
             full, code = languages[index]
@@ -207,13 +208,15 @@ def _chunk(ids: np.ndarray, numbers: np.ndarray, full: str, code: str, triples: 
 
 
 class _Mapped:
-    """A file memory-mapped read-only (an empty file maps to nothing)."""
+    """A file memory-mapped read-only (an empty file maps to nothing); ``start``: where its lines begin (after a
+    UTF-8 byte order mark, if it has one)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._file = path.open("rb")
         self.size = os.fstat(self._file.fileno()).st_size
         self.map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ) if self.size else None
+        self.start = 3 if self.map is not None and self.map[:3] == b"\xef\xbb\xbf" else 0
 
     def bytes(self, start: int, end: int) -> np.ndarray:
         """``[start, end)`` as a numpy view (no copy)."""
@@ -247,7 +250,7 @@ class _IdTexts(_Mapped):
 
     def _index(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         ids, starts, ends, numbers = [], [], [], []
-        offset, line, block = 0, 0, INDEX_BLOCK
+        offset, line, block = self.start, 0, INDEX_BLOCK
         while offset < self.size:
             end = min(offset + block, self.size)
             buffer = self.bytes(offset, end)
