@@ -35,7 +35,7 @@ def mini(tmp_path: Path) -> MiniMmarco:
 def read_tsv(path: Path) -> dict[int, str]:
     """``id -> text`` of an ``id<TAB>text`` file, read with plain Python."""
     found: dict[int, str] = {}
-    for line in path.read_text(encoding="utf-8").split("\n"):
+    for line in path.read_text(encoding="utf-8-sig").split("\n"):
         line = line[:-1] if line.endswith("\r") else line
         if line:
             key, text = line.split("\t", 1)
@@ -228,7 +228,7 @@ def test_a_malformed_language_file(mini: MiniMmarco, cache: Path) -> None:
 
 
 def test_an_empty_passage_names_the_triple(mini: MiniMmarco, cache: Path) -> None:
-    q, p, n = mini.triples[6]
+    _, p, _ = mini.triples[6]
     path = mini.collection_file("german")
     lines = path.read_text(encoding="utf-8").split("\n")
     path.write_text("\n".join(f"{p}\t " if line.startswith(f"{p}\t") else line for line in lines), encoding="utf-8")
@@ -241,12 +241,13 @@ def test_an_empty_passage_names_the_triple(mini: MiniMmarco, cache: Path) -> Non
 
 
 def test_invalid_utf8_names_the_triple_and_the_file(mini: MiniMmarco, cache: Path) -> None:
-    q, p, n = mini.triples[2]
+    _, p, _ = mini.triples[2]
     path = mini.collection_file("chinese")
     data = path.read_bytes()
-    at = data.index(f"\n{p}\t".encode()) + len(f"\n{p}\t")
+    at = (b"\n" + data).index(f"\n{p}\t".encode()) + len(f"{p}\t")  # where its text begins
     path.write_bytes(data[:at] + b"\xff\xfe" + data[at:])
-    line, field = next((i + 1, "positive" if t[1] == p else "negative") for i, t in enumerate(mini.triples) if p in t[1:])
+    line, field = next((i + 1, "positive" if t[1] == p else "negative")
+                       for i, t in enumerate(mini.triples) if p in t[1:])
     with pytest.raises(StoreError) as error:
         from_mmarco(mini.root, LANGUAGES)
     assert str(error.value).startswith(f"{mini.triples_file}:{line}: {field} pid {p}: its text in {path} (byte {at}) "

@@ -155,7 +155,11 @@ def _chunks(files: dict[str, Path], languages: list[tuple[str, str]], max_triple
                 continue
             full, code = languages[index]
             queries = _IdTexts(files[f"{full}_queries"], "qid")
-            collection = _IdTexts(files[f"{full}_collection"], "pid")
+            try:
+                collection = _IdTexts(files[f"{full}_collection"], "pid")
+            except BaseException:
+                queries.close()
+                raise
             try:
                 while not done(count, offset):
                     limit = CHUNK_TRIPLES if max_triples is None else min(CHUNK_TRIPLES, max_triples - count)

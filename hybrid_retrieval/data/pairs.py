@@ -421,8 +421,9 @@ def build_datasets(train_data: Any) -> list[ParallelPairs]:
         built = instantiate(entries, _convert_="all")
     except MissingMandatoryValue as exc:
         raise ValueError(
-            f"train_data config lacks a required value ({exc.full_key}); for train_data=jsonl set "
-            f"train_data.path=/path/to/file.jsonl"
+            f"train_data config lacks a required value ({exc.full_key}): set it on the command line, e.g. "
+            "train_data.path=/path/to/file.jsonl (train_data=jsonl, parquet, hf) or train_data.root=/path/to/mmarco "
+            "(train_data=mmarco)"
         ) from exc
     for i, item in enumerate(built):
         if not isinstance(item, ParallelPairs):
