@@ -114,8 +114,6 @@ def worker_convert(path: str) -> dict[str, Any]:
 
 
 def worker_startup(path: str) -> dict[str, Any]:
-    import numpy as np  # noqa: F401  (imports before the first figure)
-
     from hybrid_retrieval.data.pairs import from_jsonl
     from hybrid_retrieval.training.sampler import HybridBatchSampler
 

@@ -16,7 +16,6 @@ the error names the line and the field.
 from __future__ import annotations
 
 import io
-import json
 import os
 from collections.abc import Iterator
 from pathlib import Path

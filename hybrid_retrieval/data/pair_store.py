@@ -3,7 +3,8 @@
 A store is a folder in the on-disk form of Hugging Face ``datasets`` (``datasets.load_from_disk`` opens it)::
 
     data-00000-of-00003.arrow ...   the rows: group, language, query, passage, hard_negatives (list of strings)
-    index.arrow                     one record batch: group_index, language_index (int32), read zero-copy
+    index.arrow                     one record batch: group_index (int32), language_index (int8 up to 127
+                                    languages), read zero-copy
     state.json, dataset_info.json   what datasets.load_from_disk reads
     pairs.json                      rows, groups, language names, the reader, its options, the fingerprint
 
@@ -160,7 +161,9 @@ def _codes(column: pa.ChunkedArray, names: Sequence[str] | None, what: str) -> t
     if codes.null_count:
         bad = int(pc.index(pc.is_null(codes), True).as_py())
         raise StoreError(f"row {bad}: {what} {column[bad].as_py()!r} is not one of {list(names or [])}")
-    dtype = np.int32 if len(values) < 2**31 else np.int64
+    # Languages in the smallest type that holds them (a byte a row), groups in int32 up to 2^31.
+    types = (np.int8, np.int16, np.int32, np.int64) if what == "language" else (np.int32, np.int64)
+    dtype = next(t for t in types if len(values) <= np.iinfo(t).max)
     return codes.to_numpy().astype(dtype, copy=False), values
 
 
@@ -180,24 +183,22 @@ def write_store(folder: Path, chunks: Callable[[Any], Iterator[Chunk]], meta: di
         progress.update(sum(part[1] for part in state["parts"]))
     writer = None
     part_rows = 0
-    digest = xxhash.xxh3_128()  # of the rows as written, part by part: equal data, equal digest, wherever it lies
 
     def commit(position: Any) -> None:
-        nonlocal writer, part_rows, digest
+        nonlocal writer, part_rows
         writer.close()
         name = f"part-{len(state['parts']):05d}.arrow"
         os.replace(partial / (name + ".tmp"), partial / name)
-        state["parts"].append([name, part_rows, digest.hexdigest()])
+        state["parts"].append([name, part_rows])
         state["position"] = position
         state_file.write_text(json.dumps(state))
-        writer, part_rows, digest = None, 0, xxhash.xxh3_128()
+        writer, part_rows = None, 0
 
     try:
         position = state["position"]
         for chunk in chunks(state["position"]):
             batch = check_chunk(chunk)
             if len(batch):
-                digest.update(batch.serialize())
                 if writer is None:
                     name = f"part-{len(state['parts']):05d}.arrow"
                     writer = pa.ipc.new_stream(str(partial / (name + ".tmp")), SCHEMA)
@@ -229,8 +230,7 @@ def _finish(folder: Path, parts: list[list[Any]], meta: dict[str, Any], language
     if total == 0 or sum(part[1] for part in parts) == 0:
         raise StoreError(f"{meta.get('source', meta.get('name'))}: no rows")
     files = []
-    content = hashlib.sha256(" ".join(part[2] for part in parts).encode())
-    for i, (name, *_) in enumerate(parts):
+    for i, (name, _) in enumerate(parts):
         target = f"data-{i:05d}-of-{total:05d}.arrow"
         os.replace(folder / name, folder / target)
         files.append(target)
@@ -238,18 +238,44 @@ def _finish(folder: Path, parts: list[list[Any]], meta: dict[str, Any], language
     table = open_rows(folder, files)
     groups, _ = _codes(table.column("group"), None, "group")
     languages, names = _codes(table.column("language"), language_names, "language")
-    content.update(json.dumps(names.to_pylist()).encode())
     index = pa.RecordBatch.from_arrays([pa.array(groups), pa.array(languages)], ["group_index", "language_index"])
     with pa.ipc.new_stream(str(folder / (INDEX + ".tmp")), index.schema) as writer:
         writer.write_batch(index)
     os.replace(folder / (INDEX + ".tmp"), folder / INDEX)
     negatives = pc.list_value_length(table.column("hard_negatives"))
     full = {**meta, "version": STORE_VERSION, "files": files, "rows": table.num_rows,
-            "groups": int(groups.max()) + 1, "language_names": names.to_pylist(), "digest": content.hexdigest()[:16],
+            "groups": int(groups.max()) + 1, "language_names": names.to_pylist(), "digest": content_digest(table, names.to_pylist()),
             "rows_with_hard_negatives": int(pc.sum(pc.greater(negatives, 0)).as_py() or 0),
             "max_hard_negatives": int(pc.max(negatives).as_py() or 0), "written": time.strftime("%Y-%m-%dT%H:%M:%S")}
     _write_datasets_files(folder, files, full)
     (folder / META).write_text(json.dumps(full, indent=1))
+
+
+def _string_parts(array: pa.Array) -> tuple[np.ndarray, memoryview]:
+    """The lengths and the bytes of a string array's values (a slice reads only its own part of the buffers)."""
+    offsets = np.frombuffer(array.buffers()[1], dtype=np.int32)[array.offset : array.offset + len(array) + 1]
+    data = array.buffers()[2]
+    return np.diff(offsets), memoryview(data)[offsets[0] : offsets[-1]] if data is not None else memoryview(b"")
+
+
+def content_digest(table: pa.Table, language_names: Sequence[str]) -> str:
+    """A digest of what the rows hold, whatever the record batches' sizes: each column's value lengths and bytes
+    are hashed in row order (xxh3, one pass over the mapped files)."""
+    hashers = {}
+    for name in SCHEMA.names:
+        for chunk in table.column(name).chunks:
+            parts = [chunk]
+            if pa.types.is_list(chunk.type):
+                offsets = np.frombuffer(chunk.buffers()[1], dtype=np.int32)[chunk.offset : chunk.offset + len(chunk) + 1]
+                parts = [chunk.values.slice(int(offsets[0]), int(offsets[-1] - offsets[0]))]
+                hashers.setdefault(f"{name}:count", xxhash.xxh3_128()).update(np.diff(offsets).tobytes())
+            for part in parts:
+                lengths, data = _string_parts(part)
+                hashers.setdefault(f"{name}:lengths", xxhash.xxh3_128()).update(lengths.tobytes())
+                hashers.setdefault(f"{name}:bytes", xxhash.xxh3_128()).update(data)
+    described = {key: hasher.hexdigest() for key, hasher in sorted(hashers.items())}
+    described["languages"] = list(language_names)
+    return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _write_datasets_files(folder: Path, files: list[str], meta: dict[str, Any]) -> None:

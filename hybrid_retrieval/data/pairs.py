@@ -21,8 +21,6 @@ dataclasses back into DictConfigs).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -34,7 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from hybrid_retrieval.data.lareqa import PASSAGE_TEXTS, Paragraph, check_holdout, format_passage
-from hybrid_retrieval.data.pair_store import Chunk, cached_store, open_index, open_rows, read_meta
+from hybrid_retrieval.data.pair_store import Chunk, cached_store, content_digest, open_index, open_rows, read_meta
 
 __all__ = [
     "HARD_NEGATIVE_SOURCES",
@@ -142,7 +140,8 @@ class ParallelPairs:
     def __init__(self, name: str, groups: Any, languages: Any, language_names: Sequence[str],
                  queries: Sequence[str] | None = None, passages: Sequence[str] | None = None,
                  hard_negatives: Sequence[Any] | None = None, *, table: pa.Table | None = None,
-                 folder: Path | None = None, digest: str | None = None) -> None:
+                 folder: Path | None = None, digest: str | None = None,
+                 negatives: tuple[int, int] | None = None) -> None:
         self.name = name
         self.groups = groups if isinstance(groups, np.ndarray) and groups.dtype.kind == "i" \
             else np.asarray(groups, dtype=np.int64)
@@ -158,9 +157,11 @@ class ParallelPairs:
         self.query_column = TextColumn(table.column("query"))
         self.passage_column = TextColumn(table.column("passage"))
         self.negative_column = TextColumn(table.column("hard_negatives"))
-        counts = pc.list_value_length(table.column("hard_negatives"))
-        self.max_hard_negatives = int(pc.max(counts).as_py() or 0) if len(counts) else 0
-        self.rows_with_hard_negatives = int(pc.sum(pc.greater(counts, 0)).as_py() or 0) if len(counts) else 0
+        if negatives is None:
+            counts = pc.list_value_length(table.column("hard_negatives"))
+            negatives = (int(pc.sum(pc.greater(counts, 0)).as_py() or 0), int(pc.max(counts).as_py() or 0))
+        # (rows with hard negatives, the most a row has): a store's metadata says, without reading the column.
+        self.rows_with_hard_negatives, self.max_hard_negatives = negatives
 
     def _table_from_lists(self, queries: Sequence[Any] | None, passages: Sequence[Any] | None,
                           hard_negatives: Sequence[Any] | None) -> pa.Table:
@@ -197,7 +198,8 @@ class ParallelPairs:
         meta = read_meta(folder)
         groups, languages = open_index(folder)
         return cls(meta["name"], groups, languages, meta["language_names"], table=open_rows(folder, meta["files"]),
-                   folder=folder, digest=meta["digest"])
+                   folder=folder, digest=meta["digest"],
+                   negatives=(meta["rows_with_hard_negatives"], meta["max_hard_negatives"]))
 
     @classmethod
     def from_rows(cls, name: str, rows: Sequence[PairRow], language_names: Sequence[str] | None = None,
@@ -245,16 +247,7 @@ class ParallelPairs:
         """What the rows hold: for a store, digested once when it was written (constant time here, at any size);
         for a table in memory, digested now. Equal data, equal digest, wherever it was read from."""
         if self._digest is None:
-            digest = hashlib.sha256()
-            digest.update(np.ascontiguousarray(self.groups, dtype=np.int64).tobytes())
-            digest.update(np.ascontiguousarray(self.languages, dtype=np.int64).tobytes())
-            digest.update(json.dumps(self.language_names).encode())
-            for batch in self.table.select(["query", "passage", "hard_negatives"]).to_batches():
-                for column in batch.columns:
-                    for buffer in column.buffers():
-                        if buffer is not None:
-                            digest.update(buffer)
-            self._digest = digest.hexdigest()[:16]
+            self._digest = content_digest(self.table, self.language_names)
         return self._digest
 
     @property

@@ -66,7 +66,6 @@ def _strings(batch: pa.RecordBatch, column: str, field: str, where: Any) -> pa.A
 
 def _negatives(batch: pa.RecordBatch, names: dict[str, str], where: Any) -> pa.Array | None:
     """Each row's hard negatives: ``hard_negative`` (when set) followed by ``hard_negatives``."""
-    n = batch.num_rows
     parts = []
     if names["hard_negative"] in batch.schema.names:
         one = _strings(batch, names["hard_negative"], "hard_negative", where)
