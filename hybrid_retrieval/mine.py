@@ -61,16 +61,17 @@ def mine(cfg: DictConfig) -> Path:
         skipped_total: dict[str, int] = {}
         rows_out, provenance = [], []
         for data in datasets:
-            texts, groups, languages, row_to_pool = passage_pool(data.passages, data.groups, data.languages)
+            queries, passages = list(data.queries), list(data.passages)  # mining reads every row: once, in order
+            texts, groups, languages, row_to_pool = passage_pool(passages, data.groups, data.languages)
             passage_emb, _ = encode_texts(encoder, texts, "passage", cfg.hardware)
-            query_emb, _ = encode_texts(encoder, list(data.queries), "query", cfg.hardware)
+            query_emb, _ = encode_texts(encoder, queries, "query", cfg.hardware)
             mined = mine_negatives(query_emb, passage_emb, data.groups, data.languages, row_to_pool, groups,
                                    languages, settings)
             for row, negative in enumerate(mined):
                 language = data.language_names[int(data.languages[row])]
                 text = texts[negative.passage] if negative.passage >= 0 else None
                 rows_out.append({"group": f"{data.name}:{int(data.groups[row])}", "language": language,
-                                 "query": data.queries[row], "passage": data.passages[row], "hard_negative": text})
+                                 "query": queries[row], "passage": passages[row], "hard_negative": text})
                 provenance.append({"line": len(rows_out), "dataset": data.name, "model": source,
                                    "rank": negative.rank, "score": negative.score,
                                    "positive_score": negative.positive_score, "skipped": negative.skipped})

@@ -73,7 +73,7 @@ class _GroupQueue:
     cycle needs beyond that is computed when it is drawn and freed after.
     """
 
-    def __init__(self, rows: np.ndarray, row_groups: np.ndarray, n_groups: int) -> None:
+    def __init__(self, rows: np.ndarray, row_groups: np.ndarray, n_groups: int, sorted_by_group: bool = False) -> None:
         self.row_groups = row_groups  # dense group id per row of the dataset (indexed by row)
         dtype = _index_dtype(max(len(row_groups), n_groups))
         self.buffer = np.empty(0, dtype=rows.dtype)
@@ -84,7 +84,7 @@ class _GroupQueue:
         counts = np.bincount(row_groups[rows], minlength=n_groups) if len(rows) else np.zeros(0, np.int64)
         self.n_distinct = int(np.count_nonzero(counts))
         self._one_per_group = bool(len(rows) == 0 or counts.max() == 1)
-        if self._one_per_group:
+        if self._one_per_group or sorted_by_group:
             self.rows = rows
         else:
             # The rows sorted by group (stable): a cycle ranks rows within their group from this order.
@@ -105,23 +105,35 @@ class _GroupQueue:
         if self._one_per_group:
             return rng.permutation(self.rows)
         n = len(self.rows)
+        # Each row's rank within its group (rows are sorted by group), in the smallest type that holds it.
         sorted_groups = self.row_groups[self.rows]
-        starts = np.flatnonzero(np.r_[True, sorted_groups[1:] != sorted_groups[:-1]])
-        rank_in_group = np.arange(n, dtype=_index_dtype(n))
-        rank_in_group -= np.repeat(starts, np.diff(np.r_[starts, n])).astype(rank_in_group.dtype)
+        first = np.ones(n, dtype=bool)
+        np.not_equal(sorted_groups[1:], sorted_groups[:-1], out=first[1:])
+        position = np.arange(n, dtype=_index_dtype(n))
+        group_start = np.where(first, position, 0)
+        del first
+        np.maximum.accumulate(group_start, out=group_start)
+        position -= group_start
+        del group_start
+        rank_in_group = position.astype(np.min_scalar_type(int(position.max())), copy=False)
+        del position
         # Shuffle rows within each group (group id plus a fraction in [0, 1) keeps groups apart), so that a
         # row's rank within its group is random; that rank is its round. Then shuffle within rounds the same way.
+        # (Each array is freed as soon as it is used: at 30M rows a cycle's arrays are the sampler's peak memory.)
         keys = rng.random(n)
         keys += sorted_groups
         del sorted_groups
         within = np.argsort(keys)
+        del keys
         rounds = np.empty(n, dtype=rank_in_group.dtype)
         rounds[within] = rank_in_group
         del within, rank_in_group
         keys = rng.random(n)
         keys += rounds
         del rounds
-        return self.rows[np.argsort(keys)]
+        order = np.argsort(keys)
+        del keys
+        return self.rows[order]
 
     def _first_occurrences(self, window: np.ndarray) -> np.ndarray:
         """Boolean mask of the positions in window whose group does not occur earlier in window."""
@@ -220,8 +232,11 @@ class _DatasetIndex:
 
     @property
     def cross_rows(self) -> np.ndarray:
-        """Rows whose group has rows in 2+ languages (computed when a cross-lingual queue is built)."""
-        return np.flatnonzero(self._cross_groups[self.dense_groups]).astype(_index_dtype(self.n_rows))
+        """Rows whose group has rows in 2+ languages, sorted by group (rows of a group in increasing order): a
+        slice of ``by_group``, or ``by_group`` itself when every group qualifies (parallel data: no copy)."""
+        if self.n_cross_groups == self.n_groups:
+            return self.by_group
+        return self.by_group[self._cross_groups[self.dense_groups[self.by_group]]]
 
     def _positions(self, queries: np.ndarray, start: np.ndarray, count: np.ndarray) -> np.ndarray:
         """Each query row's position among its group's rows (which by_group holds in increasing order)."""
@@ -449,6 +464,7 @@ class HybridBatchSampler(torch.utils.data.Sampler[list[tuple[int, int, int]]]):
                 d = self._datasets[d_idx]
                 queue = cross_queues.get(d_idx)
                 if queue is None:
-                    queue = cross_queues[d_idx] = _GroupQueue(d.cross_rows, d.dense_groups, d.n_groups)
+                    queue = cross_queues[d_idx] = _GroupQueue(d.cross_rows, d.dense_groups, d.n_groups,
+                                                              sorted_by_group=True)
                 queries = queue.pop(n, rng)
                 yield BatchInfo("cross", d_idx, None), queries, d.passages_for(queries, rng)
