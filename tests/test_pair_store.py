@@ -262,8 +262,13 @@ def test_hugging_face_datasets_saved_to_disk(tmp_path: Path, cache: Path, monkey
     assert len(one) == 30 and len(dev) == 4 and one.queries == table.column("question").to_pylist()
     with pytest.raises(ValueError, match=r"no split 'test'; it has \['train', 'dev'\]"):
         from_hf(str(tmp_path / "dict"), split="test", columns=COLUMNS)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # Neither a folder nor reachable: the error says what to point at instead (datasets' own offline mode here,
+    # read when datasets is imported; the project's HYBRID_RETRIEVAL_OFFLINE does not ask the hub at all).
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     with pytest.raises(FileNotFoundError, match="could not be loaded.*save_to_disk"):
+        from_hf("nobody/no-such-dataset")
+    monkeypatch.setenv("HYBRID_RETRIEVAL_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match="no such folder, and HYBRID_RETRIEVAL_OFFLINE is set"):
         from_hf("nobody/no-such-dataset")
 
 

@@ -165,6 +165,12 @@ def from_hf(path: str, split: str = "train", name: str | None = None, hard_negat
         label = name or folder.resolve().name
         sources: list[Any] = [folder]
     else:
+        from hybrid_retrieval.data.sources import OFFLINE_ENV, offline
+
+        if offline():
+            raise FileNotFoundError(f"Hugging Face dataset {path!r}: no such folder, and {OFFLINE_ENV} is set, so the "
+                                    "hub is not asked; save it with datasets' save_to_disk (or as Parquet files) and "
+                                    "set the path to that folder")
         try:
             loaded = datasets.load_dataset(path, config, split=split)
         except Exception as error:  # the hub unreachable, an unknown name: say what to point at instead
