@@ -308,10 +308,10 @@ def test_mine_command_writes_training_jsonl_without_translation_negatives(tmp_pa
     passages_of_group: dict[int, set[str]] = {}
     for group, passage in zip(pairs.groups, pairs.passages):
         passages_of_group.setdefault(int(group), set()).add(passage)
-    mined = [n for n in pairs.hard_negatives if n is not None]
-    assert len(mined) > len(pairs) // 2
-    for group, negative, passage in zip(pairs.groups, pairs.hard_negatives, pairs.passages):
-        assert negative is None or (negative != passage and negative not in passages_of_group[int(group)])
+    mined = [n for n in pairs.hard_negatives if n]
+    assert len(mined) > len(pairs) // 2 and all(len(n) == 1 for n in mined)
+    for group, negatives, passage in zip(pairs.groups, pairs.hard_negatives, pairs.passages):
+        assert all(n != passage and n not in passages_of_group[int(group)] for n in negatives)
     provenance = [json.loads(line) for line in (out / "pairs.provenance.jsonl").read_text().splitlines()]
     assert len(provenance) == len(pairs) and all(p["model"].startswith("random:") or p["model"] for p in provenance)
     assert all(p["rank"] is None or 2 <= p["rank"] <= 30 for p in provenance)

@@ -68,8 +68,8 @@ class HybridDataModule(pl.LightningDataModule):
         if self.num_workers and "TOKENIZERS_PARALLELISM" not in os.environ:
             # The workers are the parallelism; a tokenizer used before the fork would otherwise warn and serialise.
             os.environ["TOKENIZERS_PARALLELISM"] = "false"
-        return DataLoader(PairTexts(self.train_datasets, self.hard_negatives), batch_sampler=self.sampler,
-                          collate_fn=PairCollator(tokenize), **workers)
+        return TrainLoader(PairTexts(self.train_datasets, self.hard_negatives), batch_sampler=self.sampler,
+                           collate_fn=PairCollator(tokenize), **workers)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.evaluation_sets, batch_size=None, collate_fn=_identity)
@@ -96,6 +96,18 @@ class HybridDataModule(pl.LightningDataModule):
 
     def summary(self) -> list[dict[str, Any]]:
         return [data.summary() for data in self.train_datasets]
+
+
+class TrainLoader(DataLoader):
+    """The training DataLoader. A DataLoader draws a base seed from torch's generator each time it starts an
+    iterator: every epoch without workers, only the first with persistent workers. A reused iterator draws it
+    here instead, so torch's generator, and with it the dropout masks, advances the same with or without
+    workers: ``train.num_workers`` changes neither the batches nor the result."""
+
+    def __iter__(self) -> Any:
+        if self.persistent_workers and self.num_workers > 0 and self._iterator is not None:
+            torch.empty((), dtype=torch.int64).random_(generator=self.generator)
+        return super().__iter__()
 
 
 def _identity(item: Any) -> Any:
