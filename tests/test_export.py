@@ -205,13 +205,22 @@ def test_card_results_of_every_evaluation_set_and_a_model_index_the_hub_reads(ti
     recorded = json.loads((folder / SETTINGS_FILE).read_text())
     assert (recorded["matryoshka_dims"], recorded["truncate_dim"], recorded["model_name"]) == ([64, 32, 16], 32, name)
     st_config = json.loads((folder / "config_sentence_transformers.json").read_text())
-    assert st_config["truncate_dim"] == 32
+    assert "truncate_dim" not in st_config and st_config["similarity_fn_name"] == "cosine"
     loaded = load_encoder(name="tiny", source="hub", path=str(folder))
     assert (loaded.truncate_dim, loaded.matryoshka_dims, loaded.output_dim) == (32, [64, 32, 16], 32)
-    # sentence-transformers cuts after its Normalize module: re-normalised on request (cosine ignores the norm).
-    theirs = SentenceTransformer(str(folder), device="cpu").encode(SENTENCES, prompt_name="document",
-                                                                   normalize_embeddings=True)
-    assert_same_embeddings(encoder.encode(SENTENCES, "passage"), theirs, "truncated, sentence-transformers")
+    # In sentence-transformers the truncation is a module before Normalize: encode returns this project's unit
+    # vectors as they are, and similarity (cosine) and a plain dot product agree with the project's scores.
+    model = SentenceTransformer(str(folder), device="cpu")
+    assert [m["type"].rsplit(".", 1)[1] for m in json.loads((folder / "modules.json").read_text())] == [
+        "Transformer", "Pooling", "Dense", "Normalize"] and model.get_sentence_embedding_dimension() == 32
+    theirs = model.encode(SENTENCES, prompt_name="document")
+    assert theirs.shape == (len(SENTENCES), 32)
+    np.testing.assert_allclose(np.linalg.norm(theirs, axis=1), 1.0, rtol=1e-5)
+    ours = encoder.encode(SENTENCES, "passage")
+    assert_same_embeddings(ours, theirs, "truncated, sentence-transformers")
+    queries = model.encode(SENTENCES[:2], prompt_name="query")
+    np.testing.assert_allclose(model.similarity(queries, theirs).numpy(), queries @ theirs.T, atol=1e-5)
+    np.testing.assert_allclose(queries @ theirs.T, encoder.encode(SENTENCES[:2], "query") @ ours.T, atol=1e-4)
 
 
 @pytest.mark.slow

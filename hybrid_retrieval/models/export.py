@@ -3,7 +3,8 @@
 The folder is at once:
 
 * a transformers model (``config.json``, ``model.safetensors``, tokenizer files: ``AutoModel`` + ``AutoTokenizer``);
-* a sentence-transformers model (``modules.json``: Transformer -> Pooling -> [Dense] -> [Normalize], prompts
+* a sentence-transformers model (``modules.json``: Transformer -> Pooling -> [Dense] -> [Truncate] -> [Normalize],
+  prompts
   ``query`` / ``passage`` in ``config_sentence_transformers.json``), in the classic on-disk format of the models
   on the hub, which old and new sentence-transformers releases read alike;
 * this project's model (``hybrid_retrieval.json``: the encoder settings, read back by ``load_encoder(path=...)``),
@@ -24,13 +25,14 @@ from typing import Any
 
 from torch import nn
 
-from hybrid_retrieval.models.dense import dense_linear, save_dense
+from hybrid_retrieval.models.dense import DENSE_WEIGHTS, dense_linear, save_dense
 from hybrid_retrieval.models.encoder import Encoder
 from hybrid_retrieval.models.loading import SETTINGS_FILE, SETTINGS_FORMAT, quiet_transformers
 
 __all__ = ["encoder_settings", "export_encoder", "read_run_results", "render_model_card", "run_model_name"]
 
 DENSE_FOLDER = "2_Dense"
+TRUNCATE_FOLDER = "Truncate"  # <idx>_Truncate: the first model.truncate_dim components, before Normalize
 
 
 def _activation_name(dense: nn.Module) -> str:
@@ -97,7 +99,16 @@ def _sentence_transformers_files(encoder: Encoder, folder: Path) -> None:
         config["activation_function"] = f"{type(activation).__module__}.{type(activation).__name__}"
         _write_json(config_file, config)
         modules.append({"idx": 2, "name": "2", "path": DENSE_FOLDER, "type": "sentence_transformers.models.Dense"})
-    if encoder.normalize:
+    if encoder.truncate_dim is not None:
+        # The first k components as a module (a Dense layer holding the k x d identity slice), then Normalize:
+        # what encode() returns is unit-length, as this project's truncated embeddings are, for encode, similarity
+        # and inner-product indexes alike (sentence-transformers' own truncate_dim cuts after Normalize).
+        idx = len(modules)
+        path = f"{idx}_{TRUNCATE_FOLDER}"
+        width = dense_linear(encoder.dense).out_features if encoder.dense is not None else hidden
+        _save_truncation(width, encoder.truncate_dim, folder / path)
+        modules.append({"idx": idx, "name": str(idx), "path": path, "type": "sentence_transformers.models.Dense"})
+    if encoder.normalize or encoder.truncate_dim is not None:
         idx = len(modules)
         path = f"{idx}_Normalize"
         (folder / path).mkdir()
@@ -113,11 +124,21 @@ def _sentence_transformers_files(encoder: Encoder, folder: Path) -> None:
                     "passage": encoder.prefixes["passage"]},
         "default_prompt_name": None,
         # Unnormalised embeddings are scored by inner product in this project, so say so.
-        "similarity_fn_name": "cosine" if encoder.normalize else "dot",
-        # sentence-transformers cuts its embeddings to this size (after its Normalize module: its cosine similarity
-        # ignores the norm; encode(normalize_embeddings=True) gives this project's re-normalised prefix).
-        **({"truncate_dim": encoder.truncate_dim} if encoder.truncate_dim is not None else {}),
+        # Truncated embeddings are re-normalised (the truncation module): unit vectors, scored by cosine.
+        "similarity_fn_name": "cosine" if encoder.normalize or encoder.truncate_dim is not None else "dot",
     })
+
+
+def _save_truncation(width: int, dim: int, folder: Path) -> None:
+    """A sentence-transformers Dense module (no bias, identity activation) whose output is its input's first
+    `dim` of `width` components."""
+    import torch
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    _write_json(folder / "config.json", {"in_features": width, "out_features": dim, "bias": False,
+                                         "activation_function": "torch.nn.modules.linear.Identity"})
+    save_file({"linear.weight": torch.eye(dim, width).contiguous()}, str(folder / DENSE_WEIGHTS))
 
 
 # ------------------------------------------------------------------------------------------------- model card
