@@ -307,7 +307,8 @@ def render_model_card(settings: Mapping[str, Any], card: Mapping[str, Any] | Non
                      "dimensions, re-normalised, are an embedding of their own (sentence-transformers "
                      "`truncate_dim=k`, this project `model.truncate_dim=k`).")
     if settings.get("truncate_dim"):
-        sizes.append(f"Embeddings are cut to their first {settings['truncate_dim']} dimensions (`truncate_dim`).")
+        sizes.append(f"Embeddings are their first {settings['truncate_dim']} dimensions, re-normalised to unit "
+                     "length (in sentence-transformers a Dense module holding the identity slice, before Normalize).")
     if sizes:
         lines += ["## Embedding sizes", "", *sizes, ""]
     if data:
