@@ -187,6 +187,8 @@ def check_logger(cfg: DictConfig) -> None:
         check_tracking_uri(uri)
     except ValueError as error:
         raise ConfigError(str(error)) from error
+    require(cfg.logger.get("log_model", True) in (True, False), "logger.log_model", "true or false",
+             cfg.logger.get("log_model"))
 
 
 def check_evaluate_config(cfg: DictConfig) -> None:

@@ -334,6 +334,32 @@ class TrackedRun:
     def log_artifacts(self, folder: str | Path, artifact_path: str | None = None) -> None:
         with_retry(lambda: self.client.log_artifacts(self.run_id, str(folder), artifact_path))
 
+    def log_sentence_transformer(self, folder: str | Path, name: str = "model") -> str:
+        """An exported model folder as an MLflow model of the sentence-transformers flavour, in this run's
+        experiment and linked to this run (the UI's Models column, the registry); its prompts travel in the model's
+        own config. Returns the model's URI (``models:/<id>``, also the run's ``model_uri`` tag), which
+        ``mlflow.sentence_transformers.load_model`` reads."""
+        import mlflow
+        from sentence_transformers import SentenceTransformer
+
+        model = SentenceTransformer(str(folder), device="cpu")
+        experiment_id = with_retry(lambda: self.client.get_run(self.run_id)).info.experiment_id
+        logged = with_retry(lambda: self.client.create_logged_model(
+            experiment_id=experiment_id, name=name, source_run_id=self.run_id, model_type="sentence-transformers"))
+        # MLflow's model logging reads the process-wide tracking URI: set for this call only.
+        previous = mlflow.get_tracking_uri()
+        mlflow.set_tracking_uri(self.tracking_uri)
+        try:
+            info = mlflow.sentence_transformers.log_model(
+                model, name=name, run_id=self.run_id, model_id=logged.model_id,
+                # Listed, not inferred: inference would load the model again in a subprocess.
+                pip_requirements=["sentence-transformers", "transformers", "torch"],
+                metadata={"prompts": dict(model.prompts), "source_folder": Path(folder).name})
+        finally:
+            mlflow.set_tracking_uri(previous)
+        self.set_tag("model_uri", info.model_uri)
+        return info.model_uri
+
     def log_datasets(self, datasets: Sequence[Any]) -> None:
         """MLflow dataset inputs (the UI's Dataset column): each :class:`~hybrid_retrieval.data.fingerprint.DatasetInfo`
         with its name, digest, source, schema and row count, tagged with its context (training / evaluation).
