@@ -265,6 +265,7 @@ def test_hugging_face_datasets_saved_to_disk(tmp_path: Path, cache: Path, monkey
     # Neither a folder nor reachable: the error says what to point at instead (datasets' own offline mode here,
     # read when datasets is imported; the project's HYBRID_RETRIEVAL_OFFLINE does not ask the hub at all).
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.delenv("HYBRID_RETRIEVAL_OFFLINE", raising=False)
     with pytest.raises(FileNotFoundError, match="could not be loaded.*save_to_disk"):
         from_hf("nobody/no-such-dataset")
     monkeypatch.setenv("HYBRID_RETRIEVAL_OFFLINE", "1")
