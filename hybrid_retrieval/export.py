@@ -2,18 +2,17 @@
 
 Rebuilds the encoder from the checkpoint and writes a folder that transformers, sentence-transformers and this
 project (``model.path=my-model``) load, with a model card built from the run folder the checkpoint sits in
-(its ``.hydra/config.yaml`` and ``metrics.json``, when present). An existing non-empty ``out`` is refused
-unless ``overwrite=true``; the checkpoint is fully checked before the MLflow run starts.
+(its config, metrics and MTEB results, when present): the card run.py's own export writes. An existing non-empty
+``out`` is refused unless ``overwrite=true``; the checkpoint is fully checked before the MLflow run starts.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from hybrid_retrieval import tracking
 from hybrid_retrieval.cli import check_new_folder, hydra_main, merge_ratio
@@ -21,12 +20,9 @@ from hybrid_retrieval.config_checks import ConfigError
 from hybrid_retrieval.training.run_folder import check_checkpoint_file
 from hybrid_retrieval.models.checkpoint import (TrainingCheckpoint, encoder_from_checkpoint, merge_with_start,
                                                 read_checkpoint)
-from hybrid_retrieval.models.export import export_encoder, read_run_results, run_model_name
+from hybrid_retrieval.models.export import export_encoder, run_card
 from hybrid_retrieval.models.loading import SETTINGS_FILE
-from hybrid_retrieval.training.run_folder import BEST_CHECKPOINT_EXAMPLE, HYDRA_CONFIG
-
-# Parts of a run's composed config that describe how the model was trained (the card shows these).
-TRAINING_KEYS = ("model", "sampler", "loss", "train", "trainer", "train_data", "dataset", "hardware")
+from hybrid_retrieval.training.run_folder import BEST_CHECKPOINT_EXAMPLE
 
 
 def check_export_config(cfg: DictConfig) -> tuple[Path, Path]:
@@ -41,47 +37,16 @@ def check_export_config(cfg: DictConfig) -> tuple[Path, Path]:
 
 
 def model_card(checkpoint: TrainingCheckpoint, cfg: DictConfig) -> dict[str, Any]:
-    """Card contents: the training config and final metrics of the run folder holding the checkpoint
-    (``<run>/checkpoints/<file>``), what the checkpoint itself records, and the title/description options."""
+    """Card contents: the card of the run folder holding the checkpoint (``<run>/checkpoints/<file>``), as run.py's
+    own export writes it (:func:`~hybrid_retrieval.models.export.run_card`), and the title/description options."""
     card: dict[str, Any] = {}
     if cfg.get("title"):
         card["title"] = str(cfg.title)
     if cfg.get("description"):
         card["description"] = str(cfg.description)
-    model = checkpoint.model
-    if model.get("checkpoint"):
-        card["base_model"] = model["checkpoint"]
     run_dir = checkpoint.path.resolve().parent.parent
-    config_file = run_dir / HYDRA_CONFIG
-    if config_file.is_file():
-        config = OmegaConf.to_container(OmegaConf.load(config_file), resolve=False)
-        card["training"] = {k: config[k] for k in TRAINING_KEYS if k in config} or config
-        data = config.get("train_data", {}).get("datasets") if isinstance(config.get("train_data"), dict) else None
-        if data:
-            card["data"] = [_describe_dataset(d) for d in data]
-    else:
-        card["training"] = {"model": {k: v for k, v in model.items() if not k.startswith("_")}}
-    metrics_file = run_dir / "metrics.json"
-    if metrics_file.is_file():
-        card["metrics"] = json.loads(metrics_file.read_text(encoding="utf-8"))
-    card["results"] = read_run_results(run_dir)
-    if config_file.is_file() or card["results"]:  # a run folder: the model is named after the run
-        card["model_name"] = run_model_name(run_dir, str(model.get("name", "model")))
-    card["checkpoint"] = {"file": str(checkpoint.path.resolve()), **checkpoint.info}
+    card.update(run_card(run_dir, checkpoint.path, checkpoint.model, checkpoint.info))
     return card
-
-
-def _plain(value: Any) -> str:
-    return "[" + ", ".join(map(str, value)) + "]" if isinstance(value, list) else str(value)
-
-
-def _describe_dataset(entry: Any) -> str:
-    """One training dataset entry as a line: ``mlqa_r (languages=[en, de], max_groups=60)``."""
-    if not isinstance(entry, dict):
-        return str(entry)
-    settings = ", ".join(f"{k}={_plain(v)}" for k, v in entry.items()
-                         if not k.startswith("_") and k != "name" and v is not None)
-    return f"{entry.get('name', 'dataset')} ({settings})" if settings else str(entry.get("name", entry))
 
 
 def export(cfg: DictConfig) -> Path:

@@ -163,44 +163,114 @@ def test_sentence_transformers_reproduces_encoder(exported_tiny: Path, tiny_enco
     assert cosine(tiny_encoder.encode(SENTENCES, "query"), no_prompt).min() < 0.999
 
 
+# The default run: trains on MLQA-R, validates on a slice of XQuAD-R; the base model's hub id stands in for tiny's.
+CARD_RUN = ["model=tiny", "model.checkpoint=intfloat/multilingual-e5-small", "+dataset@extra_datasets.mlqa=mlqa_r",
+            "extra_datasets.mlqa.languages=[en,de]"]
+RUN_SUMMARY = {"mono": {"map": 0.75, "recall_at_1": 0.5, "recall_at_10": 0.875, "mrr_at_10": 0.625,
+                        "ndcg_at_10": 0.6875},
+               "cross": {"map": 0.5, "recall_at_1": 0.25, "recall_at_10": 0.75, "mrr_at_10": 0.375,
+                         "ndcg_at_10": 0.4375},
+               "multi": {"map": 0.25, "recall_at_1": 0.125, "recall_at_10": 0.5, "mrr_at_10": 0.3125,
+                         "ndcg_at_10": 0.375, "rank_distance": 12.5, "max_at_r": 30.0, "own_language_first": 0.875}}
+
+
+def card_run(tmp_path: Path, tiny_encoder: Encoder) -> tuple[Path, Path]:
+    """A run folder as run.py leaves it, (folder, best checkpoint): the composed config (its data roots and MLflow
+    store under tmp_path), every evaluation set's report, the best checkpoint and an MTEB result of the run's model."""
+    from hydra import compose, initialize_config_dir
+
+    run = tmp_path / "2026-12-04" / "15-06-38"
+    (run / ".hydra").mkdir(parents=True)
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[
+            *CARD_RUN, f"train_data.datasets.0.root={tmp_path}/data", f"dataset.root={tmp_path}/data",
+            f"logger.tracking_uri=sqlite:///{tmp_path}/mlruns/mlflow.db", f"train.resume={tmp_path}/older-run"])
+    (run / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(cfg))  # as Hydra writes it: unresolved
+    (run / "metrics.json").write_text(json.dumps({"summary": RUN_SUMMARY}))
+    (run / "mlqa_metrics.json").write_text(json.dumps({"summary": {"cross": {"map": 0.125}}}))
+    (run / "checkpoints").mkdir()
+    checkpoint = save_checkpoint(run / "checkpoints" / "best.ckpt", tiny_encoder,
+                                 OmegaConf.to_container(cfg.model, resolve=True))
+    filed = run / "mteb" / "results" / "hybrid_retrieval__tiny-ft-2026-12-04_15-06-38" / "0123456789ab"
+    filed.mkdir(parents=True)  # python -m hybrid_retrieval.mteb's layout (tests/test_mteb.py)
+    (filed / "model_meta.json").write_text(json.dumps({"name": "hybrid_retrieval/tiny-ft-2026-12-04_15-06-38"}))
+    (filed / "XQuADRMonolingual.json").write_text(json.dumps({  # a local task: this project's copy of the data
+        "dataset_revision": "local-0123456789", "task_name": "XQuADRMonolingual", "mteb_version": "2.26.24",
+        "scores": {"test": [{"ndcg_at_10": 0.5, "map_at_10": 0.5, "map": 0.5625, "main_score": 0.5625,
+                             "hf_subset": "en", "languages": ["eng-Latn"]}]}}))
+    return run, checkpoint
+
+
 def test_card_results_of_every_evaluation_set_and_a_model_index_the_hub_reads(tiny_encoder: Encoder,
                                                                               tmp_path: Path) -> None:
+    """The card of the default run (MLQA-R -> XQuAD-R), as the export command builds it, parsed back by
+    huggingface_hub: every front matter field, the licence's reason, the results and no local path anywhere."""
     import copy
 
-    import yaml
+    from huggingface_hub import ModelCard, metadata_load
     from sentence_transformers import SentenceTransformer
 
-    from hybrid_retrieval.models.export import read_run_results, run_model_name
+    from hybrid_retrieval.data.sources import dataset_languages
+    from hybrid_retrieval.evaluation.metrics import BIAS_METRICS, RANKING_METRICS
+    from hybrid_retrieval.export import model_card
+    from hybrid_retrieval.models.checkpoint import read_checkpoint
+    from hybrid_retrieval.models.export import run_model_name
 
-    run = tmp_path / "2026-12-04" / "15-06-38"  # a run folder as run.py leaves it
-    (run / ".hydra").mkdir(parents=True)
-    (run / ".hydra" / "config.yaml").write_text(
-        "dataset:\n  name: xquad_r\n  languages: [en, de]\n  max_questions_per_language: 60\n"
-        "extra_datasets:\n  mlqa:\n    name: mlqa_r\n    languages: [en]\n")
-    (run / "metrics.json").write_text(json.dumps({"summary": {"mono": {"map": 0.75, "ndcg_at_10": 0.5},
-                                                              "multi": {"map": 0.25, "rank_distance": 12.5}}}))
-    (run / "mlqa_metrics.json").write_text(json.dumps({"summary": {"cross": {"map": 0.125}}}))
-    results = read_run_results(run)
-    assert list(results) == ["xquad_r", "mlqa"]
+    run, checkpoint = card_run(tmp_path, tiny_encoder)
+    card = model_card(read_checkpoint(checkpoint), OmegaConf.create({"title": None, "description": None}))
     encoder = copy.deepcopy(tiny_encoder)
     encoder.truncate_dim, encoder.matryoshka_dims = 32, [64, 32, 16]
     name = run_model_name(run, "tiny")
-    folder = export_encoder(encoder, tmp_path / "model", card={"results": results, "model_name": name,
-                                                              "base_model": "intfloat/multilingual-e5-small"})
-    card = (folder / "README.md").read_text()
-    front = yaml.safe_load(card.split("---\n")[1])
-    assert front["base_model"] == "intfloat/multilingual-e5-small" and front["library_name"] == "sentence-transformers"
-    (index,) = front["model-index"]
-    assert index["name"] == name == "tiny-ft-2026-12-04_15-06-38"
-    by_dataset = {r["dataset"]["type"]: r for r in index["results"]}
-    assert set(by_dataset) == {"xquad_r", "mlqa_r"}
-    assert all(r["task"]["type"] == "retrieval" for r in index["results"])
-    assert by_dataset["xquad_r"]["dataset"]["name"] == "XQuAD-R (en, de; 60 questions per language)"
-    values = {m["type"]: m["value"] for m in by_dataset["xquad_r"]["metrics"]}
-    assert values == {"mono_map": 0.75, "mono_ndcg_at_10": 0.5, "multi_map": 0.25, "multi_rank_distance": 12.5}
-    assert [m["value"] for m in by_dataset["mlqa_r"]["metrics"]] == [0.125]
-    assert "| multi | 0.2500 | | 12.5000 |" in card.replace("|  |", "| |") and "| cross | 0.1250 |" in card
-    assert "[64, 32, 16]" in card
+    folder = export_encoder(encoder, tmp_path / "model", card=card)
+    readme = folder / "README.md"
+    text = readme.read_text()
+    for local in (str(tmp_path), "/home", "/tmp", "/work", "sqlite:"):  # data roots, MLflow store, checkpoint file
+        assert local not in text, local
+
+    meta = metadata_load(readme)
+    data = ModelCard.load(readme).data
+    body = text.split("\n---\n", 1)[1]
+    # Languages: MLQA-R's (trained on all of them) and the XQuAD-R slice's (el, th: never seen in training).
+    assert data.language == sorted(set(dataset_languages("mlqa_r")) | {"en", "de", "zh", "el", "th"})
+    assert data.license == "cc-by-nc-4.0" and meta["license"] == "cc-by-nc-4.0"
+    assert ("The licence is `cc-by-nc-4.0` because the weights were trained on MLQA-R (CC BY-NC 4.0), the most "
+            "restrictive licence of the training data (non-commercial)") in body
+    assert "non-commercial purposes only" in body
+    # MLQA-R has no Hugging Face dataset id: no `datasets`, and the body names it and where it comes from.
+    assert data.datasets is None and "datasets" not in meta
+    assert "**MLQA-R** (training pairs; ar, de, en, es, hi, vi, zh): CC BY-NC 4.0; not on the Hugging Face hub" in body
+    assert "google-research-datasets/lareqa/tree/354d67d1cd066854cdfbf5ad0e6105528976141d/mlqa-r" in body
+    assert data.base_model == "intfloat/multilingual-e5-small" and "base model" not in meta
+    assert (meta["library_name"], meta["pipeline_tag"]) == ("sentence-transformers", "sentence-similarity")
+    assert {"sentence-transformers", "sentence-similarity", "feature-extraction"} <= set(data.tags)
+    assert data.metrics == list(RUN_SUMMARY["mono"])  # the model-index's metric types
+    # model-index: XQuAD-R under its hub id, one result per setting (the dataset config), plain metric names, the
+    # values of metrics.json; the bias measures only in the body; MLQA-R (no hub id) only in the body.
+    assert data.model_name == name == "tiny-ft-2026-12-04_15-06-38"
+    ours = [r for r in data.eval_results if r.source_name is None]
+    assert {(r.task_type, r.dataset_type, r.dataset_split) for r in ours} == {
+        ("retrieval", "google-research-datasets/xquad_r", "validation")}
+    assert {(r.dataset_config, r.metric_type): r.metric_value for r in ours} == {
+        (setting, metric): value for setting, values in RUN_SUMMARY.items() for metric, value in values.items()
+        if metric not in BIAS_METRICS}
+    assert {r.metric_type for r in ours} == set(RANKING_METRICS)
+    assert next(r for r in ours if r.dataset_config == "multi").dataset_name == \
+        "XQuAD-R (en, de, zh, el, th; 60 questions per language), multilingual"
+    front = json.dumps(meta)
+    assert not any(word in front for word in (*BIAS_METRICS, "mono_", "multi_", "cross_", "mlqa"))
+    assert "| multi | 0.2500 | 0.1250 | 0.5000 | 0.3125 | 0.3750 | 12.5000 | 30.0000 | 0.8750 |" in body
+    assert "| cross | 0.1250 |" in body and "(`mlqa`; no Hugging Face dataset id" in body
+    # MTEB's result filed under the run: a model-index entry of its own source, and a row in the body.
+    (mteb,) = [r for r in data.eval_results if r.source_name == "MTEB"]
+    assert (mteb.dataset_type, mteb.dataset_config, mteb.dataset_split, mteb.metric_type, mteb.metric_value) == (
+        "google-research-datasets/xquad_r", "en", "validation", "map", 0.5625)
+    assert mteb.dataset_name == "MTEB XQuADRMonolingual (en; local data, local-0123456789)"
+    assert mteb.source_url == "https://github.com/embeddings-benchmark/mteb" and mteb.dataset_revision is None
+    assert ("| XQuADRMonolingual | en | validation | map | 0.5625 | `mteb/results/hybrid_retrieval__tiny-ft-"
+            "2026-12-04_15-06-38/0123456789ab/XQuADRMonolingual.json` |") in body
+    # The local paths, reduced to their last part; the checkpoint, relative to the run folder.
+    assert "root: data" in body and "resume: older-run" in body and "file: checkpoints/best.ckpt" in body
+    assert "global_step: 3" in body and "[64, 32, 16]" in body
     # The sizes: hybrid_retrieval.json, sentence-transformers' truncate_dim, and back through load_encoder.
     recorded = json.loads((folder / SETTINGS_FILE).read_text())
     assert (recorded["matryoshka_dims"], recorded["truncate_dim"], recorded["model_name"]) == ([64, 32, 16], 32, name)
@@ -221,6 +291,86 @@ def test_card_results_of_every_evaluation_set_and_a_model_index_the_hub_reads(ti
     queries = model.encode(SENTENCES[:2], prompt_name="query")
     np.testing.assert_allclose(model.similarity(queries, theirs).numpy(), queries @ theirs.T, atol=1e-5)
     np.testing.assert_allclose(queries @ theirs.T, encoder.encode(SENTENCES[:2], "query") @ ours.T, atol=1e-4)
+
+
+def test_the_export_command_and_run_py_write_the_same_card(tiny_encoder: Encoder, tmp_path: Path) -> None:
+    """run.py's own export and ``python -m hybrid_retrieval.export`` build the card of a run folder with one
+    function (models.export.run_card): for the same run and best checkpoint, the same card."""
+    from types import SimpleNamespace
+
+    from hybrid_retrieval.export import model_card as export_command_card
+    from hybrid_retrieval.models.checkpoint import read_checkpoint
+    from hybrid_retrieval.models.export import encoder_settings, render_model_card
+    from hybrid_retrieval.training.train import model_card as training_card
+
+    run, checkpoint = card_run(tmp_path, tiny_encoder)
+    from_command = export_command_card(read_checkpoint(checkpoint), OmegaConf.create({}))
+    from_training = training_card(run, SimpleNamespace(best_model_path=str(checkpoint)))  # train.py's BestCheckpoint
+    assert from_command == from_training
+    assert from_command["base_model"] == "intfloat/multilingual-e5-small"
+    assert from_command["checkpoint"] == {"file": "checkpoints/best.ckpt", "epoch": 0, "global_step": 3}
+    settings = encoder_settings(tiny_encoder)
+    assert render_model_card(settings, from_command, "m") == render_model_card(settings, from_training, "m")
+    # A checkpoint elsewhere (a copy): named by its file name only.
+    (tmp_path / "copy").mkdir()
+    copy = tmp_path / "copy" / "weights.ckpt"
+    copy.write_bytes(checkpoint.read_bytes())
+    assert training_card(run, SimpleNamespace(best_model_path=str(copy)))["checkpoint"]["file"] == "weights.ckpt"
+
+
+def _train_data(name: str, **values: Any) -> dict[str, Any]:
+    """conf/train_data/<name>.yaml as the run's config holds it, resolved with `values` set (e.g. a path)."""
+    config = OmegaConf.create({"train_data": OmegaConf.load(CONF_DIR / "train_data" / f"{name}.yaml")})
+    for key, value in values.items():
+        OmegaConf.update(config, key, value, merge=False)
+    return OmegaConf.to_container(config, resolve=True)
+
+
+@pytest.mark.parametrize("config, license_id, license_name, datasets, reason", [
+    (_train_data("xquad_r"), "cc-by-sa-4.0", None, ["google-research-datasets/xquad_r"], "XQuAD-R (CC BY-SA 4.0)"),
+    # MLQA-R's non-commercial licence wins over SQuAD-it's share-alike and SQuAD-es's attribution.
+    (_train_data("mlqa_r_squad_mt"), "cc-by-nc-4.0", None, ["ccasimiro/squad_es", "crux82/squad_it"],
+     "MLQA-R (CC BY-NC 4.0), the most restrictive licence of the training data (non-commercial)"),
+    (_train_data("squad_mt"), "cc-by-sa-4.0", None, ["ccasimiro/squad_es", "crux82/squad_it"],
+     "SQuAD-it (CC BY-SA 4.0)"),
+    (_train_data("squad_mt", **{"train_data.datasets.0.files": {"es": "squad-es/dev-v1.1-es_small.json"}}),
+     "cc-by-4.0", None, ["ccasimiro/squad_es"], "SQuAD-es (CC BY 4.0)"),
+    # mMARCO: Apache-2.0 code over MS MARCO's non-commercial terms, which no hub licence id names.
+    (_train_data("mmarco", **{"train_data.root": "/data/mmarco"}), "other", "ms-marco", ["unicamp-dl/mmarco"],
+     "MS MARCO's queries and passages, whose terms allow non-commercial research use only"),
+    # Two non-commercial licences that are not one id: other.
+    ({"train_data": {"datasets": [*_train_data("mlqa_r")["train_data"]["datasets"],
+                                  *_train_data("mmarco", **{"train_data.root": "/x"})["train_data"]["datasets"]]}},
+     "other", None, ["unicamp-dl/mmarco"], "MLQA-R (CC BY-NC 4.0), mMARCO"),
+    # Your own data: other, and the card asks for its licence.
+    (_train_data("jsonl", **{"train_data.path": "/home/me/pairs.jsonl"}), "other", None, None,
+     "your data (pairs.jsonl), whose licence hybrid_retrieval cannot know: set the license of your data"),
+    ({**_train_data("xquad_r"), "adapt": {"method": "mlm", "text": {"source": "jsonl", "path": "/srv/texts.jsonl"}}},
+     "other", None, ["google-research-datasets/xquad_r"], "your data (texts.jsonl)"),
+])
+def test_the_licence_is_the_training_datas_most_restrictive(config: dict[str, Any], license_id: str,
+                                                            license_name: str | None, datasets: list[str] | None,
+                                                            reason: str) -> None:
+    from hybrid_retrieval.models.export import card_metadata, data_license, training_data
+
+    data = training_data(config)
+    front = card_metadata({"training_data": data}, "m")
+    assert (front.license, front.license_name, front.datasets) == (license_id, license_name, datasets)
+    assert reason in data_license(data)["reason"]
+    assert "/home" not in json.dumps(data) and "/srv" not in json.dumps(data)
+
+
+def test_local_paths_become_their_last_part() -> None:
+    from hybrid_retrieval.models.export import hub_model_id, local_path_name
+
+    assert local_path_name("/work/shared/data") == "data"
+    assert local_path_name("sqlite:////tmp/run/mlruns/mlflow.db") == "mlflow.db"
+    assert local_path_name("file:///home/me/mlruns") == "mlruns"
+    assert local_path_name("~/models/x") == "x" and local_path_name("C:\\data\\set") == "set"
+    for kept in ("https://github.com/google-research-datasets/lareqa", "squad-es/dev.json", "intfloat/e5", "mean"):
+        assert local_path_name(kept) == kept
+    assert hub_model_id("intfloat/multilingual-e5-small") == "intfloat/multilingual-e5-small"
+    assert hub_model_id("/models/e5") is None and hub_model_id(None) is None and hub_model_id("./e5") is None
 
 
 @pytest.mark.slow
@@ -422,6 +572,7 @@ def test_export_and_encode_cli(tmp_path: Path, data_root: Path) -> None:
     card = (out / "README.md").read_text()
     assert card.count("# Tiny test model") == 1 and "| multi | 0.6250 |" in card and "global_step: 3" in card
     assert "- mlqa_r (languages=[en, de])" in card and "mono_ratio: 0.5" in card and "unrelated" not in card
+    assert "\nlicense: cc-by-nc-4.0\n" in card and "language:\n- de\n- en\n" in card and str(tmp_path) not in card
 
     # Refused: `out` is not empty now (and no run is logged for it).
     proc = run_cli(["hybrid_retrieval.export", f"checkpoint={checkpoint}", f"out={out}",
@@ -513,3 +664,41 @@ def test_me5_small_export_matches_sentence_transformers(me5_small: Encoder, tmp_
     for kind in ("query", "passage"):
         assert_same_embeddings(me5_small.encode(SENTENCES, kind), model.encode(SENTENCES, prompt_name=kind),
                                f"me5_small, {kind}")
+
+
+@pytest.mark.slow
+def test_a_training_run_logs_its_model_as_an_mlflow_model(tmp_path: Path, data_root: Path) -> None:
+    """The exported folder as an MLflow model of the sentence-transformers flavour, in the run's experiment and
+    linked to the run; loaded back through MLflow it encodes exactly like the folder; off with logger.log_model."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+    from sentence_transformers import SentenceTransformer
+
+    from tests.test_cli import REPO_ROOT, SMALL_TRAIN, run_command
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    done = run_command(["run.py", *SMALL_TRAIN, f"logger.tracking_uri={uri}", f"hydra.run.dir={tmp_path}/run"],
+                       data_root, REPO_ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("hybrid_retrieval")
+    (run,) = client.search_runs([experiment.experiment_id])
+    model_uri = run.data.tags["model_uri"]
+    (logged,) = client.search_logged_models(experiment_ids=[experiment.experiment_id])
+    assert model_uri == f"models:/{logged.model_id}" and logged.source_run_id == run.info.run_id
+    assert [o.model_id for o in run.outputs.model_outputs] == [logged.model_id]
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        loaded = mlflow.sentence_transformers.load_model(model_uri)
+    finally:
+        mlflow.set_tracking_uri(previous)
+    folder = SentenceTransformer(str(tmp_path / "run" / "model"), device="cpu")
+    assert loaded.prompts == folder.prompts and loaded.prompts["query"] == "query: "
+    for prompt in ("query", "document"):
+        np.testing.assert_array_equal(loaded.encode(SENTENCES, prompt_name=prompt),
+                                      folder.encode(SENTENCES, prompt_name=prompt))
+    skipped = run_command(["run.py", *SMALL_TRAIN, "logger.log_model=false", f"logger.tracking_uri={uri}",
+                           f"hydra.run.dir={tmp_path}/run2"], data_root, REPO_ROOT)
+    assert skipped.returncode == 0, skipped.stderr[-3000:]
+    assert len(client.search_logged_models(experiment_ids=[experiment.experiment_id])) == 1

@@ -27,7 +27,7 @@ from hybrid_retrieval.evaluation.sets import describe, write_reports
 from hybrid_retrieval.hardware import (encode_dtype, encode_dtype_name, set_attention_backends, trainer_precision,
                                        uses_gpu)
 from hybrid_retrieval.losses.matryoshka import instantiate_loss
-from hybrid_retrieval.models.export import read_run_results, run_model_name
+from hybrid_retrieval.models.export import run_card
 from hybrid_retrieval.training.callbacks import BatchLog, BestCheckpoint, ResumeCheckpoint, TrackedRunLogger
 from hybrid_retrieval.training.datamodule import HybridDataModule
 from hybrid_retrieval.training.inputs import TrainingInputs, load_training_inputs
@@ -190,20 +190,11 @@ def load_best_weights(module: HybridRetrievalModule, checkpoint: BestCheckpoint)
     module.load_state_dict(state["state_dict"])
 
 
-def model_card(cfg: DictConfig, datamodule: HybridDataModule, checkpoint: BestCheckpoint, steps: int) -> dict[str, Any]:
-    main = datamodule.evaluation_sets[0]
-    return {
-        "base model": f"{cfg.model.name} ({cfg.model.get('checkpoint') or cfg.model.source})",
-        "training": {
-            "sampler": f"{cfg.sampler.name} (mono_ratio alpha = {cfg.sampler.mono_ratio})",
-            "loss": OmegaConf.to_container(cfg.loss, resolve=True),
-            "data": datamodule.summary(), "steps": steps, "best step": checkpoint.best_step,
-            "batch size": cfg.train.batch_size, "lr": cfg.train.lr, "seed": cfg.train.seed,
-        },
-        "evaluation": describe(main),
-        "metrics": {k: v for k, v in checkpoint.best_metrics.items() if k.count("/") == 2},
-        "config": OmegaConf.to_container(cfg, resolve=True),
-    }
+def model_card(output_dir: Path, checkpoint: BestCheckpoint) -> dict[str, Any]:
+    """The card of the run's own export: the card ``python -m hybrid_retrieval.export`` writes for the same checkpoint
+    (:func:`~hybrid_retrieval.models.export.run_card`: from the run folder, its config, reports and MTEB results,
+    and the best checkpoint's model config and step)."""
+    return run_card(output_dir, checkpoint.best_model_path)
 
 
 def train(cfg: DictConfig, inputs: TrainingInputs | None = None, plan: RunPlan | None = None) -> float:
@@ -265,9 +256,8 @@ def train(cfg: DictConfig, inputs: TrainingInputs | None = None, plan: RunPlan |
                         step=trainer.global_step)
         run.set_tag("best_checkpoint", checkpoint.best_model_path)
         load_best_weights(module, checkpoint)
-        card = model_card(cfg, datamodule, checkpoint, trainer.global_step)
-        # The card's results: every evaluation set's final validation, as written to the run folder just above.
-        card.update(results=read_run_results(output_dir), model_name=run_model_name(output_dir, cfg.model.name))
+        # Every evaluation set's final validation is in the run folder (written just above): the card reads it there.
+        card = model_card(output_dir, checkpoint)
         model_dir = export_model(module, card, output_dir / "model")
         run.set_tag("model_dir", model_dir)
         run.add_to_description(f"Model: `{model_dir}` (`model.path={model_dir}`, or "
@@ -275,6 +265,8 @@ def train(cfg: DictConfig, inputs: TrainingInputs | None = None, plan: RunPlan |
         for name in ("README.md", "hybrid_retrieval.json"):
             if (model_dir / name).is_file():
                 run.log_artifact(model_dir / name, "model")
+        if cfg.logger.get("log_model", True) and not interrupted:
+            run.log_sentence_transformer(model_dir)
         if interrupted:
             run.set_tag("stopped_by", "interrupt")
             report(cfg, datamodule, checkpoint, trainer.global_step, output_dir, model_dir, run, files)
