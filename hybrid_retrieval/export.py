@@ -22,6 +22,7 @@ from hybrid_retrieval.models.checkpoint import (TrainingCheckpoint, encoder_from
                                                 read_checkpoint)
 from hybrid_retrieval.models.export import export_encoder, run_card
 from hybrid_retrieval.models.loading import SETTINGS_FILE
+from hybrid_retrieval.models.publish import REPO_ID, push_folder
 from hybrid_retrieval.training.run_folder import BEST_CHECKPOINT_EXAMPLE
 
 
@@ -33,6 +34,9 @@ def check_export_config(cfg: DictConfig) -> tuple[Path, Path]:
     if not cfg.get("out"):
         raise ConfigError("out is not set; expected out=<folder to write the model into>")
     checkpoint = check_checkpoint_file(cfg.checkpoint)
+    repo = cfg.get("push_to_hub")
+    if repo is not None and not (isinstance(repo, str) and REPO_ID.match(repo)):
+        raise ConfigError(f"push_to_hub={repo!r}: expected <user or organisation>/<model name>, or null")
     return checkpoint, check_new_folder(Path(str(cfg.out)).expanduser(), "out", bool(cfg.get("overwrite")))
 
 
@@ -71,11 +75,14 @@ def export(cfg: DictConfig) -> Path:
         run.log_metrics({"time/export_s": seconds, "size_mb": size / 2**20})
         run.set_tag("export_path", str(folder))
         run.set_tag("checkpoint", str(checkpoint.path.resolve()))
-        if cfg.get("log_model"):
-            run.log_artifacts(folder, "model")
-        else:
-            for name in (SETTINGS_FILE, "README.md"):
-                run.log_artifact(folder / name, "model")
+        for name in (SETTINGS_FILE, "README.md"):
+            run.log_artifact(folder / name, "model")
+        if cfg.logger.get("log_model", False):
+            run.log_sentence_transformer(folder)
+        if cfg.get("push_to_hub"):
+            url = push_folder(folder, str(cfg.push_to_hub), private=bool(cfg.get("hub_private", True)))
+            run.set_tag("hub_commit", url)
+            print(f"pushed {folder} to https://huggingface.co/{cfg.push_to_hub} ({url})")
     print(f"exported {encoder.name} ({encoder.embedding_dim} dims, {size / 2**20:.1f} MB) to {folder} in "
           f"{seconds:.1f} s")
     tracking.print_summary({"model": folder, "load it with": f"SentenceTransformer({str(folder)!r}), "
