@@ -99,7 +99,7 @@ def test_export_folder_layout_and_card(exported_tiny: Path, tiny_encoder: Encode
                                    "max_query_length": 64, "max_passage_length": 128}
     st_config = json.loads((exported_tiny / "config_sentence_transformers.json").read_text())
     # MTEB and encode_document read "document"; "passage" stays for this project's own name.
-    assert st_config["prompts"] == {"query": "query: ", "document": "passage: ", "passage": "passage: "}
+    assert st_config["prompts"] == {"query": "query: ", "document": "passage: "}
     assert "truncate_dim" not in st_config and settings["truncate_dim"] is None
     assert st_config["similarity_fn_name"] == "cosine"
     card = (exported_tiny / "README.md").read_text()
@@ -154,10 +154,11 @@ def test_sentence_transformers_reproduces_encoder(exported_tiny: Path, tiny_enco
     kinds = [type(m).__name__ for m in model]
     assert kinds == ["Transformer", "Pooling", "Normalize"]
     assert model.max_seq_length == 128
-    assert model.prompts["query"] == "query: " and model.prompts["passage"] == "passage: "
+    # Exactly the two prompt names MTEB and sentence-transformers' encode_query / encode_document read.
+    assert model.prompts == {"query": "query: ", "document": "passage: "}
     assert model[1].pooling_mode == "mean"
-    for kind in ("query", "passage"):
-        theirs = model.encode(SENTENCES, prompt_name=kind, convert_to_numpy=True)
+    for kind, prompt in (("query", "query"), ("passage", "document")):
+        theirs = model.encode(SENTENCES, prompt_name=prompt, convert_to_numpy=True)
         assert_same_embeddings(tiny_encoder.encode(SENTENCES, kind), theirs, f"sentence-transformers, {kind}")
     no_prompt = model.encode(SENTENCES, convert_to_numpy=True)
     assert cosine(tiny_encoder.encode(SENTENCES, "query"), no_prompt).min() < 0.999
@@ -390,8 +391,8 @@ def test_dense_head_round_trips_through_export(tmp_path: Path) -> None:
     model = SentenceTransformer(str(folder), device="cpu")
     assert [type(m).__name__ for m in model] == ["Transformer", "Pooling", "Dense", "Normalize"]
     assert model[1].pooling_mode == "cls" and model.get_embedding_dimension() == 32
-    for kind in ("query", "passage"):
-        assert_same_embeddings(expected[kind], model.encode(SENTENCES, prompt_name=kind), f"ST dense, {kind}")
+    for kind, prompt in (("query", "query"), ("passage", "document")):
+        assert_same_embeddings(expected[kind], model.encode(SENTENCES, prompt_name=prompt), f"ST dense, {kind}")
 
     # By hand: transformers backbone, CLS, then the head's weights as stored.
     weights = load_file(str(folder / "2_Dense" / "model.safetensors"))
@@ -661,8 +662,8 @@ def test_me5_small_export_matches_sentence_transformers(me5_small: Encoder, tmp_
     folder = export_encoder(me5_small, tmp_path / "me5-small")
     model = SentenceTransformer(str(folder), device="cpu")
     assert model.max_seq_length == 256 and model.get_embedding_dimension() == 384
-    for kind in ("query", "passage"):
-        assert_same_embeddings(me5_small.encode(SENTENCES, kind), model.encode(SENTENCES, prompt_name=kind),
+    for kind, prompt in (("query", "query"), ("passage", "document")):
+        assert_same_embeddings(me5_small.encode(SENTENCES, kind), model.encode(SENTENCES, prompt_name=prompt),
                                f"me5_small, {kind}")
 
 

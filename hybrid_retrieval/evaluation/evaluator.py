@@ -69,7 +69,7 @@ class EvaluationResult(RetrievalResult):
         return "\n".join(lines)
 
 
-def _mean_by_group(metrics: dict[str, np.ndarray], group: np.ndarray, names: Sequence[str],
+def mean_by_group(metrics: dict[str, np.ndarray], group: np.ndarray, names: Sequence[str],
                    labels: Sequence[str]) -> dict[str, dict[str, float]]:
     """Mean of each metric over the queries of each group, skipping queries without a value (NaN)."""
     out: dict[str, dict[str, float]] = {}
@@ -81,7 +81,8 @@ def _mean_by_group(metrics: dict[str, np.ndarray], group: np.ndarray, names: Seq
     return out
 
 
-def _macro(groups: dict[str, dict[str, float]], names: Sequence[str]) -> dict[str, float]:
+def macro_mean(groups: dict[str, dict[str, float]], names: Sequence[str]) -> dict[str, float]:
+    """Each metric's unweighted mean over the groups (languages or language pairs): the protocol's macro average."""
     return {m: float(np.mean([values[m] for values in groups.values()])) for m in names} if groups else {}
 
 
@@ -114,17 +115,17 @@ def evaluate_embeddings(query_emb: np.ndarray, candidate_emb: np.ndarray, query_
     pair_cand_lang = np.tile(np.arange(n_lang), n_queries)
     pair_label = pair_query_lang * n_lang + pair_cand_lang
     pair_names = [f"{x}-{y}" for x in languages for y in languages]
-    by_language_pair = _mean_by_group(by_pair, pair_label, SUMMARY_METRICS["cross"], pair_names)
+    by_language_pair = mean_by_group(by_pair, pair_label, SUMMARY_METRICS["cross"], pair_names)
     mono = {x: by_language_pair[f"{x}-{x}"] for x in languages if f"{x}-{x}" in by_language_pair}
     cross = {k: v for k, v in by_language_pair.items() if k.split("-")[0] != k.split("-")[1]}
 
     by_query = per_query_metrics(ranks.query_index, ranks.rank_overall, n_queries)
     by_query["own_language_first"] = own_language_first(ranks.query_index, ranks.rank_overall,
                                                         ranks.candidate_language, query_language, n_queries)
-    multi = _mean_by_group(by_query, query_language, SUMMARY_METRICS["multi"], list(languages))
+    multi = mean_by_group(by_query, query_language, SUMMARY_METRICS["multi"], list(languages))
 
     per_language = {"mono": mono, "cross": cross, "multi": multi}
-    summary = {s: _macro(per_language[s], SUMMARY_METRICS[s]) for s in SETTINGS}
+    summary = {s: macro_mean(per_language[s], SUMMARY_METRICS[s]) for s in SETTINGS}
     return EvaluationResult(summary, per_language, {"metrics_s": time.perf_counter() - started})
 
 

@@ -1,5 +1,6 @@
 """This project's encoders under MTEB's own evaluation (the ``mteb`` package): the model wrapper, its ``ModelMeta``,
-local retrieval tasks built from the LAReQA files, and the offline data check.
+local retrieval tasks built from the LAReQA files in its three settings, an embedding cache, and the offline data
+check.
 
 - :class:`MtebEncoder` hands MTEB's texts to :meth:`Encoder.encode`: MTEB's ``query`` prompt type gets the
   model's query prefix, ``document`` its passage prefix (other task types, with no prompt type, the query prefix,
@@ -7,9 +8,17 @@ local retrieval tasks built from the LAReQA files, and the offline data check.
 - :func:`model_meta` names the model ``hybrid_retrieval/<name>`` and records the base model as ``adapted_from``:
   MTEB files results under the name, so a fine-tuned model must never carry its base model's name (it would be
   filed with, and reuse the cached results of, the base model).
-- :func:`lareqa_task`: ``XQuADRMonolingual`` / ``MLQARMonolingual``, retrieval tasks whose data is this project's
-  XQuAD-R / MLQA-R files (one subset per language: its queries against the candidate sentences of the same
-  language), so MTEB's evaluation runs offline and can be compared with the project's own evaluator.
+- :func:`lareqa_task` / :data:`LOCAL_TASKS`: ``XQuADRMonolingual``, ``XQuADRCrossLingual``, ``XQuADRMultilingual``
+  and ``MLQARMonolingual``, ``MLQARCrossLingual``, ``MLQARMultilingual``: retrieval tasks whose data is this
+  project's XQuAD-R / MLQA-R files, laid out as MTEB's multilingual retrieval tasks are (``dataset[subset][split]``
+  with corpus / queries / relevant_docs): one subset per language (mono), per ordered language pair (cross,
+  ``en-de``: English questions against German sentences) or one subset over the pooled candidates of every
+  language (multi). Their main score ``map`` is this project's mean average precision over the whole ranking, and
+  equals :func:`~hybrid_retrieval.evaluation.evaluator.evaluate_embeddings`' ``summary[setting]["map"]``; the
+  multilingual task adds rank distance, Max@R and own-language-first. MTEB does not know these tasks by name:
+  pass the task objects (:func:`resolve_tasks`) to ``ResultCache.load_results(tasks=...)`` or
+  ``TaskResult.validate_and_filter_scores(task)``.
+- :class:`SharedEmbeddingCache` / :func:`embedding_cache`: MTEB's embedding cache, shared by a dataset's settings.
 - :func:`check_task_data` loads every task's data before anything is encoded and names the task that is not
   reachable (offline) and how to provide it.
 """
@@ -17,6 +26,7 @@ local retrieval tasks built from the LAReQA files, and the offline data check.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,12 +34,11 @@ import numpy as np
 from mteb.abstasks.retrieval import AbsTaskRetrieval
 from mteb.abstasks.task_metadata import TaskMetadata
 from mteb.models.abs_encoder import AbsEncoder
+from mteb.models.cache_wrappers import CachedEmbeddingWrapper
 from mteb.models.model_meta import ModelMeta, ScoringFunction
 from mteb.types import PromptType
 
 ORGANISATION = "hybrid_retrieval"
-# Local tasks: MTEB task name -> this project's dataset name.
-LOCAL_TASKS = {"XQuADRMonolingual": "xquad_r", "MLQARMonolingual": "mlqa_r"}
 # LAReQA language codes -> MTEB's ISO 639-3 + script codes.
 LANGUAGE_CODES = {"ar": "arb-Arab", "de": "deu-Latn", "el": "ell-Grek", "en": "eng-Latn", "es": "spa-Latn",
                   "hi": "hin-Deva", "ru": "rus-Cyrl", "th": "tha-Thai", "tr": "tur-Latn", "vi": "vie-Latn",
@@ -81,59 +90,329 @@ def model_meta(encoder: Any, name: str, revision: str, base_model: str | None = 
     })
 
 
-def lareqa_task(name: str, dataset: str, root: Any = None, languages: Sequence[str] | None = None,
-                max_questions_per_language: int | None = None, passage_text: str = "sentence") -> AbsTaskRetrieval:
-    """A retrieval task over this project's XQuAD-R / MLQA-R files: one subset per language, each language's queries
-    against that language's candidates (the monolingual setting of the LAReQA protocol), relevance as LAReQA's."""
-    from hybrid_retrieval.data.lareqa import load_split
+# ----------------------------------------------------------------------------------------------------------
+# The LAReQA settings as MTEB retrieval tasks
 
-    split = load_split(dataset, root=root, languages=list(languages) if languages else None,
-                       max_questions_per_language=max_questions_per_language)
-    unknown = [x for x in split.languages if x not in LANGUAGE_CODES]
+# The project's main metric (AP over the full ranking, mean over queries; hybrid_retrieval.evaluation.metrics) and
+# the language-bias metrics of the multilingual setting, added to MTEB's own scores of every subset.
+MAIN_METRIC = "map"
+MULTI_METRICS = ("map", "rank_distance", "max_at_r", "own_language_first")
+# Bumped when what a task computes changes, so results cached under an older definition are never reused.
+TASK_VERSION = 2
+
+
+def _mteb_codes(languages: Sequence[str], name: str) -> None:
+    unknown = [x for x in languages if x not in LANGUAGE_CODES]
     if unknown:
         raise ValueError(f"{name}: no MTEB language code for {unknown}; known: {sorted(LANGUAGE_CODES)}")
-    label = {"xquad_r": "XQuAD-R", "mlqa_r": "MLQA-R"}.get(dataset, dataset)
-    metadata = TaskMetadata(
-        name=name, type="Retrieval", category="t2t", modalities=["text"], main_score="ndcg_at_10",
-        description=f"{label} (LAReQA, Roy et al. 2020), monolingual setting: each language's questions against "
-                    "the answer sentences of the same language, read from hybrid_retrieval's local data files.",
-        reference="https://github.com/google-research-datasets/lareqa",
-        dataset={"path": f"local/{dataset}", "revision": "local"}, eval_splits=["test"],
-        eval_langs={x: [LANGUAGE_CODES[x]] for x in split.languages}, date=("2020-04-01", "2020-04-30"),
-        domains=["Encyclopaedic", "Written"], task_subtypes=["Question answering"], license="cc-by-sa-4.0",
-        annotations_creators="human-annotated", dialect=[], sample_creation="found", bibtex_citation="")
-    texts = split.candidate_texts(passage_text)
 
-    def subsets() -> dict[str, dict[str, Any]]:
+
+class _Recorder:
+    """An MTEB encoder passed through unchanged that keeps what it returns for queries and documents, so the task
+    can rank the whole pool with the model's own similarity function (MTEB keeps only the top k)."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.mteb_model_meta = model.mteb_model_meta
+        self.embeddings: dict[PromptType, list[Any]] = {PromptType.query: [], PromptType.document: []}
+
+    def encode(self, inputs: Any, *, task_metadata: TaskMetadata, hf_split: str, hf_subset: str,
+               prompt_type: PromptType | None = None, **kwargs: Any) -> Any:
+        out = self.model.encode(inputs, task_metadata=task_metadata, hf_split=hf_split, hf_subset=hf_subset,
+                                prompt_type=prompt_type, **kwargs)
+        if prompt_type in self.embeddings:
+            self.embeddings[prompt_type].append(out)
+        return out
+
+    def similarity(self, embeddings1: Any, embeddings2: Any) -> Any:
+        return self.model.similarity(embeddings1, embeddings2)
+
+    def similarity_pairwise(self, embeddings1: Any, embeddings2: Any) -> Any:
+        return self.model.similarity_pairwise(embeddings1, embeddings2)
+
+    def stacked(self, prompt_type: PromptType, expected: int) -> Any | None:
+        """The embeddings of one prompt type in encoding order (MTEB encodes queries at once and the corpus in
+        order, chunk by chunk), or None when their number is not ``expected``."""
+        import torch
+
+        parts = [torch.as_tensor(np.asarray(x)) if not isinstance(x, torch.Tensor) else x
+                 for x in self.embeddings[prompt_type]]
+        if not parts or sum(len(x) for x in parts) != expected:
+            return None
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+def ranks_by_similarity(model: Any, queries: Any, corpus: Any, relevant: Sequence[np.ndarray],
+                        chunk: int = 256) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(query index, relevant corpus index, rank) of every (query, relevant document) pair, scores from
+    ``model.similarity`` (what MTEB ranks by), over the whole corpus. Ties take the last position of their group,
+    this project's rule (:mod:`hybrid_retrieval.evaluation.ranks`)."""
+    import torch
+
+    query_index, doc_index, ranks = [], [], []
+    for start in range(0, len(relevant), chunk):
+        stop = min(start + chunk, len(relevant))
+        scores = torch.as_tensor(model.similarity(queries[start:stop], corpus)).float().cpu().numpy()
+        for row in range(stop - start):
+            docs = np.asarray(relevant[start + row], dtype=np.int64)
+            thresholds = scores[row, docs]
+            query_index.append(np.full(len(docs), start + row, dtype=np.int64))
+            doc_index.append(docs)
+            ranks.append((scores[row][None, :] >= thresholds[:, None]).sum(axis=1).astype(np.int64))
+    if not ranks:
+        return (np.zeros(0, dtype=np.int64),) * 3
+    return np.concatenate(query_index), np.concatenate(doc_index), np.concatenate(ranks)
+
+
+def ranks_from_results(results: dict[str, dict[str, float]], query_ids: Sequence[str],
+                       relevant: Sequence[np.ndarray], corpus_ids: Sequence[str]) -> tuple[np.ndarray, ...]:
+    """As :func:`ranks_by_similarity` from MTEB's retrieved top k (models that are not encoders: search models,
+    cross-encoders): a relevant document MTEB did not retrieve is put last in the pool (a lower bound on AP)."""
+    query_index, doc_index, ranks = [], [], []
+    for i, qid in enumerate(query_ids):
+        retrieved = results.get(qid, {})
+        values = np.fromiter(retrieved.values(), dtype=np.float64, count=len(retrieved))
+        for j in relevant[i]:
+            score = retrieved.get(corpus_ids[j])
+            query_index.append(i)
+            doc_index.append(int(j))
+            ranks.append(int((values >= score).sum()) if score is not None else len(corpus_ids))
+    return (np.asarray(query_index, dtype=np.int64), np.asarray(doc_index, dtype=np.int64),
+            np.asarray(ranks, dtype=np.int64))
+
+
+def lareqa_scores(query_index: np.ndarray, ranks: np.ndarray, n_queries: int,
+                  pair_language: np.ndarray | None = None, query_language: np.ndarray | None = None,
+                  languages: Sequence[str] | None = None) -> dict[str, float]:
+    """The project's scores of one MTEB subset from the ranks of its relevant documents (flat (query, rank) pairs).
+
+    Without ``languages`` (a monolingual / cross-lingual subset): ``map``, the mean AP over the subset's queries.
+    With them (the multilingual subset; ``pair_language``: each pair's document language, ``query_language``: each
+    query's, both indices into ``languages``): the macro averages over query languages of ``map``,
+    ``rank_distance``, ``max_at_r`` and ``own_language_first``, computed as
+    :func:`~hybrid_retrieval.evaluation.evaluator.evaluate_embeddings` does, plus each language's values as
+    ``<metric>_<language>``."""
+    from hybrid_retrieval.evaluation.evaluator import macro_mean, mean_by_group
+    from hybrid_retrieval.evaluation.metrics import own_language_first, per_query_metrics
+
+    by_query = per_query_metrics(query_index, ranks, n_queries)
+    if languages is None:
+        return {MAIN_METRIC: float(np.nanmean(by_query[MAIN_METRIC]))}
+    by_query["own_language_first"] = own_language_first(query_index, ranks, pair_language, query_language, n_queries)
+    per_language = mean_by_group(by_query, query_language, MULTI_METRICS, list(languages))
+    scores = macro_mean(per_language, MULTI_METRICS)
+    for language, values in per_language.items():
+        scores.update({f"{metric}_{language}": value for metric, value in values.items()})
+    return scores
+
+
+SETTING_NAMES = {"mono": "Monolingual", "cross": "CrossLingual", "multi": "Multilingual"}
+DATASET_TASK_PREFIX = {"xquad_r": "XQuADR", "mlqa_r": "MLQAR"}
+DATASET_LABELS = {"xquad_r": "XQuAD-R", "mlqa_r": "MLQA-R"}
+SETTING_DESCRIPTIONS = {
+    "mono": "monolingual setting: one subset per language, its questions against the answer sentences of the same "
+            "language",
+    "cross": "cross-lingual setting: one subset per ordered language pair X-Y, the questions of X (those with an "
+             "answer in Y) against the answer sentences of Y",
+    "multi": "multilingual setting: one subset, the questions of every language against one pool of the answer "
+             "sentences of all languages (a question's relevant sentences are its answer in every language); "
+             "adds the language bias: rank distance, Max@R and own-language-first",
+}
+
+
+class LareqaRetrieval(AbsTaskRetrieval):
+    """One LAReQA setting of one dataset as an MTEB retrieval task (built by :func:`lareqa_task`).
+
+    Every subset's scores are MTEB's own (nDCG@k, MAP@k, recall@k, ... from its top-k search) plus the project's
+    ``map`` (AP over the whole ranking, the main score) and, in the multilingual subset, the language bias. The
+    project's scores rank every document of the subset with the model's own ``similarity`` on the embeddings MTEB
+    computed (recorded on the way, nothing is encoded twice); for a model that is not an encoder (a search model,
+    a cross-encoder) they are read off MTEB's top k, a relevant document outside it counted last.
+    """
+
+    split: Any  # hybrid_retrieval.data.lareqa.LareqaSplit
+    setting: str
+    passage_text: str
+    subset_members: dict[str, tuple[list[int], list[int]]]  # subset -> (query indices, candidate indices)
+    _pending: tuple[Any, Any] | None = None
+
+    def load_data(self, num_proc: int | None = None, **kwargs: Any) -> None:
+        if self.data_loaded:
+            return
         from datasets import Dataset
 
-        data: dict[str, dict[str, Any]] = {}
-        for language in split.languages:
-            members = [i for i, c in enumerate(split.candidates) if c.language == language]
-            chosen = set(members)
-            queries, relevant = [], {}
-            for i, query in enumerate(split.queries):
-                if query.language != language:
-                    continue
-                positives = {f"c{j}": 1 for j in split.relevant[i].tolist() if j in chosen}
-                if positives:
-                    queries.append({"id": f"q{i}", "text": query.text})
-                    relevant[f"q{i}"] = positives
-            data[language] = {"test": {
-                "corpus": Dataset.from_list([{"id": f"c{j}", "text": texts[j]} for j in members]),
-                "queries": Dataset.from_list(queries), "relevant_docs": relevant, "top_ranked": None}}
-        return data
+        texts = self.split.candidate_texts(self.passage_text)
+        self.dataset = {}
+        for subset, (query_indices, candidate_indices) in self.subset_members.items():
+            chosen = set(candidate_indices)
+            relevant = {f"q{i}": {f"c{j}": 1 for j in self.split.relevant[i].tolist() if j in chosen}
+                        for i in query_indices}
+            self.dataset[subset] = {self.metadata.eval_splits[0]: {
+                "corpus": Dataset.from_list([{"id": f"c{j}", "text": texts[j]} for j in candidate_indices]),
+                "queries": Dataset.from_list([{"id": f"q{i}", "text": self.split.queries[i].text}
+                                              for i in query_indices]),
+                "relevant_docs": relevant, "top_ranked": None}}
+        self.data_loaded = True
 
-    class LareqaMonolingual(AbsTaskRetrieval):
-        def load_data(self, num_proc: int | None = None, **kwargs: Any) -> None:
-            if self.data_loaded:
-                return
-            self.dataset = subsets()
-            self.data_loaded = True
+    def _evaluate_subset(self, model: Any, data_split: Any, *, encode_kwargs: Any, hf_split: str, hf_subset: str,
+                         prediction_folder: Any = None, num_proc: int | None = None, timer: Any = None,
+                         **kwargs: Any) -> Any:
+        from mteb.models import EncoderProtocol, SearchProtocol
 
-    LareqaMonolingual.metadata = metadata
-    LareqaMonolingual.__name__ = name
-    return LareqaMonolingual()
+        recorder = _Recorder(model) if isinstance(model, EncoderProtocol) and not isinstance(model, SearchProtocol) \
+            else None
+        self._pending = (recorder, data_split)
+        try:
+            return super()._evaluate_subset(recorder or model, data_split, encode_kwargs=encode_kwargs,
+                                            hf_split=hf_split, hf_subset=hf_subset,
+                                            prediction_folder=prediction_folder, num_proc=num_proc, timer=timer,
+                                            **kwargs)
+        finally:
+            self._pending = None
+
+    def task_specific_scores(self, scores: dict[str, dict[str, float]], qrels: dict[str, dict[str, int]],
+                             results: dict[str, dict[str, float]], hf_split: str, hf_subset: str) -> dict[str, float]:
+        recorder, data_split = self._pending if self._pending is not None else (None, None)
+        if data_split is None:
+            raise RuntimeError(f"{self.metadata.name}: task_specific_scores runs inside _evaluate_subset only")
+        query_ids = list(data_split["queries"]["id"])
+        corpus_ids = list(data_split["corpus"]["id"])
+        position = {doc: k for k, doc in enumerate(corpus_ids)}
+        relevant = [np.array(sorted(position[d] for d, r in qrels[q].items() if r > 0), dtype=np.int64)
+                    for q in query_ids]
+        queries = recorder.stacked(PromptType.query, len(query_ids)) if recorder is not None else None
+        corpus = recorder.stacked(PromptType.document, len(corpus_ids)) if recorder is not None else None
+        if queries is not None and corpus is not None:
+            query_index, doc_index, ranks = ranks_by_similarity(recorder, queries, corpus, relevant)
+        else:
+            query_index, doc_index, ranks = ranks_from_results(results, query_ids, relevant, corpus_ids)
+        if self.setting != "multi":
+            return lareqa_scores(query_index, ranks, len(query_ids))
+        index = {language: i for i, language in enumerate(self.split.languages)}
+        doc_language = np.array([index[self.split.candidates[int(d[1:])].language] for d in corpus_ids],
+                                dtype=np.int64)
+        query_language = np.array([index[self.split.queries[int(q[1:])].language] for q in query_ids],
+                                  dtype=np.int64)
+        return lareqa_scores(query_index, ranks, len(query_ids), doc_language[doc_index], query_language,
+                             self.split.languages)
+
+
+def lareqa_subsets(split: Any, setting: str) -> dict[str, tuple[list[int], list[int]]]:
+    """MTEB subsets of one LAReQA setting: subset name -> (query indices, candidate indices) into ``split``.
+
+    ``mono``: ``<x>`` per language (x's queries, x's candidates); ``cross``: ``<x>-<y>`` per ordered pair of
+    different languages holding at least one query of x with a relevant candidate in y (those queries, y's
+    candidates); ``multi``: ``default``, every query against every candidate. These are exactly the groups
+    :func:`~hybrid_retrieval.evaluation.evaluator.evaluate_embeddings` averages over.
+    """
+    if setting not in SETTING_NAMES:
+        raise ValueError(f"setting={setting!r}: expected one of {list(SETTING_NAMES)}")
+    if setting == "multi":
+        return {"default": (list(range(len(split.queries))), list(range(len(split.candidates))))}
+    members = {x: [j for j, c in enumerate(split.candidates) if c.language == x] for x in split.languages}
+    candidate_language = [c.language for c in split.candidates]
+    subsets: dict[str, tuple[list[int], list[int]]] = {}
+    for x in split.languages:
+        for y in split.languages:
+            if (x == y) != (setting == "mono"):
+                continue
+            queries = [i for i, q in enumerate(split.queries)
+                       if q.language == x and any(candidate_language[j] == y for j in split.relevant[i].tolist())]
+            if queries:
+                subsets[x if setting == "mono" else f"{x}-{y}"] = (queries, members[y])
+    return subsets
+
+
+def lareqa_task(name: str, dataset: str, setting: str = "mono", root: Any = None,
+                languages: Sequence[str] | None = None, max_questions_per_language: int | None = None,
+                passage_text: str = "sentence") -> LareqaRetrieval:
+    """A retrieval task over this project's XQuAD-R / MLQA-R files in one setting of the LAReQA protocol
+    (``mono``, ``cross`` or ``multi``; :func:`lareqa_subsets`), relevance as LAReQA's.
+
+    Main score ``map``: the project's mean average precision over the whole ranking, per subset the mean over its
+    queries. MTEB averages a task's subsets with equal weight, so the task's score is the project's: the macro
+    average over languages (mono) or over ordered language pairs (cross). The multilingual task is one subset
+    whose ``map`` (and ``rank_distance``, ``max_at_r``, ``own_language_first``) is already the macro average over
+    query languages, as the project reports it; MTEB's own scores of that subset (``ndcg_at_10``, ...) are means
+    over all its queries, which differ from the macro average only where languages have different numbers of
+    questions (MLQA-R; XQuAD-R is parallel).
+
+    The dataset revision is ``local-<hash>`` of what selects the data (languages, cap, passage text) and of the
+    task's definition, so results cached for another selection are recognised as such.
+    """
+    from hybrid_retrieval.data.lareqa import load_split
+
+    if setting not in SETTING_NAMES:
+        raise ValueError(f"{name}: setting={setting!r}: expected one of {list(SETTING_NAMES)}")
+    split = load_split(dataset, root=root, languages=list(languages) if languages else None,
+                       max_questions_per_language=max_questions_per_language)
+    split.candidate_texts(passage_text)  # checks the option
+    _mteb_codes(split.languages, name)
+    subsets = lareqa_subsets(split, setting)
+    if not subsets:
+        raise ValueError(f"{name}: no queries in the {setting} setting for languages {split.languages}")
+    if setting == "mono":
+        eval_langs: Any = {x: [LANGUAGE_CODES[x]] for x in subsets}
+    elif setting == "cross":
+        eval_langs = {pair: [LANGUAGE_CODES[x] for x in pair.split("-")] for pair in subsets}
+    else:
+        eval_langs = [LANGUAGE_CODES[x] for x in split.languages]
+    selection = {"version": TASK_VERSION, "dataset": dataset, "setting": setting, "languages": split.languages,
+                 "max_questions_per_language": max_questions_per_language, "passage_text": passage_text,
+                 "queries": len(split.queries), "candidates": len(split.candidates)}
+    revision = "local-" + hashlib.sha1(json.dumps(selection, sort_keys=True).encode()).hexdigest()[:10]
+    label = DATASET_LABELS.get(dataset, dataset)
+    metadata = TaskMetadata(
+        name=name, type="Retrieval", category="t2t", modalities=["text"], main_score=MAIN_METRIC,
+        description=f"{label} (LAReQA, Roy et al. 2020), {SETTING_DESCRIPTIONS[setting]}; read from "
+                    "hybrid_retrieval's local data files. Main score: mean average precision over the whole ranking.",
+        reference="https://github.com/google-research-datasets/lareqa",
+        dataset={"path": f"local/{dataset}", "revision": revision}, eval_splits=["test"], eval_langs=eval_langs,
+        date=("2020-04-01", "2020-04-30"), domains=["Encyclopaedic", "Written"],
+        task_subtypes=["Question answering"], license="cc-by-sa-4.0" if dataset == "xquad_r" else "cc-by-nc-4.0",
+        annotations_creators="human-annotated", dialect=[], sample_creation="found", bibtex_citation="")
+
+    task_class = type(name, (LareqaRetrieval,), {"metadata": metadata})
+    task = task_class()
+    task.split, task.setting, task.passage_text, task.subset_members = split, setting, passage_text, subsets
+    return task
+
+
+# MTEB task name -> (this project's dataset, LAReQA setting), for every dataset and setting.
+LOCAL_TASKS = {f"{prefix}{SETTING_NAMES[setting]}": (dataset, setting)
+               for dataset, prefix in DATASET_TASK_PREFIX.items() for setting in SETTING_NAMES}
+
+
+class SharedEmbeddingCache(CachedEmbeddingWrapper):
+    """MTEB's embedding cache (``mteb.models.cache_wrappers``: a store per task and prompt type, keyed by a hash of
+    each text), except that this project's local tasks of one dataset share one store: their three settings encode
+    the same questions and sentences, and :class:`MtebEncoder`'s prefixes do not depend on the task. A second
+    command on the same model (same folder) encodes nothing it has encoded before."""
+
+    def _get_or_create_cache(self, task_name: str, prompt_type: PromptType | None,
+                             encode_kwargs: dict[str, Any] | None = None) -> Any:
+        local = LOCAL_TASKS.get(task_name)
+        return super()._get_or_create_cache(f"lareqa_{local[0]}" if local else task_name, prompt_type,
+                                            encode_kwargs)
+
+
+def embedding_cache(model: Any, folder: Any) -> SharedEmbeddingCache:
+    """``model`` with its embeddings cached under ``folder`` (one folder per model, revision and encoder settings:
+    see :func:`encoder_settings`); a truncated model's go to an experiment folder of their own."""
+    import functools
+
+    from mteb.models.cache_wrappers.cache_backends.numpy_cache import NumpyCache
+
+    return SharedEmbeddingCache(model, folder, cache_backend=functools.partial(NumpyCache, initial_vectors=4096))
+
+
+def encoder_settings(encoder: Any, dtype: Any = None) -> str:
+    """A short hash of what changes an encoder's embeddings besides its weights (prefixes, maximum lengths,
+    pooling, normalisation, the encoding dtype): the embedding cache's folder below the weights' revision."""
+    settings = {"prefixes": dict(encoder.prefixes), "max_lengths": dict(encoder.max_lengths),
+                "pooling": getattr(encoder, "pooling", None), "normalize": bool(getattr(encoder, "normalize", True)),
+                "dtype": str(dtype)}
+    return hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
 
 
 def resolve_tasks(names: Sequence[str], local: dict[str, Any] | None = None) -> list[Any]:
@@ -144,7 +423,8 @@ def resolve_tasks(names: Sequence[str], local: dict[str, Any] | None = None) -> 
     tasks = []
     for name in names:
         if name in LOCAL_TASKS:
-            tasks.append(lareqa_task(name, LOCAL_TASKS[name], **(local or {})))
+            dataset, setting = LOCAL_TASKS[name]
+            tasks.append(lareqa_task(name, dataset, setting, **(local or {})))
             continue
         try:
             tasks.append(mteb.get_task(name))
@@ -173,10 +453,11 @@ def check_task_data(tasks: Sequence[Any]) -> None:
 
 def main_scores(result: Any, tasks: Sequence[Any]) -> dict[str, float]:
     """``mteb/<task>/<subset>/<main score>`` for every subset of every task's evaluation splits, and their mean as
-    ``mteb/<task>/<main score>``: MLflow metric names."""
+    ``mteb/<task>/<main score>`` (MTEB's own task score: subsets weigh equally): MLflow metric names. ``result``:
+    what ``mteb.evaluate`` returns, or a list of its task results."""
     main = {task.metadata.name: task.metadata.main_score for task in tasks}
     metrics: dict[str, float] = {}
-    for task_result in result.task_results:
+    for task_result in getattr(result, "task_results", result):
         metric = main.get(task_result.task_name, "main_score")
         values = []
         for split, subsets in task_result.scores.items():

@@ -124,9 +124,9 @@ def _sentence_transformers_files(encoder: Encoder, folder: Path) -> None:
 
     _write_json(folder / "config_sentence_transformers.json", {
         "__version__": {"transformers": transformers.__version__, "pytorch": torch.__version__},
-        # "document" is the name MTEB and sentence-transformers' encode_document read; "passage" is this project's.
-        "prompts": {"query": encoder.prefixes["query"], "document": encoder.prefixes["passage"],
-                    "passage": encoder.prefixes["passage"]},
+        # "query" and "document": the names MTEB and sentence-transformers' encode_query / encode_document read (a
+        # third name makes MTEB warn that the prompt is not valid).
+        "prompts": {"query": encoder.prefixes["query"], "document": encoder.prefixes["passage"]},
         "default_prompt_name": None,
         # Unnormalised embeddings are scored by inner product in this project, so say so.
         # Truncated embeddings are re-normalised (the truncation module): unit vectors, scored by cosine.
@@ -821,7 +821,7 @@ def render_model_card(settings: Mapping[str, Any], card: Mapping[str, Any] | Non
               "```python", "from sentence_transformers import SentenceTransformer", "",
               f"model = SentenceTransformer({folder_name!r})",
               "q = model.encode(['how tall is the eiffel tower?'], prompt_name='query')",
-              "p = model.encode(['The Eiffel Tower is 330 m tall.'], prompt_name='passage')",
+              "p = model.encode(['The Eiffel Tower is 330 m tall.'], prompt_name='document')",
               "scores = model.similarity(q, p)", "```", "",
               f"Note: sentence-transformers truncates every text at {settings['max_passage_length']} tokens; this "
               f"project truncates queries at {settings['max_query_length']}.", "", ]
