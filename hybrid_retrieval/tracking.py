@@ -334,11 +334,12 @@ class TrackedRun:
     def log_artifacts(self, folder: str | Path, artifact_path: str | None = None) -> None:
         with_retry(lambda: self.client.log_artifacts(self.run_id, str(folder), artifact_path))
 
-    def log_sentence_transformer(self, folder: str | Path, name: str = "model") -> str:
+    def log_sentence_transformer(self, folder: str | Path, name: str = "sentence_transformer") -> str:
         """An exported model folder as an MLflow model of the sentence-transformers flavour, in this run's
         experiment and linked to this run (the UI's Models column, the registry); its prompts travel in the model's
         own config. Returns the model's URI (``models:/<id>``, also the run's ``model_uri`` tag), which
-        ``mlflow.sentence_transformers.load_model`` reads."""
+        ``mlflow.sentence_transformers.load_model`` reads. (`name` differs from the run's ``model/`` artifact
+        folder: MLflow lists a run's ``<name>/`` artifacts from a logged model of that name when there is one.)"""
         import mlflow
         from sentence_transformers import SentenceTransformer
 
