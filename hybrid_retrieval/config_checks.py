@@ -187,8 +187,14 @@ def check_logger(cfg: DictConfig) -> None:
         check_tracking_uri(uri)
     except ValueError as error:
         raise ConfigError(str(error)) from error
-    require(cfg.logger.get("log_model", True) in (True, False), "logger.log_model", "true or false",
-             cfg.logger.get("log_model"))
+    log_model = cfg.logger.get("log_model", True)
+    require(log_model in (True, False), "logger.log_model", "true or false", log_model)
+    if log_model:
+        import importlib.util
+
+        require(importlib.util.find_spec("sentence_transformers") is not None, "logger.log_model",
+                 "false, or sentence-transformers installed (pip install 'sentence-transformers>=6.2,<7'): the model is "
+                 "logged in its MLflow flavour", log_model)
 
 
 def check_evaluate_config(cfg: DictConfig) -> None:
