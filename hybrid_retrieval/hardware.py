@@ -68,7 +68,7 @@ def torch_device(hardware: Any) -> Any:
 def set_attention_backends(hardware: Any) -> None:
     """``hardware.cudnn_attention: false`` takes cuDNN's fused attention out of PyTorch's scaled-dot-product
     choices (flash and memory-efficient kernels remain). cuDNN builds a graph for every new padded length, a host
-    cost that dominated training and bf16 encoding of a small model on an H200 (README "Speed"). Process-wide;
+    cost that dominated training and bf16 encoding of a small model on an H200 (docs/speed.md#gpu). Process-wide;
     no effect on a CPU."""
     if uses_gpu(hardware) and not bool(hardware.get("cudnn_attention", True)):
         import torch

@@ -210,7 +210,7 @@ def train(cfg: DictConfig, inputs: TrainingInputs | None = None, plan: RunPlan |
     set_attention_backends(cfg.hardware)
     if uses_gpu(cfg.hardware) and cfg.train.get("dynamic_padding"):
         log.warning("train.dynamic_padding=true on a GPU: measured 0.10x the pairs/s of plain batches on an H200 "
-                    "(each chunk is a forward and backward pass of its own; README \"Speed\"); it is meant for CPUs")
+                    "(each chunk is a forward and backward pass of its own; docs/speed.md#gpu); it is meant for CPUs")
     pl.seed_everything(cfg.train.seed, workers=True, verbose=False)
     inputs = inputs or load_training_inputs(cfg)
     datamodule = build_datamodule(cfg, inputs)
