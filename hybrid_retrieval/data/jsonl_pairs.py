@@ -17,17 +17,16 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.json as pj
 
 from hybrid_retrieval.data.jsonl import json_objects
-from hybrid_retrieval.data.pair_store import TEXT_FIELDS, Chunk, StoreError, cached_store
+from hybrid_retrieval.data.pair_store import TEXT_FIELDS, Chunk, StoreError, cached_store, joined_negatives
 from hybrid_retrieval.data.pairs import PairRow, ParallelPairs
 
 __all__ = ["JSONL_FIELDS", "JSONL_HARD_NEGATIVES", "check_jsonl_row", "from_jsonl", "jsonl_chunks", "read_jsonl_rows"]
@@ -97,21 +96,17 @@ def _incomplete(column: pa.ChunkedArray, required: bool) -> bool:
     return bool(pc.any(pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(column)), 0)).as_py())
 
 
-def _row_lines(block: bytes, first_line: int) -> np.ndarray:
-    """Line number of each non-blank line of a block, in order (the parser's row i is on line result[i])."""
-    lines = block.split(b"\n")
-    return np.array([first_line + i for i, line in enumerate(lines) if line.strip()], dtype=np.int64)
+def _place(file: Path, block: bytes, first_line: int) -> Callable[[int], str]:
+    """``where(i)``: ``file:line`` of the parser's row i in a block (its i-th non-blank line). The line numbers are
+    counted only when a message needs one, not for every block converted."""
+    found: list[int] = []
 
+    def where(i: int) -> str:
+        if not found:
+            found.extend(first_line + n for n, line in enumerate(block.split(b"\n")) if line.strip())
+        return f"{file}:{found[i]}"
 
-def _negatives(table: pa.Table) -> pa.Array:
-    """Each row's hard negatives: ``hard_negative`` (when set) followed by ``hard_negatives``."""
-    one = table.column("hard_negative").combine_chunks()
-    many = table.column("hard_negatives").combine_chunks()
-    if many.null_count == len(many):
-        offsets = np.concatenate([[0], np.cumsum(one.is_valid().to_numpy(zero_copy_only=False))]).astype(np.int32)
-        return pa.ListArray.from_arrays(pa.array(offsets), one.drop_null())
-    return pa.array([([a] if a is not None else []) + (b or []) for a, b in zip(one.to_pylist(), many.to_pylist())],
-                    pa.list_(pa.string()))
+    return where
 
 
 def jsonl_chunks(file: Path, keep_negatives: bool) -> Any:
@@ -142,14 +137,15 @@ def jsonl_chunks(file: Path, keep_negatives: bool) -> Any:
                     _check_lines(block, file, first)
                     last = first + block.count(b"\n")
                     raise StoreError(f"{file}: lines {first}-{last}: {error}") from None
-                rows = _row_lines(block, first) if len(table) else np.empty(0, np.int64)
                 if any(_incomplete(table.column(name), name in TEXT_FIELDS) for name in _SCHEMA.names):
                     _check_lines(block, file, first)
                 offset += len(block)
                 line += block.count(b"\n")
+                negatives = joined_negatives(table.column("hard_negative").combine_chunks(),
+                                             table.column("hard_negatives").combine_chunks()) if keep_negatives else None
                 yield Chunk(table.column("group"), table.column("language"), table.column("query"),
-                            table.column("passage"), _negatives(table) if keep_negatives else None,
-                            where=lambda i, rows=rows: f"{file}:{rows[i]}", position={"offset": offset, "line": line})
+                            table.column("passage"), negatives,
+                            where=_place(file, block, first), position={"offset": offset, "line": line})
 
     return chunks
 

@@ -34,7 +34,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import xxhash
 
-__all__ = ["PART_ROWS", "STORE_VERSION", "Chunk", "StoreError", "cached_store", "open_index", "open_rows",
+from hybrid_retrieval.data.sources import cache_root
+
+__all__ = ["PART_ROWS", "STORE_VERSION", "Chunk", "StoreError", "cached_store", "joined_negatives", "open_index",
+           "open_rows",
            "pairs_cache_dir", "read_meta", "source_stats", "store_key", "write_store"]
 
 STORE_VERSION = 1
@@ -68,8 +71,7 @@ class Chunk:
 
 def pairs_cache_dir() -> Path:
     """``$HYBRID_RETRIEVAL_CACHE/pairs`` (default ``~/.cache/hybrid_retrieval/pairs``)."""
-    root = os.environ.get("HYBRID_RETRIEVAL_CACHE")
-    return (Path(root).expanduser() if root else Path.home() / ".cache" / "hybrid_retrieval") / "pairs"
+    return cache_root() / "pairs"
 
 
 def source_stats(sources: Sequence[str | os.PathLike[str]]) -> list[list[Any]]:
@@ -105,6 +107,20 @@ def _first_bad(mask: pa.Array) -> int | None:
     if not pc.any(mask).as_py():
         return None
     return int(pc.index(mask, True).as_py())
+
+
+def joined_negatives(one: pa.Array | None, many: pa.Array | None) -> pa.Array | None:
+    """Each row's hard negatives from a reader's two optional fields: ``hard_negative`` (one string or null) when
+    set, followed by ``hard_negatives`` (a list of strings or null); None when neither field is there."""
+    lists = []
+    if one is not None:
+        offsets = np.concatenate([[0], np.cumsum(one.is_valid().to_numpy(zero_copy_only=False))]).astype(np.int32)
+        lists.append(pa.ListArray.from_arrays(pa.array(offsets), one.drop_null()))
+    if many is not None and many.null_count < len(many):
+        lists.append(pc.fill_null(many.cast(pa.list_(pa.string())), pa.scalar([], pa.list_(pa.string()))))
+    if len(lists) < 2:
+        return lists[0] if lists else None
+    return pa.array([a + b for a, b in zip(lists[0].to_pylist(), lists[1].to_pylist())], pa.list_(pa.string()))
 
 
 def check_chunk(chunk: Chunk) -> pa.RecordBatch:

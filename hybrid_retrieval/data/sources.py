@@ -45,6 +45,7 @@ __all__ = [
     "DatasetSource",
     "check_languages",
     "dataset_languages",
+    "cache_root",
     "default_cache_dir",
     "get_source",
     "resolve_dataset_dir",
@@ -168,11 +169,16 @@ def check_languages(name: str, languages: Sequence[str] | str | None) -> list[st
     return chosen
 
 
+def cache_root() -> Path:
+    """The project's cache: ``$HYBRID_RETRIEVAL_CACHE`` or ``~/.cache/hybrid_retrieval`` (data, training pairs and
+    translations each have a folder in it)."""
+    root = os.environ.get(CACHE_ENV)
+    return Path(root).expanduser() if root else Path.home() / ".cache" / "hybrid_retrieval"
+
+
 def default_cache_dir() -> Path:
     """Data cache: ``$HYBRID_RETRIEVAL_CACHE/data`` or ``~/.cache/hybrid_retrieval/data``."""
-    root = os.environ.get(CACHE_ENV)
-    base = Path(root).expanduser() if root else Path.home() / ".cache" / "hybrid_retrieval"
-    return base / "data"
+    return cache_root() / "data"
 
 
 def _dataset_folder_in(root: Path, source: DatasetSource) -> Path | None:

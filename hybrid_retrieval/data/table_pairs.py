@@ -16,11 +16,10 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from hybrid_retrieval.data.pair_store import Chunk, StoreError, cached_store
+from hybrid_retrieval.data.pair_store import Chunk, StoreError, cached_store, joined_negatives
 from hybrid_retrieval.data.pairs import ParallelPairs
 
 __all__ = ["TABLE_FIELDS", "from_hf", "from_parquet", "parquet_files"]
@@ -65,24 +64,17 @@ def _strings(batch: pa.RecordBatch, column: str, field: str, where: Any) -> pa.A
 
 
 def _negatives(batch: pa.RecordBatch, names: dict[str, str], where: Any) -> pa.Array | None:
-    """Each row's hard negatives: ``hard_negative`` (when set) followed by ``hard_negatives``."""
-    parts = []
-    if names["hard_negative"] in batch.schema.names:
-        one = _strings(batch, names["hard_negative"], "hard_negative", where)
-        offsets = np.concatenate([[0], np.cumsum(one.is_valid().to_numpy(zero_copy_only=False))]).astype(np.int32)
-        parts.append(pa.ListArray.from_arrays(pa.array(offsets), one.drop_null()))
+    """Each row's hard negatives from the columns that are there (:func:`joined_negatives`)."""
+    one = _strings(batch, names["hard_negative"], "hard_negative", where) \
+        if names["hard_negative"] in batch.schema.names else None
+    many = None
     if names["hard_negatives"] in batch.schema.names:
         many = batch.column(names["hard_negatives"])
         if not (pa.types.is_list(many.type) or pa.types.is_large_list(many.type)) or not (
                 pa.types.is_string(many.type.value_type) or pa.types.is_large_string(many.type.value_type)):
             raise StoreError(f"{where(0)}: field 'hard_negatives' (column {names['hard_negatives']!r}) must be a "
                              f"list of strings, it has type {many.type}")
-        parts.append(pc.fill_null(many.cast(pa.list_(pa.string())), pa.scalar([], pa.list_(pa.string()))))
-    if not parts:
-        return None
-    if len(parts) == 1:
-        return parts[0]
-    return pa.array([a + b for a, b in zip(parts[0].to_pylist(), parts[1].to_pylist())], pa.list_(pa.string()))
+    return joined_negatives(one, many)
 
 
 def _batch_chunk(batch: pa.RecordBatch, names: dict[str, str], keep_negatives: bool, where: Any,

@@ -13,6 +13,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from hybrid_retrieval.data.lareqa import PASSAGE_TEXTS
 from hybrid_retrieval.data.squad import SQUAD_HARD_NEGATIVES
+from hybrid_retrieval.data.sources import cache_root
 from hybrid_retrieval.translation.languages import FAMILIES, LanguageError, model_language_code
 from hybrid_retrieval.translation.stage import (SourceRow, StageStats, assemble_rows, plan_units, read_input,
                                                 translate_units, write_output)
@@ -51,9 +52,7 @@ class TranslateJob:
 
 def default_cache_file(preset: str) -> Path:
     """``$HYBRID_RETRIEVAL_CACHE/translations/<preset>.jsonl`` (default ``~/.cache/hybrid_retrieval/...``)."""
-    root = os.environ.get("HYBRID_RETRIEVAL_CACHE")
-    base = Path(root).expanduser() if root else Path.home() / ".cache" / "hybrid_retrieval"
-    return base / "translations" / f"{preset}.jsonl"
+    return cache_root() / "translations" / f"{preset}.jsonl"
 
 
 def _int(value: Any, option: str, allow_none: bool = False, minimum: int = 1) -> int | None:
