@@ -21,6 +21,7 @@ dataclasses back into DictConfigs).
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -45,12 +46,14 @@ __all__ = [
     "ParallelPairs",
     "SquadFile",
     "SquadQuestion",
+    "LanguageCoverage",
     "build_datasets",
     "check_jsonl_row",
     "check_reader_options",
     "from_jsonl",
     "from_lareqa",
     "from_squad",
+    "language_coverage",
     "jsonl_chunks",
     "load_squad",
     "question_rows",
@@ -313,25 +316,48 @@ class ParallelPairs:
         bounds = np.searchsorted(self.groups[order], np.arange(self.n_groups + 1))
         return [order[bounds[g] : bounds[g + 1]] for g in range(self.n_groups)]
 
-    def languages_per_group(self) -> np.ndarray:
-        """How many distinct languages each group has rows in."""
-        count = np.zeros(self.n_groups, dtype=np.int32)
-        for language in range(len(self.language_names)):
-            count += np.bincount(self.groups[self.languages == language], minlength=self.n_groups) > 0
-        return count
+    @functools.cached_property
+    def coverage(self) -> LanguageCoverage:
+        """Rows and groups per language, languages per group: computed once (the summary and the sampler's index
+        both read it)."""
+        return language_coverage(self.groups, self.languages, len(self.language_names), self.n_groups)
 
     def summary(self) -> dict[str, Any]:
         """Counts for logging: rows, groups, rows per language, groups by how many languages they span."""
-        per_language = np.bincount(self.languages, minlength=len(self.language_names))
-        spans = np.bincount(self.languages_per_group())
+        spans = np.bincount(self.coverage.languages_per_group)
         return {
             "name": self.name,
             "rows": len(self),
             "groups": self.n_groups,
-            "languages": {name: int(per_language[i]) for i, name in enumerate(self.language_names)},
+            "languages": {name: len(self.coverage.rows_by_language[i]) for i, name in enumerate(self.language_names)},
             "groups_by_language_count": {k: int(v) for k, v in enumerate(spans) if v},
             "hard_negatives": self.rows_with_hard_negatives,
         }
+
+
+@dataclass(frozen=True)
+class LanguageCoverage:
+    """Which languages a dataset's groups are in: the rows of each language (ascending; int32 where row numbers
+    fit), the distinct groups each language holds, and the number of languages each group has rows in."""
+
+    rows_by_language: list[np.ndarray]
+    groups_per_language: list[int]
+    languages_per_group: np.ndarray
+
+
+def language_coverage(groups: np.ndarray, languages: np.ndarray, n_languages: int, n_groups: int) -> LanguageCoverage:
+    """:class:`LanguageCoverage` of dense group ids (0..n_groups-1) and language indices (0..n_languages-1), in
+    one pass per language."""
+    dtype = np.int32 if len(groups) < 2**31 else np.int64
+    rows_by_language, groups_per_language = [], []
+    languages_per_group = np.zeros(n_groups, dtype=np.int32)
+    for language in range(n_languages):
+        rows = np.flatnonzero(languages == language).astype(dtype)
+        present = np.bincount(groups[rows], minlength=n_groups) > 0
+        rows_by_language.append(rows)
+        groups_per_language.append(int(np.count_nonzero(present)))
+        languages_per_group += present
+    return LanguageCoverage(rows_by_language, groups_per_language, languages_per_group)
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,8 @@ from typing import Any, Literal, Protocol, runtime_checkable
 import numpy as np
 import torch
 
+from hybrid_retrieval.data.pairs import LanguageCoverage, language_coverage
+
 __all__ = ["BatchInfo", "HybridBatchSampler", "PairsLike"]
 
 log = logging.getLogger(__name__)
@@ -216,18 +218,15 @@ class _DatasetIndex:
         self.count = np.bincount(self.dense_groups, minlength=n_groups)
         self.start = np.concatenate([[0], np.cumsum(self.count)[:-1]]).astype(np.int64)
 
-        # Per language: its rows, and how many distinct groups they hold; per group: in how many languages.
-        self.rows_by_language = []
-        self.groups_by_language = []
-        langs_per_group = np.zeros(n_groups, dtype=np.int32)
-        for lang in range(len(self.language_names)):
-            rows = np.flatnonzero(languages == lang).astype(dtype)
-            present = np.bincount(self.dense_groups[rows], minlength=n_groups) > 0
-            self.rows_by_language.append(rows)
-            self.groups_by_language.append(int(np.count_nonzero(present)))
-            langs_per_group += present
+        # Per language: its rows, and how many distinct groups they hold; per group: in how many languages. A
+        # ParallelPairs computed this once already (its summary reads it too) when its ids are the dense ones.
+        coverage = getattr(dataset, "coverage", None) if self.dense_groups is groups else None
+        if not isinstance(coverage, LanguageCoverage):
+            coverage = language_coverage(self.dense_groups, languages, len(self.language_names), n_groups)
+        self.rows_by_language = coverage.rows_by_language
+        self.groups_by_language = coverage.groups_per_language
         # Groups present in at least two languages can give cross-lingual rows.
-        self._cross_groups = langs_per_group >= 2
+        self._cross_groups = coverage.languages_per_group >= 2
         self.n_cross_groups = int(np.count_nonzero(self._cross_groups))
 
     @property
