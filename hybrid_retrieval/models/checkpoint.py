@@ -53,7 +53,8 @@ def _torch_load(path: Path) -> Any:
     if not zipfile.is_zipfile(path):
         raise _not_torch(path, "not a zip archive")
     try:
-        return torch.load(str(path), map_location="cpu", weights_only=True)
+        # Memory-mapped: a caller that reads only the model config and step (a model card) touches no weights.
+        return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as err:
         if "unsupported global" not in str(err).lower():
             raise _not_torch(path, _short(err)) from err
@@ -64,7 +65,7 @@ def _torch_load(path: Path) -> Any:
     except Exception as err:  # torch raises many types for a file it cannot read
         raise _not_torch(path, _short(err)) from err
     try:
-        return torch.load(str(path), map_location="cpu", weights_only=False)
+        return torch.load(str(path), map_location="cpu", weights_only=False, mmap=True)
     except Exception as err:  # any unpickling failure means the same thing here
         raise CheckpointError(f"checkpoint {path} could not be read ({_short(err)})") from err
 

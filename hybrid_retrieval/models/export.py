@@ -4,9 +4,8 @@ The folder is at once:
 
 * a transformers model (``config.json``, ``model.safetensors``, tokenizer files: ``AutoModel`` + ``AutoTokenizer``);
 * a sentence-transformers model (``modules.json``: Transformer -> Pooling -> [Dense] -> [Truncate] -> [Normalize],
-  prompts
-  ``query`` / ``passage`` in ``config_sentence_transformers.json``), in the classic on-disk format of the models
-  on the hub, which old and new sentence-transformers releases read alike;
+  prompts ``query`` / ``document`` in ``config_sentence_transformers.json``), in the classic on-disk format of the
+  models on the hub, which old and new sentence-transformers releases read alike;
 * this project's model (``hybrid_retrieval.json``: the encoder settings, read back by ``load_encoder(path=...)``),
 
 with a ``README.md`` model card. Writing goes to a hidden temporary folder that is renamed at the end, so an
@@ -540,25 +539,6 @@ def _main_metric(subset: Mapping[str, Any], named: str | None) -> str:
     return next((k for k in keys if isinstance(subset.get(k), (int, float)) and subset[k] == value), "main_score")
 
 
-def _checkpoint_record(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(model config, bookkeeping: epoch, global_step, merge) of a checkpoint, as ``read_checkpoint`` gives them,
-    read memory-mapped (the weights are not loaded)."""
-    import torch
-
-    try:
-        ckpt = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-    except Exception:
-        from hybrid_retrieval.models.checkpoint import read_checkpoint
-
-        checkpoint = read_checkpoint(path)
-        return dict(checkpoint.model), dict(checkpoint.info)
-    meta = ckpt.get("hybrid_retrieval") if isinstance(ckpt, Mapping) else None
-    meta = meta if isinstance(meta, Mapping) else {}
-    info = {k: ckpt[k] for k in ("epoch", "global_step") if k in ckpt}
-    info.update({k: v for k, v in meta.items() if k not in ("format", "model")})
-    return dict(meta.get("model") or {}), info
-
-
 def run_card(run_dir: Path, checkpoint_file: str | Path | None = None, model: Mapping[str, Any] | None = None,
              checkpoint_info: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The model card (the `card` of :func:`export_encoder`) of weights trained in the run folder `run_dir`: what
@@ -572,9 +552,11 @@ def run_card(run_dir: Path, checkpoint_file: str | Path | None = None, model: Ma
     """
     run_dir = Path(run_dir).resolve()
     if checkpoint_file is not None and (model is None or checkpoint_info is None):
-        read_model, read_info = _checkpoint_record(Path(checkpoint_file))
-        model = read_model if model is None else model
-        checkpoint_info = read_info if checkpoint_info is None else checkpoint_info
+        from hybrid_retrieval.models.checkpoint import read_checkpoint
+
+        checkpoint = read_checkpoint(checkpoint_file)  # memory-mapped: the weights are not read
+        model = dict(checkpoint.model) if model is None else model
+        checkpoint_info = dict(checkpoint.info) if checkpoint_info is None else checkpoint_info
     config = read_run_config(run_dir)
     model = dict(model or (config.get("model") if isinstance(config.get("model"), Mapping) else None) or {})
     card: dict[str, Any] = {}
