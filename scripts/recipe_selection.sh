@@ -4,7 +4,9 @@
 # Resumable: finished runs are skipped, a stopped one resumes (train.resume=auto). Summary:
 #   python -m hybrid_retrieval.report sweep=multirun/recipe_select at=last
 # Usage: scripts/recipe_selection.sh [round]   (1 = single changes; 2 = combinations; 3 = more cross-lingual
-# signal on top of the chosen t01_hn, for the multilingual and bias goals; see docs/results/recipe/selection.md)
+# signal on top of the chosen t01_hn, for the multilingual and bias goals; see docs/results/recipe/selection.md;
+# choices = the recipe's size, frozen vocabulary and alpha, each against t01_hn retrained at the same commit,
+# compared with paired tests over the held-out queries: docs/results/recipe/choices.md)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -45,4 +47,14 @@ if [ "$round" = 3 ]; then                     # more cross-lingual signal on top
   train t01_hn_a25 "${T01_HN[@]}" sampler.mono_ratio=0.25
   train t01_hn_mt train_data=mlqa_r_squad_mt "${T01_HN[@]}" train_data.datasets.1.hard_negative=same_paragraph
   train t01_hn_60 "${T01_HN[@]}" trainer.limit_train_batches=60
+fi
+if [ "$round" = choices ]; then              # the recipe's remaining choices, one at a time against t01_hn
+  T01_HN=(loss.temperature=0.01 train_data.datasets.0.hard_negative=same_paragraph)
+  train c_base "${T01_HN[@]}"
+  train c_unfrozen "${T01_HN[@]}" train.freeze_embeddings=false
+  train c_b64 "${T01_HN[@]}" train.batch_size=64
+  train c_b16 "${T01_HN[@]}" train.batch_size=16 trainer.limit_train_batches=60
+  train c_120 "${T01_HN[@]}" trainer.limit_train_batches=120
+  train c_a25 "${T01_HN[@]}" sampler.mono_ratio=0.25
+  train c_a75 "${T01_HN[@]}" sampler.mono_ratio=0.75
 fi

@@ -13,6 +13,7 @@ can be evaluated; :func:`evaluate_encoder` encodes a LAReQA split first.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -40,6 +41,24 @@ class EvaluationResult(RetrievalResult):
     # Embeddings the result was computed from, when they were computed here (not saved).
     query_emb: np.ndarray | None = field(default=None, repr=False, metadata=NOT_SAVED)
     candidate_emb: np.ndarray | None = field(default=None, repr=False, metadata=NOT_SAVED)
+    # setting -> {"query", "group", <metric>...}: every scored query's values, for paired tests (per_query.npz).
+    per_query: dict[str, dict[str, np.ndarray]] | None = field(default=None, repr=False, metadata=NOT_SAVED)
+    group_names: dict[str, list[str]] | None = field(default=None, repr=False, metadata=NOT_SAVED)
+
+    def save_per_query(self, path: str | Path) -> Path:
+        """Every scored query's metric values as a compressed ``.npz``: ``<setting>/query`` (the query's index in
+        the split), ``<setting>/group`` (index into ``<setting>/group_names``: its language, or language pair)
+        and ``<setting>/<metric>``. Mono and cross rows are (query, candidate language) pairs."""
+        if self.per_query is None or self.group_names is None:
+            raise ValueError("this result holds no per-query values (it was not computed in this process)")
+        arrays: dict[str, np.ndarray] = {}
+        for setting, values in self.per_query.items():
+            arrays.update({f"{setting}/{name}": array for name, array in values.items()})
+            arrays[f"{setting}/group_names"] = np.asarray(self.group_names[setting])
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(path, **arrays)
+        return path
 
     def cross_matrix(self, languages: Sequence[str], metric: str = "map") -> np.ndarray:
         """(query language x candidate language) values; the diagonal holds the monolingual ones."""
@@ -78,6 +97,15 @@ def mean_by_group(metrics: dict[str, np.ndarray], group: np.ndarray, names: Sequ
         members = valid & (group == g)
         if members.any():
             out[label] = {m: float(np.nanmean(metrics[m][members])) for m in names}
+    return out
+
+
+def scored_queries(metrics: dict[str, np.ndarray], group: np.ndarray, names: Sequence[str],
+                   row_query: np.ndarray) -> dict[str, np.ndarray]:
+    """The rows with a value (a relevant item) as flat arrays: ``query``, ``group`` and each metric of ``names``."""
+    valid = ~np.isnan(metrics["map"])
+    out = {"query": row_query[valid].astype(np.int32), "group": group[valid].astype(np.int32)}
+    out.update({m: metrics[m][valid] for m in names})
     return out
 
 
@@ -126,7 +154,19 @@ def evaluate_embeddings(query_emb: np.ndarray, candidate_emb: np.ndarray, query_
 
     per_language = {"mono": mono, "cross": cross, "multi": multi}
     summary = {s: macro_mean(per_language[s], SUMMARY_METRICS[s]) for s in SETTINGS}
-    return EvaluationResult(summary, per_language, {"metrics_s": time.perf_counter() - started})
+
+    pair_query = np.repeat(np.arange(n_queries), n_lang)
+    is_mono = pair_query_lang == pair_cand_lang
+    names = SUMMARY_METRICS["cross"]
+    mono_rows = scored_queries({m: np.where(is_mono, v, np.nan) for m, v in by_pair.items()}, pair_query_lang,
+                               names, pair_query)
+    cross_rows = scored_queries({m: np.where(is_mono, np.nan, v) for m, v in by_pair.items()}, pair_label,
+                                names, pair_query)
+    per_query = {"mono": mono_rows, "cross": cross_rows,
+                 "multi": scored_queries(by_query, query_language, SUMMARY_METRICS["multi"], np.arange(n_queries))}
+    group_names = {"mono": list(languages), "cross": pair_names, "multi": list(languages)}
+    return EvaluationResult(summary, per_language, {"metrics_s": time.perf_counter() - started},
+                            per_query=per_query, group_names=group_names)
 
 
 def evaluate_split(query_emb: np.ndarray, candidate_emb: np.ndarray, split: Any,

@@ -53,10 +53,11 @@ class LareqaSet(EvaluationSet):
         from hybrid_retrieval.evaluation.heatmap import plot_cross_lingual_heatmap
 
         metrics = result.save_json(folder / f"{prefix}metrics.json")
+        per_query = [result.save_per_query(folder / f"{prefix}per_query.npz")] if result.per_query else []
         heatmap = plot_cross_lingual_heatmap(result.cross_matrix(self.split.languages), self.split.languages,
                                              folder / f"{prefix}cross_lingual_map.png",
                                              title=f"{self.split.name} mAP: query x candidate language")
-        return [metrics, heatmap]
+        return [metrics, heatmap, *per_query]
 
 
 def load_dataset(dataset: Any) -> LareqaSplit:
