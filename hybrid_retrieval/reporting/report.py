@@ -60,6 +60,7 @@ class Row:
     seeds: list[str]
     stage: str                                   # "trained" (at `best` or `last`) or "before" (step 0)
     values: dict[str, list[float]] = field(default_factory=dict)  # metric key -> one value per run
+    folders: list[str] = field(default_factory=list)  # each run's folder (its output_dir tag), where known
 
     @property
     def n(self) -> int:
@@ -185,7 +186,8 @@ def build_report(records: Sequence[Mapping[str, Any]], at: str = "best", before:
     for label, members in groups.items():
         seeds = [m["params"].get("train.seed", "?") for m in members]
         ids = [m["run_id"] for m in members]
-        trained = Row(label, ids, seeds, "trained")
+        trained = Row(label, ids, seeds, "trained",
+                      folders=[m.get("tags", {}).get("output_dir", "") for m in members])
         common_start = first_job or label == "(all runs alike)"
         start = Row("before training" if common_start else f"{label} · before training", [], [], "before")
         for member in members:
