@@ -252,6 +252,10 @@ def check_train_config(cfg: DictConfig) -> None:
         value = cfg.train.get(option, 0)
         require(isinstance(value, int) and not isinstance(value, bool) and value >= 0, f"train.{option}",
                  "a non-negative integer", value)
+    from hybrid_retrieval.data.overlap import CONTAMINATION_POLICIES
+
+    require(cfg.train.get("contamination", "refuse") in CONTAMINATION_POLICIES, "train.contamination",
+             f"one of {', '.join(CONTAMINATION_POLICIES)}", cfg.train.get("contamination"))
     require(isinstance(cfg.train.lr, (int, float)) and cfg.train.lr > 0, "train.lr", "a positive number",
              cfg.train.lr)
     require(cfg.train.get("schedule") in ("linear", "cosine", "constant"), "train.schedule",

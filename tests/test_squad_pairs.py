@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from hybrid_retrieval.data.lareqa import DataFormatError, read_language_file
 from hybrid_retrieval.data.pairs import (build_datasets, from_squad, load_squad, read_squad_file, sentence_spans,
                                          split_sentences, xquad_question_ids)
+from hybrid_retrieval.data.squad import xquad_text_matches
 from hybrid_retrieval.data.sources import DataNotFoundError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -38,30 +39,56 @@ def data_env(data_root: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 @pytest.mark.slow
 def test_real_files_match_source_counts(data_env: Path) -> None:
-    dropped = load_squad({"es": ES, "it": IT})
-    es, it = dropped["es"], dropped["it"]
-    # squad-es/SOURCE.md: 732 XQuAD ids; dropping their paragraphs leaves 1766 paragraphs / 5851 questions.
-    assert (len(es.paragraphs), len(es.questions), es.unanswered) == (1766, 5851, ())
-    assert (es.dropped_paragraphs, es.dropped_questions) == (1996 - 1766, 732)
-    # squad-it/SOURCE.md: 1798 paragraphs / 6831 questions; one ("d250") has only empty answers and is skipped.
-    assert (len(it.paragraphs), len(it.questions) + len(it.unanswered)) == (1798, 6831)
-    assert it.unanswered == ("d250",) and it.dropped_questions == 778
     kept = load_squad({"es": ES, "it": IT}, drop_xquad=False)
     assert (len(kept["es"].paragraphs), len(kept["es"].questions)) == (1996, 6583)
     assert (len(kept["it"].paragraphs), len(kept["it"].questions) + len(kept["it"].unanswered)) == (2010, 7609)
     xquad = xquad_question_ids()
     assert len(xquad) == 1190
     assert sum(q.id in xquad for q in kept["es"].questions) == 732
+    dropped = load_squad({"es": ES, "it": IT})
+    es, it = dropped["es"], dropped["it"]
     assert not any(q.id in xquad for f in dropped.values() for q in f.questions)
+    # squad-es/SOURCE.md: 230 paragraphs hold XQuAD ids (732 questions); the text rule drops 285 more
+    # (docs/results/contamination/xquad_text_match.json), leaving 1481 paragraphs.
+    assert (es.dropped_paragraphs - es.dropped_by_text, es.dropped_by_text, len(es.paragraphs)) == (230, 285, 1481)
+    # squad-it: 212 paragraphs by id (778 questions) and 212 by text, 35 of them among the 165 with made-up ids;
+    # one question ("d250") has only empty answers and is skipped.
+    assert (it.dropped_paragraphs - it.dropped_by_text, it.dropped_by_text, len(it.paragraphs)) == (212, 212, 1586)
+    assert it.unanswered == ("d250",)
+
+
+@pytest.mark.slow
+def test_xquad_paragraphs_with_made_up_ids_are_dropped_by_text(data_env: Path) -> None:
+    # XQuAD's Amazon rainforest paragraph is in SQuAD-it under the made-up ids d286-d288 (no XQuAD id to match)
+    kept = load_squad({"it": IT}, drop_xquad=False)["it"]
+    amazon = [q for q in kept.questions if q.id in ("d286", "d287", "d288")]
+    assert amazon and kept.paragraphs[amazon[0].paragraph].context.startswith("La foresta pluviale amazzonica")
+    assert not any(q.id in ("d286", "d287", "d288") for q in load_squad({"it": IT})["it"].questions)
+
+
+def test_text_rule_on_hand_made_paragraphs() -> None:
+    xquad = (("The Amazon rainforest covers most of the Amazon basin of South America, 7,000,000 square km.",
+              "Super Bowl 50 was an American football game to determine the champion of the NFL for 2015.",
+              "Oxygen is a chemical element with symbol O and atomic number 8, a member of the chalcogen group."),
+             ("La selva amazónica cubre la mayor parte de la cuenca del Amazonas de América del Sur, 7.000.000 km2.",
+              "El Super Bowl 50 fue un partido de fútbol americano para determinar el campeón de la NFL en 2015.",
+              "El oxígeno es un elemento químico de símbolo O y número atómico 8, del grupo de los calcógenos."))
+    # another Spanish translation of the first paragraph; an Italian one of the second; an unrelated paragraph
+    contexts = ["La selva amazónica cubre la mayor parte de la cuenca amazónica de Sudamérica, 7.000.000 km2.",
+                "Il Super Bowl 50 è stata una partita di football americano per determinare il campione NFL del 2015.",
+                "Warsaw is the capital and largest city of Poland, on the Vistula river."]
+    assert xquad_text_matches(contexts, xquad).tolist() == [True, True, False]
+    assert xquad_text_matches([], xquad).tolist() == [] and not xquad_text_matches(contexts, ()).any()
 
 
 def test_from_squad_groups_translations_across_languages(data_env: Path) -> None:
     pairs = from_squad({"es": ES, "it": IT}, name="squad_mt")
     summary = pairs.summary()
-    assert summary["rows"] == 5851 + 6830 and summary["languages"] == {"es": 5851, "it": 6830}
-    # SOURCE.md: es and it share 4029 question ids once XQuAD's are removed.
-    assert summary["groups_by_language_count"] == {1: 8652 - 4029, 2: 4029}
-    assert pairs.n_groups == 8652 and pairs.language_names == ["es", "it"]
+    # XQuAD's paragraphs dropped by id and by text (test_real_files_match_source_counts)
+    assert summary["rows"] == 4939 + 5973 and summary["languages"] == {"es": 4939, "it": 5973}
+    # es and it share 3378 question ids once XQuAD's paragraphs are removed (4029 by ids alone: SOURCE.md).
+    assert summary["groups_by_language_count"] == {1: 7534 - 3378, 2: 3378}
+    assert pairs.n_groups == 7534 and pairs.language_names == ["es", "it"]
     for rows in pairs.rows_by_group()[:2000]:
         assert len(set(pairs.languages[rows].tolist())) == len(rows)  # one row per language in a group
     # A shared id's two rows are the Spanish and Italian versions of one question.
@@ -77,8 +104,8 @@ def test_answer_sentence_is_located_on_real_data(data_env: Path, data_root: Path
     matches = {lang: f.summary()["matches"] for lang, f in parsed.items()}
     print(f"answer text inside the chosen sentence: {rates}; how located: {matches}")
     assert rates["es"] >= 0.999 and rates["it"] >= 0.999
-    assert matches["es"]["exact"] == 5851  # TAR's small file keeps only aligned answers
-    assert matches["it"]["in_sentence"] > 0 and matches["it"]["exact"] > 6700
+    assert matches["es"]["exact"] == 4939  # TAR's small file keeps only aligned answers
+    assert matches["it"]["in_sentence"] > 0 and matches["it"]["exact"] > 5900
     # Against human sentence annotations: XQuAD is SQuAD-format, XQuAD-R has its sentence breaks.
     same: dict[str, float] = {}
     for lang in ("en", "es", "de", "hi"):
@@ -252,7 +279,7 @@ def test_train_data_configs_build_and_make_cross_lingual_batches(data_env: Path)
     cfg = compose(["train_data=squad_mt"])
     check_train_config(cfg)
     (squad,) = build_datasets(cfg.train_data)
-    assert squad.name == "squad_mt" and len(squad) == 12681
+    assert squad.name == "squad_mt" and len(squad) == 10912
     sampler = HybridBatchSampler([squad], batch_size=32, mono_ratio=0.0, seed=3)
     for batch in list(iter(sampler))[:20]:
         assert len({int(squad.groups[q]) for _, q, _ in batch}) == 32  # no group twice in a batch
@@ -260,7 +287,7 @@ def test_train_data_configs_build_and_make_cross_lingual_batches(data_env: Path)
             assert squad.groups[q] == squad.groups[p] and squad.languages[q] != squad.languages[p]
 
     both = build_datasets(compose(["train_data=mlqa_r_squad_mt"]).train_data)
-    assert [d.name for d in both] == ["mlqa_r", "squad_mt"] and len(both[1]) == 12681
+    assert [d.name for d in both] == ["mlqa_r", "squad_mt"] and len(both[1]) == 10912
     sampler = HybridBatchSampler(both, batch_size=16, mono_ratio=0.5, seed=1)
     seen = {info for info in _batch_sources(sampler, 60)}
     assert {0, 1} <= {d for d, _ in seen} and {"mono", "cross"} <= {k for _, k in seen}

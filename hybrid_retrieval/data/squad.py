@@ -19,6 +19,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from hybrid_retrieval.data.overlap import similarity_matrices
 from hybrid_retrieval.data.lareqa import DataFormatError, Paragraph, get_field, sha1_order
 from hybrid_retrieval.data.pairs import PairRow, ParallelPairs, StoreSpec, check_reader_options, question_rows
 from hybrid_retrieval.data.sentences import sentence_spans
@@ -54,9 +57,10 @@ class SquadFile:
     language: str
     paragraphs: tuple[Paragraph, ...]
     questions: tuple[SquadQuestion, ...]
-    dropped_paragraphs: int  # paragraphs dropped because they hold an excluded (XQuAD) question id
+    dropped_paragraphs: int  # paragraphs dropped: they hold an excluded (XQuAD) question id or match its text
     dropped_questions: int  # the questions of those paragraphs
     unanswered: tuple[str, ...]  # ids of questions without an aligned answer (skipped)
+    dropped_by_text: int = 0  # of dropped_paragraphs, those no excluded id would have caught
 
     def answer_in_sentence(self) -> float:
         """Fraction of questions whose answer text (case-folded) lies inside their chosen sentence."""
@@ -77,6 +81,7 @@ class SquadFile:
             "questions": len(self.questions),
             "dropped_paragraphs": self.dropped_paragraphs,
             "dropped_questions": self.dropped_questions,
+            "dropped_by_text": self.dropped_by_text,
             "unanswered": len(self.unanswered),
             "matches": {m: matches[m] for m in SQUAD_ANSWER_MATCHES},
             "answer_in_sentence": self.answer_in_sentence(),
@@ -93,8 +98,36 @@ def _nearest_occurrence(context: str, text: str, position: int) -> int | None:
     return best
 
 
-def _parse_squad(raw: Any, path: Path, language: str, exclude: frozenset[str]) -> SquadFile:
+# A paragraph is XQuAD's when the sum over XQuAD's languages of its character n-gram cosine to one XQuAD paragraph
+# (data/overlap.similarity_matrix) reaches TEXT_MATCH_SCORE and is TEXT_MATCH_MARGIN times its next best XQuAD
+# paragraph's. Measured on the paragraphs whose SQuAD ids tell: it finds 207 of SQuAD-it's 212 and all 230 of
+# SQuAD-es's XQuAD paragraphs (scripts/xquad_text_match.py, docs/data.md#squad-and-xquad).
+TEXT_MATCH_SCORE = 0.6
+TEXT_MATCH_MARGIN = 1.3
+
+
+def xquad_text_matches(contexts: list[str], xquad_paragraphs: tuple[tuple[str, ...], ...]) -> np.ndarray:
+    """Which of `contexts` match an XQuAD paragraph by text (rule above); `xquad_paragraphs` holds each XQuAD
+    language's paragraphs, aligned across languages."""
+    if not contexts or not xquad_paragraphs:
+        return np.zeros(len(contexts), dtype=bool)
+    score = sum(similarity_matrices(contexts, xquad_paragraphs))
+    top = np.sort(score, axis=1)[:, ::-1]
+    second = top[:, 1] if top.shape[1] > 1 else np.zeros(len(top))
+    return (top[:, 0] >= TEXT_MATCH_SCORE) & (top[:, 0] >= TEXT_MATCH_MARGIN * second)
+
+
+def _parse_squad(raw: Any, path: Path, language: str, exclude: frozenset[str],
+                 exclude_texts: tuple[tuple[str, ...], ...] = ()) -> SquadFile:
     data = get_field(raw, "data", list, path, "data", "a list of articles")
+    by_text: set[tuple[int, int]] = set()
+    if exclude_texts:
+        where = [(a, p) for a, article in enumerate(data) if isinstance(article, dict)
+                 for p, para in enumerate(article.get("paragraphs") or []) if isinstance(para, dict)
+                 and isinstance(para.get("context"), str)]
+        contexts = [data[a]["paragraphs"][p]["context"] for a, p in where]
+        by_text = {where[i] for i in np.flatnonzero(xquad_text_matches(contexts, exclude_texts))}
+    dropped_by_text = 0
     paragraphs: list[Paragraph] = []
     questions: list[SquadQuestion] = []
     unanswered: list[str] = []
@@ -129,8 +162,10 @@ def _parse_squad(raw: Any, path: Path, language: str, exclude: frozenset[str]) -
                     if chosen is None and start >= 0 and answer_text.strip():
                         chosen = (start, answer_text.strip())
                 parsed.append((qid, text, *(chosen if chosen else (None, ""))))
-            if any(qid in exclude for qid, *_ in parsed):
+            id_match = any(qid in exclude for qid, *_ in parsed)
+            if id_match or (a, p) in by_text:
                 dropped_paragraphs += 1
+                dropped_by_text += not id_match
                 dropped_questions += len(parsed)
                 continue
             spans = sentence_spans(context, language)
@@ -156,7 +191,7 @@ def _parse_squad(raw: Any, path: Path, language: str, exclude: frozenset[str]) -
                         sentence = bisect.bisect_right(starts, start) - 1
                 questions.append(SquadQuestion(qid, text, paragraph_index, sentence, answer_text, start, match))
     return SquadFile(path, language, tuple(paragraphs), tuple(questions), dropped_paragraphs, dropped_questions,
-                     tuple(unanswered))
+                     tuple(unanswered), dropped_by_text)
 
 
 def _read_json(path: Path) -> Any:
@@ -174,17 +209,20 @@ def _read_json(path: Path) -> Any:
 
 
 @lru_cache(maxsize=16)
-def _read_squad_cached(path_str: str, language: str, exclude: frozenset[str], mtime_ns: int, size: int) -> SquadFile:
+def _read_squad_cached(path_str: str, language: str, exclude: frozenset[str], exclude_texts: tuple[tuple[str, ...], ...],
+                       mtime_ns: int, size: int) -> SquadFile:
     # mtime and size are part of the key so an edited file is re-read.
     path = Path(path_str)
-    return _parse_squad(_read_json(path), path, language, exclude)
+    return _parse_squad(_read_json(path), path, language, exclude, exclude_texts)
 
 
 def read_squad_file(
-    path: str | os.PathLike[str], language: str, exclude_ids: frozenset[str] | set[str] | None = None
+    path: str | os.PathLike[str], language: str, exclude_ids: frozenset[str] | set[str] | None = None,
+    exclude_texts: tuple[tuple[str, ...], ...] = (),
 ) -> SquadFile:
     """Parse one SQuAD v1.1-format file (``.json`` or gzip), dropping every paragraph that holds an id of
-    `exclude_ids`, and find each question's answer sentence (cached in-process per path, size and mtime).
+    `exclude_ids` or whose text matches a paragraph of `exclude_texts` (per language, aligned; rule of
+    :func:`xquad_text_matches`), and find each question's answer sentence (cached in-process per path, size, mtime).
 
     Answers: a question's answers are read in order and the first *aligned* one decides; an answer with
     ``answer_start < 0`` or an empty text is unaligned (SQuAD-es marks answers its translation lost with
@@ -205,24 +243,96 @@ def read_squad_file(
     if not resolved.is_file():
         raise FileNotFoundError(f"SQuAD file {str(resolved)!r} does not exist")
     stat = resolved.stat()
-    return _read_squad_cached(str(resolved), language, frozenset(exclude_ids or ()), stat.st_mtime_ns, stat.st_size)
+    return _read_squad_cached(str(resolved), language, frozenset(exclude_ids or ()), tuple(exclude_texts),
+                              stat.st_mtime_ns, stat.st_size)
+
+
+@dataclass(frozen=True)
+class XQuadReference:
+    """What SQuAD-derived training data must not hold: XQuAD's question ids and its paragraphs in each language."""
+
+    ids: frozenset[str]
+    paragraphs: tuple[tuple[str, ...], ...]  # per language, aligned by position across languages
+    source: Path
+
+    def digest(self) -> str:
+        """Enters the training data's cache key: other reference data, other rows."""
+        text = " ".join(sorted(self.ids)) + "\n" + "\n".join("\t".join(p) for p in self.paragraphs)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 @lru_cache(maxsize=8)
-def _read_question_ids(path_str: str, mtime_ns: int, size: int) -> frozenset[str]:
+def _read_paragraphs(path_str: str, mtime_ns: int, size: int) -> tuple[tuple[str, ...], tuple[tuple[str, ...], ...]]:
+    """(question ids of each paragraph joined, contexts) of one SQuAD-format file, file order."""
     path = Path(path_str)
     raw = _read_json(path)
-    ids: set[str] = set()
+    keys, contexts = [], []
     for a, article in enumerate(get_field(raw, "data", list, path, "data", "a list of articles")):
         for p, para in enumerate(get_field(article, "paragraphs", list, path, f"data[{a}].paragraphs", "a list")):
-            for q, qa in enumerate(get_field(para, "qas", list, path, f"data[{a}].paragraphs[{p}].qas", "a list")):
-                ids.add(get_field(qa, "id", str, path, f"data[{a}].paragraphs[{p}].qas[{q}].id", "a string"))
-    return frozenset(ids)
+            where = f"data[{a}].paragraphs[{p}]"
+            contexts.append(get_field(para, "context", str, path, f"{where}.context", "a string"))
+            qas = get_field(para, "qas", list, path, f"{where}.qas", "a list")
+            keys.append(tuple(get_field(qa, "id", str, path, f"{where}.qas[{q}].id", "a string")
+                              for q, qa in enumerate(qas)))
+    return tuple(keys), tuple(contexts)
 
 
-def _question_ids(path: Path) -> frozenset[str]:
+def _paragraphs(path: Path) -> tuple[tuple[tuple[str, ...], ...], tuple[str, ...]]:
     stat = path.resolve().stat()
-    return _read_question_ids(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    return _read_paragraphs(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+
+
+def _xquad_file(xquad_root: str | os.PathLike[str] | None) -> Path:
+    """XQuAD's English file (or XQuAD-R's en.json): where :func:`xquad_reference` starts."""
+    if xquad_root is not None and str(xquad_root) != "":
+        root = Path(xquad_root).expanduser()
+        candidates = [root] if root.is_file() else [
+            root / "xquad" / XQUAD_IDS_FILE, root / XQUAD_IDS_FILE, root / "xquad-r" / "en.json"]
+        for candidate in candidates:
+            if candidate.is_file():
+                return candidate
+        raise DataNotFoundError(
+            f"xquad_root={str(xquad_root)!r}: none of {[str(c) for c in candidates]} exists; point xquad_root at "
+            f"the folder holding xquad/{XQUAD_IDS_FILE}, or set drop_xquad=false"
+        )
+    env = os.environ.get(DATA_ENV, "")
+    if env and (Path(env).expanduser() / "xquad" / XQUAD_IDS_FILE).is_file():
+        return Path(env).expanduser() / "xquad" / XQUAD_IDS_FILE
+    try:
+        folder = resolve_dataset_dir("xquad_r", None, ["en"])
+    except DataNotFoundError as exc:
+        raise DataNotFoundError(
+            f"XQuAD question ids (drop_xquad=true) not found: no xquad/{XQUAD_IDS_FILE} under ${DATA_ENV} and "
+            f"XQuAD-R's en.json is unavailable ({exc}). Set xquad_root=<folder holding xquad/{XQUAD_IDS_FILE}> "
+            "or drop_xquad=false"
+        ) from exc
+    return folder / "en.json"
+
+
+def xquad_reference(xquad_root: str | os.PathLike[str] | None = None) -> XQuadReference:
+    """XQuAD's 1,190 question ids (XQuAD-R has the same) and its 240 paragraphs in every language found beside the
+    English file (``xquad.<lang>.json`` beside ``xquad.en.json``; ``<lang>.json`` beside XQuAD-R's ``en.json``),
+    aligned to the English file's paragraphs by their question ids.
+
+    Found as :func:`xquad_question_ids` says. Other languages' files that do not hold exactly the English file's
+    paragraphs (by question ids) are skipped with a warning.
+    """
+    english = _xquad_file(xquad_root)
+    keys, contexts = _paragraphs(english)
+    pattern = "xquad.*.json" if english.name == XQUAD_IDS_FILE else "*.json"
+    paragraphs = [contexts]
+    for other in sorted(english.parent.glob(pattern)):
+        if other.resolve() == english.resolve():
+            continue
+        other_keys, other_contexts = _paragraphs(other)
+        position = {frozenset(k): i for i, k in enumerate(other_keys)}
+        order = [position.get(frozenset(k)) for k in keys]
+        if None in order:
+            log.warning("%s: its paragraphs are not %s's (by question ids); not used to drop XQuAD paragraphs",
+                        other, english)
+            continue
+        paragraphs.append(tuple(other_contexts[i] for i in order))
+    return XQuadReference(frozenset(q for k in keys for q in k), tuple(paragraphs), english)
 
 
 def xquad_question_ids(xquad_root: str | os.PathLike[str] | None = None) -> frozenset[str]:
@@ -233,29 +343,7 @@ def xquad_question_ids(xquad_root: str | os.PathLike[str] | None = None) -> froz
     XQuAD-R's ``en.json`` found like the evaluation data (``$HYBRID_RETRIEVAL_DATA/xquad-r``, the cache, a
     checksummed download).
     """
-    if xquad_root is not None and str(xquad_root) != "":
-        root = Path(xquad_root).expanduser()
-        candidates = [root] if root.is_file() else [
-            root / "xquad" / XQUAD_IDS_FILE, root / XQUAD_IDS_FILE, root / "xquad-r" / "en.json"]
-        for candidate in candidates:
-            if candidate.is_file():
-                return _question_ids(candidate)
-        raise DataNotFoundError(
-            f"xquad_root={str(xquad_root)!r}: none of {[str(c) for c in candidates]} exists; point xquad_root at "
-            f"the folder holding xquad/{XQUAD_IDS_FILE}, or set drop_xquad=false"
-        )
-    env = os.environ.get(DATA_ENV, "")
-    if env and (Path(env).expanduser() / "xquad" / XQUAD_IDS_FILE).is_file():
-        return _question_ids(Path(env).expanduser() / "xquad" / XQUAD_IDS_FILE)
-    try:
-        folder = resolve_dataset_dir("xquad_r", None, ["en"])
-    except DataNotFoundError as exc:
-        raise DataNotFoundError(
-            f"XQuAD question ids (drop_xquad=true) not found: no xquad/{XQUAD_IDS_FILE} under ${DATA_ENV} and "
-            f"XQuAD-R's en.json is unavailable ({exc}). Set xquad_root=<folder holding xquad/{XQUAD_IDS_FILE}> "
-            "or drop_xquad=false"
-        ) from exc
-    return _question_ids(folder / "en.json")
+    return frozenset(q for k in _paragraphs(_xquad_file(xquad_root))[0] for q in k)
 
 
 def resolve_squad_files(
@@ -298,11 +386,13 @@ def load_squad(
     drop_xquad: bool = True,
     xquad_root: str | os.PathLike[str] | None = None,
 ) -> dict[str, SquadFile]:
-    """Parsed files, keyed by language in the given order; with `drop_xquad`, paragraphs holding an XQuAD
-    question id are dropped (:func:`xquad_question_ids`)."""
+    """Parsed files, keyed by language in the given order; with `drop_xquad`, XQuAD's paragraphs are dropped, by
+    their question ids and by their text (:func:`xquad_reference`, :func:`xquad_text_matches`)."""
     paths = resolve_squad_files(files, root)
-    exclude = xquad_question_ids(xquad_root) if drop_xquad else frozenset()
-    return {language: read_squad_file(path, language, exclude) for language, path in paths.items()}
+    reference = xquad_reference(xquad_root) if drop_xquad else None
+    return {language: read_squad_file(path, language, reference.ids if reference else None,
+                                      reference.paragraphs if reference else ())
+            for language, path in paths.items()}
 
 
 def squad_rows(
@@ -338,9 +428,10 @@ def from_squad(
       ``$HYBRID_RETRIEVAL_DATA``, then the working directory (:func:`resolve_squad_files`).
     - passage_text: "sentence" (the sentence holding the answer) or "sentence_paragraph" (sentence + " " +
       paragraph), formatted by :func:`~hybrid_retrieval.data.lareqa.format_passage` as everywhere else.
-    - drop_xquad: drop every paragraph that holds an XQuAD question id (SQuAD v1.1 dev is XQuAD's source, so
-      training on those paragraphs would leak XQuAD-R's evaluation data); ids from :func:`xquad_question_ids`
-      (`xquad_root`).
+    - drop_xquad: drop every XQuAD paragraph (SQuAD v1.1 dev is XQuAD's source, so training on those paragraphs
+      would leak XQuAD-R's evaluation data): those holding an XQuAD question id, and those whose text matches an
+      XQuAD paragraph in any of its languages (translations carry made-up ids: SQuAD-it has 165 such paragraphs);
+      reference from :func:`xquad_reference` (`xquad_root`).
     - max_groups, hard_negative: as in :func:`from_lareqa` (``same_paragraph``: the sentence after the answer
       sentence, else the one before).
 
@@ -354,9 +445,8 @@ def from_squad(
     if not rows:
         raise ValueError(f"from_squad {name!r}: no answerable questions in {[str(f.path) for f in parsed.values()]}")
     sources = [str(f.path) for f in parsed.values()]
-    # The XQuAD ids that drop_xquad removes are part of what the rows are: they enter the cache key as a digest.
-    dropped = hashlib.sha256(" ".join(sorted(xquad_question_ids(xquad_root))).encode()).hexdigest()[:16] \
-        if drop_xquad else None
+    # The XQuAD data that drop_xquad removes is part of what the rows are: it enters the cache key as a digest.
+    dropped = xquad_reference(xquad_root).digest() if drop_xquad else None
     store = StoreSpec("squad", {"name": name, "languages": list(parsed), "passage_text": passage_text,
                                 "drop_xquad": dropped, "max_groups": max_groups, "hard_negative": hard_negative},
                       sources, name)

@@ -11,7 +11,7 @@ from typing import Any
 from hybrid_retrieval.data.lareqa import LareqaSplit, load_split
 from hybrid_retrieval.evaluation import evaluator
 from hybrid_retrieval.evaluation.evaluator import EvaluationResult, evaluate_encoder, evaluate_split
-from hybrid_retrieval.evaluation.sets import EvaluationSet
+from hybrid_retrieval.evaluation.sets import EvaluationSet, SetTexts
 
 __all__ = ["LOWER_IS_BETTER", "SUMMARY_METRICS", "LareqaSet", "load_dataset", "load_set"]
 
@@ -43,6 +43,17 @@ class LareqaSet(EvaluationSet):
         result.timings.update({"encode_s": encode_s, "texts": float(len(query_emb) + len(candidate_emb))})
         result.query_emb, result.candidate_emb = query_emb, candidate_emb
         return result
+
+    def texts(self) -> SetTexts:
+        split = self.split
+        queries = [[] for _ in split.languages]
+        for text, language in zip(split.query_texts(), split.query_language_ids()):
+            queries[language].append(text)
+        passages = [[] for _ in split.languages]
+        for text, language in zip(split.candidate_texts(self.passage_text), split.candidate_language_ids()):
+            passages[language].append(text)
+        return SetTexts([(role, language, values) for role, texts in (("query", queries), ("passage", passages))
+                         for language, values in zip(split.languages, texts)])
 
     def describe(self) -> str:
         split = self.split

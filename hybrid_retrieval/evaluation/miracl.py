@@ -38,7 +38,7 @@ from hybrid_retrieval.evaluation.index import (
 )
 from hybrid_retrieval.evaluation.ir import METRICS, evaluate_run, mean_metrics, run_from_arrays, write_run
 from hybrid_retrieval.evaluation.result import NOT_SAVED, RetrievalResult
-from hybrid_retrieval.evaluation.sets import EvaluationSet
+from hybrid_retrieval.evaluation.sets import EvaluationSet, SetTexts
 
 __all__ = ["LOWER_IS_BETTER", "SETTING", "SUMMARY_METRICS", "MiraclResult", "MiraclSet", "check_config", "load_set"]
 
@@ -151,6 +151,11 @@ class MiraclSet(EvaluationSet):
     split: str = "dev"
     progress: bool = True
     _selected: dict[str, list[tuple[str, str]]] = field(default_factory=dict, repr=False)
+
+    def texts(self) -> SetTexts:
+        return SetTexts([("query", language, list(topics.topics.values()))
+                         for language, topics in self.languages.items()],
+                        ["corpus passages (millions, read in shards at evaluation) are not compared"])
 
     def _passages(self, language: str) -> Any:
         """(docid, text) of the language's corpus selection; a capped selection is kept in memory after the first

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -34,10 +35,22 @@ KIND_OF_DATASET = {
 }
 
 
+@dataclass
+class SetTexts:
+    """An evaluation set's texts, for the training-data overlap check (data/overlap.check_contamination)."""
+
+    groups: list[tuple[str, str, Sequence[str]]]  # (role "query" | "passage", language, texts)
+    not_compared: list[str] = field(default_factory=list)  # parts whose texts are not listed, and why
+
+
 class EvaluationSet(ABC):
     """One evaluation set and the key its metrics are logged under."""
 
     key: str
+
+    def texts(self) -> SetTexts:
+        """Its queries and passages by language (overridden by every kind here)."""
+        return SetTexts([], [f"{type(self).__name__} lists no texts"])
 
     @abstractmethod
     def evaluate(self, encoder: Any, batch_size: int = 64, dtype: Any = None, num_threads: int = 2) -> Any:

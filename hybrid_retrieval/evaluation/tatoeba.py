@@ -186,7 +186,7 @@ def check_config(dataset: Any) -> None:
 
 def load_set(key: str, dataset: Any) -> Any:
     from hybrid_retrieval.data.tatoeba import load_tatoeba
-    from hybrid_retrieval.evaluation.sets import EvaluationSet
+    from hybrid_retrieval.evaluation.sets import EvaluationSet, SetTexts
 
     class TatoebaSet(EvaluationSet):
         def __init__(self) -> None:
@@ -199,6 +199,11 @@ def load_set(key: str, dataset: Any) -> Any:
         def evaluate(self, encoder: Any, batch_size: int = 64, dtype: Any = None, num_threads: int = 2) -> Any:
             return evaluate_tatoeba_encoder(encoder, self.split, batch_size=batch_size, dtype=dtype,
                                             num_threads=num_threads, kind=self.kind)
+
+        def texts(self) -> SetTexts:
+            groups = [("passage", language, pair.sentences) for language, pair in self.split.pairs.items()]
+            english = [t for pair in self.split.pairs.values() for t in pair.english]
+            return SetTexts([*groups, ("passage", "eng", english)])
 
         def describe(self) -> str:
             pairs = sum(len(p.sentences) for p in self.split.pairs.values())

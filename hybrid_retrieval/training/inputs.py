@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from omegaconf import DictConfig
 
 from hybrid_retrieval.config_checks import ConfigError, evaluation_datasets
+from hybrid_retrieval.data.overlap import ContaminationError, OverlapReport, check_contamination
 from hybrid_retrieval.data.pairs import ParallelPairs, build_datasets
 from hybrid_retrieval.evaluation.sets import EvaluationSet, load_evaluation_sets
 
@@ -24,6 +25,7 @@ class TrainingInputs:
     evaluation_sets: list[EvaluationSet]
     adapt_texts: list[str] | None = None  # unlabelled text of the adaptation stage (adapt=mlm)
     adapt_settings: MLMSettings | None = None  # its options, checked once
+    overlap: OverlapReport | None = None  # evaluation texts among the training texts (train.contamination)
 
 
 def load_training_inputs(cfg: DictConfig) -> TrainingInputs:
@@ -51,5 +53,9 @@ def load_training_inputs(cfg: DictConfig) -> TrainingInputs:
             adapt_texts = load_adapt_texts(cfg.adapt, evaluation_datasets(cfg), adapt_settings)
         except ValueError as error:
             raise ConfigError(str(error)) from error
-    return TrainingInputs(datasets, sampler_factory, load_evaluation_sets(cfg.dataset, cfg.get("extra_datasets")),
-                          adapt_texts, adapt_settings)
+    evaluation_sets = load_evaluation_sets(cfg.dataset, cfg.get("extra_datasets"))
+    try:
+        overlap = check_contamination(datasets, evaluation_sets, cfg.train.get("contamination", "refuse"))
+    except ContaminationError as error:
+        raise ConfigError(str(error)) from error
+    return TrainingInputs(datasets, sampler_factory, evaluation_sets, adapt_texts, adapt_settings, overlap)

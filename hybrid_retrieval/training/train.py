@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -290,6 +291,12 @@ def start_run(cfg: DictConfig, run: tracking.TrackedRun, plan: RunPlan, inputs: 
             run.log_artifact(write_holdout(plan.folder, cfg))
     for data in datamodule.summary():
         log.info("training data %s", data)
+    if inputs.overlap is not None:
+        path = plan.folder / "contamination.json"
+        path.write_text(json.dumps(inputs.overlap.to_dict(), indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        run.log_artifact(path)
+        found = sum(s.found for s in inputs.overlap.sets)
+        run.set_tag("contamination", f"{found} evaluation texts in training" if found else "none")
     run.log_datasets(logged_data(cfg, inputs, datamodule))
 
 

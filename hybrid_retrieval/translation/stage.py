@@ -30,7 +30,7 @@ from typing import Any
 from hybrid_retrieval.data.jsonl_pairs import read_jsonl_rows
 from hybrid_retrieval.data.pairs import PairRow
 from hybrid_retrieval.data.sentences import split_sentences
-from hybrid_retrieval.data.squad import read_squad_file, squad_rows, xquad_question_ids
+from hybrid_retrieval.data.squad import read_squad_file, squad_rows, xquad_reference
 from hybrid_retrieval.progress import Progress
 from hybrid_retrieval.translation.languages import joiner
 
@@ -114,8 +114,9 @@ def read_input(path: str | os.PathLike[str] | None, source_language: str, input_
     kind = detect_format(file, input_format)
     if kind == "squad":
         options = dict(squad or {})
-        exclude = xquad_question_ids(options.get("xquad_root")) if options.get("drop_xquad", True) else None
-        parsed = read_squad_file(file, source_language, exclude)
+        reference = xquad_reference(options.get("xquad_root")) if options.get("drop_xquad", True) else None
+        parsed = read_squad_file(file, source_language, reference.ids if reference else None,
+                                 reference.paragraphs if reference else ())
         rows = [SourceRow(row, i) for i, row in enumerate(squad_rows(
             {source_language: parsed}, options.get("passage_text", "sentence"), None, options.get("hard_negative")))]
     else:
