@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from hybrid_retrieval.config_error import ConfigError, require
 from hybrid_retrieval.data.lareqa import PASSAGE_TEXTS
@@ -37,6 +37,14 @@ def check_model(model: DictConfig, option: str = "model") -> None:
         require(_positive_int(model.get(key)), f"{option}.{key}", "a positive integer", model.get(key))
     require(isinstance(model.get("unpad", True), bool), f"{option}.unpad",
              "true or false (run the backbone on real tokens only, or padded)", model.get("unpad"))
+    from hybrid_retrieval.models.language_projection import check_projection_config
+
+    projection = model.get("language_projection")
+    try:
+        check_projection_config(OmegaConf.to_container(projection, resolve=True)
+                                if isinstance(projection, DictConfig) else projection)
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
     folder = None
     if model.source == "hub" or model.get("path") is not None:
         # A missing model must stop the run here, not after data loading and MLflow set-up.
@@ -248,6 +256,10 @@ def check_train_config(cfg: DictConfig) -> None:
     require(isinstance(ratio, (int, float)) and 0.0 <= float(ratio) <= 1.0, "sampler.mono_ratio",
              "a number in [0, 1] (1 = monolingual batches only, 0 = cross-lingual only)", ratio)
     require(_positive_int(cfg.train.batch_size), "train.batch_size", "a positive integer", cfg.train.batch_size)
+    require(cfg.model.get("language_projection") is None, "model.language_projection",
+             "null in training (it is fitted on a trained model: python -m hybrid_retrieval.evaluate "
+             "checkpoint=<run folder>/checkpoints/best.ckpt model.language_projection={rank: r})",
+             cfg.model.get("language_projection"))
     for option in ("num_workers", "hard_negatives"):
         value = cfg.train.get(option, 0)
         require(isinstance(value, int) and not isinstance(value, bool) and value >= 0, f"train.{option}",

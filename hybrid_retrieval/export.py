@@ -56,6 +56,10 @@ def model_card(checkpoint: TrainingCheckpoint, cfg: DictConfig) -> dict[str, Any
 def export(cfg: DictConfig) -> Path:
     """Export the checkpoint that `cfg` names (validated and loaded first) and log it; returns the folder."""
     checkpoint_file, out = check_export_config(cfg)
+    projection_file = cfg.get("language_projection")
+    if projection_file and not Path(str(projection_file)).expanduser().is_file():
+        raise ConfigError(f"language_projection={str(projection_file)!r}: no such file; give the "
+                          "language_projection.npz an evaluate run wrote (model.language_projection=...)")
     ratio = merge_ratio(cfg)
     checkpoint = read_checkpoint(checkpoint_file)
     encoder = encoder_from_checkpoint(checkpoint)
@@ -63,6 +67,12 @@ def export(cfg: DictConfig) -> Path:
     if ratio is not None:
         encoder = merge_with_start(encoder, checkpoint, ratio)
         card["merge"] = f"WiSE-FT: (1 - {ratio}) x the starting model + {ratio} x the checkpoint's weights"
+    if projection_file:
+        from hybrid_retrieval.models.language_projection import LanguageProjection
+
+        encoder.language_projection = LanguageProjection.load(Path(str(projection_file)).expanduser())
+        card["language_projection"] = (f"the language subspace (rank {encoder.language_projection.rank}, "
+                                       f"{encoder.language_projection.source}) is projected out")
     loss = (card.get("training") or {}).get("loss")
     if isinstance(loss, dict) and loss.get("matryoshka_dims"):  # the folder records the sizes it was trained at
         encoder.matryoshka_dims = [int(d) for d in loss["matryoshka_dims"]]

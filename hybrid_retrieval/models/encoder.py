@@ -98,6 +98,8 @@ class Encoder(nn.Module):
         # Run the backbone on real tokens only (models/unpadded.py) where it supports that; else padded, logged once.
         self.unpad = unpad
         self._fallbacks_logged: set[str] = set()
+        # Set after loading (models/language_projection.py): encode() projects the language subspace out.
+        self.language_projection: Any = None
 
     @property
     def embedding_dim(self) -> int:
@@ -254,6 +256,8 @@ class Encoder(nn.Module):
         finally:
             bar.close()
             self.train(was_training)
+        if self.language_projection is not None:
+            out = self.language_projection.apply(out)
         return out
 
     def shard_rows(self, texts: Sequence[str], kind: Kind, batch_size: int, rank: int, world: int,
@@ -405,6 +409,7 @@ def load_encoder(
     cache_dir: str | Path | None = None,
     truncate_dim: int | None = None,
     unpad: bool = True,
+    language_projection: Mapping[str, Any] | None = None,
 ) -> Encoder:
     """Build an :class:`Encoder` from a model config (the keys of ``conf/model/*.yaml``).
 
@@ -422,6 +427,8 @@ def load_encoder(
     ``truncate_dim`` an exported folder records).
     unpad: run the backbone on the real tokens only (:mod:`hybrid_retrieval.models.unpadded`; same embeddings to
     float rounding); architectures it does not cover run padded, with the reason logged once.
+    language_projection: its options are fitted on the loaded model by the commands (``cli.load_model``); here a
+    model folder's saved ``language_projection.npz`` is attached (:mod:`hybrid_retrieval.models.language_projection`).
     """
     check_truncate_dim(truncate_dim, None)  # its type, before anything loads; its size once the model is known
     check_unpad(unpad)  # its type, before anything loads; its size once the model is known
@@ -473,6 +480,11 @@ def load_encoder(
         max_passage_length=max_passage_length, truncate_dim=truncate_dim, matryoshka_dims=matryoshka_dims,
         unpad=unpad,
     )
+    if model_dir is not None and path is not None:
+        from hybrid_retrieval.models.language_projection import FILE, LanguageProjection
+
+        if (Path(model_dir) / FILE).is_file():  # an export with its language projection
+            encoder.language_projection = LanguageProjection.load(Path(model_dir) / FILE)
     return encoder.eval()
 
 

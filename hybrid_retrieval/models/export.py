@@ -3,7 +3,7 @@
 The folder is at once:
 
 * a transformers model (``config.json``, ``model.safetensors``, tokenizer files: ``AutoModel`` + ``AutoTokenizer``);
-* a sentence-transformers model (``modules.json``: Transformer -> Pooling -> [Dense] -> [Truncate] -> [Normalize],
+* a sentence-transformers model (``modules.json``: Transformer -> Pooling -> [Dense] -> [Truncate] -> [LanguageProjection] -> [Normalize],
   prompts ``query`` / ``document`` in ``config_sentence_transformers.json``), in the classic on-disk format of the
   models on the hub, which old and new sentence-transformers releases read alike;
 * this project's model (``hybrid_retrieval.json``: the encoder settings, read back by ``load_encoder(path=...)``),
@@ -37,6 +37,7 @@ __all__ = ["DATASET_FACTS", "TRAINING_KEYS", "DataFacts", "card_metadata", "data
 
 DENSE_FOLDER = "2_Dense"
 TRUNCATE_FOLDER = "Truncate"  # <idx>_Truncate: the first model.truncate_dim components, before Normalize
+PROJECTION_FOLDER = "LanguageProjection"  # <idx>_LanguageProjection: I - B B^T (model.language_projection)
 
 
 def _activation_name(dense: nn.Module) -> str:
@@ -112,7 +113,15 @@ def _sentence_transformers_files(encoder: Encoder, folder: Path) -> None:
         width = dense_linear(encoder.dense).out_features if encoder.dense is not None else hidden
         _save_truncation(width, encoder.truncate_dim, folder / path)
         modules.append({"idx": idx, "name": str(idx), "path": path, "type": "sentence_transformers.models.Dense"})
-    if encoder.normalize or encoder.truncate_dim is not None:
+    projection = getattr(encoder, "language_projection", None)
+    if projection is not None:
+        # I - B B^T (models/language_projection.py) as a Dense module, then Normalize: what encode() returns.
+        idx = len(modules)
+        path = f"{idx}_{PROJECTION_FOLDER}"
+        _save_dense_matrix(projection.matrix(), folder / path)
+        projection.save(folder)  # read back by load_encoder(path=...)
+        modules.append({"idx": idx, "name": str(idx), "path": path, "type": "sentence_transformers.models.Dense"})
+    if encoder.normalize or encoder.truncate_dim is not None or projection is not None:
         idx = len(modules)
         path = f"{idx}_Normalize"
         (folder / path).mkdir()
@@ -129,8 +138,21 @@ def _sentence_transformers_files(encoder: Encoder, folder: Path) -> None:
         "default_prompt_name": None,
         # Unnormalised embeddings are scored by inner product in this project, so say so.
         # Truncated embeddings are re-normalised (the truncation module): unit vectors, scored by cosine.
-        "similarity_fn_name": "cosine" if encoder.normalize or encoder.truncate_dim is not None else "dot",
+        "similarity_fn_name": "cosine" if encoder.normalize or encoder.truncate_dim is not None
+        or projection is not None else "dot",
     })
+
+
+def _save_dense_matrix(matrix: Any, folder: Path) -> None:
+    """A sentence-transformers Dense module (no bias, identity activation) computing ``matrix @ x``."""
+    import torch
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    weight = torch.as_tensor(matrix, dtype=torch.float32).contiguous()
+    _write_json(folder / "config.json", {"in_features": int(weight.shape[1]), "out_features": int(weight.shape[0]),
+                                         "bias": False, "activation_function": "torch.nn.modules.linear.Identity"})
+    save_file({"linear.weight": weight}, str(folder / DENSE_WEIGHTS))
 
 
 def _save_truncation(width: int, dim: int, folder: Path) -> None:
