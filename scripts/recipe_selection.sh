@@ -57,4 +57,7 @@ if [ "$round" = choices ]; then              # the recipe's remaining choices, o
   train c_120 "${T01_HN[@]}" trainer.limit_train_batches=120
   train c_a25 "${T01_HN[@]}" sampler.mono_ratio=0.25
   train c_a75 "${T01_HN[@]}" sampler.mono_ratio=0.75
+  # the base's seed spread: how far a seed alone moves the selection metrics
+  train c_base_s43 "${T01_HN[@]}" train.seed=43
+  train c_base_s44 "${T01_HN[@]}" train.seed=44
 fi

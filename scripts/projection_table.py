@@ -1,0 +1,70 @@
+"""Language-subspace removal results as Markdown and JSON: every evaluation under a folder that
+scripts/language_projection.sh wrote, beside the same model without the projection.
+
+    python scripts/projection_table.py multirun/projection_select > docs/results/projection/selection.md
+    python scripts/projection_table.py multirun/projection multirun/recipe > docs/results/projection/xquad_r.md
+
+Without a projection the value comes from ``<name>_none`` (select) or, for trained models, the run folder's own
+final evaluation under the second folder (``<sampler>_seed<k>/metrics.json``); the zero-shot model's from
+``zero_shot_none``. Rank distance: lower is better. The JSON beside the Markdown holds every value, the commit and
+the command.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+from machine import cpu_description  # noqa: E402
+
+METRICS = [("Mo mAP", "mono", "map"), ("Cr mAP", "cross", "map"), ("Mul mAP", "multi", "map"),
+           ("Mul nDCG@10", "multi", "ndcg_at_10"), ("rank distance", "multi", "rank_distance"),
+           ("own language first", "multi", "own_language_first")]
+NAME = re.compile(r"(?P<model>.+?)_(?P<rank>none|rank\d+)$")
+
+
+def values(folder: Path) -> dict[str, float] | None:
+    file = folder / "metrics.json"
+    if not file.is_file():
+        return None
+    summary = json.loads(file.read_text())["summary"]
+    return {label: summary[setting][metric] for label, setting, metric in METRICS}
+
+
+def main(root: str, runs: str | None = None) -> None:
+    rows: dict[str, dict[str, dict[str, float]]] = {}
+    for folder in sorted(Path(root).iterdir()):
+        match = NAME.match(folder.name)
+        found = values(folder)
+        if match and found:
+            rows.setdefault(match["model"], {})[match["rank"]] = found
+    if runs:
+        for model in rows:
+            if "none" not in rows[model] and values(Path(runs) / model):
+                rows[model]["none"] = values(Path(runs) / model)
+    record = {"command": " ".join(["python scripts/projection_table.py", *sys.argv[1:]]),
+              "commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                       cwd=REPO).stdout.strip(),
+              "cpu": cpu_description(), "rows": rows}
+    print("| model | projection | " + " | ".join(m[0] for m in METRICS) + " |")
+    print("|---|---|" + "---|" * len(METRICS))
+    for model, by_rank in rows.items():
+        for rank in sorted(by_rank, key=lambda r: -1 if r == "none" else int(r.removeprefix("rank"))):
+            cells = [f"{by_rank[rank][m]:.1f}" if m == "rank distance" else f"{by_rank[rank][m]:.4f}"
+                     for m, _, _ in METRICS]
+            print(f"| {model} | {'none' if rank == 'none' else 'rank ' + rank.removeprefix('rank')} | "
+                  + " | ".join(cells) + " |")
+    print()
+    print(f"Commit {record['commit'][:7]}; CPU: {record['cpu']}; `{record['command']}`.")
+    out = Path(root).name + ".json"
+    (REPO / "docs" / "results" / "projection").mkdir(parents=True, exist_ok=True)
+    (REPO / "docs" / "results" / "projection" / out).write_text(json.dumps(record, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
