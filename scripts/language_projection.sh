@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Language-subspace removal (model.language_projection, docs/recipe.md#removing-the-language-subspace).
-#   scripts/language_projection.sh select    rank 1, 2, 4, 6, 10 (texts: 500 Tatoeba sentences in each of XQuAD-R's
+#   scripts/language_projection.sh select    rank 1, 3, 10 (texts: 500 Tatoeba sentences in each of XQuAD-R's
 #                                            11 languages) on the selection split: the zero-shot model and the
 #                                            recipe's selection run (multirun/recipe_select/c_base), never XQuAD-R
 #   scripts/language_projection.sh measure R the chosen rank R on full XQuAD-R: zero-shot and every comparison
@@ -30,7 +30,7 @@ if [ "$mode" = select ]; then
     source_args=(model=me5_small)
     [ $model = c_base ] && source_args=(checkpoint=multirun/recipe_select/c_base/checkpoints/best.ckpt)
     evaluate "$OUT/${model}_none" "${source_args[@]}" "${SELECT[@]}"
-    for rank in 1 2 4 6 10; do
+    for rank in 1 3 10; do
       evaluate "$OUT/${model}_rank$rank" "${source_args[@]}" "${SELECT[@]}" "$(projection $rank)"
     done
   done

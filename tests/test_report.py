@@ -79,6 +79,14 @@ def test_sweep_end_prints_and_logs_the_report_with_mean_and_std_over_seeds(sweep
             assert float(row[f"xquad_r:{column}:mean"]) == pytest.approx(np.mean(values), rel=1e-5)
             assert float(row[f"xquad_r:{column}:std"]) == pytest.approx(np.std(values, ddof=1), rel=1e-4, abs=1e-9)
         assert rows[f"sampler={sampler}"]["n"] == "2"
+    # per_seed.csv: each run's own values, the ones the means above average
+    per_seed = [r for r in csv.DictReader((folder / "per_seed.csv").open()) if r["stage"] == "trained"]
+    assert {r["run_id"] for r in per_seed} == {r.info.run_id for r in runs}
+    for entry in per_seed:
+        run = next(r for r in runs if r.info.run_id == entry["run_id"])
+        assert float(entry["xquad_r:Mul mAP"]) == pytest.approx(
+            _value_at_best(client, run, "val/xquad_r/multi/map"), rel=1e-5)
+        assert Path(entry["folder"]).is_dir() and entry["seed"] == run.data.tags["seed"]
     # Step 0 is the same model in every job: one row.
     zero_shot = [next(m.value for m in client.get_metric_history(r.info.run_id, "val/xquad_r/multi/map") if m.step == 0)
                  for r in runs]

@@ -266,7 +266,8 @@ def per_language_markdown(report: Report) -> str:
 
 
 def write_tables(report: Report, folder: Path) -> list[Path]:
-    """``report.md``, ``report.csv`` (mean, std, n per column) and ``per_language/<set>_<setting>_<metric>.csv``."""
+    """``report.md``, ``report.csv`` (mean, std, n per column), ``per_seed.csv`` (each run's values) and
+    ``per_language/<set>_<setting>_<metric>.csv``."""
     folder.mkdir(parents=True, exist_ok=True)
     files = []
     md = folder / "report.md"
@@ -282,6 +283,20 @@ def write_tables(report: Report, folder: Path) -> list[Path]:
             for _, _, metric in report.columns():
                 cells += [_number(row.mean(metric)), _number(row.std(metric))]
             writer.writerow(cells)
+    files.append(path)
+    path = folder / "per_seed.csv"  # every run's own values: what the means, stds and tests are computed from
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["run", "stage", "seed", "run_id", "folder"] + [f"{key}:{label}" for key, label, _ in
+                                                                         report.columns()])
+        for row in report.rows:
+            for i, run_id in enumerate(row.run_ids):
+                cells = [row.label, row.stage, row.seeds[i] if i < len(row.seeds) else "", run_id,
+                         row.folders[i] if i < len(row.folders) else ""]
+                for _, _, metric in report.columns():
+                    values = row.values.get(metric, [])
+                    cells.append(_number(values[i]) if i < len(values) else "")
+                writer.writerow(cells)
     files.append(path)
     for key, kind in report.sets:
         for setting, metric in PER_LANGUAGE[kind]:
