@@ -16,13 +16,46 @@ from omegaconf import DictConfig
 
 from hybrid_retrieval import tracking
 from hybrid_retrieval.cli import hydra_main, load_model, run_folder
-from hybrid_retrieval.config_checks import check_evaluate_config
+from hybrid_retrieval.config_checks import ConfigError, check_evaluate_config
 from hybrid_retrieval.data.fingerprint import evaluation_data
-from hybrid_retrieval.evaluation.evaluator import EvaluationResult
+from hybrid_retrieval.evaluation.evaluator import EvaluationResult, evaluate_split
 from hybrid_retrieval.evaluation.index import write_rankings
 from hybrid_retrieval.evaluation.lareqa import LareqaSet
 from hybrid_retrieval.evaluation.sets import describe, evaluate_set, load_evaluation_sets, metric_values, write_reports
 from hybrid_retrieval.hardware import encode_dtype, encode_dtype_name
+
+
+def saved_embeddings(folder: str, main: object) -> tuple[np.ndarray, np.ndarray]:
+    """``embeddings=<folder>``'s query and candidate matrices, checked against the main set before any model loads."""
+    if not isinstance(main, LareqaSet):
+        raise ConfigError(f"embeddings={folder!r}: only a LAReQA main set (xquad_r, mlqa_r) is scored from saved "
+                          "embeddings")
+    split = main.split
+    matrices = []
+    for name, rows in (("query_emb", len(split.queries)), ("candidate_emb", len(split.candidates))):
+        path = Path(str(folder)).expanduser() / f"{name}.npy"
+        if not path.is_file():
+            raise ConfigError(f"embeddings={folder!r}: {path} does not exist; write it with save_embeddings=true "
+                              "(evaluate or run.py) for the same dataset")
+        matrix = np.load(path, mmap_mode="r")
+        if matrix.ndim != 2 or matrix.shape[0] != rows:
+            raise ConfigError(f"embeddings={folder!r}: {path} holds {matrix.shape} but {main.describe()} has {rows} "
+                              f"{name.split('_')[0]} rows: embeddings of another dataset or slice")
+        matrices.append(np.asarray(matrix, dtype=np.float32))
+    return matrices[0], matrices[1]
+
+
+def rescore(encoder: object, main: LareqaSet, saved: tuple[np.ndarray, np.ndarray], num_threads: int
+            ) -> EvaluationResult:
+    """The main set scored from saved embeddings, through the encoder's language projection when it has one."""
+    query_emb, candidate_emb = saved
+    projection = getattr(encoder, "language_projection", None)
+    if projection is not None:
+        query_emb, candidate_emb = projection.apply(query_emb), projection.apply(candidate_emb)
+    result = evaluate_split(query_emb, candidate_emb, main.split, num_threads=num_threads)
+    result.timings.update({"encode_s": 0.0, "texts": 0.0})  # nothing encoded
+    result.query_emb, result.candidate_emb = query_emb, candidate_emb
+    return result
 
 
 def evaluate(cfg: DictConfig) -> dict[str, EvaluationResult]:
@@ -30,6 +63,7 @@ def evaluate(cfg: DictConfig) -> dict[str, EvaluationResult]:
     check_evaluate_config(cfg)
     torch.set_num_threads(cfg.hardware.num_threads)
     sets = load_evaluation_sets(cfg.dataset, cfg.get("extra_datasets"))
+    saved = saved_embeddings(cfg.get("embeddings"), sets[0]) if cfg.get("embeddings") else None
     encoder = load_model(cfg)
     folder = run_folder()
     results: dict[str, EvaluationResult] = {}
@@ -41,8 +75,11 @@ def evaluate(cfg: DictConfig) -> dict[str, EvaluationResult]:
         run.log_datasets(evaluation_data(cfg.dataset, cfg.get("extra_datasets"), sets))
         metrics: dict[str, float] = {}
         for i, evaluation_set in enumerate(sets):
-            result = evaluate_set(encoder, evaluation_set, batch_size=cfg.hardware.encode_batch_size,
-                                  dtype=encode_dtype(cfg.hardware), num_threads=cfg.hardware.num_threads)
+            if i == 0 and cfg.get("embeddings"):
+                result = rescore(encoder, evaluation_set, saved, cfg.hardware.num_threads)
+            else:
+                result = evaluate_set(encoder, evaluation_set, batch_size=cfg.hardware.encode_batch_size,
+                                      dtype=encode_dtype(cfg.hardware), num_threads=cfg.hardware.num_threads)
             results[evaluation_set.key] = result
             metrics.update(metric_values(result, evaluation_set.key, main=i == 0))
         files = write_reports(results, sets, folder)

@@ -2,9 +2,10 @@
 tests over the held-out queries (reporting/significance.py). Reads ``<root>/<name>/metrics.json`` and
 ``per_query.npz`` of the runs that scripts/recipe_selection.sh choices trained.
 
-Decision rule (fixed before the runs): a change is adopted when it raises Mo or Mul mAP with paired p < 0.05 and
-lowers none of Mo, Cr, Mul mAP with paired p < 0.05; otherwise the base stays. One seed per run: the paired test
-covers the query sample, not the training seed (a note in the output says so).
+Decision rule: a change is adopted when it raises Mo or Mul mAP with paired p < 0.05 by more than the base's own
+spread over training seeds (max - min of ``<base>_s43``, ``<base>_s44`` and the base, when those runs exist), and
+lowers none of Mo, Cr, Mul mAP with paired p < 0.05; otherwise the base stays. The paired test covers the query
+sample, not the training seed: without the seed spread it calls most one-seed differences significant.
 
     python scripts/choices_table.py multirun/recipe_select c_base > docs/results/recipe/choices.md
 """
@@ -47,8 +48,9 @@ def compare(base: Path, other: Path) -> dict[str, dict[str, float]]:
     return out
 
 
-def adopted(tests: dict[str, dict[str, float]]) -> bool:
-    gains = any(tests[k]["difference"] > 0 and tests[k]["p"] < ALPHA for k in ("Mo mAP", "Mul mAP"))
+def adopted(tests: dict[str, dict[str, float]], spread: dict[str, float]) -> bool:
+    gains = any(tests[k]["difference"] > max(0.0, spread.get(k, 0.0)) and tests[k]["p"] < ALPHA
+                for k in ("Mo mAP", "Mul mAP"))
     losses = any(tests[k]["difference"] < 0 and tests[k]["p"] < ALPHA for k in ("Mo mAP", "Cr mAP", "Mul mAP"))
     return gains and not losses
 
@@ -58,13 +60,18 @@ def main(root: str, base_name: str, prefix: str = "c_") -> None:
     base = folder / base_name
     runs = sorted((p for p in folder.iterdir() if p.name.startswith(prefix) and (p / "per_query.npz").is_file()),
                   key=lambda p: (p.name != base_name, p.stat().st_mtime))
+    seeds = [base] + [p for p in runs if p.name.startswith(f"{base_name}_s")]
+    runs = [p for p in runs if p not in seeds[1:]]
+    seed_values = [json.loads((p / "metrics.json").read_text())["summary"] for p in seeds]
+    spread = {label: max(v[s][m] for v in seed_values) - min(v[s][m] for v in seed_values)
+              for label, s, m in METRICS} if len(seeds) > 1 else {}
     # the checkout the runs were trained in (a worktree at a fixed commit)
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=folder).stdout.strip()
     record = {"command": f"python scripts/choices_table.py {root} {base_name}", "runs_commit": commit,
               "table_commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                                              cwd=REPO).stdout.strip(),
               "cpu": cpu_description(), "python": platform.python_version(), "rule": __doc__.split("\n\n")[1],
-              "runs": {}}
+              "base_seeds": {p.name: v for p, v in zip(seeds, seed_values)}, "seed_spread": spread, "runs": {}}
     print("| run | overrides | " + " | ".join(m[0] for m in METRICS) + " | adopted |")
     print("|---|---|" + "---|" * (len(METRICS) + 1))
     for run in runs:
@@ -72,7 +79,7 @@ def main(root: str, base_name: str, prefix: str = "c_") -> None:
         values = {label: summary[setting][metric] for label, setting, metric in METRICS}
         tests = compare(base, run) if run != base else None
         record["runs"][run.name] = {"overrides": overrides(run), "values": values, "against_base": tests,
-                                    "adopted": adopted(tests) if tests else None}
+                                    "adopted": adopted(tests, spread) if tests else None}
         cells = []
         for label, _, metric in METRICS:
             digits = 1 if metric == "rank_distance" else 4
@@ -81,10 +88,15 @@ def main(root: str, base_name: str, prefix: str = "c_") -> None:
                 t = tests[label]
                 cell += f" ({t['difference']:+.{digits}f}, p {t['p']:.3f})"
             cells.append(cell)
-        verdict = "base" if tests is None else ("yes" if adopted(tests) else "no")
+        verdict = "base" if tests is None else ("yes" if adopted(tests, spread) else "no")
         print(f"| {run.name} | {overrides(run)} | " + " | ".join(cells) + f" | {verdict} |")
     print()
     queries = len(per_query(base, "multi", "map")[0])
+    if spread:
+        print("Seed spread of the base (max - min over " + ", ".join(p.name for p in seeds) + "): " + ", ".join(
+            f"{label} {value:.4f}" if label != "rank distance" else f"{label} {value:.1f}"
+            for label, value in spread.items()))
+        print()
     print(f"Each cell: the value, then (difference to `{base_name}`, paired randomization p over the "
           f"{queries} selection split's queries: 10,000 sign flips; for rank distance a negative difference is less bias). "
           "One training seed per run: the test covers the query sample, not the seed. "

@@ -106,7 +106,7 @@ def test_encoder_and_sentence_transformers_export_apply_it(tmp_path: Path) -> No
 def test_evaluate_fits_saves_and_applies_it(tmp_path: Path, data_root: Path) -> None:
     common = ["hybrid_retrieval.evaluate", "model=tiny", "dataset=xquad_r", "dataset.languages=[en,de,el]",
               "dataset.max_questions_per_language=20", f"logger.tracking_uri=sqlite:///{tmp_path}/mlflow.db"]
-    plain = run_cli([*common, f"hydra.run.dir={tmp_path / 'plain'}"], data_root)
+    plain = run_cli([*common, f"hydra.run.dir={tmp_path / 'plain'}", "save_embeddings=true"], data_root)
     assert plain.returncode == 0, plain.stderr[-3000:]
     projected = run_cli([*common, f"hydra.run.dir={tmp_path / 'projected'}",
                          "model.language_projection={rank: 2, texts: tatoeba, per_language: 50, "
@@ -117,6 +117,16 @@ def test_evaluate_fits_saves_and_applies_it(tmp_path: Path, data_root: Path) -> 
     before = json.loads((tmp_path / "plain" / "metrics.json").read_text())["summary"]["multi"]["map"]
     after = json.loads((tmp_path / "projected" / "metrics.json").read_text())["summary"]["multi"]["map"]
     assert before != after   # the projection changed the rankings
+    # the same projection over the saved embeddings (embeddings=<folder>): the same metrics, nothing re-encoded
+    rescored = run_cli([*common, f"hydra.run.dir={tmp_path / 'rescored'}", f"embeddings={tmp_path / 'plain'}",
+                        "model.language_projection={rank: 2, texts: tatoeba, per_language: 50, "
+                        "languages: [en, de, el]}"], data_root)
+    assert rescored.returncode == 0, rescored.stderr[-3000:]
+    again = json.loads((tmp_path / "rescored" / "metrics.json").read_text())["summary"]
+    assert again == json.loads((tmp_path / "projected" / "metrics.json").read_text())["summary"]
+    wrong = run_cli([*common, "dataset.max_questions_per_language=10", f"hydra.run.dir={tmp_path / 'wrong'}",
+                     f"embeddings={tmp_path / 'plain'}"], data_root)
+    assert wrong.returncode != 0 and "embeddings of another dataset or slice" in wrong.stderr
     refused = run_cli([*common, f"hydra.run.dir={tmp_path / 'bad'}", "model.language_projection={rank: 0}"],
                       data_root)
     assert refused.returncode != 0 and "model.language_projection.rank=0" in refused.stderr

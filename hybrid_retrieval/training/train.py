@@ -17,6 +17,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
@@ -251,6 +252,10 @@ def train(cfg: DictConfig, inputs: TrainingInputs | None = None, plan: RunPlan |
                                f"{checkpoint.validated_steps}); the metrics logged were {sorted(checkpoint.last_metrics)}")
         best = checkpoint.best_metrics[cfg.train.monitor]
         files = write_reports(checkpoint.best_results, datamodule.evaluation_sets, output_dir)
+        main_result = checkpoint.best_results.get(datamodule.evaluation_sets[0].key)
+        if cfg.get("save_embeddings") and getattr(main_result, "query_emb", None) is not None:
+            for name in ("query_emb", "candidate_emb"):  # python -m hybrid_retrieval.evaluate embeddings=<folder>
+                np.save(output_dir / f"{name}.npy", getattr(main_result, name))
         for path in files:
             run.log_artifact(path)
         run.log_metrics({f"best/{cfg.train.monitor}": best, "best/step": checkpoint.best_step},
