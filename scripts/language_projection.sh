@@ -4,8 +4,10 @@
 #                                            11 languages) on the selection split: the zero-shot model and the
 #                                            recipe's selection run (multirun/recipe_select/c_base), never XQuAD-R
 #   scripts/language_projection.sh measure R the chosen rank R on full XQuAD-R: zero-shot and every comparison
-#                                            checkpoint under multirun/recipe (SEEDS, default 42 43 44 45 46)
-# Resumable: finished evaluations are skipped. Summary: python scripts/projection_table.py <folder>
+#                                            checkpoint under multirun/recipe (SEEDS, default 42 43 44 45 46;
+#                                            SAMPLERS, default hybrid cross mono)
+# Without a projection the set is encoded once (save_embeddings); each projection rescores those embeddings and encodes
+# only its own texts. Resumable: finished evaluations are skipped. Summary: python scripts/projection_table.py <folder>
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -29,21 +31,25 @@ if [ "$mode" = select ]; then
   for model in zero_shot c_base; do
     source_args=(model=me5_small)
     [ $model = c_base ] && source_args=(checkpoint=multirun/recipe_select/c_base/checkpoints/best.ckpt)
-    evaluate "$OUT/${model}_none" "${source_args[@]}" "${SELECT[@]}"
-    for rank in 1 3 10; do
-      evaluate "$OUT/${model}_rank$rank" "${source_args[@]}" "${SELECT[@]}" "$(projection $rank)"
+    evaluate "$OUT/${model}_none" "${source_args[@]}" "${SELECT[@]}" save_embeddings=true
+    for rank in 1 3 10; do  # rescoring the saved embeddings: only the projection's texts are encoded
+      evaluate "$OUT/${model}_rank$rank" "${source_args[@]}" "${SELECT[@]}" "$(projection $rank)" \
+        embeddings="$OUT/${model}_none"
     done
   done
 fi
 if [ "$mode" = measure ]; then
   rank=${2:?the chosen rank}
   OUT=${OUT:-multirun/projection}
-  evaluate "$OUT/zero_shot_rank$rank" model=me5_small "${FULL[@]}" "$(projection "$rank")"
+  evaluate "$OUT/zero_shot_none" model=me5_small "${FULL[@]}" save_embeddings=true
+  evaluate "$OUT/zero_shot_rank$rank" model=me5_small "${FULL[@]}" "$(projection "$rank")" \
+    embeddings="$OUT/zero_shot_none"
   for seed in ${SEEDS:-42 43 44 45 46}; do
-    for sampler in hybrid cross mono; do
-      ckpt=multirun/recipe/${sampler}_seed$seed/checkpoints/best.ckpt
-      [ -f "$ckpt" ] || { echo "== $ckpt missing, skipped"; continue; }
-      evaluate "$OUT/${sampler}_seed${seed}_rank$rank" checkpoint="$ckpt" "${FULL[@]}" "$(projection "$rank")"
+    for sampler in ${SAMPLERS:-hybrid cross mono}; do
+      run=multirun/recipe/${sampler}_seed$seed  # its final evaluation's embeddings (experiment=recipe saves them)
+      [ -f "$run/query_emb.npy" ] || { echo "== $run: no saved embeddings, skipped"; continue; }
+      evaluate "$OUT/${sampler}_seed${seed}_rank$rank" checkpoint="$run/checkpoints/best.ckpt" "${FULL[@]}" \
+        "$(projection "$rank")" embeddings="$run"
     done
   done
 fi

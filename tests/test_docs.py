@@ -73,3 +73,47 @@ def test_every_relative_link_resolves(page: Path) -> None:
         elif REPO_ROOT not in linked.parents and linked != REPO_ROOT:
             broken.append(f"{target}: leads outside the repository")
     assert not broken, f"{page.relative_to(REPO_ROOT)}:\n" + "\n".join(broken)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# README's results table: every number comes from the result files its row links to
+
+NUMBER = re.compile(r"(?<![\w.])-?\d+\.\d+")
+
+
+def _numbers_in(files: list[Path]) -> list[float]:
+    values: list[float] = []
+    for file in files:
+        values += [float(x) for x in NUMBER.findall(file.read_text(encoding="utf-8"))]
+    return values
+
+
+def results_rows() -> list[tuple[str, list[str], Path]]:
+    """(row text, the numbers of its value cells, the result folder its last cell links to) of README's table."""
+    text = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    section = text.split("\n## Results", 1)[1].split("\n## ", 1)[0]
+    rows = []
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if not line.startswith("|") or set(line) <= set("|-: ") or cells[0] == "setting":
+            continue
+        targets = LINK.findall(cells[-1])
+        assert targets, f"README results row without a link to its result files: {line}"
+        target = (REPO_ROOT / unquote(targets[0].split("#")[0])).resolve()
+        folder = target if target.is_dir() else target.parent
+        assert folder.is_relative_to(REPO_ROOT / "docs" / "results"), f"{line}: links outside docs/results/"
+        numbers = [n for cell in cells[1:-1] for n in NUMBER.findall(CODE_SPAN.sub("", cell))]
+        rows.append((line, numbers, folder))
+    return rows
+
+
+def test_every_readme_result_is_in_its_result_files() -> None:
+    rows = results_rows()
+    assert rows
+    for line, numbers, folder in rows:
+        values = _numbers_in(sorted(p for p in folder.rglob("*") if p.suffix in (".csv", ".json")))
+        assert values, f"{folder}: no CSV or JSON result files"
+        for number in numbers:
+            digits = len(number.split(".")[1])
+            assert any(f"{v:.{digits}f}" == number for v in values), \
+                f"README: {number} (row {line[:60]}...) is in none of {folder}'s CSV / JSON files"
