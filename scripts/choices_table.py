@@ -79,7 +79,8 @@ def main(root: str, base_name: str, prefix: str = "c_") -> None:
         values = {label: summary[setting][metric] for label, setting, metric in METRICS}
         tests = compare(base, run) if run != base else None
         record["runs"][run.name] = {"overrides": overrides(run), "values": values, "against_base": tests,
-                                    "adopted": adopted(tests, spread) if tests else None}
+                                    "passes_paired_test": adopted(tests, {}) if tests else None,
+                                    "adopted": adopted(tests, spread) if tests and spread else None}
         cells = []
         for label, _, metric in METRICS:
             digits = 1 if metric == "rank_distance" else 4
@@ -88,7 +89,12 @@ def main(root: str, base_name: str, prefix: str = "c_") -> None:
                 t = tests[label]
                 cell += f" ({t['difference']:+.{digits}f}, p {t['p']:.3f})"
             cells.append(cell)
-        verdict = "base" if tests is None else ("yes" if adopted(tests, spread) else "no")
+        if tests is None:
+            verdict = "base"
+        elif not spread:  # without the seed spread the rule cannot adopt anything
+            verdict = "passes the paired test; seed spread not measured" if adopted(tests, spread) else "no"
+        else:
+            verdict = "yes" if adopted(tests, spread) else "no"
         print(f"| {run.name} | {overrides(run)} | " + " | ".join(cells) + f" | {verdict} |")
     print()
     queries = len(per_query(base, "multi", "map")[0])

@@ -71,6 +71,16 @@ def test_the_compare_sweep_runs_on_the_tiny_model_and_a_rerun_continues_it(tmp_p
             if (p / RUN_INFO).is_file()} == finished
 
 
+def write_checkpoint(path: Path, model_name: str, format_version: int = 1, **meta) -> Path:
+    """A checkpoint file as run.py writes it, as far as a resume checks it (format, model, encoder weights)."""
+    import torch
+
+    torch.save({"hybrid_retrieval": {"format": format_version, "model": {"name": model_name, "source": "random"},
+                                     **meta},
+                "state_dict": {"encoder.weight": torch.zeros(4)}, "global_step": 3}, path)
+    return path
+
+
 def _compose(*overrides: str):
     with initialize_config_dir(str(REPO_ROOT / "conf"), version_base="1.3"):
         return compose("config", overrides=["experiment=compare", "model=tiny", *overrides])
@@ -85,7 +95,7 @@ def test_resume_auto_starts_fresh_resumes_a_stopped_job_and_skips_a_finished_one
     assert cfg.train.resume == "auto" and cfg.train.evaluate_before == "first_job"
     assert plan_run(cfg) == RunPlan(tmp_path) and finished_job(cfg) is None  # an empty folder: a fresh start
     (tmp_path / "checkpoints").mkdir()
-    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    write_checkpoint(tmp_path / "checkpoints" / "last.ckpt", cfg.model.name)
     (tmp_path / ".hydra").mkdir()
     (tmp_path / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(_compose("train.lr=0.001")))
     info = {"mlflow_run_id": "r", "config": OmegaConf.to_container(cfg, resolve=False)}
@@ -103,6 +113,46 @@ def test_resume_auto_starts_fresh_resumes_a_stopped_job_and_skips_a_finished_one
         finished_job(_compose("train.lr=0.001"))
     with pytest.raises(ConfigError, match=r"train\.resume.*train\.seed"):
         plan_run(_compose("train.seed=7"))
+
+
+def test_a_damaged_foreign_or_newer_last_checkpoint_is_refused_before_any_work(tmp_path: Path, monkeypatch) -> None:
+    from omegaconf import OmegaConf
+
+    monkeypatch.chdir(tmp_path)
+    cfg = _compose()
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    (tmp_path / RUN_INFO).write_text(json.dumps({"mlflow_run_id": "r", "config": OmegaConf.to_container(cfg)}))
+    last = write_checkpoint(tmp_path / "checkpoints" / "last.ckpt", cfg.model.name)
+    assert plan_run(cfg).resumed
+    whole = last.read_bytes()
+    last.write_bytes(whole[: len(whole) // 2])  # truncated, as by a full disk
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(ConfigError, match=r"train\.resume: .*last\.ckpt is damaged.*best\.ckpt.*start afresh"):
+        plan_run(cfg)
+    import io
+    import struct
+    import zipfile
+
+    with zipfile.ZipFile(io.BytesIO(whole)) as archive:  # one flipped byte inside the weights (the stored tensor's data)
+        entry = next(i for i in archive.infolist() if i.filename.endswith("data/0"))
+    name_length, extra_length = struct.unpack("<HH", whole[entry.header_offset + 26:entry.header_offset + 30])
+    corrupt = bytearray(whole)
+    corrupt[entry.header_offset + 30 + name_length + extra_length] ^= 0xFF
+    last.write_bytes(bytes(corrupt))
+    with pytest.raises(ConfigError, match=r"last\.ckpt is damaged"):
+        plan_run(cfg)
+    write_checkpoint(last, "labse")
+    with pytest.raises(ConfigError, match=r"holds a 'labse' model, this run trains 'tiny'"):
+        plan_run(cfg)
+    write_checkpoint(last, cfg.model.name, format_version=2)
+    with pytest.raises(ConfigError, match=r"format=2 is not supported"):
+        plan_run(cfg)
+    last.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(ConfigError):
+        plan_run(cfg)
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before  # nothing was written
 
 
 def test_evaluate_before_takes_true_false_or_first_job() -> None:

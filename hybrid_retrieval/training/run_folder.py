@@ -159,7 +159,38 @@ def plan_run(cfg: DictConfig) -> RunPlan:
         require((folder / needed).is_file(), "train.resume", f"a run folder of run.py holding {needed} "
                  f"(written by a run with train.checkpoint_every_n_steps, or stopped by SIGTERM/Ctrl+C)", str(value))
     check_same_config(cfg, folder)
+    check_resumable_checkpoint(folder, cfg)
     return RunPlan(folder, resumed=True, run_id=read_run_info(folder)["mlflow_run_id"])
+
+
+def check_resumable_checkpoint(folder: Path, cfg: DictConfig) -> None:
+    """The run folder's ``last.ckpt`` is whole (every zip entry's checksum; a file truncated by a full disk or a
+    network file system fails here), this project's format, and of this run's model: checked before any work, so a
+    refused resume leaves the folder as it was."""
+    import warnings
+    import zipfile
+
+    from hybrid_retrieval.models.checkpoint import CheckpointError, read_checkpoint
+
+    path = folder / LAST_CHECKPOINT
+    advice = (f"nothing was changed in {folder}. Its best weights may still serve (checkpoint={folder / BEST_CHECKPOINT} "
+              "for evaluate / export), or start afresh in a new folder (without train.resume)")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, OSError) as error:
+        raise ConfigError(f"train.resume: {path} is damaged ({error}): not a whole checkpoint; {advice}") from None
+    if damaged is not None:
+        raise ConfigError(f"train.resume: {path} is damaged (entry {damaged} fails its checksum); {advice}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # a full training state holds Python objects: expected here
+            checkpoint = read_checkpoint(path)
+    except CheckpointError as error:
+        raise ConfigError(f"train.resume: {error}; {advice}") from None
+    if checkpoint.model.get("name") != cfg.model.get("name"):
+        raise ConfigError(f"train.resume: {path} holds a {checkpoint.model.get('name')!r} model, this run trains "
+                          f"{cfg.model.get('name')!r}: a checkpoint of another run; {advice}")
 
 
 def finished_job(cfg: DictConfig) -> float | None:
