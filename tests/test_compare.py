@@ -155,6 +155,37 @@ def test_a_damaged_foreign_or_newer_last_checkpoint_is_refused_before_any_work(t
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before  # nothing was written
 
 
+def test_a_second_process_is_refused_a_folder_in_use_until_its_holder_dies(tmp_path: Path, monkeypatch) -> None:
+    import socket
+    import subprocess
+    import sys
+
+    from hybrid_retrieval.training import run_folder
+
+    folder = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; "
+         "from hybrid_retrieval.training.run_folder import lock_run_folder; "
+         f"lock_run_folder(Path({str(folder)!r})); print('held', flush=True); time.sleep(120)"],
+        stdout=subprocess.PIPE, text=True, cwd=REPO_ROOT)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        monkeypatch.chdir(folder)
+        with pytest.raises(ConfigError, match=rf"run folder .* is in use by pid {holder.pid} on host "
+                                               rf"{socket.gethostname()} since .*resume again"):
+            plan_run(_compose())
+        # a DDP rank > 0 runs in its rank 0's folder: it takes no lock
+        monkeypatch.setenv("LOCAL_RANK", "1")
+        assert run_folder.lock_run_folder(folder) == folder
+        monkeypatch.delenv("LOCAL_RANK")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert plan_run(_compose()) == RunPlan(folder)  # the dead holder kept nothing
+    assert f"pid {__import__('os').getpid()} " in (folder / run_folder.LOCK_FILE).read_text()
+    assert plan_run(_compose()) == RunPlan(folder)  # this process holds it already
+
+
 def test_evaluate_before_takes_true_false_or_first_job() -> None:
     from hybrid_retrieval.config_checks import check_train_config
 

@@ -139,9 +139,9 @@ def plan_run(cfg: DictConfig) -> RunPlan:
     (finished jobs are skipped by :func:`finished_job`)."""
     value = cfg.train.get("resume")
     if not value:
-        return RunPlan(_job_folder())
+        return RunPlan(lock_run_folder(_job_folder()))
     if value == "auto":
-        folder = _job_folder()
+        folder = lock_run_folder(_job_folder())
         if not _resumable(folder):
             return RunPlan(folder)
     elif value == "last":
@@ -160,7 +160,50 @@ def plan_run(cfg: DictConfig) -> RunPlan:
                  f"(written by a run with train.checkpoint_every_n_steps, or stopped by SIGTERM/Ctrl+C)", str(value))
     check_same_config(cfg, folder)
     check_resumable_checkpoint(folder, cfg)
+    lock_run_folder(folder)
     return RunPlan(folder, resumed=True, run_id=read_run_info(folder)["mlflow_run_id"])
+
+
+LOCK_FILE = ".run.lock"
+_held: dict[Path, Any] = {}  # folder -> its open lock file, kept for the life of the process
+
+
+def lock_run_folder(folder: Path) -> Path:
+    """Hold ``<folder>/.run.lock`` for this process's life (``flock``: the kernel releases it when the process
+    ends, however it ends, so a dead holder never keeps it). A second process that plans a run in the same folder
+    (two resumes at once, the same sweep started twice) is refused at once, naming the holder's pid, host and
+    start time. Only the first process of a job takes it (DDP and SLURM ranks > 0 run in their rank 0's folder).
+    ``flock`` is per machine on most network file systems: two hosts are told apart only where the file system
+    shares locks."""
+    import fcntl
+    import os
+    import socket
+    import time
+
+    folder = Path(folder)
+    if any(os.environ.get(name, "0") not in ("", "0") for name in ("LOCAL_RANK", "NODE_RANK", "SLURM_PROCID")):
+        return folder
+    key = folder.resolve()
+    if key in _held:
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    handle = open(folder / LOCK_FILE, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise ConfigError(f"run folder {folder} is in use by {holder}: two runs writing one folder would mix their "
+                          "checkpoints and MLflow run. Wait for it to end, or stop it (its last.ckpt stays "
+                          "resumable) and resume again") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on host {socket.gethostname()} since "
+                 f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime())}\n")
+    handle.flush()
+    _held[key] = handle
+    return folder
 
 
 def check_resumable_checkpoint(folder: Path, cfg: DictConfig) -> None:
