@@ -14,8 +14,9 @@ PY=${PYTHON:-.venv/bin/python}
 mode=${1:?select or measure}
 SELECT=(dataset=mlqa_r_selection 'dataset.holdout={dataset: mlqa_r, groups: 200, seed: 0}' hardware=cpu_auto
         hardware.encode_dtype=float32 rankings_top_k=0)
+# as experiment=recipe evaluates (cpu_auto: bf16 where the CPU has bf16 units), so the saved embeddings match
 FULL=(dataset=xquad_r dataset.languages=null dataset.max_questions_per_language=null hardware=cpu_auto
-      hardware.encode_dtype=float32 rankings_top_k=0)
+      rankings_top_k=0)
 
 evaluate() {  # folder, overrides...
   local dir=$1; shift
