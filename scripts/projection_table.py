@@ -59,6 +59,30 @@ def main(root: str, runs: str | None = None) -> None:
                      for m, _, _ in METRICS]
             print(f"| {model} | {'none' if rank == 'none' else 'rank ' + rank.removeprefix('rank')} | "
                   + " | ".join(cells) + " |")
+    # trained models over their seeds: <sampler>_seed<k> -> <sampler>, mean and sample std per projection
+    import numpy as np
+
+    groups: dict[tuple[str, str], list[dict[str, float]]] = {}
+    for model, by_rank in rows.items():
+        match = re.match(r"(?P<sampler>.+)_seed\d+$", model)
+        if match:
+            for rank, found in by_rank.items():
+                groups.setdefault((match["sampler"], rank), []).append(found)
+    if groups:
+        record["means"] = {}
+        print()
+        print("| sampler | projection | seeds | " + " | ".join(m[0] for m in METRICS) + " |")
+        print("|---|---|---|" + "---|" * len(METRICS))
+        for (sampler, rank), members in sorted(groups.items()):
+            stats = {m: (float(np.mean([x[m] for x in members])),
+                         float(np.std([x[m] for x in members], ddof=1)) if len(members) > 1 else float("nan"))
+                     for m, _, _ in METRICS}
+            record["means"][f"{sampler} {rank}"] = {m: {"mean": v[0], "std": v[1], "n": len(members)}
+                                                    for m, v in stats.items()}
+            digits = {m: 1 if m == "rank distance" else 4 for m, _, _ in METRICS}
+            cells = [f"{stats[m][0]:.{digits[m]}f} ± {stats[m][1]:.{digits[m]}f}" for m, _, _ in METRICS]
+            label = "none" if rank == "none" else "rank " + rank.removeprefix("rank")
+            print(f"| {sampler} | {label} | {len(members)} | " + " | ".join(cells) + " |")
     print()
     print(f"Commit {record['commit'][:7]}; CPU: {record['cpu']}; `{record['command']}`.")
     out = Path(root).name + ".json"
