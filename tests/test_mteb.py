@@ -256,7 +256,8 @@ def test_matryoshka_training_to_card_to_mteb_results_filed_under_the_run(tmp_pat
     proc = run_command(["run.py", *SMALL_TRAIN, "trainer.limit_train_batches=2", "loss.matryoshka_dims=[64,32]",
                         "loss.matryoshka_weights=[1,0.5]", "train.grad_cache_chunk=4", "model.truncate_dim=32",
                         "+dataset@extra_datasets.mlqa=mlqa_r", "extra_datasets.mlqa.languages=[en,de]",
-                        "extra_datasets.mlqa.max_questions_per_language=10", f"logger.tracking_uri={uri}",
+                        "extra_datasets.mlqa.max_questions_per_language=10", "train.contamination=warn",
+                        f"logger.tracking_uri={uri}",
                         f"hydra.run.dir={run}"], data_root)
     assert proc.returncode == 0, proc.stderr[-4000:]
     model = run / "model"
