@@ -47,10 +47,12 @@ if [ "$mode" = measure ]; then
     embeddings="$OUT/zero_shot_none"
   for seed in ${SEEDS:-42 43 44 45 46}; do
     for sampler in ${SAMPLERS:-hybrid cross mono}; do
-      run=multirun/recipe/${sampler}_seed$seed  # its final evaluation's embeddings (experiment=recipe saves them)
-      [ -f "$run/query_emb.npy" ] || { echo "== $run: no saved embeddings, skipped"; continue; }
+      run=multirun/recipe/${sampler}_seed$seed
+      [ -f "$run/checkpoints/best.ckpt" ] || { echo "== $run: no best.ckpt, skipped"; continue; }
+      saved=()  # its final evaluation's embeddings, where the run kept them (save_embeddings): nothing re-encoded
+      [ -f "$run/query_emb.npy" ] && saved=(embeddings="$run")
       evaluate "$OUT/${sampler}_seed${seed}_rank$rank" checkpoint="$run/checkpoints/best.ckpt" "${FULL[@]}" \
-        "$(projection "$rank")" embeddings="$run"
+        "$(projection "$rank")" "${saved[@]}"
     done
   done
 fi

@@ -13,6 +13,8 @@ from hybrid_retrieval.models.language_projection import (FILE, LanguageProjectio
                                                          fit_projection)
 from tests.test_export import assert_same_embeddings, perturbed_tiny, run_cli
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
 SENTENCES = ["The cat sat on the mat.", "Die Katze sass auf der Matte.", "El gato se sento en la alfombra.",
              "A short one.", "Ein ziemlich langer Satz mit vielen Woertern, der mehrere Tokens belegt."]
 
@@ -131,3 +133,22 @@ def test_evaluate_fits_saves_and_applies_it(tmp_path: Path, data_root: Path) -> 
                       data_root)
     assert refused.returncode != 0 and "model.language_projection.rank=0" in refused.stderr
     assert not (tmp_path / "bad" / "metrics.json").exists()
+
+
+@pytest.mark.slow
+def test_a_training_run_keeps_its_embeddings_and_evaluate_rescores_them(tmp_path: Path, data_root: Path) -> None:
+    from tests.test_cli import SMALL_TRAIN, run_command
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    run = tmp_path / "run"
+    trained = run_command(["run.py", *SMALL_TRAIN, "save_embeddings=true",
+                           f"logger.tracking_uri={uri}", f"hydra.run.dir={run}"], data_root, REPO_ROOT)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert np.load(run / "query_emb.npy").ndim == 2 and np.load(run / "candidate_emb.npy").ndim == 2
+    rescored = run_cli(["hybrid_retrieval.evaluate", f"checkpoint={run}/checkpoints/best.ckpt",
+                        f"embeddings={run}", f"logger.tracking_uri={uri}", f"hydra.run.dir={tmp_path / 'eval'}",
+                        *[a for a in SMALL_TRAIN if a.startswith("dataset.")]], data_root)
+    assert rescored.returncode == 0, rescored.stderr[-3000:]
+    # the run's final evaluation, recomputed from its saved embeddings: the same metrics
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["summary"] == \
+        json.loads((run / "metrics.json").read_text())["summary"]

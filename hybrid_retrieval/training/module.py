@@ -39,6 +39,7 @@ class EvaluationSettings:
     batch_size: int = 64
     dtype: torch.dtype | None = None
     num_threads: int = 2
+    keep_embeddings: bool = False  # the main set's embeddings stay on its result (run.py save_embeddings)
 
 
 def optimizer_kernel(parameters: list[torch.nn.Parameter], precision: str = "32-true") -> dict[str, bool]:
@@ -268,7 +269,8 @@ class HybridRetrievalModule(pl.LightningModule):
         settings = self.evaluation
         result = evaluate_set(self.encoder, evaluation_set, batch_size=settings.batch_size, dtype=settings.dtype,
                               num_threads=settings.num_threads)
-        result.query_emb = result.candidate_emb = None  # results are kept by callbacks: keep them small
+        if not (settings.keep_embeddings and batch_idx == 0):
+            result.query_emb = result.candidate_emb = None  # results are kept by callbacks: keep them small
         # Every rank holds the same gathered embeddings and metrics (evaluate_set); rank 0 logs.
         self.log_dict(finite_metrics(metric_values(result, evaluation_set.key, main=batch_idx == 0)), batch_size=1,
                       rank_zero_only=True)

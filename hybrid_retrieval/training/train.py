@@ -88,7 +88,7 @@ def build_module(cfg: DictConfig, encoder: Any = None) -> HybridRetrievalModule:
         model_config=OmegaConf.to_container(cfg.model, resolve=True),
         freeze_embeddings=cfg.train.freeze_embeddings,
         evaluation=EvaluationSettings(cfg.hardware.encode_batch_size, encode_dtype(cfg.hardware),
-                                      cfg.hardware.num_threads),
+                                      cfg.hardware.num_threads, keep_embeddings=bool(cfg.get("save_embeddings"))),
         grad_cache_chunk=cfg.train.get("grad_cache_chunk"), gradient_clip_val=cfg.trainer.get("gradient_clip_val"),
         gradient_checkpointing=bool(cfg.train.get("gradient_checkpointing")),
         dynamic_padding=bool(cfg.train.get("dynamic_padding", False)),
