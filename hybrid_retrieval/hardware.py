@@ -24,6 +24,22 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
+def cpu_description() -> str:
+    """CPU model, core count and the vector / matrix flags that decide speed and bf16 arithmetic (result files
+    record it: bf16 results differ between CPUs)."""
+    import os
+    import platform
+
+    model = platform.processor() or "unknown CPU"
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    shown = sorted(f for f in cpu_flags() if f.startswith(("avx512", "amx")) or f in ("avx2", "fma"))
+    return f"{model}, {os.cpu_count()} cores; flags: {' '.join(shown) or 'none of avx2/avx512/amx'}"
+
+
 def native_bf16(accelerator: str) -> bool:
     """True where bf16 runs on dedicated units: a CUDA device that supports it, or a CPU with AVX512-BF16 / AMX."""
     if accelerator in ("gpu", "cuda"):

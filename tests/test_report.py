@@ -8,6 +8,7 @@ the experiment page and a run's pages as a person does, and stops the server by 
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import shutil
@@ -87,6 +88,9 @@ def test_sweep_end_prints_and_logs_the_report_with_mean_and_std_over_seeds(sweep
         assert float(entry["xquad_r:Mul mAP"]) == pytest.approx(
             _value_at_best(client, run, "val/xquad_r/multi/map"), rel=1e-5)
         assert Path(entry["folder"]).is_dir() and entry["seed"] == run.data.tags["seed"]
+        assert entry["commit"] == run.data.tags.get("mlflow.source.git.commit", "")
+    provenance = json.loads((folder / "provenance.json").read_text())
+    assert provenance["runs"] == len(runs) and "run.py" in provenance["command"] and "cores" in provenance["cpu"]
     # Step 0 is the same model in every job: one row.
     zero_shot = [next(m.value for m in client.get_metric_history(r.info.run_id, "val/xquad_r/multi/map") if m.step == 0)
                  for r in runs]

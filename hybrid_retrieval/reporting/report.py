@@ -61,6 +61,7 @@ class Row:
     stage: str                                   # "trained" (at `best` or `last`) or "before" (step 0)
     values: dict[str, list[float]] = field(default_factory=dict)  # metric key -> one value per run
     folders: list[str] = field(default_factory=list)  # each run's folder (its output_dir tag), where known
+    commits: list[str] = field(default_factory=list)  # each run's code (MLflow's git commit tag), where known
 
     @property
     def n(self) -> int:
@@ -187,7 +188,8 @@ def build_report(records: Sequence[Mapping[str, Any]], at: str = "best", before:
         seeds = [m["params"].get("train.seed", "?") for m in members]
         ids = [m["run_id"] for m in members]
         trained = Row(label, ids, seeds, "trained",
-                      folders=[m.get("tags", {}).get("output_dir", "") for m in members])
+                      folders=[m.get("tags", {}).get("output_dir", "") for m in members],
+                      commits=[m.get("tags", {}).get("mlflow.source.git.commit", "") for m in members])
         common_start = first_job or label == "(all runs alike)"
         start = Row("before training" if common_start else f"{label} · before training", [], [], "before")
         for member in members:
@@ -287,17 +289,19 @@ def write_tables(report: Report, folder: Path) -> list[Path]:
     path = folder / "per_seed.csv"  # every run's own values: what the means, stds and tests are computed from
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["run", "stage", "seed", "run_id", "folder"] + [f"{key}:{label}" for key, label, _ in
-                                                                         report.columns()])
+        writer.writerow(["run", "stage", "seed", "run_id", "commit", "folder"]
+                        + [f"{key}:{label}" for key, label, _ in report.columns()])
         for row in report.rows:
             for i, run_id in enumerate(row.run_ids):
                 cells = [row.label, row.stage, row.seeds[i] if i < len(row.seeds) else "", run_id,
+                         row.commits[i] if i < len(row.commits) else "",
                          row.folders[i] if i < len(row.folders) else ""]
                 for _, _, metric in report.columns():
                     values = row.values.get(metric, [])
                     cells.append(_number(values[i]) if i < len(values) else "")
                 writer.writerow(cells)
     files.append(path)
+    files.append(write_provenance(report, folder))
     for key, kind in report.sets:
         for setting, metric in PER_LANGUAGE[kind]:
             groups, values = per_language(report, key, setting, metric)
@@ -312,6 +316,31 @@ def write_tables(report: Report, folder: Path) -> list[Path]:
                     writer.writerow([row.label, *(_number(v) for v in row_values)])
             files.append(path)
     return files
+
+
+def write_provenance(report: Report, folder: Path) -> Path:
+    """``provenance.json``: the commits the runs were trained at, the command that made the report and the machine
+    it ran on (a sweep's own report runs where the sweep trained)."""
+    import json
+    import platform
+    import subprocess
+    import sys
+
+    from hybrid_retrieval.hardware import cpu_description
+
+    commits = sorted({c for row in report.rows for c in row.commits if c})
+    try:
+        report_commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                       timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        report_commit = ""
+    record = {"run_commits": commits, "report_commit": report_commit,
+              "command": " ".join(["python", *sys.argv]), "cpu": cpu_description(),
+              "python": platform.python_version(), "at": report.at,
+              "runs": sum(row.n for row in report.rows if row.stage == "trained")}
+    path = folder / "provenance.json"
+    path.write_text(json.dumps(record, indent=1) + "\n")
+    return path
 
 
 def _number(value: float) -> str:
