@@ -334,8 +334,10 @@ def write_provenance(report: Report, folder: Path) -> Path:
                                        timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         report_commit = ""
+    program = Path(sys.argv[0])  # `python -m hybrid_retrieval.report` runs the module's file
+    program_name = f"-m hybrid_retrieval.{program.stem}" if program.parent.name == "hybrid_retrieval" else program.name
     record = {"run_commits": commits, "report_commit": report_commit,
-              "command": " ".join(["python", *sys.argv]), "cpu": cpu_description(),
+              "command": " ".join(["python", program_name, *sys.argv[1:]]), "cpu": cpu_description(),
               "python": platform.python_version(), "at": report.at,
               "runs": sum(row.n for row in report.rows if row.stage == "trained")}
     path = folder / "provenance.json"
