@@ -4,7 +4,7 @@
 #                                            11 languages) on the selection split: the zero-shot model and the
 #                                            recipe's selection run (multirun/recipe_select/c_base), never XQuAD-R
 #   scripts/language_projection.sh measure R the chosen rank R on full XQuAD-R: zero-shot and every comparison
-#                                            checkpoint under multirun/recipe (SEEDS, default 42 43 44 45 46;
+#                                            checkpoint under multirun/recipe (SEEDS, default 42 43 44 45 46, empty = none;
 #                                            SAMPLERS, default hybrid cross mono)
 # Without a projection the set is encoded once (save_embeddings); each projection rescores those embeddings and encodes
 # only its own texts. Resumable: finished evaluations are skipped. Summary: python scripts/projection_table.py <folder>
@@ -45,7 +45,7 @@ if [ "$mode" = measure ]; then
   evaluate "$OUT/zero_shot_none" model=me5_small "${FULL[@]}" save_embeddings=true
   evaluate "$OUT/zero_shot_rank$rank" model=me5_small "${FULL[@]}" "$(projection "$rank")" \
     embeddings="$OUT/zero_shot_none"
-  for seed in ${SEEDS:-42 43 44 45 46}; do
+  for seed in ${SEEDS-42 43 44 45 46}; do
     for sampler in ${SAMPLERS:-hybrid cross mono}; do
       run=multirun/recipe/${sampler}_seed$seed
       [ -f "$run/checkpoints/best.ckpt" ] || { echo "== $run: no best.ckpt, skipped"; continue; }
