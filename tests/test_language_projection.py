@@ -152,3 +152,17 @@ def test_a_training_run_keeps_its_embeddings_and_evaluate_rescores_them(tmp_path
     # the run's final evaluation, recomputed from its saved embeddings: the same metrics
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["summary"] == \
         json.loads((run / "metrics.json").read_text())["summary"]
+
+
+def test_texts_from_files_per_language(tmp_path: Path) -> None:
+    from hybrid_retrieval.models.language_projection import projection_texts
+
+    (tmp_path / "de.txt").write_text("eins\n\nzwei\ndrei\n", encoding="utf-8")
+    (tmp_path / "sw.txt").write_text("moja\nmbili\n", encoding="utf-8")
+    options = {"rank": 1, "texts": "files", "path": str(tmp_path), "per_language": 2}
+    assert projection_texts(options) == {"de": ["eins", "zwei"], "sw": ["moja", "mbili"]}
+    assert projection_texts({**options, "languages": ["sw"]}) == {"sw": ["moja", "mbili"]}
+    with pytest.raises(FileNotFoundError, match="no <language>.txt files"):
+        projection_texts({**options, "path": str(tmp_path / "none")})
+    with pytest.raises(ValueError, match="texts='train'"):
+        check_projection_config({"rank": 1, "texts": "train"})

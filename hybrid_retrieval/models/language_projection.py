@@ -4,8 +4,8 @@ Embeddings of a multilingual encoder carry a language component: each language's
 and in a pooled (multilingual) ranking that pulls a query's own language up. LSAR (Xie et al., arXiv 2401.05792)
 estimates the subspace spanned by the languages' means from unlabelled text and projects it out:
 
-1. encode ``per_language`` texts of each language (never the test set: Tatoeba sentences, the training texts, or
-   one text file per language) and take each language's mean embedding ``m_l``;
+1. encode ``per_language`` texts of each language (never the test set: Tatoeba sentences, or one text file per
+   language) and take each language's mean embedding ``m_l``;
 2. centre the means over languages (``M = [m_l - mean_l m_l]``) and take the top ``rank`` right singular vectors of
    ``M``: an orthonormal basis ``B`` (d x rank) of the directions in which languages differ most;
 3. every embedding becomes ``normalize(e - B B^T e)``: the same linear map for every text, so queries and passages
@@ -30,7 +30,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 FILE = "language_projection.npz"
-TEXT_SOURCES = ("tatoeba", "train", "files")
+TEXT_SOURCES = ("tatoeba", "files")
 # XQuAD-R / MLQA-R codes -> Tatoeba's ISO 639-3 codes (texts=tatoeba with languages given as the evaluation's codes)
 TATOEBA_CODES = {"ar": "ara", "de": "deu", "el": "ell", "en": "eng", "es": "spa", "hi": "hin", "ru": "rus",
                  "th": "tha", "tr": "tur", "vi": "vie", "zh": "cmn", "it": "ita", "ro": "ron", "fr": "fra"}
@@ -112,8 +112,7 @@ def check_projection_config(options: Any) -> None:
                          "<language>.txt files, one text a line>")
 
 
-def projection_texts(options: Mapping[str, Any], training_texts: Mapping[str, Sequence[str]] | None = None
-                     ) -> dict[str, list[str]]:
+def projection_texts(options: Mapping[str, Any]) -> dict[str, list[str]]:
     """The first ``per_language`` texts of each language from the configured source."""
     texts, per_language = options.get("texts", "tatoeba"), int(options.get("per_language", 500))
     languages = options.get("languages")
@@ -130,7 +129,7 @@ def projection_texts(options: Mapping[str, Any], training_texts: Mapping[str, Se
         if "eng" in codes:  # English: the English sides, in order, as many as asked
             english = [t for pair in split.pairs.values() for t in pair.english]
             out["eng"] = list(dict.fromkeys(english))[:per_language]
-    elif texts == "files":
+    else:  # files
         folder = Path(str(options["path"])).expanduser()
         files = sorted(folder.glob("*.txt"))
         if not files:
@@ -140,20 +139,14 @@ def projection_texts(options: Mapping[str, Any], training_texts: Mapping[str, Se
                 continue
             lines = [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
             out[file.stem] = lines[:per_language]
-    else:
-        if training_texts is None:
-            raise ValueError("model.language_projection.texts=train: only a training run (or a checkpoint's run "
-                             "with its training data configured) has training texts")
-        out = {language: list(values)[:per_language] for language, values in training_texts.items()
-               if not languages or language in languages}
     return out
 
 
-def fit_for_encoder(encoder: Any, options: Mapping[str, Any], training_texts: Mapping[str, Sequence[str]] | None = None,
-                    batch_size: int = 64, dtype: Any = None) -> LanguageProjection:
+def fit_for_encoder(encoder: Any, options: Mapping[str, Any], batch_size: int = 64,
+                    dtype: Any = None) -> LanguageProjection:
     """Encode the configured texts with `encoder` (as passages, without any projection) and fit the basis."""
     check_projection_config(options)
-    texts = projection_texts(options, training_texts)
+    texts = projection_texts(options)
     previous, encoder.language_projection = getattr(encoder, "language_projection", None), None
     try:
         embeddings = {language: encoder.encode(values, kind="passage", batch_size=batch_size, dtype=dtype)
