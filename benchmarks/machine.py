@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import platform
 import resource
-from pathlib import Path
 
 
 def cpu_description() -> str:

@@ -26,7 +26,7 @@ import numpy as np
 from hydra.errors import CompactHydraException
 from omegaconf import DictConfig, OmegaConf
 
-from hybrid_retrieval.config_checks import ConfigError
+from hybrid_retrieval.config_checks import ConfigError, projection_options
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 ENTRY_POINT = PACKAGE_DIR.parent / "run.py"
@@ -187,7 +187,7 @@ def check_model_source(cfg: DictConfig) -> None:
 
     if cfg.get("checkpoint"):
         check_checkpoint_file(cfg.checkpoint)
-        projection_options(cfg)  # checked here too: the checkpoint brings its model, not these options
+        projection_options(cfg.get("model"))  # checked here too: the checkpoint brings its model, not these options
         return
     check_model(cfg.model)
     if cfg.model.get("path"):
@@ -219,7 +219,7 @@ def load_model(cfg: DictConfig) -> Any:
 
         encoder = instantiate(cfg.model)
     encoder = encoder.to(torch_device(cfg.hardware)).eval()
-    options = projection_options(cfg)
+    options = projection_options(cfg.get("model"))
     if options is not None:
         from hybrid_retrieval.hardware import encode_dtype
         from hybrid_retrieval.models.language_projection import fit_for_encoder
@@ -229,23 +229,6 @@ def load_model(cfg: DictConfig) -> Any:
         projection.save(run_folder())
         encoder.language_projection = projection
     return encoder
-
-
-def projection_options(cfg: DictConfig) -> dict[str, Any] | None:
-    """``model.language_projection`` as a checked plain mapping, or None."""
-    from omegaconf import OmegaConf
-
-    from hybrid_retrieval.models.language_projection import check_projection_config
-
-    options = (cfg.get("model") or {}).get("language_projection")
-    if options is None:
-        return None
-    options = OmegaConf.to_container(options, resolve=True) if isinstance(options, DictConfig) else dict(options)
-    try:
-        check_projection_config(options)
-    except ValueError as error:
-        raise ConfigError(str(error)) from error
-    return options
 
 
 def merge_ratio(cfg: DictConfig) -> float | None:

@@ -27,6 +27,21 @@ def _positive_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
+def projection_options(model: Any) -> dict[str, Any] | None:
+    """``model.language_projection`` checked, as a plain mapping (None when unset)."""
+    from hybrid_retrieval.models.language_projection import check_projection_config
+
+    options = (model or {}).get("language_projection")
+    if options is None:
+        return None
+    options = OmegaConf.to_container(options, resolve=True) if isinstance(options, DictConfig) else options
+    try:
+        check_projection_config(options)
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
+    return dict(options)
+
+
 def check_model(model: DictConfig, option: str = "model") -> None:
     require("_target_" in model, f"{option}._target_", "a loader such as "
              "hybrid_retrieval.models.encoder.load_encoder", None)
@@ -37,14 +52,7 @@ def check_model(model: DictConfig, option: str = "model") -> None:
         require(_positive_int(model.get(key)), f"{option}.{key}", "a positive integer", model.get(key))
     require(isinstance(model.get("unpad", True), bool), f"{option}.unpad",
              "true or false (run the backbone on real tokens only, or padded)", model.get("unpad"))
-    from hybrid_retrieval.models.language_projection import check_projection_config
-
-    projection = model.get("language_projection")
-    try:
-        check_projection_config(OmegaConf.to_container(projection, resolve=True)
-                                if isinstance(projection, DictConfig) else projection)
-    except ValueError as error:
-        raise ConfigError(str(error)) from error
+    projection_options(model)
     folder = None
     if model.source == "hub" or model.get("path") is not None:
         # A missing model must stop the run here, not after data loading and MLflow set-up.

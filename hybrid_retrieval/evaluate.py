@@ -75,7 +75,7 @@ def evaluate(cfg: DictConfig) -> dict[str, EvaluationResult]:
         run.log_datasets(evaluation_data(cfg.dataset, cfg.get("extra_datasets"), sets))
         metrics: dict[str, float] = {}
         for i, evaluation_set in enumerate(sets):
-            if i == 0 and cfg.get("embeddings"):
+            if i == 0 and saved is not None:
                 result = rescore(encoder, evaluation_set, saved, cfg.hardware.num_threads)
             else:
                 result = evaluate_set(encoder, evaluation_set, batch_size=cfg.hardware.encode_batch_size,

@@ -20,11 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
+from hybrid_retrieval.hardware import cpu_description
 from hybrid_retrieval.reporting.significance import paired_test
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "benchmarks"))
-from machine import cpu_description  # noqa: E402
 
 METRICS = [("Mo mAP", "mono", "map"), ("Cr mAP", "cross", "map"), ("Mul mAP", "multi", "map"),
            ("Mul nDCG@10", "multi", "ndcg_at_10"), ("rank distance", "multi", "rank_distance")]

@@ -18,9 +18,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from hybrid_retrieval.hardware import cpu_description
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "benchmarks"))
-from machine import cpu_description  # noqa: E402
 
 METRICS = [("Mo mAP", "mono", "map"), ("Cr mAP", "cross", "map"), ("Mul mAP", "multi", "map"),
            ("Mul nDCG@10", "multi", "ndcg_at_10"), ("rank distance", "multi", "rank_distance"),

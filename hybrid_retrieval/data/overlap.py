@@ -18,14 +18,14 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 __all__ = ["CONTAMINATION_POLICIES", "ContaminationError", "OverlapReport", "check_contamination", "find_overlap",
-           "normalise", "normalised_set", "similarity_matrices", "similarity_matrix"]
+           "normalise", "similarity_matrices"]
 
 log = logging.getLogger(__name__)
 CONTAMINATION_POLICIES = ("refuse", "warn", "off")
@@ -44,11 +44,6 @@ def normalise(texts: pa.Array | pa.ChunkedArray | Sequence[str]) -> pa.Array | p
     return pc.utf8_trim_whitespace(array)
 
 
-def normalised_set(texts: Iterable[str]) -> set[str]:
-    """The distinct non-empty normalised forms of `texts`."""
-    return {t for t in normalise(list(texts)).to_pylist() if t}
-
-
 def similarity_matrices(left: Sequence[str], rights: Sequence[Sequence[str]]) -> list[np.ndarray]:
     """Cosine of character n-gram TF-IDF vectors (module docstring) of `left` against each list of `rights`
     (``len(left) x len(right)`` each), with one vocabulary and IDF over all the texts."""
@@ -65,10 +60,6 @@ def similarity_matrices(left: Sequence[str], rights: Sequence[Sequence[str]]) ->
         start += len(right)
     return out
 
-
-def similarity_matrix(left: Sequence[str], right: Sequence[str]) -> np.ndarray:
-    """:func:`similarity_matrices` of one pair of lists."""
-    return similarity_matrices(left, [right])[0]
 
 
 # ------------------------------------------------------------------------------------------------------------------
