@@ -323,6 +323,12 @@ def open_index(folder: Path) -> tuple[np.ndarray, np.ndarray]:
     return (batch.column(0).to_numpy(zero_copy_only=True), batch.column(1).to_numpy(zero_copy_only=True))
 
 
+def store_folder(name: str, key: str) -> Path:
+    """Where the store named `name` with cache key `key` (:func:`store_key`) lives (complete once it holds META)."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[:60]
+    return pairs_cache_dir() / f"{safe}-{key}"
+
+
 def cached_store(name: str, reader: str, options: dict[str, Any], sources: Sequence[str | os.PathLike[str]],
                  chunks: Callable[[Any], Iterator[Chunk]], language_names: Sequence[str] | None = None,
                  progress: Any = None) -> Path:
@@ -331,8 +337,7 @@ def cached_store(name: str, reader: str, options: dict[str, Any], sources: Seque
     from filelock import FileLock
 
     key = store_key(reader, options, sources)
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[:60]
-    folder = pairs_cache_dir() / f"{safe}-{key}"
+    folder = store_folder(name, key)
     if (folder / META).exists():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from hybrid_retrieval.data.lareqa import PASSAGE_TEXTS, Paragraph, check_holdout, format_passage
-from hybrid_retrieval.data.pair_store import Chunk, cached_store, content_digest, open_index, open_rows, read_meta
+from hybrid_retrieval.data.pair_store import (META, Chunk, cached_store, content_digest, open_index, open_rows,
+                                              read_meta, store_folder, store_key)
 
 __all__ = [
     "HARD_NEGATIVE_SOURCES",
@@ -205,11 +206,19 @@ class ParallelPairs:
                    negatives=(meta["rows_with_hard_negatives"], meta["max_hard_negatives"]))
 
     @classmethod
-    def from_rows(cls, name: str, rows: Sequence[PairRow], language_names: Sequence[str] | None = None,
-                  hard_negatives: bool = False, store: StoreSpec | None = None) -> ParallelPairs:
+    def from_rows(cls, name: str, rows: Sequence[PairRow] | Callable[[], Sequence[PairRow]],
+                  language_names: Sequence[str] | None = None, hard_negatives: bool = False,
+                  store: StoreSpec | None = None) -> ParallelPairs:
         """A dataset of rows with string ids: groups numbered by first appearance; languages indexed into
         `language_names` (default: by first appearance); the rows' hard negatives kept when `hard_negatives`.
-        With `store` the rows are converted into the cache (once) and opened from there."""
+        With `store` the rows are converted into the cache (once) and opened from there. `rows` may be a function
+        that makes them: with `store` it runs only when the cache does not hold them yet."""
+        if store is not None:
+            folder = store_folder(name, store_key(store.reader, store.options, store.sources))
+            if (folder / META).exists():
+                return cls.open(folder)
+        if callable(rows):
+            rows = rows()
         if store is not None:
             def chunks(_: Any) -> Iterator[Chunk]:
                 for start in range(0, len(rows), 100_000):

@@ -99,7 +99,7 @@ def _nearest_occurrence(context: str, text: str, position: int) -> int | None:
 
 
 # A paragraph is XQuAD's when the sum over XQuAD's languages of its character n-gram cosine to one XQuAD paragraph
-# (data/overlap.similarity_matrix) reaches TEXT_MATCH_SCORE and is TEXT_MATCH_MARGIN times its next best XQuAD
+# (data/overlap.similarity_matrices) reaches TEXT_MATCH_SCORE and is TEXT_MATCH_MARGIN times its next best XQuAD
 # paragraph's. Measured on the paragraphs whose SQuAD ids tell: it finds 207 of SQuAD-it's 212 and all 230 of
 # SQuAD-es's XQuAD paragraphs (scripts/xquad_text_match.py, docs/data.md#squad-and-xquad).
 TEXT_MATCH_SCORE = 0.6
@@ -388,8 +388,11 @@ def load_squad(
 ) -> dict[str, SquadFile]:
     """Parsed files, keyed by language in the given order; with `drop_xquad`, XQuAD's paragraphs are dropped, by
     their question ids and by their text (:func:`xquad_reference`, :func:`xquad_text_matches`)."""
-    paths = resolve_squad_files(files, root)
     reference = xquad_reference(xquad_root) if drop_xquad else None
+    return _read_files(resolve_squad_files(files, root), reference)
+
+
+def _read_files(paths: Mapping[str, Path], reference: XQuadReference | None) -> dict[str, SquadFile]:
     return {language: read_squad_file(path, language, reference.ids if reference else None,
                                       reference.paragraphs if reference else ())
             for language, path in paths.items()}
@@ -438,16 +441,20 @@ def from_squad(
     How the answer sentence is found, and which questions are skipped: :func:`read_squad_file`.
     """
     check_reader_options(passage_text, max_groups, hard_negative, SQUAD_HARD_NEGATIVES)
-    parsed = load_squad(files, root, drop_xquad, xquad_root)
-    for squad in parsed.values():
-        log.info("%s: %s", name, squad.summary())
-    rows = squad_rows(parsed, passage_text, max_groups, hard_negative)
-    if not rows:
-        raise ValueError(f"from_squad {name!r}: no answerable questions in {[str(f.path) for f in parsed.values()]}")
-    sources = [str(f.path) for f in parsed.values()]
+    paths = {language: path.expanduser().resolve() for language, path in resolve_squad_files(files, root).items()}
+    reference = xquad_reference(xquad_root) if drop_xquad else None
+
+    def rows() -> list[PairRow]:  # parsed only when the cache does not hold these rows yet
+        parsed = _read_files(paths, reference)
+        for squad in parsed.values():
+            log.info("%s: %s", name, squad.summary())
+        made = squad_rows(parsed, passage_text, max_groups, hard_negative)
+        if not made:
+            raise ValueError(f"from_squad {name!r}: no answerable questions in {[str(p) for p in paths.values()]}")
+        return made
+
     # The XQuAD data that drop_xquad removes is part of what the rows are: it enters the cache key as a digest.
-    dropped = xquad_reference(xquad_root).digest() if drop_xquad else None
-    store = StoreSpec("squad", {"name": name, "languages": list(parsed), "passage_text": passage_text,
-                                "drop_xquad": dropped, "max_groups": max_groups, "hard_negative": hard_negative},
-                      sources, name)
-    return ParallelPairs.from_rows(name, rows, list(parsed), hard_negatives=hard_negative is not None, store=store)
+    store = StoreSpec("squad", {"name": name, "languages": list(paths), "passage_text": passage_text,
+                                "drop_xquad": reference.digest() if reference else None, "max_groups": max_groups,
+                                "hard_negative": hard_negative}, [str(p) for p in paths.values()], name)
+    return ParallelPairs.from_rows(name, rows, list(paths), hard_negatives=hard_negative is not None, store=store)
