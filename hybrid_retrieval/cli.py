@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 import re
 import time
@@ -167,6 +168,10 @@ def hydra_main(config_name: str, config_path: str = "../conf") -> Callable[[Call
                 return task(cfg)
             except Exception as error:
                 cause = own_error(error)
+                if sweep_reports_failures():
+                    # The other jobs still run; the sweep's end lists this one and exits non-zero.
+                    report_failed_job(error if cause is None or debugging() else error_block(error, cause, cfg))
+                    return math.nan  # type: ignore[return-value]
                 if cause is None or debugging():
                     raise
                 raise InputError(error_block(error, cause, cfg)) from None
@@ -174,6 +179,33 @@ def hydra_main(config_name: str, config_path: str = "../conf") -> Callable[[Call
         return hydra.main(version_base="1.3", config_path=config_path, config_name=config_name)(guarded)
 
     return decorate
+
+
+def sweep_reports_failures() -> bool:
+    """True in a multirun whose end lists the jobs that did not finish (``reporting.sweep.SweepReport``, in
+    ``conf/config.yaml``): a failing job then ends alone instead of stopping the sweep."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return False
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return False
+    return any(node is not None and str(node.get("_target_", "")).endswith(".SweepReport")
+               for node in (hydra_cfg.callbacks or {}).values())
+
+
+def report_failed_job(error: BaseException | str) -> None:
+    """A failed sweep job's message as Hydra prints it for a single run: its overrides, then the error block (a
+    user's error) or the traceback (anything else)."""
+    import sys
+    import traceback
+
+    from hydra.core.hydra_config import HydraConfig
+
+    text = error if isinstance(error, str) else "".join(traceback.format_exception(error))
+    print(f"Error executing job with overrides: {list(HydraConfig.get().overrides.task)}\n{text}", file=sys.stderr)
 
 
 # ------------------------------------------------------------------------------------------------ the model

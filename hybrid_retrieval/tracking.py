@@ -486,7 +486,10 @@ def folder_status(folder: str | Path | None = None) -> Iterator[None]:
         yield
     except BaseException as error:
         killed = isinstance(error, (KeyboardInterrupt, SystemExit))
-        write("killed" if killed else "failed", f"{type(error).__name__}: {error}")
+        cause = error
+        if type(error).__module__.split(".")[0] == "hydra" and error.__cause__ is not None:
+            cause = error.__cause__  # what failed inside instantiate(), not Hydra's wrapper around it
+        write("killed" if killed else "failed", f"{type(cause).__name__}: {cause}")
         raise
     write("finished")
 

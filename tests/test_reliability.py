@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shlex
 import signal
 import subprocess
 import sys
@@ -275,3 +276,49 @@ def test_a_run_and_its_resume_resolve_train_resume_and_check_each_option_once(tm
     assert calls == {"check_train_config": 1, "plan_run": 1, "check_same_config": 1, "check_adapt_config": 1}
     client, resumed = _only_run(f"sqlite:///{tmp_path}/mlflow.db")
     assert resumed.info.status == "FINISHED" and resumed.data.tags["resumed_from"].endswith("last.ckpt")
+
+
+def test_a_failing_sweep_job_keeps_the_others_is_reported_and_a_rerun_runs_only_it(tmp_path: Path,
+                                                                                  data_root: Path) -> None:
+    """Job 0 reads a training file that is not there yet (a data set still being copied, a mount not up): job 1
+    still runs, the sweep's report lists job 0 with its error and the rerun command, the exit status is 1; once
+    the file exists, that command trains job 0 alone."""
+    from hybrid_retrieval.data.pairs import from_lareqa
+
+    pairs = from_lareqa("mlqa_r", data_root, languages=["en", "de", "es"], max_groups=60)
+    present, missing = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    present.write_text("".join(json.dumps({k: v for k, v in row.items() if k != "hard_negatives"}) + "\n"
+                               for row in pairs.table.to_pylist()))
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    sweep = tmp_path / "sweep"
+    command = ["run.py", "-m", "train_data=jsonl", f"train_data.path={missing},{present}",
+               *[a for a in SMALL_TRAIN if not a.startswith("train_data.")],
+               f"logger.tracking_uri={uri}", f"hydra.sweep.dir={sweep}"]
+    proc = run_command(command, data_root, REPO_ROOT)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 1, output[-3000:]
+    assert json.loads((sweep / "1" / "run_info.json").read_text())["best"] > 0  # the other job finished
+    listed = json.loads((sweep / "report" / "unfinished_jobs.json").read_text())
+    assert [Path(job["folder"]).name for job in listed["jobs"]] == ["0"]
+    assert listed["jobs"][0]["error"].startswith("FileNotFoundError: training data file") and str(missing) in \
+        listed["jobs"][0]["error"]
+    assert "train.resume=auto" in listed["rerun"] and f"hydra.sweep.dir={sweep}" in listed["rerun"]
+    report = (sweep / "report" / "report.md").read_text()
+    assert "## Jobs that did not finish" in report and f"train_data.path={missing}" in report
+    assert "1 job(s) of this sweep did not finish" in output and listed["rerun"] in output
+    client = mlflow_client(uri)
+    first = [r for r in client.search_runs([client.get_experiment_by_name("hybrid_retrieval").experiment_id])
+             if r.data.tags.get("job") == "train"]
+    assert [r.data.tags["job_num"] for r in first] == ["1"] and first[0].info.status == "FINISHED"
+
+    missing.write_text(present.read_text())
+    rerun = run_command(shlex.split(listed["rerun"])[1:], data_root, REPO_ROOT)
+    output = rerun.stdout + rerun.stderr
+    assert rerun.returncode == 0, output[-3000:]
+    assert output.count("this job finished before") == 1  # job 1 is not trained again
+    runs = [r for r in client.search_runs([client.get_experiment_by_name("hybrid_retrieval").experiment_id])
+            if r.data.tags.get("job") == "train"]
+    assert sorted(r.data.tags["job_num"] for r in runs) == ["0", "1"]
+    assert all(r.info.status == "FINISHED" for r in runs)
+    assert json.loads((sweep / "report" / "unfinished_jobs.json").read_text())["jobs"] == []
+    assert "Jobs that did not finish" not in (sweep / "report" / "report.md").read_text()

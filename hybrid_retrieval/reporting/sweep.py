@@ -61,6 +61,49 @@ def make_report(tracking_uri: str, experiment_name: str, out: str | Path | None 
     return MadeReport(report, files, folder, parent.get("run_id", ""), records, claims)
 
 
+def unfinished_jobs(sweep_dir: Path, since: float) -> list[dict[str, Any]]:
+    """The jobs of a sweep that failed or were stopped since ``since`` (a Unix time): every job folder whose
+    ``status.json`` (``tracking.folder_status``) ended so, with its folder, overrides and error. Read from the
+    folders, not the MLflow store: a job can fail before its MLflow run exists (bad data, a folder in use)."""
+    import yaml
+
+    jobs = []
+    for status_file in sorted(Path(sweep_dir).glob(f"*/{tracking.STATUS_FILE}")):
+        try:
+            status = json.loads(status_file.read_text())
+        except (OSError, ValueError):
+            continue
+        if status.get("status") not in ("failed", "killed") or (status.get("ended") or 0) < since:
+            continue
+        overrides_file = status_file.parent / ".hydra" / "overrides.yaml"
+        overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else []
+        jobs.append({"folder": str(status_file.parent), "status": status["status"],
+                     "overrides": overrides or [], "error": status.get("error", "")})
+    return jobs
+
+
+def rerun_command(sweep_dir: Path) -> str:
+    """This sweep's command with ``train.resume=auto`` and its folder fixed: it runs the jobs that did not finish
+    and skips the finished ones."""
+    command = tracking.command_line()
+    for key, value in (("train.resume", "auto"), ("hydra.sweep.dir", str(sweep_dir))):
+        if f" {key}=" in command:
+            command = " ".join(f"{key}={value}" if part.startswith(f"{key}=") else part for part in command.split(" "))
+        else:
+            command += f" {key}={value}"
+    return command
+
+
+def unfinished_markdown(jobs: Sequence[dict[str, Any]], command: str) -> str:
+    lines = ["## Jobs that did not finish", "",
+             f"Not in the tables above. `{command}` runs them again (finished jobs are skipped).", "",
+             "| job folder | status | overrides | error |", "|---|---|---|---|"]
+    for job in jobs:
+        error = " ".join(str(job["error"]).split()).replace("|", "\\|")
+        lines.append(f"| {Path(job['folder']).name} | {job['status']} | {' '.join(job['overrides'])} | {error} |")
+    return "\n".join(lines) + "\n"
+
+
 def failed_jobs(records: Sequence[dict[str, Any]]) -> list[str]:
     return [f"{r['name']} ({r['status']}{': ' + r['tags']['error'] if r['tags'].get('error') else ''})"
             for r in records if r["status"] != "FINISHED"]
@@ -89,24 +132,53 @@ def sweep_tracking(sweep_dir: Path) -> tuple[str, str] | None:
 
 
 class SweepReport(Callback):
-    """At the end of a multirun: the report of that sweep, printed and logged to its parent run. A report that
-    cannot be made (every job failed, say) is a warning: it never turns a finished sweep into a failure."""
+    """At the end of a multirun: the report of that sweep, printed and logged to its parent run, and the jobs that
+    did not finish. A failing job does not stop the others (``cli.hydra_main`` ends it with its error block, the
+    next job starts); here the sweep lists it in ``report/report.md`` and ``report/unfinished_jobs.json``, prints
+    the command that reruns only it, and exits with status 1. A report that cannot be made (every job failed, say)
+    is a warning; ``enabled: false`` turns the report off, not the failure check."""
 
     def __init__(self, enabled: bool = True, at: str = "best", before: bool = True) -> None:
         self.enabled, self.at, self.before = enabled, at, before
+        self.started = 0.0
+
+    def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
+        import time
+
+        self.started = time.time()
 
     def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
-        if not self.enabled:
-            return
         sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
+        unfinished = unfinished_jobs(sweep_dir, self.started)
+        command = rerun_command(sweep_dir)
+        if self.enabled:
+            self.report(sweep_dir, unfinished, command)
+        if unfinished:
+            for job in unfinished:
+                print(f"job {Path(job['folder']).name} {job['status']}: {' '.join(job['overrides'])}: {job['error']}")
+            print(f"{len(unfinished)} job(s) of this sweep did not finish; the others' results are kept. "
+                  f"To run only those again: {command}")
+            raise SystemExit(1)
+
+    def report(self, sweep_dir: Path, unfinished: list[dict[str, Any]], command: str) -> None:
         found = sweep_tracking(sweep_dir)
+        made = None
         if found is None:
             log.warning("no report: no job of %s started an MLflow run", sweep_dir)
-            return
-        tracking_uri, experiment = found
-        try:
-            made = make_report(tracking_uri, experiment, sweep=str(sweep_dir), at=self.at, before=self.before)
-        except Exception as error:  # noqa: BLE001 - a report must not fail the sweep it describes
-            log.warning("no report for %s: %s", sweep_dir, error)
-            return
-        print_report(made, tracking_uri)
+        else:
+            tracking_uri, experiment = found
+            try:
+                made = make_report(tracking_uri, experiment, sweep=str(sweep_dir), at=self.at, before=self.before)
+            except Exception as error:  # noqa: BLE001 - a report must not fail the sweep it describes
+                log.warning("no report for %s: %s", sweep_dir, error)
+        folder = made.folder if made is not None else sweep_dir / ARTIFACT_PATH
+        folder.mkdir(parents=True, exist_ok=True)
+        listed = folder / "unfinished_jobs.json"
+        listed.write_text(json.dumps({"rerun": command, "jobs": unfinished}, indent=1) + "\n")
+        if unfinished:
+            with (folder / "report.md").open("a") as handle:
+                handle.write("\n" + unfinished_markdown(unfinished, command))
+        if made is not None:
+            if made.parent_run_id and unfinished:  # make_report logged the folder before the list was added
+                tracking.log_artifacts_to(found[0], made.parent_run_id, folder, ARTIFACT_PATH)
+            print_report(made, found[0])
