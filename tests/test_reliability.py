@@ -322,3 +322,85 @@ def test_a_failing_sweep_job_keeps_the_others_is_reported_and_a_rerun_runs_only_
     assert all(r.info.status == "FINISHED" for r in runs)
     assert json.loads((sweep / "report" / "unfinished_jobs.json").read_text())["jobs"] == []
     assert "Jobs that did not finish" not in (sweep / "report" / "report.md").read_text()
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A 400 MB tmpfs of its own: a file system that really fills up (ENOSPC), without touching the machine's."""
+    folder = tmp_path / "disk"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400m", "tmpfs", str(folder)], capture_output=True,
+                             text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"mounting a tmpfs needs CAP_SYS_ADMIN: {mounted.stderr.strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+def _fill(disk: Path, leave: int) -> Path:
+    """A file that leaves ``leave`` bytes free on ``disk``."""
+    import shutil
+
+    filler = disk / "filler"
+    size = shutil.disk_usage(disk).free - leave
+    with filler.open("wb") as handle:
+        for _ in range(size // (1 << 20)):
+            handle.write(b"\0" * (1 << 20))
+        handle.write(b"\0" * (size % (1 << 20)))
+    return filler
+
+
+def test_a_full_disk_keeps_the_last_good_checkpoint_and_a_resume_after_freeing_space_finishes(
+        tmp_path: Path, data_root: Path, small_disk: Path) -> None:
+    """The run folder on a disk with room for one training state (65 MB) but not for the next one beside it: the
+    second save is refused naming the folder and the bytes; the first stays loadable and no partial file is left;
+    with the space freed, ``train.resume`` continues from it and every step is logged once."""
+    import torch
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"  # the store elsewhere: only the run folder's disk fills up
+    run = small_disk / "run"
+    args = [*RESUMABLE, f"logger.tracking_uri={uri}", f"hydra.run.dir={run}"]
+    filler = _fill(small_disk, 100 << 20)
+    proc = run_command(["run.py", *args], data_root, REPO_ROOT)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert f"disk full: checkpoint last.ckpt in {run / 'checkpoints'} did not fit (needs 6" in output, output[-3000:]
+    assert f"train.resume={run}" in output and "Traceback" not in output
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt"]  # nothing partial
+    state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert state["global_step"] == 3
+    client, failed = _only_run(uri)
+    assert failed.info.status == "FAILED" and "disk full" in failed.data.tags["error"]
+    assert json.loads((run / "status.json").read_text())["status"] == "failed"
+
+    filler.unlink()
+    resumed = run_command(["run.py", *args, f"train.resume={run}"], data_root, REPO_ROOT)
+    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-3000:]
+    client, finished = _only_run(uri)
+    assert finished.info.status == "FINISHED" and finished.info.run_id == failed.info.run_id
+    steps = [m.step for m in client.get_metric_history(finished.info.run_id, "train/loss")]
+    assert sorted(steps) == list(range(28))  # 2 epochs of 14 batches: each step once
+    assert (run / "model" / "model.safetensors").is_file()
+
+
+def test_a_full_disk_during_an_export_leaves_no_partial_model_and_keeps_the_previous_one(small_disk: Path) -> None:
+    """Refused before writing when the weights alone do not fit; failing mid-way (weights fit, the tokenizer not)
+    removes what it wrote. Either way the folder's earlier export stays, whole."""
+    from hybrid_retrieval.models.export import export_encoder
+    from hybrid_retrieval.models.encoder import load_encoder
+    from hybrid_retrieval.storage import DiskFullError
+
+    encoder = load_encoder(name="tiny", source="random").eval()
+    target = small_disk / "model"
+    export_encoder(encoder, target)
+    before = {p.name: p.stat().st_size for p in target.iterdir()}
+    weights = before["model.safetensors"]
+    for leave in (weights // 2, weights + (1 << 20)):  # refused up front; fails writing the tokenizer
+        filler = _fill(small_disk, leave)
+        with pytest.raises(DiskFullError, match=f"disk full: the model export in {small_disk} did not fit"):
+            export_encoder(encoder, target, overwrite=True)
+        assert sorted(p.name for p in small_disk.iterdir()) == ["filler", "model"]  # no partial folder
+        assert {p.name: p.stat().st_size for p in target.iterdir()} == before
+        filler.unlink()

@@ -30,6 +30,7 @@ from torch import nn
 from hybrid_retrieval.models.dense import DENSE_WEIGHTS, dense_linear, save_dense
 from hybrid_retrieval.models.encoder import Encoder
 from hybrid_retrieval.models.loading import SETTINGS_FILE, SETTINGS_FORMAT, quiet_transformers
+from hybrid_retrieval.storage import DiskFullError, free_bytes, reporting_disk_full
 
 __all__ = ["DATASET_FACTS", "TRAINING_KEYS", "DataFacts", "card_metadata", "data_license", "encoder_settings",
            "export_encoder", "read_mteb_results", "read_run_config", "read_run_results", "render_model_card",
@@ -875,24 +876,30 @@ def export_encoder(encoder: Encoder, folder: str | Path, card: Mapping[str, Any]
         raise FileExistsError(f"export folder {folder} exists and is not empty; choose another folder or pass "
                               "overwrite=true")
     folder.parent.mkdir(parents=True, exist_ok=True)
+    needed = sum(t.numel() * t.element_size() for t in encoder.backbone.state_dict().values())
+    advice = ("the folder's earlier content, if any, is kept; free space, or export the checkpoint elsewhere: "
+              "python -m hybrid_retrieval.export checkpoint=<run folder>/checkpoints/best.ckpt out=<folder>")
+    if (free_bytes(folder.parent) or needed) < needed:
+        raise DiskFullError("the model export", folder.parent, needed, advice)
     # A sibling, so the final rename stays on one file system (and is atomic there).
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))
     try:
-        with quiet_transformers():
+        with reporting_disk_full("the model export", folder.parent, needed, advice), quiet_transformers():
             encoder.backbone.save_pretrained(str(tmp))
             encoder.tokenizer.save_pretrained(str(tmp))
-        _sentence_transformers_files(encoder, tmp)
-        settings = encoder_settings(encoder)
-        # Beside "encoder" (whose keys older readers check strictly): sizes and the name results are filed under.
-        sizes = {"matryoshka_dims": getattr(encoder, "matryoshka_dims", None),
-                 "truncate_dim": getattr(encoder, "truncate_dim", None)}
-        model_name = (card or {}).get("model_name")
-        _write_json(tmp / SETTINGS_FILE, {"format": SETTINGS_FORMAT, "encoder": settings,
-                                          "embedding_dim": encoder.embedding_dim, **sizes,
-                                          **({"model_name": str(model_name)} if model_name else {})})
-        readme = render_model_card({**settings, **sizes}, card, folder.name, _takes_pooling_flag(encoder.backbone))
-        (tmp / "README.md").write_text(readme, encoding="utf-8")
-        _replace_folder(tmp, folder)
+            _sentence_transformers_files(encoder, tmp)
+            settings = encoder_settings(encoder)
+            # Beside "encoder" (whose keys older readers check strictly): sizes and the name results are filed under.
+            sizes = {"matryoshka_dims": getattr(encoder, "matryoshka_dims", None),
+                     "truncate_dim": getattr(encoder, "truncate_dim", None)}
+            model_name = (card or {}).get("model_name")
+            _write_json(tmp / SETTINGS_FILE, {"format": SETTINGS_FORMAT, "encoder": settings,
+                                              "embedding_dim": encoder.embedding_dim, **sizes,
+                                              **({"model_name": str(model_name)} if model_name else {})})
+            readme = render_model_card({**settings, **sizes}, card, folder.name,
+                                       _takes_pooling_flag(encoder.backbone))
+            (tmp / "README.md").write_text(readme, encoding="utf-8")
+            _replace_folder(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

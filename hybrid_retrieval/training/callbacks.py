@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import pytorch_lightning as pl
+from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers.logger import Logger
 from pytorch_lightning.trainer.states import TrainerFn
@@ -128,6 +129,29 @@ class ResumeCheckpoint(ModelCheckpoint):
         super().__init__(dirpath=str(dirpath), filename=LAST, monitor=None, save_top_k=1, save_weights_only=False,
                          every_n_train_steps=every_n_steps, save_on_exception=True, enable_version_counter=False,
                          auto_insert_metric_name=False)
+
+
+class RunFolderCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer for the run folder: each checkpoint is serialised in memory, refused before
+    any write when its folder has not the room, else written to a temporary file beside it, flushed and renamed
+    (``storage.write_bytes_atomic``). A full disk therefore never leaves a partial ``last.ckpt`` or ``best.ckpt``:
+    the previous ones stay loadable, and the error names the folder, the bytes needed and the resume."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        import io
+
+        import torch
+
+        from hybrid_retrieval.storage import write_bytes_atomic
+
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options")
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        path = Path(path)
+        write_bytes_atomic(buffer.getbuffer(), path, f"checkpoint {path.name}", advice=(
+            "the checkpoints already there are whole and kept; free space (or set hydra.run.dir on a larger disk "
+            f"for a new run) and continue with the same command and train.resume={path.parent.parent}"))
 
 
 class TrackedRunLogger(Logger):

@@ -30,7 +30,8 @@ from hybrid_retrieval.hardware import (encode_dtype, encode_dtype_name, set_atte
                                        uses_gpu)
 from hybrid_retrieval.losses.matryoshka import instantiate_loss
 from hybrid_retrieval.models.export import run_card
-from hybrid_retrieval.training.callbacks import BatchLog, BestCheckpoint, ResumeCheckpoint, TrackedRunLogger
+from hybrid_retrieval.training.callbacks import (BatchLog, BestCheckpoint, ResumeCheckpoint, RunFolderCheckpointIO,
+                                                 TrackedRunLogger)
 from hybrid_retrieval.training.datamodule import HybridDataModule
 from hybrid_retrieval.training.inputs import TrainingInputs, load_training_inputs
 from hybrid_retrieval.training.module import EvaluationSettings, HybridRetrievalModule, OptimizerSettings
@@ -127,6 +128,7 @@ def build_trainer(cfg: DictConfig, run: tracking.TrackedRun | None, checkpoint: 
         accelerator=cfg.hardware.accelerator, devices=cfg.hardware.devices, num_nodes=cfg.hardware.num_nodes,
         strategy=cfg.hardware.strategy, precision=trainer_precision(cfg.hardware),
         logger=TrackedRunLogger(run, hold_until_checkpoint=True), callbacks=callbacks,
+        plugins=[RunFolderCheckpointIO()],  # a full disk never leaves a partial checkpoint
         default_root_dir=str(output_dir), use_distributed_sampler=False, enable_model_summary=False, **options)
 
 
