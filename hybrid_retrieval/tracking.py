@@ -81,6 +81,13 @@ def get_client(tracking_uri: str):
 
     path = sqlite_path(tracking_uri)
     if path is None:
+        import os
+
+        # A run's writes are sent by its Delivery, which waits and sends again itself: MLflow's own HTTP retries
+        # (7, backing off up to minutes) would only delay the first write after the server is back.
+        for name, value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2"), ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1"),
+                            ("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")):
+            os.environ.setdefault(name, value)
         return MlflowClient(tracking_uri=tracking_uri)
     from filelock import FileLock
 
@@ -148,14 +155,6 @@ def log_metrics(client: Any, run_id: str, metrics: Mapping[str, float], step: in
     batch = [Metric(k, v, now, step) for k, v in finite_metrics(metrics).items()]
     for start in range(0, len(batch), 900):  # MLflow caps a batch at 1000 metrics
         with_retry(lambda: client.log_batch(run_id, metrics=batch[start:start + 900]))
-
-
-def log_params(client: Any, run_id: str, params: Mapping[str, str]) -> None:
-    from mlflow.entities import Param
-
-    items = [Param(k, v) for k, v in params.items()]
-    for start in range(0, len(items), 90):  # MLflow caps params per batch at 100
-        with_retry(lambda: client.log_batch(run_id, params=items[start:start + 90]))
 
 
 def job_context() -> dict[str, Any]:
@@ -279,13 +278,6 @@ def start_run(tracking_uri: str, experiment_name: str, run_name: str | None = No
     return client, run.info.run_id
 
 
-def log_hydra_configs(client: Any, run_id: str) -> None:
-    """The composed config files of this job (``.hydra/config.yaml``, ``overrides.yaml``, ``hydra.yaml``)."""
-    folder = Path(job_context()["output_dir"]) / ".hydra"
-    if folder.is_dir():
-        with_retry(lambda: client.log_artifacts(run_id, str(folder), "config"))
-
-
 UI_ADDRESS = "http://127.0.0.1:5000"  # where `mlflow ui` listens by default
 
 
@@ -304,8 +296,7 @@ def print_summary(items: Mapping[str, Any], run: TrackedRun | None = None, track
     rows = [(name, str(value)) for name, value in items.items() if value not in (None, "", [])]
     uri = run.tracking_uri if run is not None else tracking_uri
     if run is not None:
-        experiment_id = with_retry(lambda: run.client.get_run(run.run_id)).info.experiment_id
-        rows.append(("MLflow run", f"{run.run_id} ({ui_link(experiment_id, run.run_id)})"))
+        rows.append(("MLflow run", f"{run.run_id} ({ui_link(run.experiment_id, run.run_id)})"))
     if uri:
         rows.append(("MLflow UI", ui_command(uri)))
     width = max(len(name) for name, _ in rows) + 1 if rows else 0
@@ -315,51 +306,45 @@ def print_summary(items: Mapping[str, Any], run: TrackedRun | None = None, track
 
 
 class TrackedRun:
-    """One MLflow run, written through the retrying client; what :func:`mlflow_run` yields."""
+    """One MLflow run; what :func:`mlflow_run` yields. Its writes go through a :class:`Delivery` when it has one (off
+    the caller's thread, journaled in the run folder), else straight to the store."""
 
-    def __init__(self, client: Any, run_id: str, tracking_uri: str) -> None:
+    def __init__(self, client: Any, run_id: str, tracking_uri: str, experiment_id: str = "", description: str = "",
+                 delivery: Delivery | None = None) -> None:
         self.client = client
         self.run_id = run_id
         self.tracking_uri = tracking_uri
+        self.experiment_id = experiment_id
+        self.description = description
+        self.delivery = delivery
+
+    def _send(self, write: dict[str, Any]) -> None:
+        if self.delivery is not None:
+            self.delivery.put(write)
+        else:
+            apply_write(self.client, self.run_id, self.tracking_uri, write)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
-        log_metrics(self.client, self.run_id, metrics, step)
+        now = int(time.time() * 1000)  # one timestamp, kept: a write sent twice is stored once
+        values = [[k, v, now, int(step)] for k, v in finite_metrics(metrics).items()]
+        if values:
+            self._send({"op": "metrics", "metrics": values})
 
     def log_params(self, params: Mapping[str, str]) -> None:
-        log_params(self.client, self.run_id, params)
+        if params:
+            self._send({"op": "params", "params": dict(params)})
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        with_retry(lambda: self.client.log_artifact(self.run_id, str(path), artifact_path))
+        self._send({"op": "artifact", "path": str(Path(path).resolve()), "artifact_path": artifact_path})
 
     def log_artifacts(self, folder: str | Path, artifact_path: str | None = None) -> None:
-        with_retry(lambda: self.client.log_artifacts(self.run_id, str(folder), artifact_path))
+        self._send({"op": "artifacts", "path": str(Path(folder).resolve()), "artifact_path": artifact_path})
 
-    def log_sentence_transformer(self, folder: str | Path, name: str = "sentence_transformer") -> str:
+    def log_sentence_transformer(self, folder: str | Path, name: str = "sentence_transformer") -> None:
         """An exported model folder as an MLflow model of the sentence-transformers flavour, in this run's
-        experiment and linked to this run (the UI's Models column, the registry); its prompts travel in the model's
-        own config. Returns the model's URI (``models:/<id>``, also the run's ``model_uri`` tag), which
-        ``mlflow.sentence_transformers.load_model`` reads. (`name` differs from the run's ``model/`` artifact
-        folder: MLflow lists a run's ``<name>/`` artifacts from a logged model of that name when there is one.)"""
-        import mlflow
-        from sentence_transformers import SentenceTransformer
-
-        model = SentenceTransformer(str(folder), device="cpu")
-        experiment_id = with_retry(lambda: self.client.get_run(self.run_id)).info.experiment_id
-        logged = with_retry(lambda: self.client.create_logged_model(
-            experiment_id=experiment_id, name=name, source_run_id=self.run_id, model_type="sentence-transformers"))
-        # MLflow's model logging reads the process-wide tracking URI: set for this call only.
-        previous = mlflow.get_tracking_uri()
-        mlflow.set_tracking_uri(self.tracking_uri)
-        try:
-            info = mlflow.sentence_transformers.log_model(
-                model, name=name, run_id=self.run_id, model_id=logged.model_id,
-                # Listed, not inferred: inference would load the model again in a subprocess.
-                pip_requirements=["sentence-transformers", "transformers", "torch"],
-                metadata={"prompts": dict(model.prompts), "source_folder": Path(folder).name})
-        finally:
-            mlflow.set_tracking_uri(previous)
-        self.set_tag("model_uri", info.model_uri)
-        return info.model_uri
+        experiment and linked to this run (the UI's Models column, the registry); its URI (``models:/<id>``,
+        which ``mlflow.sentence_transformers.load_model`` reads) becomes the run's ``model_uri`` tag."""
+        self._send({"op": "model", "path": str(Path(folder).resolve()), "name": name})
 
     def log_datasets(self, datasets: Sequence[Any]) -> None:
         """MLflow dataset inputs (the UI's Dataset column): each :class:`~hybrid_retrieval.data.fingerprint.DatasetInfo`
@@ -367,35 +352,299 @@ class TrackedRun:
         A resumed run logging the same data again adds nothing."""
         import json
 
-        from mlflow.entities import Dataset, DatasetInput, InputTag
-
         inputs = []
         for info in datasets:
             schema = json.dumps({"mlflow_colspec": [{"type": kind, "name": name, "required": True}
                                                     for name, kind in info.columns.items()]}) if info.columns else None
             profile = json.dumps({"num_rows": info.rows}) if info.rows is not None else None
             source = json.dumps({"uri": Path(info.source).as_uri() if Path(info.source).is_absolute() else info.source})
-            inputs.append(DatasetInput(Dataset(name=info.name, digest=info.digest, source_type="local", source=source,
-                                               schema=schema, profile=profile),
-                                       tags=[InputTag("mlflow.data.context", info.context)]))
+            inputs.append({"name": info.name, "digest": info.digest, "source": source, "schema": schema,
+                           "profile": profile, "context": info.context})
         if inputs:
-            with_retry(lambda: self.client.log_inputs(self.run_id, datasets=inputs))
+            self._send({"op": "inputs", "datasets": inputs})
 
     def set_tag(self, key: str, value: Any) -> None:
-        with_retry(lambda: self.client.set_tag(self.run_id, key, str(value)[:MAX_TAG_LENGTH]))
+        self._send({"op": "tag", "key": key, "value": str(value)[:MAX_TAG_LENGTH]})
 
     def add_to_description(self, text: str) -> None:
         """Append a paragraph (Markdown) to the run's description."""
-        current = with_retry(lambda: self.client.get_run(self.run_id)).data.tags.get(NOTE, "")
-        self.set_tag(NOTE, f"{current}\n\n{text}" if current else text)
+        self.description = f"{self.description}\n\n{text}" if self.description else text
+        self.set_tag(NOTE, self.description)
+
+    def end(self, status: str) -> None:
+        self._send({"op": "status", "status": status})
 
 
 MAX_TAG_LENGTH = 5000
 
 
+def apply_write(client: Any, run_id: str, tracking_uri: str, write: Mapping[str, Any]) -> None:
+    """One write of a :class:`TrackedRun` (a journal line of :class:`Delivery`) sent to the store."""
+    from mlflow.entities import Metric, Param
+
+    op = write["op"]
+    if op == "metrics":
+        metrics = [Metric(k, v, ts, step) for k, v, ts, step in write["metrics"]]
+        for start in range(0, len(metrics), 900):  # MLflow caps a batch at 1000 metrics
+            with_retry(lambda: client.log_batch(run_id, metrics=metrics[start:start + 900]))
+    elif op == "params":
+        params = [Param(k, v) for k, v in write["params"].items()]
+        for start in range(0, len(params), 90):  # MLflow caps params per batch at 100
+            with_retry(lambda: client.log_batch(run_id, params=params[start:start + 90]))
+    elif op == "tag":
+        with_retry(lambda: client.set_tag(run_id, write["key"], write["value"]))
+    elif op in ("artifact", "artifacts"):
+        _log_artifacts(client, run_id, Path(write["path"]), write.get("artifact_path"))
+    elif op == "model":
+        _log_sentence_transformer(client, run_id, tracking_uri, Path(write["path"]), write["name"])
+    elif op == "inputs":
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        inputs = [DatasetInput(Dataset(name=d["name"], digest=d["digest"], source_type="local", source=d["source"],
+                                       schema=d["schema"], profile=d["profile"]),
+                               tags=[InputTag("mlflow.data.context", d["context"])]) for d in write["datasets"]]
+        with_retry(lambda: client.log_inputs(run_id, datasets=inputs))
+    elif op == "status":
+        with_retry(lambda: client.set_terminated(run_id, write["status"]))
+    elif op != "header":
+        raise ValueError(f"unknown MLflow write {op!r}")
+
+
+def _local_artifact_folder(client: Any, run_id: str) -> Path | None:
+    """Where a run's artifacts live when its store keeps them on a local file system, else None."""
+    from urllib.parse import unquote, urlparse
+
+    uri = with_retry(lambda: client.get_run(run_id)).info.artifact_uri
+    parsed = urlparse(uri)
+    if parsed.scheme in ("", "file"):
+        return Path(unquote(parsed.path))
+    return None
+
+
+def _log_artifacts(client: Any, run_id: str, path: Path, artifact_path: str | None) -> None:
+    """A file or a folder's files into the run's artifacts. In a local store each file is copied through a
+    temporary file (``storage.copy_file_atomic``): a full disk leaves no partial artifact and names the bytes."""
+    from hybrid_retrieval.storage import copy_file_atomic
+
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: gone before it was sent to MLflow")
+    local = _local_artifact_folder(client, run_id)
+    if local is None:
+        if path.is_dir():
+            with_retry(lambda: client.log_artifacts(run_id, str(path), artifact_path))
+        else:
+            with_retry(lambda: client.log_artifact(run_id, str(path), artifact_path))
+        return
+    target = local / (artifact_path or "")
+    files = [(path, target / path.name)] if path.is_file() else [
+        (file, target / file.relative_to(path)) for file in sorted(path.rglob("*")) if file.is_file()]
+    advice = f"every file is in the run folder; free space and run {DELIVER_COMMAND} <run folder>"
+    for source, destination in files:
+        copy_file_atomic(source, destination, f"MLflow artifact {destination.name}", advice)
+
+
+def _log_sentence_transformer(client: Any, run_id: str, tracking_uri: str, folder: Path, name: str) -> None:
+    # (`name` differs from the run's ``model/`` artifact folder: MLflow lists a run's ``<name>/`` artifacts from a
+    # logged model of that name when there is one.)
+    import mlflow
+    from sentence_transformers import SentenceTransformer
+
+    from hybrid_retrieval.storage import DiskFullError, folder_size, free_bytes
+
+    run = with_retry(lambda: client.get_run(run_id))
+    local = _local_artifact_folder(client, run_id)
+    needed = folder_size(folder)
+    if local is not None and (free_bytes(local) or needed) < needed:  # MLflow copies in place: refuse up front
+        raise DiskFullError(f"the MLflow model {name}", local, needed,
+                            f"the model is in the run folder; free space and run {DELIVER_COMMAND} <run folder>")
+    model = SentenceTransformer(str(folder), device="cpu")
+    logged = with_retry(lambda: client.create_logged_model(
+        experiment_id=run.info.experiment_id, name=name, source_run_id=run_id, model_type="sentence-transformers"))
+    # MLflow's model logging reads the process-wide tracking URI: set for this call only.
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(tracking_uri)
+    try:
+        info = mlflow.sentence_transformers.log_model(
+            model, name=name, run_id=run_id, model_id=logged.model_id,
+            # Listed, not inferred: inference would load the model again in a subprocess.
+            pip_requirements=["sentence-transformers", "transformers", "torch"],
+            metadata={"prompts": dict(model.prompts), "source_folder": folder.name})
+    finally:
+        mlflow.set_tracking_uri(previous)
+    with_retry(lambda: client.set_tag(run_id, "model_uri", info.model_uri))
+
+
+JOURNAL = "mlflow_journal.jsonl"        # every write of the run folder's MLflow run, one JSON object a line
+DELIVERED = "mlflow_journal.delivered"  # how many of the journal's lines the store has
+DELIVER_COMMAND = "python -m hybrid_retrieval.deliver"
+
+
+def transient(error: BaseException) -> bool:
+    """An error that sending the same write again may cure: the store unreachable, busy or full."""
+    from mlflow.exceptions import MlflowException
+
+    from hybrid_retrieval.storage import is_disk_full
+
+    if is_disk_full(error) or "locked" in str(error).lower():
+        return True
+    if isinstance(error, MlflowException):
+        return error.error_code in ("INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED")
+    if isinstance(error, (ConnectionError, TimeoutError)):
+        return True
+    try:
+        import requests
+
+        return isinstance(error, requests.exceptions.RequestException)
+    except ImportError:
+        return False
+
+
+class Delivery:
+    """A run's MLflow writes, off the training thread. :meth:`put` appends the write to ``<run folder>/``
+    ``mlflow_journal.jsonl`` and returns; a worker thread sends the journal's lines in order (consecutive metric
+    writes as one batch), and on a transient failure (server unreachable, store locked or full) waits and sends the
+    same line again, so nothing is lost and training never waits for the store. Memory stays bounded: the queue is
+    the file. ``mlflow_journal.delivered`` counts the lines sent; a write sent twice (a kill between sending and
+    counting) is stored once: metrics keep their timestamps, params their values, tags and artifacts are replaced.
+    :meth:`close` waits up to ``timeout`` seconds for the rest; what is left is sent later by
+    ``python -m hybrid_retrieval.deliver <run folder>`` (or by the run's resume)."""
+
+    def __init__(self, client: Any, run_id: str, tracking_uri: str, folder: Path) -> None:
+        import threading
+
+        self.client, self.run_id, self.tracking_uri = client, run_id, tracking_uri
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.path = self.folder / JOURNAL
+        self.counter = self.folder / DELIVERED
+        self.written = sum(1 for _ in self.path.open(encoding="utf-8")) if self.path.is_file() else 0
+        self.delivered = min(int(self.counter.read_text() or 0), self.written) if self.counter.is_file() else 0
+        self.dropped: list[str] = []       # writes the store refused for good (logged as warnings)
+        self.failure: str | None = None    # the latest transient error, while it lasts
+        self._condition = threading.Condition()
+        self._give_up = threading.Event()
+        self._file = self.path.open("a", encoding="utf-8")
+        self._reader = self.path.open(encoding="utf-8")
+        for _ in range(self.delivered):
+            self._reader.readline()
+        self.put({"op": "header", "tracking_uri": tracking_uri, "run_id": run_id})
+        self._thread = threading.Thread(target=self._work, name="mlflow-delivery", daemon=True)
+        self._thread.start()
+
+    def put(self, write: Mapping[str, Any]) -> None:
+        import json
+
+        line = json.dumps(write, ensure_ascii=False)
+        with self._condition:
+            self._file.write(line + "\n")
+            self._file.flush()
+            self.written += 1
+            self._condition.notify_all()
+
+    def _next(self) -> tuple[dict[str, Any], int]:
+        """The next write, with the metric writes right behind it merged into it; how many lines that was."""
+        import json
+
+        first = json.loads(self._reader.readline())
+        lines = 1
+        if first["op"] == "metrics":
+            while self.delivered + lines < self.written and len(first["metrics"]) < 900:
+                position = self._reader.tell()
+                following = json.loads(self._reader.readline())
+                if following["op"] != "metrics":
+                    self._reader.seek(position)
+                    break
+                first["metrics"] += following["metrics"]
+                lines += 1
+        return first, lines
+
+    def _work(self) -> None:
+        import logging
+
+        log = logging.getLogger(__name__)
+        delay = 1.0
+        while True:
+            with self._condition:
+                while self.delivered >= self.written and not self._give_up.is_set():
+                    self._condition.wait(0.5)
+                if self._give_up.is_set():
+                    return
+            write, lines = self._next()
+            while True:
+                try:
+                    apply_write(self.client, self.run_id, self.tracking_uri, write)
+                    if self.failure is not None:
+                        log.info("MLflow store reachable again: sending the writes held since %s", self.failure)
+                    self.failure, delay = None, 1.0
+                    break
+                except Exception as error:  # noqa: BLE001 - the store's errors must not reach training
+                    if not transient(error):
+                        self.dropped.append(f"{write['op']}: {type(error).__name__}: {error}")
+                        log.warning("MLflow refused a %s write (not sent again): %s", write["op"], error)
+                        break
+                    first_line = str(error).splitlines()[0][:300] if str(error) else type(error).__name__
+                    if self.failure is None:
+                        log.warning("MLflow store %s unreachable (%s); training goes on, the writes wait in %s",
+                                    self.tracking_uri, first_line, self.path)
+                    self.failure = f"{type(error).__name__}: {first_line}"
+                    if self._give_up.wait(delay):
+                        return
+                    delay = min(delay * 2, 15.0)
+            with self._condition:
+                self.delivered += lines
+                self.counter.write_text(str(self.delivered))
+                self._condition.notify_all()
+
+    def close(self, timeout: float) -> int:
+        """Wait up to ``timeout`` seconds for every write to be sent; returns how many lines were not."""
+        deadline = time.monotonic() + timeout
+        with self._condition:
+            while self.delivered < self.written and time.monotonic() < deadline and self._thread.is_alive():
+                self._condition.wait(min(0.5, max(deadline - time.monotonic(), 0.01)))
+            left = self.written - self.delivered
+        self._give_up.set()
+        self._thread.join(timeout=5)
+        self._file.close()
+        return left
+
+    def summary(self) -> str:
+        """What the unsent lines hold, in words (``3 metric writes, 2 artifacts, the run's status``)."""
+        import json
+        from collections import Counter
+
+        with self.path.open(encoding="utf-8") as handle:
+            lines = handle.readlines()[self.delivered:]
+        kinds = Counter(json.loads(line)["op"] for line in lines)
+        kinds.pop("header", None)
+        names = {"metrics": "metric writes", "params": "param writes", "tag": "tags", "artifact": "artifacts",
+                 "artifacts": "artifact folders", "model": "MLflow model", "inputs": "dataset inputs"}
+        return ", ".join("the run's status" if kind == "status" else f"{count} {names.get(kind, kind)}"
+                         for kind, count in kinds.items())
+
+
+def deliver(folder: str | Path, timeout: float = 600.0) -> tuple[int, list[str]]:
+    """Send what a run folder's journal holds beyond what the store has (``python -m hybrid_retrieval.deliver``);
+    returns (lines left unsent, writes the store refused)."""
+    import json
+
+    path = Path(folder) / JOURNAL
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no MLflow journal in {folder}; expected the run folder of a command")
+    header = None
+    for line in path.open(encoding="utf-8"):
+        write = json.loads(line)
+        if write["op"] == "header":
+            header = write
+    if header is None:
+        raise ValueError(f"{path}: no header line naming the MLflow store and run")
+    delivery = Delivery(get_client(header["tracking_uri"]), header["run_id"], header["tracking_uri"], Path(folder))
+    return delivery.close(timeout), delivery.dropped
+
+
 @contextlib.contextmanager
 def mlflow_run(cfg: DictConfig, job: str, tags: Mapping[str, str] | None = None,
-               resume_run_id: str | None = None, title: str | None = None) -> Iterator[TrackedRun]:
+               resume_run_id: str | None = None, title: str | None = None,
+               folder: str | Path | None = None) -> Iterator[TrackedRun]:
     """The run lifecycle every command shares.
 
     Creates the run (nested under its sweep's parent run in a multirun), or reopens ``resume_run_id``; logs the
@@ -403,6 +652,11 @@ def mlflow_run(cfg: DictConfig, job: str, tags: Mapping[str, str] | None = None,
     files of ``.hydra/``; ends it FINISHED, or FAILED (KILLED on an interrupt or a signal) with the error as the
     ``error`` tag, and lets the exception propagate. Check inputs before entering: a bad value then leaves no run
     behind. Runs of this host whose process died without ending them (SIGKILL) are marked KILLED on the way.
+
+    The store must answer when the run starts. After that every write goes through a :class:`Delivery` journaled
+    in ``folder`` (default: the job's output folder): a store that goes away holds up nothing, and what it missed
+    is sent when it is back, or at the end within ``logger.delivery_timeout`` seconds, or later by
+    ``python -m hybrid_retrieval.deliver <folder>`` (the one line printed at the end says what and how).
     """
     import os
     import socket
@@ -416,23 +670,54 @@ def mlflow_run(cfg: DictConfig, job: str, tags: Mapping[str, str] | None = None,
         with_retry(lambda: client.update_run(run_id, status="RUNNING"))
         for key, value in identity.items():
             with_retry(lambda: client.set_tag(run_id, key, value))
-    run = TrackedRun(client, run_id, cfg.logger.tracking_uri)
+    started = with_retry(lambda: client.get_run(run_id))
+    if folder is None and _in_hydra_job():
+        folder = job_context()["output_dir"]
+    delivery = Delivery(client, run_id, cfg.logger.tracking_uri, Path(folder)) if folder is not None else None
+    run = TrackedRun(client, run_id, cfg.logger.tracking_uri, started.info.experiment_id,
+                     started.data.tags.get(NOTE, ""), delivery)
+    timeout = float(cfg.logger.get("delivery_timeout", 60))
     try:
         mark_dead_runs(client, run_id)
         params = {k: v for k, v in flatten_config(cfg).items() if k != "train.resume"}
         if resume_run_id is not None:  # a param may be logged once: only what the first attempt did not log
-            logged = with_retry(lambda: client.get_run(run_id)).data.params
-            params = {k: v for k, v in params.items() if k not in logged}
+            params = {k: v for k, v in params.items() if k not in started.data.params}
         run.log_params(params)
-        log_hydra_configs(client, run_id)
+        hydra_folder = Path(job_context()["output_dir"]) / ".hydra"
+        if hydra_folder.is_dir():  # the composed config files of this job
+            run.log_artifacts(hydra_folder, "config")
         yield run
     except BaseException as error:
         status = "KILLED" if isinstance(error, (KeyboardInterrupt, SystemExit)) else "FAILED"
         with contextlib.suppress(Exception):  # the original error matters more than a failed status update
             run.set_tag("error", f"{type(error).__name__}: {error}")
-            with_retry(lambda: client.set_terminated(run_id, status))
+            run.end(status)
+            # A signal leaves little time before the scheduler's SIGKILL: what is not sent now waits in the journal.
+            finish_delivery(run, min(timeout, 10.0))
         raise
-    with_retry(lambda: client.set_terminated(run_id, "FINISHED"))
+    run.end("FINISHED")
+    finish_delivery(run, timeout)
+
+
+def _in_hydra_job() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.initialized()
+
+
+def finish_delivery(run: TrackedRun, timeout: float) -> None:
+    """Wait for the run's writes; print one line when some could not be sent (what, and the command that sends
+    them later) and one for each write the store refused."""
+    if run.delivery is None:
+        return
+    delivery = run.delivery
+    left = delivery.close(timeout)
+    for refused in delivery.dropped:
+        print(f"MLflow refused: {refused}")
+    if left:
+        print(f"MLflow: not delivered to {run.tracking_uri} ({delivery.failure or 'store unreachable'}): "
+              f"{delivery.summary()}; the run folder has everything, send it with: "
+              f"{DELIVER_COMMAND} {delivery.folder}")
 
 
 def mark_dead_runs(client: Any, current_run_id: str) -> list[str]:

@@ -404,3 +404,122 @@ def test_a_full_disk_during_an_export_leaves_no_partial_model_and_keeps_the_prev
         assert sorted(p.name for p in small_disk.iterdir()) == ["filler", "model"]  # no partial folder
         assert {p.name: p.stat().st_size for p in target.iterdir()} == before
         filler.unlink()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class _Server:
+    """A real ``mlflow server`` (SQLite backend, artifacts served) that a test stops and starts again."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder, self.port, self.proc = folder, _free_port(), None
+        self.uri = f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        import urllib.request
+
+        mlflow = Path(sys.executable).parent / "mlflow"
+        self.proc = subprocess.Popen(
+            [str(mlflow), "server", "--backend-store-uri", f"sqlite:///{self.folder}/server.db",
+             "--artifacts-destination", str(self.folder / "artifacts"), "--host", "127.0.0.1",
+             "--port", str(self.port), "--workers", "1"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as answer:
+                    if answer.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.3)
+        raise AssertionError("mlflow server did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # a crash: no goodbye to the clients
+            self.proc.wait()
+        self.proc = None
+
+
+def _series(uri: str, run_id: str) -> dict[str, list[tuple[int, float]]]:
+    client = mlflow_client(uri)
+    run = client.get_run(run_id)
+    return {name: sorted((m.step, m.value) for m in client.get_metric_history(run_id, name))
+            for name in run.data.metrics if not name.startswith("time/")}
+
+
+def _batches(folder: Path) -> int:
+    log = folder / "batches" / "rank0.jsonl"
+    return len(log.read_text().splitlines()) if log.is_file() else 0
+
+
+def test_a_tracking_server_that_goes_away_holds_up_no_step_and_loses_nothing(tmp_path: Path, data_root: Path) -> None:
+    """A real MLflow server killed mid-run: (a) back 20 s later (MLflow's own retries gave up long before): training
+    ran on meanwhile and every series equals a run whose server never stopped; (b) never back before the run
+    ends: the run ends normally with its folder complete and one line naming what was not delivered and the
+    command that delivers it, which, once the server is up, leaves the store as in (a)."""
+    server = _Server(tmp_path / "server")
+    server.folder.mkdir()
+    server.start()
+    args = [arg for arg in RESUMABLE if not arg.startswith("trainer.max_epochs")] + [
+        "trainer.max_epochs=20", f"logger.tracking_uri={server.uri}"]
+    try:
+        reference = run_command(["run.py", *args, f"hydra.run.dir={tmp_path / 'reference'}"], data_root, REPO_ROOT)
+        assert reference.returncode == 0, reference.stderr[-3000:]
+        expected = _series(server.uri, read_run_id(tmp_path / "reference"))
+        assert len(expected["train/loss"]) == 280 and len(expected) > 100
+
+        # (a) down for 20 s in the middle: as many steps a second as in the 10 s before
+        folder = tmp_path / "outage"
+        proc = _start([*args, f"hydra.run.dir={folder}"], data_root)
+        _wait_for_batches(folder, proc, 5)
+        before = _batches(folder)
+        time.sleep(10)
+        at_stop = _batches(folder)
+        server.stop()
+        time.sleep(20)
+        during = _batches(folder) - at_stop
+        server.start()
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-3000:]
+        assert during / 20 >= 0.7 * (at_stop - before) / 10, (at_stop - before, during)  # no stall
+        run_id = read_run_id(folder)
+        assert _series(server.uri, run_id) == expected
+        client = mlflow_client(server.uri)
+        assert client.get_run(run_id).info.status == "FINISHED"
+        assert "not delivered" not in out
+        assert client.get_run(read_run_id(tmp_path / "reference")).info.status == "FINISHED"
+
+        # (b) down until the run ends
+        folder = tmp_path / "gone"
+        proc = _start([*args, "logger.delivery_timeout=5", f"hydra.run.dir={folder}"], data_root)
+        _wait_for_batches(folder, proc, 5)
+        server.stop()
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-3000:]
+        line = [text for text in out.splitlines() if text.startswith("MLflow: not delivered")]
+        assert len(line) == 1 and f"python -m hybrid_retrieval.deliver {folder}" in line[0], out[-3000:]
+        assert "metric writes" in line[0] and "the run's status" in line[0]
+        for name in ("metrics.json", "checkpoints/best.ckpt", "model/model.safetensors"):
+            assert (folder / name).is_file(), name
+        server.start()
+        delivered = subprocess.run([sys.executable, "-m", "hybrid_retrieval.deliver", str(folder)], cwd=REPO_ROOT,
+                                   env=_env(data_root), capture_output=True, text=True, timeout=600)
+        assert delivered.returncode == 0, delivered.stderr[-3000:]
+        run_id = read_run_id(folder)
+        assert _series(server.uri, run_id) == expected
+        run = client.get_run(run_id)
+        assert run.info.status == "FINISHED" and run.data.tags["model_uri"].startswith("models:/")
+        assert "metrics.json" in {a.path for a in client.list_artifacts(run_id)}
+    finally:
+        server.stop()
+
+
+def read_run_id(folder: Path) -> str:
+    return json.loads((folder / "run_info.json").read_text())["mlflow_run_id"]

@@ -237,7 +237,8 @@ def train(cfg: DictConfig, inputs: TrainingInputs | None = None, plan: RunPlan |
         title += f" adapt={cfg.adapt.method}"
     # Every DDP rank (started by Lightning, or by SLURM) adapts, trains and validates; rank 0 alone has an MLflow
     # run, and logs, reports and exports.
-    tracked = (tracking.mlflow_run(cfg, job="train", tags=tags, resume_run_id=plan.run_id, title=title)
+    tracked = (tracking.mlflow_run(cfg, job="train", tags=tags, resume_run_id=plan.run_id, title=title,
+                                   folder=plan.folder)
                if rank_zero_only.rank == 0 else contextlib.nullcontext(None))
     with tracked as run:
         if adapting:  # the same seed and text on every rank: the same adapted weights
