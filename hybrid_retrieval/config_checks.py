@@ -149,6 +149,9 @@ def check_hardware(hardware: DictConfig) -> None:
              "a positive integer", hardware.get("encode_batch_size"))
     require(hardware.get("cudnn_attention", True) in (True, False), "hardware.cudnn_attention",
              "true or false", hardware.get("cudnn_attention"))
+    timeout = hardware.get("collective_timeout_s")
+    require(timeout is None or (isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and timeout > 0),
+            "hardware.collective_timeout_s", "a number of seconds > 0, or null (torch's default)", timeout)
 
 
 def check_device(hardware: DictConfig) -> None:

@@ -97,3 +97,18 @@ def encode_dtype(hardware: Any) -> Any:
     import torch
 
     return torch.bfloat16 if encode_dtype_name(hardware) == "bfloat16" else None
+
+
+def trainer_strategy(hardware: Any) -> Any:
+    """Lightning's ``strategy``: ``hardware.strategy`` as named, or for ``ddp`` with ``hardware.collective_timeout_s``
+    a ``DDPStrategy`` whose process group gives up on a collective after that many seconds (a peer that died or
+    hangs; with NCCL, torch's asynchronous error handling, on by default, turns the timeout into an error)."""
+    strategy = str(hardware.get("strategy", "auto"))
+    timeout = hardware.get("collective_timeout_s")
+    if strategy != "ddp" or timeout is None:
+        return strategy
+    from datetime import timedelta
+
+    from pytorch_lightning.strategies import DDPStrategy
+
+    return DDPStrategy(timeout=timedelta(seconds=float(timeout)))

@@ -97,3 +97,24 @@ def test_a_gpu_config_is_refused_before_any_model_loads_where_torch_sees_no_gpu(
     with pytest.raises(ConfigError, match=r"hardware\.accelerator='gpu': expected a CUDA device visible to torch "
                                           r".*use hardware=cpu"):
         check_evaluate_config(cfg)
+
+
+def test_ddp_configs_give_up_on_a_collective_after_collective_timeout_s() -> None:
+    from datetime import timedelta
+
+    from hydra import compose, initialize_config_dir
+    from pytorch_lightning.strategies import DDPStrategy
+
+    from tests.test_configs import CONF
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        for name in ("ddp", "ddp_cpu", "slurm"):
+            config = compose(config_name="config", overrides=[f"hardware={name}"]).hardware
+            strategy = hardware.trainer_strategy(config)
+            assert isinstance(strategy, DDPStrategy) and strategy._timeout == timedelta(minutes=5), name
+            config.collective_timeout_s = None
+            assert hardware.trainer_strategy(config) == "ddp"
+    assert hardware.trainer_strategy(_cpu(strategy="auto", collective_timeout_s=60)) == "auto"
+    for bad in (0, -1, "5m", True):
+        with pytest.raises(ConfigError, match=r"hardware\.collective_timeout_s=.*expected a number of seconds > 0"):
+            check_hardware(_cpu(collective_timeout_s=bad))

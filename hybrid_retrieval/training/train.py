@@ -27,7 +27,7 @@ from hybrid_retrieval import tracking
 from hybrid_retrieval.config_checks import check_train_config
 from hybrid_retrieval.evaluation.sets import describe, write_reports
 from hybrid_retrieval.hardware import (encode_dtype, encode_dtype_name, set_attention_backends, trainer_precision,
-                                       uses_gpu)
+                                       trainer_strategy, uses_gpu)
 from hybrid_retrieval.losses.matryoshka import instantiate_loss
 from hybrid_retrieval.models.export import run_card
 from hybrid_retrieval.training.callbacks import (BatchLog, BestCheckpoint, ResumeCheckpoint, RunFolderCheckpointIO,
@@ -126,7 +126,7 @@ def build_trainer(cfg: DictConfig, run: tracking.TrackedRun | None, checkpoint: 
     callbacks = [checkpoint, resumable, *build_callbacks(cfg, output_dir)]
     return pl.Trainer(
         accelerator=cfg.hardware.accelerator, devices=cfg.hardware.devices, num_nodes=cfg.hardware.num_nodes,
-        strategy=cfg.hardware.strategy, precision=trainer_precision(cfg.hardware),
+        strategy=trainer_strategy(cfg.hardware), precision=trainer_precision(cfg.hardware),
         logger=TrackedRunLogger(run, hold_until_checkpoint=True), callbacks=callbacks,
         plugins=[RunFolderCheckpointIO()],  # a full disk never leaves a partial checkpoint
         default_root_dir=str(output_dir), use_distributed_sampler=False, enable_model_summary=False, **options)
