@@ -688,7 +688,8 @@ def mlflow_run(cfg: DictConfig, job: str, tags: Mapping[str, str] | None = None,
             run.log_artifacts(hydra_folder, "config")
         yield run
     except BaseException as error:
-        status = "KILLED" if isinstance(error, (KeyboardInterrupt, SystemExit)) else "FAILED"
+        status = getattr(error, "mlflow_status", None) or (
+            "KILLED" if isinstance(error, (KeyboardInterrupt, SystemExit)) else "FAILED")
         with contextlib.suppress(Exception):  # the original error matters more than a failed status update
             run.set_tag("error", f"{type(error).__name__}: {error}")
             run.end(status)
@@ -770,7 +771,7 @@ def folder_status(folder: str | Path | None = None) -> Iterator[None]:
     try:
         yield
     except BaseException as error:
-        killed = isinstance(error, (KeyboardInterrupt, SystemExit))
+        killed = isinstance(error, (KeyboardInterrupt, SystemExit)) or getattr(error, "mlflow_status", "") == "KILLED"
         cause = error
         if type(error).__module__.split(".")[0] == "hydra" and error.__cause__ is not None:
             cause = error.__cause__  # what failed inside instantiate(), not Hydra's wrapper around it

@@ -486,6 +486,14 @@ def test_a_tracking_server_that_goes_away_holds_up_no_step_and_loses_nothing(tmp
         time.sleep(20)
         during = _batches(folder) - at_stop
         server.start()
+        back = time.monotonic()
+        done = _batches(folder)
+        client = mlflow_client(server.uri)
+        run_id = read_run_id(folder)
+        while len(client.get_metric_history(run_id, "train/loss")) < done and proc.poll() is None:
+            time.sleep(0.2)
+        print(f"TIMING tracking outage: {during} steps in the 20 s down ({at_stop - before} in the 10 s before); "
+              f"the {done} steps' losses were in the store {time.monotonic() - back:.1f} s after it was back")
         out, err = proc.communicate(timeout=600)
         assert proc.returncode == 0, err[-3000:]
         assert during / 20 >= 0.7 * (at_stop - before) / 10, (at_stop - before, during)  # no stall
@@ -523,3 +531,85 @@ def test_a_tracking_server_that_goes_away_holds_up_no_step_and_loses_nothing(tmp
 
 def read_run_id(folder: Path) -> str:
     return json.loads((folder / "run_info.json").read_text())["mlflow_run_id"]
+
+
+def _child_pids(pid: int) -> list[int]:
+    found = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    return [int(p) for p in found]
+
+
+def test_a_dead_or_preempted_ddp_rank_stops_the_job_resumably_and_a_resume_ends_like_an_uninterrupted_run(
+        tmp_path: Path, data_root: Path) -> None:
+    """``hardware=ddp_cpu`` (2 processes). SIGKILL to rank 1 mid-training: the job ends in seconds with one block
+    naming rank 1, its pid, the signal and the resume command (no transport traceback), the MLflow run KILLED.
+    SIGTERM to rank 1 alone: both ranks write the same step's checkpoint and stop with status 143. Either way
+    ``train.resume`` of the folder continues and logs every step once; after the SIGKILL it ends with the metrics
+    of a run that was never interrupted."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    args = ["hardware=ddp_cpu", "hardware.devices=2", *RESUMABLE, f"logger.tracking_uri={uri}"]
+    reference = run_command(["run.py", *args, f"hydra.run.dir={tmp_path / 'reference'}"], data_root, REPO_ROOT)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    folder = tmp_path / "run"
+    proc = _start([*args, f"hydra.run.dir={folder}"], data_root)
+    _wait_for_batches(folder, proc, 8)
+    (rank1,) = _child_pids(proc.pid)
+    os.kill(rank1, signal.SIGKILL)
+    killed_at = time.monotonic()
+    out, err = proc.communicate(timeout=120)
+    took = time.monotonic() - killed_at
+    print(f"TIMING dead rank: the job ended {took:.1f} s after SIGKILL to rank 1")
+    assert proc.returncode != 0 and took < 15, took
+    assert f"RankDiedError: rank 1 of 2 (pid {rank1}) died at step" in err and "killed by SIGKILL" in err, err[-3000:]
+    assert f"train.resume={folder}" in err and "Traceback" not in err and "Connection reset" not in err
+    client = mlflow_client(uri)
+    runs = {r.data.tags["output_dir"]: r for r in client.search_runs(
+        [client.get_experiment_by_name("hybrid_retrieval").experiment_id])}
+    stopped = runs[str(folder)]
+    assert stopped.info.status == "KILLED" and "rank 1 of 2" in stopped.data.tags["error"]
+    assert json.loads((folder / "status.json").read_text())["status"] == "killed"
+
+    expected = _series(uri, runs[str(tmp_path / "reference")].info.run_id)
+    _resume_and_compare(args, folder, stopped.info.run_id, expected, uri, data_root)
+
+    # SIGTERM to rank 1 alone (a scheduler preempting its node): both ranks save the same step and stop.
+    folder = tmp_path / "preempted"
+    proc = _start([*args, f"hydra.run.dir={folder}"], data_root)
+    _wait_for_batches(folder, proc, 8)
+    (rank1,) = _child_pids(proc.pid)
+    os.kill(rank1, signal.SIGTERM)
+    signalled = time.monotonic()
+    out, err = proc.communicate(timeout=120)
+    print(f"TIMING preempted rank: the job ended {time.monotonic() - signalled:.1f} s after SIGTERM to rank 1")
+    assert proc.returncode == 143, err[-3000:]
+    import torch
+
+    step = torch.load(folder / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["global_step"]
+    ran = [len((folder / "batches" / f"rank{r}.jsonl").read_text().splitlines()) for r in range(2)]
+    assert ran == [step, step], (ran, step)  # every rank stopped after the step the checkpoint holds
+    assert f"SIGTERM at step {step}" in out + err
+    client = mlflow_client(uri)
+    preempted = next(r for r in client.search_runs([client.get_experiment_by_name("hybrid_retrieval").experiment_id])
+                     if r.data.tags["output_dir"] == str(folder))
+    assert preempted.info.status == "KILLED"
+    # Every step once, the same series; the values after this resume are not yet those of the uninterrupted run
+    # (train/loss by up to 0.045 at a later step here: docs/reliability.md says so).
+    _resume_and_compare(args, folder, preempted.info.run_id, expected, uri, data_root, same_values=False)
+
+
+def _resume_and_compare(args: list[str], folder: Path, run_id: str, expected: dict[str, list[tuple[int, float]]],
+                        uri: str, data_root: Path, same_values: bool = True) -> None:
+    resumed = run_command(["run.py", *args, f"hydra.run.dir={folder}", f"train.resume={folder}"], data_root,
+                          REPO_ROOT)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    got = _series(uri, run_id)
+    assert got.keys() == expected.keys()
+    differences = {}
+    for name, values in expected.items():
+        assert [s for s, _ in got[name]] == [s for s, _ in values], name  # every step once
+        gaps = [(s, abs(v - w)) for (s, v), (_, w) in zip(got[name], values) if abs(v - w) > 0]
+        if gaps:
+            differences[name] = max(gaps, key=lambda g: g[1])
+    print("DIFFERENCES", folder.name, len(differences), sorted(differences.items(), key=lambda d: -d[1][1])[:4])
+    if same_values:
+        assert not {n: d for n, d in differences.items() if d[1] > 1e-6}, differences

@@ -123,12 +123,14 @@ def _result_from_state(state: dict[str, Any]) -> Any:
 class ResumeCheckpoint(ModelCheckpoint):
     """The full training state (weights, optimiser, scheduler, loops, sampler position, RNG) in
     ``<dirpath>/last.ckpt``: every ``every_n_steps`` steps, at the end of each epoch, and when training stops on
-    an exception or a signal (the last finite state, for a NaN loss). ``train.resume`` continues from it."""
+    an exception or a signal (the last finite state, for a NaN loss). ``train.resume`` continues from it. Under
+    DDP not on an exception (``save_on_exception=False``): the ranks may be at different points of a step then, so
+    every rank saves (the periodic checkpoint) or none does."""
 
-    def __init__(self, dirpath: str | Path, every_n_steps: int | None) -> None:
+    def __init__(self, dirpath: str | Path, every_n_steps: int | None, save_on_exception: bool = True) -> None:
         super().__init__(dirpath=str(dirpath), filename=LAST, monitor=None, save_top_k=1, save_weights_only=False,
-                         every_n_train_steps=every_n_steps, save_on_exception=True, enable_version_counter=False,
-                         auto_insert_metric_name=False)
+                         every_n_train_steps=every_n_steps, save_on_exception=save_on_exception,
+                         enable_version_counter=False, auto_insert_metric_name=False)
 
 
 class RunFolderCheckpointIO(TorchCheckpointIO):
@@ -287,3 +289,168 @@ class TrainingProgress(pl.Callback):
         if self.progress is not None:
             self.progress.close()
             self.progress = None
+
+
+class RankDiedError(RuntimeError):
+    """A DDP rank ended during training: which one, how (a signal or an exit status), and the resume."""
+
+    def __init__(self, message: str, by_signal: bool) -> None:
+        super().__init__(message)
+        self.mlflow_status = "KILLED" if by_signal else "FAILED"
+
+
+class RankWatch(pl.Callback):
+    """Rank 0's watch over the ranks Lightning started as child processes (``hardware=ddp_cpu``, ``ddp`` on one
+    node). A rank that dies makes the others fail in their next collective with a transport error (gloo's
+    "Connection reset by peer") or wait in it (NCCL) until ``hardware.collective_timeout_s``; neither says which
+    rank died. This watch polls the children every 0.1 s; when one ends with a non-zero status, training's error
+    is replaced by a :class:`RankDiedError` naming the rank, its pid, the signal or exit status, the step and the
+    resume command. Rank 0 then writes no checkpoint on the way out (``ResumeCheckpoint`` saves on an exception only
+    in one process): the periodic ``last.ckpt``, written by every rank together, is the one a resume continues
+    from. A rank 0 stuck in a collective is stopped by the watch itself 10 s after the death, with the same
+    message. Lightning's own child watcher, which SIGKILLs rank 0 within 5 s of a child's death before anything
+    could be said, is given an empty list to watch: this one takes its place.
+
+    SIGTERM to any rank (a scheduler preempting one node) stops all of them at the same step: the signal only sets
+    a flag, the ranks agree on it after every step, write ``last.ckpt`` together and exit with status 143. Every
+    rank saves or none does; a resume continues from that step."""
+
+    def __init__(self, run_folder: Path, poll_s: float = 0.1, grace_s: float = 10.0) -> None:
+        self.run_folder = Path(run_folder)
+        self.poll_s, self.grace_s = poll_s, grace_s
+        self.procs: list[Any] = []
+        self.world = 1
+        self.step = 0
+        self.dead: tuple[int, int, int] | None = None  # (rank, pid, return code)
+        self.reported = None
+        self.sigterm = False    # this rank received SIGTERM
+        self.stopping = False   # the ranks agreed to stop: the children's exit 143 is expected
+        self._thread: Any = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        import signal
+
+        if trainer.world_size > 1:
+            # After Lightning's own handler (registered before this hook): its handler broadcasts from inside the
+            # signal handler, a collective only the signalled rank joins. Here SIGTERM only sets a flag.
+            signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        self.sigterm = True
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        """Every step, the ranks agree whether any of them received SIGTERM (one all-reduce of one number); if so,
+        every rank takes part in writing ``last.ckpt`` at this step, and all stop at its end (exit status 143)."""
+        if trainer.world_size <= 1:
+            return
+        import torch
+        import torch.distributed as dist
+
+        flag = torch.tensor([1 if self.sigterm else 0], device=trainer.strategy.root_device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if not flag.item():
+            return
+        self.stopping = True
+        resumable = next(c for c in trainer.callbacks if isinstance(c, ResumeCheckpoint))
+        if resumable._last_global_step_saved != trainer.global_step:
+            resumable._save_checkpoint(trainer, resumable.format_checkpoint_name({}))
+        # Lightning's own stop: it logs this step's metrics, then raises SIGTERMException at the end of the step
+        # (train.fit turns it into exit status 143), on every rank alike.
+        trainer._signal_connector.received_sigterm = True
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        import threading
+
+        launcher = getattr(trainer.strategy, "launcher", None)
+        self.procs = list(getattr(launcher, "procs", None) or [])
+        if not trainer.is_global_zero or not self.procs:
+            return
+        self.world = trainer.world_size
+        for thread in threading.enumerate():
+            if thread.name == "child-process-observer":
+                thread._child_processes = []  # Lightning's watcher: see the class docstring
+        self.reported = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="rank-watch", daemon=True)
+        self._thread.start()
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self.step = trainer.global_step
+
+    def _watch(self) -> None:
+        import os
+        import sys
+        import time
+
+        while self.dead is None:
+            for rank, proc in enumerate(self.procs, start=1):
+                code = proc.poll()
+                if code and not (self.stopping and code == 143):  # a signal (negative) or an error exit
+                    self.dead = (rank, proc.pid, code)
+                    break
+            else:
+                if all(proc.returncode == 0 for proc in self.procs):
+                    return  # every child finished
+                time.sleep(self.poll_s)
+        if self.reported.wait(self.grace_s):
+            return
+        # Rank 0 is stuck in a collective: say it from here and end the job.
+        print(f"RankDiedError: {self.message()}", file=sys.stderr, flush=True)
+        self._stop_children()
+        os._exit(1)
+
+    def _stop_children(self) -> None:
+        import contextlib
+        import signal
+
+        for proc in self.procs:
+            if proc.poll() is None:
+                with contextlib.suppress(OSError):
+                    proc.send_signal(signal.SIGKILL)
+
+    def error(self, wait_s: float = 3.0) -> RankDiedError | None:
+        """After training failed on rank 0: the dead rank's error (waiting up to ``wait_s`` for the watch to see the
+        death that caused the failure), or None when every rank is alive."""
+        import time
+
+        if self._thread is None:
+            return None
+        deadline = time.monotonic() + wait_s
+        while self.dead is None and time.monotonic() < deadline:
+            time.sleep(self.poll_s / 2)
+        if self.dead is None:
+            return None
+        self.reported.set()
+        self._stop_children()
+        return RankDiedError(self.message(), by_signal=self.dead[2] < 0)
+
+    def message(self) -> str:
+        import signal
+
+        from hybrid_retrieval.tracking import job_command, job_context
+        from hybrid_retrieval.training.run_folder import LAST_CHECKPOINT
+
+        rank, pid, code = self.dead
+        if code < 0:
+            name = signal.Signals(-code).name
+            how = f"killed by {name}" + (" (the signal of the kernel's OOM killer and of `kill -9`: "
+                                         "`dmesg | grep -i oom` tells which)" if name == "SIGKILL" else "")
+        else:
+            how = f"exited with status {code} (its own error is in the job's output above)"
+        text = (f"rank {rank} of {self.world} (pid {pid}) died at step {self.step}: {how}; the other ranks were "
+                "stopped.")
+        last = self.run_folder / LAST_CHECKPOINT
+        if last.is_file():
+            import torch
+
+            try:
+                step = torch.load(last, map_location="cpu", weights_only=False, mmap=True).get("global_step", "?")
+            except Exception:  # noqa: BLE001 - the message must come out; a resume checks the file in full
+                step = "?"
+            command = " ".join(part for part in job_command(job_context()).split(" ")
+                               if not part.startswith("train.resume="))
+            text += f" {last} (step {step}) is whole: continue with {command} train.resume={self.run_folder}"
+        else:
+            text += " No resumable checkpoint was written yet (train.checkpoint_every_n_steps): start the run again."
+        return text

@@ -30,8 +30,8 @@ from hybrid_retrieval.hardware import (encode_dtype, encode_dtype_name, set_atte
                                        trainer_strategy, uses_gpu)
 from hybrid_retrieval.losses.matryoshka import instantiate_loss
 from hybrid_retrieval.models.export import run_card
-from hybrid_retrieval.training.callbacks import (BatchLog, BestCheckpoint, ResumeCheckpoint, RunFolderCheckpointIO,
-                                                 TrackedRunLogger)
+from hybrid_retrieval.training.callbacks import (BatchLog, BestCheckpoint, RankWatch, ResumeCheckpoint,
+                                                 RunFolderCheckpointIO, TrackedRunLogger)
 from hybrid_retrieval.training.datamodule import HybridDataModule
 from hybrid_retrieval.training.inputs import TrainingInputs, load_training_inputs
 from hybrid_retrieval.training.module import EvaluationSettings, HybridRetrievalModule, OptimizerSettings
@@ -122,8 +122,12 @@ def build_trainer(cfg: DictConfig, run: tracking.TrackedRun | None, checkpoint: 
         options["gradient_clip_val"] = None  # the module clips: it steps the optimiser itself
     if not on_terminal():  # logs and CI: a line every N seconds (TrainingProgress) instead of a redrawn bar
         options["enable_progress_bar"] = False
-    resumable = ResumeCheckpoint(output_dir / CHECKPOINTS, cfg.train.get("checkpoint_every_n_steps"))
+    distributed = str(cfg.hardware.get("strategy", "auto")).startswith("ddp")
+    resumable = ResumeCheckpoint(output_dir / CHECKPOINTS, cfg.train.get("checkpoint_every_n_steps"),
+                                 save_on_exception=not distributed)
     callbacks = [checkpoint, resumable, *build_callbacks(cfg, output_dir)]
+    if distributed:
+        callbacks.append(RankWatch(output_dir))
     return pl.Trainer(
         accelerator=cfg.hardware.accelerator, devices=cfg.hardware.devices, num_nodes=cfg.hardware.num_nodes,
         strategy=trainer_strategy(cfg.hardware), precision=trainer_precision(cfg.hardware),
@@ -147,6 +151,12 @@ def fit(trainer: pl.Trainer, module: HybridRetrievalModule, datamodule: HybridDa
     interrupted = False
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
+    except Exception:
+        watch = next((c for c in trainer.callbacks if isinstance(c, RankWatch)), None)
+        died = watch.error() if watch is not None else None
+        if died is not None:  # a DDP rank died: say which and how, not the transport error it caused here
+            raise died from None
+        raise
     except SystemExit:
         if not trainer.interrupted:
             raise
