@@ -610,6 +610,7 @@ def _resume_and_compare(args: list[str], folder: Path, run_id: str, expected: di
         gaps = [(s, abs(v - w)) for (s, v), (_, w) in zip(got[name], values) if abs(v - w) > 0]
         if gaps:
             differences[name] = max(gaps, key=lambda g: g[1])
-    print("DIFFERENCES", folder.name, len(differences), sorted(differences.items(), key=lambda d: -d[1][1])[:4])
+    print(f"TIMING resume of {folder.name}: {len(differences)} series differ from the uninterrupted run, the most "
+          f"{max((d[1] for d in differences.values()), default=0):.3g}")
     if same_values:
         assert not {n: d for n, d in differences.items() if d[1] > 1e-6}, differences
