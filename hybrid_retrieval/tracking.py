@@ -584,7 +584,7 @@ class Delivery:
                         break
                     first_line = str(error).splitlines()[0][:300] if str(error) else type(error).__name__
                     if self.failure is None:
-                        log.warning("MLflow store %s unreachable (%s); training goes on, the writes wait in %s",
+                        log.warning("MLflow store %s takes no writes (%s); the command goes on, the writes wait in %s",
                                     self.tracking_uri, first_line, self.path)
                     self.failure = f"{type(error).__name__}: {first_line}"
                     if self._give_up.wait(delay):
@@ -716,7 +716,7 @@ def finish_delivery(run: TrackedRun, timeout: float) -> None:
     for refused in delivery.dropped:
         print(f"MLflow refused: {refused}")
     if left:
-        print(f"MLflow: not delivered to {run.tracking_uri} ({delivery.failure or 'store unreachable'}): "
+        print(f"MLflow: not delivered to {run.tracking_uri} ({delivery.failure or 'the store did not answer'}): "
               f"{delivery.summary()}; the run folder has everything, send it with: "
               f"{DELIVER_COMMAND} {delivery.folder}")
 

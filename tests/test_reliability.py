@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shlex
 import signal
 import subprocess
@@ -614,3 +615,31 @@ def _resume_and_compare(args: list[str], folder: Path, run_id: str, expected: di
           f"{max((d[1] for d in differences.values()), default=0):.3g}")
     if same_values:
         assert not {n: d for n, d in differences.items() if d[1] > 1e-6}, differences
+
+
+def test_a_full_artifact_disk_ends_the_run_normally_and_deliver_sends_the_rest(tmp_path: Path, data_root: Path,
+                                                                                small_disk: Path) -> None:
+    """The MLflow store (SQLite and its artifacts) on a disk with 30 MB free: the configs and reports fit, the
+    exported model (78 MB) does not. The run ends normally with its folder whole and one line naming the folder and
+    the bytes; once space is freed, ``deliver`` sends the model and the run's status."""
+    uri = f"sqlite:///{small_disk}/store/mlflow.db"
+    run = tmp_path / "run"
+    filler = _fill(small_disk, 30 << 20)
+    proc = run_command(["run.py", *SMALL_TRAIN, f"logger.tracking_uri={uri}", "logger.delivery_timeout=5",
+                        f"hydra.run.dir={run}"], data_root, REPO_ROOT)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-3000:]
+    line = [text for text in proc.stdout.splitlines() if text.startswith("MLflow: not delivered")]
+    assert len(line) == 1 and "disk full: the MLflow model sentence_transformer in" in line[0], output[-3000:]
+    assert re.search(r"needs \d+\.\d MB, \d+\.\d MB free there", line[0]) and f"python -m hybrid_retrieval.deliver {run}" in line[0]
+    assert (run / "model" / "model.safetensors").is_file() and (run / "metrics.json").is_file()
+    client, stopped = _only_run(uri)
+    assert stopped.info.status == "RUNNING" and "model_uri" not in stopped.data.tags
+    assert "metrics.json" in {a.path for a in client.list_artifacts(stopped.info.run_id)}  # what fitted is there
+
+    filler.unlink()
+    delivered = subprocess.run([sys.executable, "-m", "hybrid_retrieval.deliver", str(run)], cwd=REPO_ROOT,
+                               env=_env(data_root), capture_output=True, text=True, timeout=600)
+    assert delivered.returncode == 0, delivered.stderr[-3000:]
+    client, finished = _only_run(uri)
+    assert finished.info.status == "FINISHED" and finished.data.tags["model_uri"].startswith("models:/")
