@@ -631,7 +631,8 @@ def test_a_full_artifact_disk_ends_the_run_normally_and_deliver_sends_the_rest(t
     assert proc.returncode == 0, output[-3000:]
     line = [text for text in proc.stdout.splitlines() if text.startswith("MLflow: not delivered")]
     assert len(line) == 1 and "disk full: the MLflow model sentence_transformer in" in line[0], output[-3000:]
-    assert re.search(r"needs \d+\.\d MB, \d+\.\d MB free there", line[0]) and f"python -m hybrid_retrieval.deliver {run}" in line[0]
+    assert re.search(r"needs \d+\.\d MB, \d+\.\d MB free there", line[0])
+    assert f"python -m hybrid_retrieval.deliver {run}" in line[0]
     assert (run / "model" / "model.safetensors").is_file() and (run / "metrics.json").is_file()
     client, stopped = _only_run(uri)
     assert stopped.info.status == "RUNNING" and "model_uri" not in stopped.data.tags
