@@ -204,8 +204,14 @@ def report_failed_job(error: BaseException | str) -> None:
 
     from hydra.core.hydra_config import HydraConfig
 
+    from hybrid_retrieval.reporting.sweep import record_failed_job
+
+    hydra_cfg = HydraConfig.get()
     text = error if isinstance(error, str) else "".join(traceback.format_exception(error))
-    print(f"Error executing job with overrides: {list(HydraConfig.get().overrides.task)}\n{text}", file=sys.stderr)
+    print(f"Error executing job with overrides: {list(hydra_cfg.overrides.task)}\n{text}", file=sys.stderr)
+    summary = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+    record_failed_job(Path(hydra_cfg.sweep.dir).resolve(), hydra_cfg.runtime.output_dir, hydra_cfg.overrides.task,
+                      summary)
 
 
 # ------------------------------------------------------------------------------------------------ the model

@@ -61,25 +61,28 @@ def make_report(tracking_uri: str, experiment_name: str, out: str | Path | None 
     return MadeReport(report, files, folder, parent.get("run_id", ""), records, claims)
 
 
-def unfinished_jobs(sweep_dir: Path, since: float) -> list[dict[str, Any]]:
-    """The jobs of a sweep that failed or were stopped since ``since`` (a Unix time): every job folder whose
-    ``status.json`` (``tracking.folder_status``) ended so, with its folder, overrides and error. Read from the
-    folders, not the MLflow store: a job can fail before its MLflow run exists (bad data, a folder in use)."""
-    import yaml
+FAILURES = ".failed_jobs.jsonl"  # in a sweep's folder: one line a job that failed (cli.report_failed_job)
 
-    jobs = []
-    for status_file in sorted(Path(sweep_dir).glob(f"*/{tracking.STATUS_FILE}")):
-        try:
-            status = json.loads(status_file.read_text())
-        except (OSError, ValueError):
-            continue
-        if status.get("status") not in ("failed", "killed") or (status.get("ended") or 0) < since:
-            continue
-        overrides_file = status_file.parent / ".hydra" / "overrides.yaml"
-        overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else []
-        jobs.append({"folder": str(status_file.parent), "status": status["status"],
-                     "overrides": overrides or [], "error": status.get("error", "")})
-    return jobs
+
+def record_failed_job(sweep_dir: str | Path, folder: str | Path, overrides: Sequence[str], error: str) -> None:
+    """Note a failed job in its sweep's folder (appended: jobs of a parallel launcher write it too). A job refused
+    before it ran (a changed command in a finished job's folder) is noted here, its folder left as it was."""
+    import time
+
+    record = {"folder": str(folder), "status": "failed", "overrides": list(overrides), "error": error,
+              "ended": time.time()}
+    with (Path(sweep_dir) / FAILURES).open("a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def unfinished_jobs(sweep_dir: Path, since: float) -> list[dict[str, Any]]:
+    """The jobs of a sweep that failed since ``since`` (a Unix time): folder, overrides and error of each, from the
+    sweep folder's record (not the MLflow store: a job can fail before its MLflow run exists)."""
+    path = Path(sweep_dir) / FAILURES
+    if not path.is_file():
+        return []
+    jobs = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return sorted((job for job in jobs if job["ended"] >= since), key=lambda job: job["folder"])
 
 
 def rerun_command(sweep_dir: Path) -> str:
