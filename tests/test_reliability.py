@@ -539,6 +539,19 @@ def _child_pids(pid: int) -> list[int]:
     return [int(p) for p in found]
 
 
+def _signal_rank1(args: list[str], folder: Path, data_root: Path,
+                  signum: int) -> tuple[subprocess.Popen, int, str, str, float]:
+    """Start a 2-process DDP run, send ``signum`` to rank 1 after 8 steps, wait for the job: (process, rank 1's
+    pid, stdout, stderr, seconds from the signal to the job's end)."""
+    proc = _start(args, data_root)
+    _wait_for_batches(folder, proc, 8)
+    (rank1,) = _child_pids(proc.pid)
+    os.kill(rank1, signum)
+    signalled = time.monotonic()
+    out, err = proc.communicate(timeout=120)
+    return proc, rank1, out, err, time.monotonic() - signalled
+
+
 def test_a_dead_or_preempted_ddp_rank_stops_the_job_resumably_and_a_resume_ends_like_an_uninterrupted_run(
         tmp_path: Path, data_root: Path) -> None:
     """``hardware=ddp_cpu`` (2 processes). SIGKILL to rank 1 mid-training: the job ends in seconds with one block
@@ -552,13 +565,7 @@ def test_a_dead_or_preempted_ddp_rank_stops_the_job_resumably_and_a_resume_ends_
     assert reference.returncode == 0, reference.stderr[-3000:]
 
     folder = tmp_path / "run"
-    proc = _start([*args, f"hydra.run.dir={folder}"], data_root)
-    _wait_for_batches(folder, proc, 8)
-    (rank1,) = _child_pids(proc.pid)
-    os.kill(rank1, signal.SIGKILL)
-    killed_at = time.monotonic()
-    out, err = proc.communicate(timeout=120)
-    took = time.monotonic() - killed_at
+    proc, rank1, out, err, took = _signal_rank1([*args, f"hydra.run.dir={folder}"], folder, data_root, signal.SIGKILL)
     print(f"TIMING dead rank: the job ended {took:.1f} s after SIGKILL to rank 1")
     assert proc.returncode != 0 and took < 15, took
     assert f"RankDiedError: rank 1 of 2 (pid {rank1}) died at step" in err and "killed by SIGKILL" in err, err[-3000:]
@@ -575,13 +582,8 @@ def test_a_dead_or_preempted_ddp_rank_stops_the_job_resumably_and_a_resume_ends_
 
     # SIGTERM to rank 1 alone (a scheduler preempting its node): both ranks save the same step and stop.
     folder = tmp_path / "preempted"
-    proc = _start([*args, f"hydra.run.dir={folder}"], data_root)
-    _wait_for_batches(folder, proc, 8)
-    (rank1,) = _child_pids(proc.pid)
-    os.kill(rank1, signal.SIGTERM)
-    signalled = time.monotonic()
-    out, err = proc.communicate(timeout=120)
-    print(f"TIMING preempted rank: the job ended {time.monotonic() - signalled:.1f} s after SIGTERM to rank 1")
+    proc, _, out, err, took = _signal_rank1([*args, f"hydra.run.dir={folder}"], folder, data_root, signal.SIGTERM)
+    print(f"TIMING preempted rank: the job ended {took:.1f} s after SIGTERM to rank 1")
     assert proc.returncode == 143, err[-3000:]
     import torch
 
