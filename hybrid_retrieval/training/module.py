@@ -289,35 +289,35 @@ class HybridRetrievalModule(pl.LightningModule):
             state = checkpoint["state_dict"]
             for name, value in self._trained.items():
                 state[f"encoder.{name}"] = value.clone()
-        import random
+        from hybrid_retrieval.distributed import rank_and_world
 
-        import numpy as np
+        # Every rank's generators: the ranks' states need not agree (with ddp_cpu they part after the first
+        # validation), and rank 0's restored on all would change the other ranks' dropout masks after a resume.
+        # Every rank builds the checkpoint (only rank 0 writes it), so the states are gathered here.
+        states = _rng_states()
+        if rank_and_world()[1] > 1:
+            import torch.distributed as dist
 
-        name, keys, position, has_gauss, gauss = np.random.get_state()
-        # Plain types and tensors only: the checkpoint must load with torch.load(weights_only=True).
-        checkpoint["rng_states"] = {"torch": torch.get_rng_state(),
-                                    "numpy": (name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss),
-                                    "python": random.getstate(),
-                                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None}
+            gathered: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, states)
+            checkpoint["rng_states_per_rank"] = gathered
+        checkpoint["rng_states"] = states
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Restored at the first training batch after resuming: creating the data iterators in between draws from
-        # torch's RNG, and the uninterrupted run drew those before the checkpoint.
-        self._rng_to_restore = checkpoint.get("rng_states")
+        # torch's RNG, and the uninterrupted run drew those before the checkpoint. Each rank takes its own states
+        # when the checkpoint has one per rank of this world size; else rank 0's (a resume on another number of
+        # devices trains on other batches anyway).
+        from hybrid_retrieval.distributed import rank_and_world
+
+        rank, world = rank_and_world()
+        per_rank = checkpoint.get("rng_states_per_rank") or []
+        self._rng_to_restore = per_rank[rank] if len(per_rank) == world else checkpoint.get("rng_states")
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         states = getattr(self, "_rng_to_restore", None)
         if states:
-            import random
-
-            import numpy as np
-
-            torch.set_rng_state(states["torch"])
-            name, keys, position, has_gauss, gauss = states["numpy"]
-            np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
-            random.setstate(states["python"])
-            if states.get("cuda") is not None and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(states["cuda"])
+            _set_rng_states(states)
             self._rng_to_restore = None
 
     def _materialise_embeddings(self) -> None:
@@ -399,3 +399,30 @@ class HybridRetrievalModule(pl.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: lr_factor(step, total, warmup, settings.schedule))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _rng_states() -> dict[str, Any]:
+    """This process's generators (torch, numpy, Python, CUDA) as plain types and tensors: a checkpoint holding
+    them loads with ``torch.load(weights_only=True)``."""
+    import random
+
+    import numpy as np
+
+    name, keys, position, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "numpy": (name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss),
+            "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None}
+
+
+def _set_rng_states(states: dict[str, Any]) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(states["torch"])
+    name, keys, position, has_gauss, gauss = states["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
+    random.setstate(states["python"])
+    if states.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
