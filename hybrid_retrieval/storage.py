@@ -93,41 +93,35 @@ def write_bytes_atomic(data: bytes | memoryview, path: str | Path, what: str, ad
     file stays whole until the new one is complete; on a full disk the temporary file is removed and a
     :class:`DiskFullError` says what did not fit. A folder without room for ``data`` is refused before anything
     is written."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    needed = len(data)
-    free = free_bytes(path.parent)
-    if free is not None and free < needed:
-        raise DiskFullError(what, path.parent, needed, advice)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.partial-", dir=path.parent)
-    try:
-        with reporting_disk_full(what, path.parent, needed, advice):
-            with os.fdopen(handle, "wb") as file:
-                file.write(data)
-                file.flush()
-                os.fsync(file.fileno())
-            os.chmod(temporary, 0o666 & ~_umask())
-            os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
+    with _replacing(Path(path), len(data), what, advice) as temporary:
+        with open(temporary, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.chmod(temporary, 0o666 & ~_umask())
 
 
 def copy_file_atomic(source: str | Path, target: str | Path, what: str, advice: str = "") -> None:
     """``shutil.copy2`` through a temporary file beside ``target``: never a partial ``target``."""
-    source, target = Path(source), Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    needed = source.stat().st_size
-    free = free_bytes(target.parent)
+    with _replacing(Path(target), Path(source).stat().st_size, what, advice) as temporary:
+        shutil.copy2(source, temporary)
+
+
+@contextlib.contextmanager
+def _replacing(path: Path, needed: int, what: str, advice: str) -> Iterator[Path]:
+    """A temporary file beside ``path`` for the block to fill, renamed onto ``path`` when the block ends, removed
+    when it fails; refused up front when the folder has less than ``needed`` bytes free."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    free = free_bytes(path.parent)
     if free is not None and free < needed:
-        raise DiskFullError(what, target.parent, needed, advice)
-    handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.partial-", dir=target.parent)
+        raise DiskFullError(what, path.parent, needed, advice)
+    handle, name = tempfile.mkstemp(prefix=f".{path.name}.partial-", dir=path.parent)
     os.close(handle)
+    temporary = Path(name)
     try:
-        with reporting_disk_full(what, target.parent, needed, advice):
-            shutil.copy2(source, temporary)
-            os.replace(temporary, target)
+        with reporting_disk_full(what, path.parent, needed, advice):
+            yield temporary
+            os.replace(temporary, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(temporary)

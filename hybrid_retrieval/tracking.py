@@ -45,10 +45,14 @@ def with_retry(action: Callable[[], T], attempts: int = 8, base_delay: float = 0
         try:
             return action()
         except Exception as error:  # MLflow wraps the sqlite error in several exception types
-            if "locked" not in str(error).lower() or attempt == attempts - 1:
+            if not _locked(error) or attempt == attempts - 1:
                 raise
             time.sleep(base_delay * (2 ** attempt) * (1 + random.random()))
     raise AssertionError("unreachable")
+
+
+def _locked(error: BaseException) -> bool:
+    return "locked" in str(error).lower()
 
 
 def sqlite_path(tracking_uri: str) -> Path | None:
@@ -146,15 +150,6 @@ def sweep_parent_run(client: Any, experiment_id: str, sweep_id: str, sweep_name:
 def finite_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
     """Drop NaN/inf values (MLflow stores them, but they break charts and sorting)."""
     return {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
-
-
-def log_metrics(client: Any, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
-    from mlflow.entities import Metric
-
-    now = int(time.time() * 1000)
-    batch = [Metric(k, v, now, step) for k, v in finite_metrics(metrics).items()]
-    for start in range(0, len(batch), 900):  # MLflow caps a batch at 1000 metrics
-        with_retry(lambda: client.log_batch(run_id, metrics=batch[start:start + 900]))
 
 
 def job_context() -> dict[str, Any]:
@@ -410,15 +405,17 @@ def apply_write(client: Any, run_id: str, tracking_uri: str, write: Mapping[str,
         raise ValueError(f"unknown MLflow write {op!r}")
 
 
+_ARTIFACT_FOLDERS: dict[str, Path | None] = {}  # run id -> its local artifact folder (a run's never changes)
+
+
 def _local_artifact_folder(client: Any, run_id: str) -> Path | None:
     """Where a run's artifacts live when its store keeps them on a local file system, else None."""
     from urllib.parse import unquote, urlparse
 
-    uri = with_retry(lambda: client.get_run(run_id)).info.artifact_uri
-    parsed = urlparse(uri)
-    if parsed.scheme in ("", "file"):
-        return Path(unquote(parsed.path))
-    return None
+    if run_id not in _ARTIFACT_FOLDERS:
+        parsed = urlparse(with_retry(lambda: client.get_run(run_id)).info.artifact_uri)
+        _ARTIFACT_FOLDERS[run_id] = Path(unquote(parsed.path)) if parsed.scheme in ("", "file") else None
+    return _ARTIFACT_FOLDERS[run_id]
 
 
 def _log_artifacts(client: Any, run_id: str, path: Path, artifact_path: str | None) -> None:
@@ -485,7 +482,7 @@ def transient(error: BaseException) -> bool:
 
     from hybrid_retrieval.storage import is_disk_full
 
-    if is_disk_full(error) or "locked" in str(error).lower():
+    if is_disk_full(error) or _locked(error):
         return True
     if isinstance(error, MlflowException):
         return error.error_code in ("INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED")

@@ -157,7 +157,7 @@ def test_processes_starting_together_on_a_new_store_all_succeed(tmp_path: Path) 
     uri = f"sqlite:///{tmp_path}/new/mlflow.db"
     script = ("import sys; from hybrid_retrieval import tracking\n"
               "client, run_id = tracking.start_run(sys.argv[1], 'together')\n"
-              "tracking.log_metrics(client, run_id, {'m': float(sys.argv[2])})\n"
+              "tracking.with_retry(lambda: client.log_metric(run_id, 'm', float(sys.argv[2])))\n"
               "client.set_terminated(run_id)\n")
     procs = [subprocess.Popen([sys.executable, "-c", script, uri, str(i)], cwd=REPO_ROOT, stderr=subprocess.PIPE,
                               text=True) for i in range(4)]
