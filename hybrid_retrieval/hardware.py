@@ -101,14 +101,14 @@ def encode_dtype(hardware: Any) -> Any:
 
 def trainer_strategy(hardware: Any) -> Any:
     """Lightning's ``strategy``: ``hardware.strategy`` as named, or for ``ddp`` with ``hardware.collective_timeout_s``
-    a ``DDPStrategy`` whose process group gives up on a collective after that many seconds (a peer that died or
-    hangs; with NCCL, torch's asynchronous error handling, on by default, turns the timeout into an error)."""
+    a DDP strategy whose collectives give up after that many seconds (a peer that died or hangs), while the
+    rendezvous keeps torch's default (:class:`~hybrid_retrieval.training.strategy.CollectiveTimeoutDDP`)."""
     strategy = str(hardware.get("strategy", "auto"))
     timeout = hardware.get("collective_timeout_s")
     if strategy != "ddp" or timeout is None:
         return strategy
     from datetime import timedelta
 
-    from pytorch_lightning.strategies import DDPStrategy
+    from hybrid_retrieval.training.strategy import CollectiveTimeoutDDP
 
-    return DDPStrategy(timeout=timedelta(seconds=float(timeout)))
+    return CollectiveTimeoutDDP(collective_timeout=timedelta(seconds=float(timeout)))

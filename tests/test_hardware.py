@@ -111,7 +111,8 @@ def test_ddp_configs_give_up_on_a_collective_after_collective_timeout_s() -> Non
         for name in ("ddp", "ddp_cpu", "slurm"):
             config = compose(config_name="config", overrides=[f"hardware={name}"]).hardware
             strategy = hardware.trainer_strategy(config)
-            assert isinstance(strategy, DDPStrategy) and strategy._timeout == timedelta(minutes=5), name
+            assert isinstance(strategy, DDPStrategy) and strategy.collective_timeout == timedelta(minutes=5), name
+            assert strategy._timeout == DDPStrategy()._timeout, name  # the rendezvous keeps torch's default
             config.collective_timeout_s = None
             assert hardware.trainer_strategy(config) == "ddp"
     assert hardware.trainer_strategy(_cpu(strategy="auto", collective_timeout_s=60)) == "auto"

@@ -600,6 +600,30 @@ def test_a_dead_or_preempted_ddp_rank_stops_the_job_resumably_and_a_resume_ends_
     _resume_and_compare(args, folder, preempted.info.run_id, expected, uri, data_root)
 
 
+def test_a_hung_ddp_rank_stops_the_job_after_the_collective_timeout_naming_the_rank_and_its_state(
+        tmp_path: Path, data_root: Path) -> None:
+    """SIGSTOP to rank 1 (alive, never answering: a hung file system looks the same to the other ranks): rank 0's
+    next collective gives up after ``hardware.collective_timeout_s`` and the job ends with one block naming the
+    timeout, rank 1's pid and state, and the resume; no rank is left behind."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    folder = tmp_path / "run"
+    args = ["hardware=ddp_cpu", "hardware.devices=2", *RESUMABLE, f"logger.tracking_uri={uri}",
+            "hardware.collective_timeout_s=10", f"hydra.run.dir={folder}"]
+    try:
+        proc, rank1, out, err, took = _signal_rank1(args, folder, data_root, signal.SIGSTOP)
+        left_behind = Path(f"/proc/{rank1}").exists()
+    finally:  # a stopped rank keeps its pipes open: never leave one behind
+        subprocess.run(["pkill", "-KILL", "-f", f"hydra.run.dir={folder}"], check=False)
+    print(f"TIMING hung rank: the job ended {took:.1f} s after SIGSTOP to rank 1 (collective timeout 10 s)")
+    assert proc.returncode == 1 and took < 40, (took, err[-3000:])
+    assert re.search(rf"RankHungError: rank 0 of 2 waited 10 s \(hardware.collective_timeout_s\) in a collective "
+                     rf"at step \d+ and gave up: rank 1 \(pid {rank1}\) was stopped \(SIGSTOP", err), err[-3000:]
+    assert f"train.resume={folder}" in err and "Traceback" not in err
+    assert not left_behind  # rank 0 stopped it
+    _, run = _only_run(uri)
+    assert run.info.status == "FAILED" and "rank 1" in run.data.tags["error"]
+
+
 def _resume_and_compare(args: list[str], folder: Path, run_id: str, expected: dict[str, list[tuple[int, float]]],
                         uri: str, data_root: Path) -> None:
     resumed = run_command(["run.py", *args, f"hydra.run.dir={folder}", f"train.resume={folder}"], data_root,

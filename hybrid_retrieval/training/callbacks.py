@@ -299,6 +299,37 @@ class RankDiedError(RuntimeError):
         self.mlflow_status = "KILLED" if by_signal else "FAILED"
 
 
+def _collective_timed_out(error: BaseException) -> bool:
+    """gloo's "Timed out waiting ...ms for recv operation", NCCL's watchdog "... timeout" (through the causes)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, RuntimeError) and ("timed out" in str(error).lower() or "timeout" in str(error).lower()):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _process_state(pid: int) -> str:
+    """What a live rank is doing, from the kernel's process table (Linux), in words."""
+    try:
+        state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "in an unknown state"
+    return {"T": "was stopped (SIGSTOP or Ctrl+Z)", "t": "was stopped by a debugger",
+            "D": "was waiting on I/O in the kernel (a hung file system?)", "Z": "had ended",
+            "R": "was running (still computing, or waiting in another collective)",
+            "S": "was sleeping (waiting in another collective, or on a lock)"}.get(state, f"was in state {state}")
+
+
+class RankHungError(RankDiedError):
+    """A collective gave up after ``hardware.collective_timeout_s`` while every rank was alive: which ranks were
+    stuck in what state, and the resume."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, by_signal=False)
+
+
 class RankWatch(pl.Callback):
     """Rank 0's watch over the ranks Lightning started as child processes (``hardware=ddp_cpu``, ``ddp`` on one
     node). A rank that dies makes the others fail in their next collective with a transport error (gloo's
@@ -311,12 +342,18 @@ class RankWatch(pl.Callback):
     message. Lightning's own child watcher, which SIGKILLs rank 0 within 5 s of a child's death before anything
     could be said, is given an empty list to watch: this one takes its place.
 
+    A rank that hangs alive (stopped, or stuck on a file system) makes rank 0's next collective give up after
+    ``hardware.collective_timeout_s``: that error becomes a :class:`RankHungError` naming the timeout and each
+    other rank's process state, and the ranks are stopped.
+
     SIGTERM to any rank (a scheduler preempting one node) stops all of them at the same step: the signal only sets
     a flag, the ranks agree on it after every step, write ``last.ckpt`` together and exit with status 143. Every
     rank saves or none does; a resume continues from that step."""
 
-    def __init__(self, run_folder: Path, poll_s: float = 0.1, grace_s: float = 10.0) -> None:
+    def __init__(self, run_folder: Path, collective_timeout_s: float | None = None, poll_s: float = 0.1,
+                 grace_s: float = 10.0) -> None:
         self.run_folder = Path(run_folder)
+        self.collective_timeout_s = collective_timeout_s
         self.poll_s, self.grace_s = poll_s, grace_s
         self.procs: list[Any] = []
         self.world = 1
@@ -409,9 +446,10 @@ class RankWatch(pl.Callback):
                 with contextlib.suppress(OSError):
                     proc.send_signal(signal.SIGKILL)
 
-    def error(self, wait_s: float = 3.0) -> RankDiedError | None:
-        """After training failed on rank 0: the dead rank's error (waiting up to ``wait_s`` for the watch to see the
-        death that caused the failure), or None when every rank is alive."""
+    def error(self, failure: BaseException | None = None, wait_s: float = 3.0) -> RankDiedError | None:
+        """After training failed on rank 0 with ``failure``: the dead rank's error (waiting up to ``wait_s`` for the
+        watch to see the death that caused the failure); a :class:`RankHungError` when every rank is alive and
+        ``failure`` is a collective's timeout; else None."""
         import time
 
         if self._thread is None:
@@ -420,16 +458,24 @@ class RankWatch(pl.Callback):
         while self.dead is None and time.monotonic() < deadline:
             time.sleep(self.poll_s / 2)
         if self.dead is None:
-            return None
+            if failure is None or not _collective_timed_out(failure):
+                return None
+            states = [(rank, proc.pid, _process_state(proc.pid)) for rank, proc in enumerate(self.procs, start=1)]
+            self.reported.set()
+            self._stop_children()
+            return RankHungError(self.hung_message(states))
         self.reported.set()
         self._stop_children()
         return RankDiedError(self.message(), by_signal=self.dead[2] < 0)
 
+    def hung_message(self, states: list[tuple[int, int, str]]) -> str:
+        waited = f"{self.collective_timeout_s:g} s" if self.collective_timeout_s else "torch's default timeout"
+        ranks = "; ".join(f"rank {rank} (pid {pid}) {state}" for rank, pid, state in states)
+        return (f"rank 0 of {self.world} waited {waited} (hardware.collective_timeout_s) in a collective at step "
+                f"{self.step} and gave up: {ranks}; the other ranks were stopped." + self._resume_text())
+
     def message(self) -> str:
         import signal
-
-        from hybrid_retrieval.tracking import job_command, job_context
-        from hybrid_retrieval.training.run_folder import LAST_CHECKPOINT
 
         rank, pid, code = self.dead
         if code < 0:
@@ -440,17 +486,21 @@ class RankWatch(pl.Callback):
             how = f"exited with status {code} (its own error is in the job's output above)"
         text = (f"rank {rank} of {self.world} (pid {pid}) died at step {self.step}: {how}; the other ranks were "
                 "stopped.")
-        last = self.run_folder / LAST_CHECKPOINT
-        if last.is_file():
-            import torch
+        return text + self._resume_text()
 
-            try:
-                step = torch.load(last, map_location="cpu", weights_only=False, mmap=True).get("global_step", "?")
-            except Exception:  # noqa: BLE001 - the message must come out; a resume checks the file in full
-                step = "?"
-            command = " ".join(part for part in job_command(job_context()).split(" ")
-                               if not part.startswith("train.resume="))
-            text += f" {last} (step {step}) is whole: continue with {command} train.resume={self.run_folder}"
-        else:
-            text += " No resumable checkpoint was written yet (train.checkpoint_every_n_steps): start the run again."
-        return text
+    def _resume_text(self) -> str:
+        from hybrid_retrieval.tracking import job_command, job_context
+        from hybrid_retrieval.training.run_folder import LAST_CHECKPOINT
+
+        last = self.run_folder / LAST_CHECKPOINT
+        if not last.is_file():
+            return " No resumable checkpoint was written yet (train.checkpoint_every_n_steps): start the run again."
+        import torch
+
+        try:
+            step = torch.load(last, map_location="cpu", weights_only=False, mmap=True).get("global_step", "?")
+        except Exception:  # noqa: BLE001 - the message must come out; a resume checks the file in full
+            step = "?"
+        command = " ".join(part for part in job_command(job_context()).split(" ")
+                           if not part.startswith("train.resume="))
+        return f" {last} (step {step}) is whole: continue with {command} train.resume={self.run_folder}"

@@ -127,7 +127,7 @@ def build_trainer(cfg: DictConfig, run: tracking.TrackedRun | None, checkpoint: 
                                  save_on_exception=not distributed)
     callbacks = [checkpoint, resumable, *build_callbacks(cfg, output_dir)]
     if distributed:
-        callbacks.append(RankWatch(output_dir))
+        callbacks.append(RankWatch(output_dir, cfg.hardware.get("collective_timeout_s")))
     return pl.Trainer(
         accelerator=cfg.hardware.accelerator, devices=cfg.hardware.devices, num_nodes=cfg.hardware.num_nodes,
         strategy=trainer_strategy(cfg.hardware), precision=trainer_precision(cfg.hardware),
@@ -151,10 +151,10 @@ def fit(trainer: pl.Trainer, module: HybridRetrievalModule, datamodule: HybridDa
     interrupted = False
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
-    except Exception:
+    except Exception as failure:
         watch = next((c for c in trainer.callbacks if isinstance(c, RankWatch)), None)
-        died = watch.error() if watch is not None else None
-        if died is not None:  # a DDP rank died: say which and how, not the transport error it caused here
+        died = watch.error(failure) if watch is not None else None
+        if died is not None:  # a DDP rank died or hung: say which and how, not the transport error it caused here
             raise died from None
         raise
     except SystemExit:
