@@ -160,11 +160,16 @@ def hydra_main(config_name: str, config_path: str = "../conf") -> Callable[[Call
     filters. ``config_path`` is relative to the file of ``task``, as with ``hydra.main``."""
     import hydra
 
+    from hybrid_retrieval.schemas import check_known_keys, register
+
+    register()  # before Hydra composes: the config groups' YAML files name their schemas
+
     def decorate(task: Callable[[DictConfig], R]) -> Callable[[], R]:
         @functools.wraps(task)  # Hydra takes the job's name and the config folder from the task's module
         def guarded(cfg: DictConfig) -> R:
             quiet_third_party(resuming=bool(OmegaConf.select(cfg, "train.resume", default=None)))
             try:
+                check_known_keys(cfg)
                 return task(cfg)
             except Exception as error:
                 cause = own_error(error)

@@ -6,10 +6,29 @@ keeps saying ``auto``; runs record what it became (tags ``precision``, ``encode_
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+@dataclass
+class HardwareConfig:
+    """The ``hardware`` node's schema (``conf/hardware/*.yaml``): an unknown key or a value of the wrong type is
+    refused when Hydra composes the config. Rules across keys and ranges: :func:`validate`."""
+
+    name: str
+    accelerator: str = "cpu"            # Lightning accelerator: cpu | gpu
+    devices: Any = 1                    # Lightning devices: a count, -1 (all), or a list of indices
+    num_nodes: int = 1
+    strategy: str = "auto"              # Lightning strategy: auto | ddp
+    collective_timeout_s: Optional[float] = None  # DDP: a collective waiting longer fails the job; null = torch's
+    precision: str = "32-true"          # Lightning precision: 32-true | bf16-mixed | auto
+    num_threads: int = 2                # torch threads per process
+    encode_dtype: str = "float32"       # float32 | bfloat16 | auto (evaluation encoding)
+    encode_batch_size: int = 64
+    cudnn_attention: bool = True        # GPU: cuDNN's attention kernel (off in the GPU configs)
 
 
 @functools.lru_cache(maxsize=1)

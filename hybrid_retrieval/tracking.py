@@ -11,10 +11,22 @@ import contextlib
 import math
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
+
+
+@dataclass
+class LoggerConfig:
+    """The ``logger`` node's schema (``conf/logger/mlflow.yaml``)."""
+
+    tracking_uri: str                   # sqlite:///<file>, file:<folder> or http(s)://<server>
+    experiment_name: str = "hybrid_retrieval"
+    log_model: bool = True              # the exported folder also as an MLflow model (sentence-transformers flavour)
+    delivery_timeout: float = 60        # seconds a command waits at its end for MLflow writes still held
+
 
 MAX_PARAM_LENGTH = 6000
 STATUS_FILE = "status.json"  # a command's outcome in its run folder (folder_status)

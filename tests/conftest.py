@@ -18,6 +18,16 @@ if os.environ.get(DATA_ENV):
     os.environ[DATA_ENV] = str(Path(os.environ[DATA_ENV]).expanduser().resolve())
 
 
+def _register_schemas() -> None:
+    # Tests compose configs with Hydra's compose API: the schemas the config groups name must be registered first.
+    from hybrid_retrieval.schemas import register
+
+    register()
+
+
+_register_schemas()
+
+
 def model_config(name: str) -> Any:
     """The DictConfig of ``conf/model/<name>.yaml``, as Hydra would hand it to ``instantiate``."""
     from omegaconf import OmegaConf

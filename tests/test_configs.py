@@ -102,3 +102,66 @@ def test_hardware_options(hardware: str, strategy: str, devices: int) -> None:
     cfg = composed([f"hardware={hardware}", "model=tiny"])
     assert cfg.hardware.strategy == strategy and cfg.hardware.devices == devices
     check_train_config(cfg)
+
+
+SCHEMA_GROUPS = ("hardware", "sampler", "logger")
+
+
+@pytest.mark.parametrize("command", ["config", "evaluate", "encode", "export", "adapt"])
+def test_every_option_of_a_schema_group_composes_into_its_schema(command: str) -> None:
+    from omegaconf import OmegaConf
+
+    from hybrid_retrieval.schemas import schemas
+
+    conf = Path(CONF)
+    default = composed([], command)
+    for group in (g for g in SCHEMA_GROUPS if g in default):
+        for option in sorted(p.stem for p in (conf / group).glob("*.yaml")):
+            cfg = composed([f"{group}={option}"], command)
+            assert OmegaConf.get_type(cfg[group]) is schemas()[group], (command, group, option)
+    if command == "config":
+        assert OmegaConf.get_type(composed([]).train) is schemas()["train"]
+
+
+@pytest.mark.parametrize("override, key, expected", [
+    ("hardware.num_threads=two", "hardware.num_threads", "Integer"),
+    ("hardware.collective_timeout_s=soon", "hardware.collective_timeout_s", "Float"),
+    ("train.batch_size=abc", "train.batch_size", "Integer"),
+    ("train.freeze_embeddings=maybe", "train.freeze_embeddings", "bool"),
+    ("sampler.mono_ratio=half", "sampler.mono_ratio", "Float"),
+    ("logger.log_model=maybe", "logger.log_model", "bool")])
+def test_a_wrong_type_is_refused_at_composition_naming_the_key(override: str, key: str, expected: str) -> None:
+    with pytest.raises(Exception) as raised:
+        composed([override])
+    text = f"{raised.value} {raised.value.__cause__}"
+    assert f"full_key: {key}" in text and expected in text, text
+
+
+@pytest.mark.parametrize("group, text, key", [
+    ("experiment", "# @package _global_\ntrain:\n  bach_size: 8\n", "train.bach_size"),
+    ("experiment", "# @package _global_\nhardware:\n  num_thread: 3\n", "hardware.num_thread"),
+    ("hardware", "defaults:\n  - /schema/hardware@_here_\n  - _self_\nname: typo\nnum_thread: 3\n",
+     "hardware.num_thread"),
+    ("sampler", "defaults:\n  - /schema/sampler@_here_\n  - _self_\nname: typo\nmono_ration: 0.3\n",
+     "sampler.mono_ration")])
+def test_a_misspelt_key_in_a_config_file_is_refused_at_composition(tmp_path: Path, group: str, text: str,
+                                                                    key: str) -> None:
+    import shutil
+
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF, conf)
+    (conf / group / "typo.yaml").write_text(text)
+    with pytest.raises(Exception) as raised:
+        with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+            compose(config_name="config", overrides=[f"{group}=typo"])
+    assert f"full_key: {key}" in str(raised.value) and "not in" in str(raised.value), str(raised.value)
+
+
+def test_a_key_added_with_plus_is_refused_before_any_work() -> None:
+    from hybrid_retrieval.schemas import check_known_keys
+
+    check_known_keys(composed(["model=tiny"]))
+    for override, key in (("+train.bach_size=8", "train.bach_size"), ("+hardware.foo=1", "hardware.foo"),
+                          ("+logger.uri=x", "logger.uri")):
+        with pytest.raises(ConfigError, match=rf"{key}: not an option of .*the options are: .*"):
+            check_known_keys(composed([override]))

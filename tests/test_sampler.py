@@ -316,10 +316,11 @@ def test_real_mlqa_r_epoch(data_root):
 
 @pytest.mark.parametrize("name, alpha", [("mono", 1.0), ("cross", 0.0), ("hybrid", 0.5)])
 def test_hydra_configs(name, alpha):
+    from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
-    from omegaconf import OmegaConf
 
-    cfg = OmegaConf.load(CONF_SAMPLER / f"{name}.yaml")
+    with initialize_config_dir(config_dir=str(CONF_SAMPLER.parent), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"sampler={name}"]).sampler
     build = instantiate(cfg)
     sampler = build(datasets=[full_pairs("a", 20, 3)], batch_size=4, seed=1)
     assert isinstance(sampler, HybridBatchSampler)

@@ -294,6 +294,18 @@ class _Choice:
         return self.indices[bisect.bisect_right(self.cdf, rng.random())]
 
 
+@dataclass
+class SamplerConfig:
+    """The ``sampler`` node's schema (``conf/sampler/*.yaml``): the batch sampler and the options bound to it
+    (``datasets``, ``batch_size``, ``seed``, ``num_replicas`` and ``rank`` are filled in by the datamodule)."""
+
+    name: str
+    mono_ratio: float                   # alpha: the probability that a batch is monolingual
+    language_weighting: str = "uniform"  # uniform | size: how a monolingual batch's language is drawn
+    _target_: str = "hybrid_retrieval.training.sampler.HybridBatchSampler"
+    _partial_: bool = True
+
+
 class HybridBatchSampler(torch.utils.data.Sampler[list[tuple[int, int, int]]]):
     """Yields batches of ``(dataset_index, query_row, passage_row)``, each monolingual with probability
     ``mono_ratio`` and cross-lingual otherwise (see the module docstring for the exact rules).

@@ -1,0 +1,52 @@
+"""The config groups' schemas, registered with Hydra's ConfigStore as ``schema/<node>``.
+
+Each schema is a dataclass beside the code that reads the node; a group's YAML files name it first in their
+defaults list (``- /schema/hardware@_here_``), ``conf/config.yaml`` names the ``train`` node's. Hydra then
+refuses, while composing, a key the schema does not have and a value of the wrong type, naming the key
+(``hardware.num_threads=two``, ``train.bach_size=8``, a misspelt key in an experiment preset). Every entry point
+registers them before composing: :func:`hybrid_retrieval.cli.hydra_main`, and the tests' ``conftest.py``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def schemas() -> dict[str, Any]:
+    """node -> its schema dataclass."""
+    from hybrid_retrieval.hardware import HardwareConfig
+    from hybrid_retrieval.tracking import LoggerConfig
+    from hybrid_retrieval.training.config import TrainConfig
+    from hybrid_retrieval.training.sampler import SamplerConfig
+
+    return {"hardware": HardwareConfig, "logger": LoggerConfig, "sampler": SamplerConfig, "train": TrainConfig}
+
+
+def register() -> None:
+    """Store every schema in Hydra's ConfigStore (group ``schema``); safe to call more than once."""
+    from hydra.core.config_store import ConfigStore
+
+    store = ConfigStore.instance()
+    for node, schema in schemas().items():
+        store.store(group="schema", name=node, node=schema)
+
+
+def check_known_keys(cfg: Any) -> None:
+    """A key added with ``+`` on the command line (``+train.bach_size=8``) is not checked by Hydra against the
+    node's schema: refused here, before any work, naming the key and the ones the node has."""
+    from dataclasses import fields
+
+    from omegaconf import DictConfig, OmegaConf
+
+    from hybrid_retrieval.config_error import ConfigError
+
+    for node, schema in schemas().items():
+        value = cfg.get(node) if isinstance(cfg, DictConfig) else None
+        if not isinstance(value, DictConfig) or OmegaConf.get_type(value) is not schema:
+            continue
+        known = {field.name for field in fields(schema)}
+        unknown = sorted(str(key) for key in value.keys() if key not in known)
+        if unknown:
+            raise ConfigError(f"{node}.{unknown[0]}: not an option of {node} (its schema "
+                              f"{schema.__module__}.{schema.__name__}); the options are: "
+                              f"{', '.join(sorted(known - {'_target_', '_partial_'}))}")
