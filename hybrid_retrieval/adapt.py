@@ -36,7 +36,7 @@ def adapt(cfg: DictConfig) -> Path:
         raise AdaptConfigError("adapt.method=none: nothing to do; use adapt=mlm")
     check_device(cfg.hardware)
     # Where the model goes (``out``, else ``<run folder>/model``): new, empty or overwritable.
-    folder = check_new_folder(output_folder(cfg, "out", "model"), "out", bool(cfg.get("overwrite")), AdaptConfigError)
+    folder = check_new_folder(output_folder(cfg, "output", "model"), "output", bool(cfg.get("overwrite")), AdaptConfigError)
     torch.set_num_threads(cfg.hardware.num_threads)
     torch.manual_seed(settings.seed)
     texts = load_adapt_texts(cfg.adapt, settings=settings)

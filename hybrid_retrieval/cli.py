@@ -18,10 +18,11 @@ import logging
 import math
 import os
 import re
+import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Sequence, TypeVar
 
 import numpy as np
 from hydra.errors import CompactHydraException
@@ -181,9 +182,29 @@ def hydra_main(config_name: str, config_path: str = "../conf") -> Callable[[Call
                     raise
                 raise InputError(error_block(error, cause, cfg)) from None
 
-        return hydra.main(version_base="1.3", config_path=config_path, config_name=config_name)(guarded)
+        main = hydra.main(version_base="1.3", config_path=config_path, config_name=config_name)(guarded)
+
+        @functools.wraps(main)
+        def entry() -> R:
+            refuse_renamed_options(sys.argv[1:])
+            return main()
+
+        return entry
 
     return decorate
+
+
+# Options renamed since earlier versions: old name -> new. A command line that uses an old name is refused before
+# Hydra composes (which would only say the key is unknown), naming the new one.
+RENAMED_OPTIONS = {"out": "output"}
+
+
+def refuse_renamed_options(overrides: Sequence[str]) -> None:
+    for override in overrides:
+        key = override.lstrip("+~").split("=", 1)[0]
+        if key in RENAMED_OPTIONS:
+            raise SystemExit(f"ConfigError: {key}= is now {RENAMED_OPTIONS[key]}= (one name for the output folder "
+                             f"of every command): write {override.replace(key, RENAMED_OPTIONS[key], 1)}")
 
 
 def sweep_reports_failures() -> bool:

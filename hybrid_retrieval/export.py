@@ -1,4 +1,4 @@
-"""Export a trained model: ``python -m hybrid_retrieval.export checkpoint=<run>/checkpoints/best.ckpt out=my-model``.
+"""Export a trained model: ``python -m hybrid_retrieval.export checkpoint=<run>/checkpoints/best.ckpt output=my-model``.
 
 Rebuilds the encoder from the checkpoint and writes a folder that transformers, sentence-transformers and this
 project (``model.path=my-model``) load, with a model card built from the run folder the checkpoint sits in
@@ -31,13 +31,13 @@ def check_export_config(cfg: DictConfig) -> tuple[Path, Path]:
     if not cfg.get("checkpoint"):
         raise ConfigError("checkpoint is not set; expected checkpoint=<file written by run.py>, e.g. "
                           f"{BEST_CHECKPOINT_EXAMPLE}")
-    if not cfg.get("out"):
-        raise ConfigError("out is not set; expected out=<folder to write the model into>")
+    if not cfg.get("output"):
+        raise ConfigError("output is not set; expected output=<folder to write the model into>")
     checkpoint = check_checkpoint_file(cfg.checkpoint)
     repo = cfg.get("push_to_hub")
     if repo is not None and not (isinstance(repo, str) and REPO_ID.match(repo)):
         raise ConfigError(f"push_to_hub={repo!r}: expected <user or organisation>/<model name>, or null")
-    return checkpoint, check_new_folder(Path(str(cfg.out)).expanduser(), "out", bool(cfg.get("overwrite")))
+    return checkpoint, check_new_folder(Path(str(cfg.output)).expanduser(), "output", bool(cfg.get("overwrite")))
 
 
 def model_card(checkpoint: TrainingCheckpoint, cfg: DictConfig) -> dict[str, Any]:

@@ -18,8 +18,8 @@ def check_report_config(cfg: DictConfig) -> None:
     sources = [name for name in ("sweep", "runs") if cfg.get(name)] + (["all_runs"] if cfg.all_runs else [])
     if len(sources) > 1:
         raise ValueError(f"{' and '.join(sources)}: choose one source of runs (sweep, runs or all_runs)")
-    if OmegaConf.is_list(cfg.get("sweep")) and not cfg.get("out"):
-        raise ValueError(f"sweep={list(cfg.sweep)}: several sweeps make one report; set out=<folder> for it")
+    if OmegaConf.is_list(cfg.get("sweep")) and not cfg.get("output"):
+        raise ValueError(f"sweep={list(cfg.sweep)}: several sweeps make one report; set output=<folder> for it")
     if cfg.at not in ("best", "last"):
         raise ValueError(f"at={cfg.at!r}: expected best or last")
     for name in ("heatmap_rows", "diff"):
@@ -34,7 +34,7 @@ def check_report_config(cfg: DictConfig) -> None:
 @hydra_main("report")
 def main(cfg: DictConfig) -> None:
     check_report_config(cfg)
-    out = cfg.out
+    out = cfg.output
     if out is None and (cfg.runs or cfg.all_runs):
         out = tracking.job_context()["output_dir"]
     sweep = list(cfg.sweep) if OmegaConf.is_list(cfg.sweep) else cfg.sweep

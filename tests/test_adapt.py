@@ -378,13 +378,13 @@ def test_driver_refuses_bad_input_before_the_mlflow_run(tmp_path: Path) -> None:
     db = tmp_path / "mlflow.db"
     with initialize_config_dir(str(REPO_ROOT / "conf"), version_base="1.3"):
         cfg = compose("adapt", overrides=["model=tiny", "adapt.text.source=folder", f"adapt.text.path={empty}",
-                                          f"logger.tracking_uri=sqlite:///{db}", f"out={tmp_path / 'model'}"])
+                                          f"logger.tracking_uri=sqlite:///{db}", f"output={tmp_path / 'model'}"])
         with pytest.raises(TextSourceError, match=r"adapt\.text\.path=.*holds no \.txt files"):
             adapt(cfg)
         (tmp_path / "busy").mkdir()
         (tmp_path / "busy" / "file").write_text("x")
         busy = compose("adapt", overrides=["model=tiny", f"logger.tracking_uri=sqlite:///{db}",
-                                           f"out={tmp_path / 'busy'}"])
+                                           f"output={tmp_path / 'busy'}"])
         with pytest.raises(AdaptConfigError, match="not empty"):
             adapt(busy)
     assert not db.exists()  # no run was started

@@ -165,3 +165,14 @@ def test_a_key_added_with_plus_is_refused_before_any_work() -> None:
                           ("+logger.uri=x", "logger.uri")):
         with pytest.raises(ConfigError, match=rf"{key}: not an option of .*the options are: .*"):
             check_known_keys(composed([override]))
+
+
+def test_a_renamed_option_is_refused_naming_the_new_one() -> None:
+    import subprocess
+    import sys
+
+    for command in ("hybrid_retrieval.export", "hybrid_retrieval.report", "hybrid_retrieval.adapt"):
+        proc = subprocess.run([sys.executable, "-m", command, "out=/nowhere/model"], capture_output=True, text=True,
+                              cwd=Path(CONF).parent, timeout=120)
+        assert proc.returncode == 1 and "out= is now output=" in proc.stderr, (command, proc.stderr[-2000:])
+        assert "write output=/nowhere/model" in proc.stderr and not Path("/nowhere").exists()

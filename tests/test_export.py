@@ -566,7 +566,7 @@ def test_export_and_encode_cli(tmp_path: Path, data_root: Path) -> None:
         "  - _target_: hybrid_retrieval.data.pairs.from_lareqa\n    name: mlqa_r\n    languages: [en, de]\n"
         "    root: null\nunrelated: 1\n")
     out = tmp_path / "exported"
-    proc = run_cli(["hybrid_retrieval.export", f"checkpoint={checkpoint}", f"out={out}", "title=Tiny test model",
+    proc = run_cli(["hybrid_retrieval.export", f"checkpoint={checkpoint}", f"output={out}", "title=Tiny test model",
                     f"logger.tracking_uri={uri}", f"hydra.run.dir={tmp_path / 'h_export'}"], data_root)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((out / SETTINGS_FILE).read_text())["encoder"]["name"] == "tiny"
@@ -576,9 +576,9 @@ def test_export_and_encode_cli(tmp_path: Path, data_root: Path) -> None:
     assert "\nlicense: cc-by-nc-4.0\n" in card and "language:\n- de\n- en\n" in card and str(tmp_path) not in card
 
     # Refused: `out` is not empty now (and no run is logged for it).
-    proc = run_cli(["hybrid_retrieval.export", f"checkpoint={checkpoint}", f"out={out}",
+    proc = run_cli(["hybrid_retrieval.export", f"checkpoint={checkpoint}", f"output={out}",
                     f"logger.tracking_uri={uri}", f"hydra.run.dir={tmp_path / 'h_export2'}"], data_root)
-    assert proc.returncode != 0 and "out=" in proc.stderr and "overwrite=true" in proc.stderr
+    assert proc.returncode != 0 and "output=" in proc.stderr and "overwrite=true" in proc.stderr
 
     texts = tmp_path / "texts.jsonl"
     texts.write_text("".join(json.dumps({"doc": f"d{i}", "body": s}, ensure_ascii=False) + "\n"

@@ -112,7 +112,7 @@ def test_report_command_on_chosen_runs_and_its_bad_input(sweep: dict, data_root:
     mono = [r.info.run_id for r in _train_runs(client) if r.data.tags["sampler"] == "mono"]
     out = tmp_path / "report"
     proc = run_command(["-m", "hybrid_retrieval.report", f"runs=[{','.join(mono)}]", "at=last", "before=false",
-                        f"out={out}", f"logger.tracking_uri={sweep['uri']}", "diff=[0,0]"], data_root, REPO_ROOT)
+                        f"output={out}", f"logger.tracking_uri={sweep['uri']}", "diff=[0,0]"], data_root, REPO_ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = list(csv.DictReader((out / "report.csv").open()))
     assert [row["run"] for row in rows] == ["(all runs alike)"] and rows[0]["n"] == "2"  # differ only by seed
@@ -123,7 +123,7 @@ def test_report_command_on_chosen_runs_and_its_bad_input(sweep: dict, data_root:
     parent = client.search_runs([experiment.experiment_id], filter_string="tags.sweep_parent = 'true'")[0]
     out = tmp_path / "combined"
     proc = run_command(["-m", "hybrid_retrieval.report", f"sweep=[{sweep['sweep_dir']},{parent.info.run_id}]",
-                        f"out={out}", f"logger.tracking_uri={sweep['uri']}"], data_root, REPO_ROOT)
+                        f"output={out}", f"logger.tracking_uri={sweep['uri']}"], data_root, REPO_ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = {row["run"]: row["n"] for row in csv.DictReader((out / "report.csv").open())}
     assert {rows["sampler=mono"], rows["sampler=cross"]} == {"2"}
@@ -131,7 +131,7 @@ def test_report_command_on_chosen_runs_and_its_bad_input(sweep: dict, data_root:
     for args, named in ((["at=worst"], "at="), ([f"sweep={tmp_path}/nowhere"], "report.sweep="),
                         (["sweep=x", "runs=[y]"], "choose one source"), (["diff=[0]"], "diff=")):
         proc = run_command(["-m", "hybrid_retrieval.report", *args, f"logger.tracking_uri={sweep['uri']}",
-                            f"out={tmp_path / 'bad'}"], data_root, REPO_ROOT)
+                            f"output={tmp_path / 'bad'}"], data_root, REPO_ROOT)
         assert proc.returncode != 0 and named in proc.stderr, (args, proc.stderr[-2000:])
     proc = run_command(["-m", "hybrid_retrieval.report", "sweep=[a,b]", f"logger.tracking_uri={sweep['uri']}"],
                        data_root, REPO_ROOT)

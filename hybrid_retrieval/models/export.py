@@ -878,7 +878,7 @@ def export_encoder(encoder: Encoder, folder: str | Path, card: Mapping[str, Any]
     folder.parent.mkdir(parents=True, exist_ok=True)
     needed = sum(t.numel() * t.element_size() for t in encoder.backbone.state_dict().values())
     advice = ("the folder's earlier content, if any, is kept; free space, or export the checkpoint elsewhere: "
-              "python -m hybrid_retrieval.export checkpoint=<run folder>/checkpoints/best.ckpt out=<folder>")
+              "python -m hybrid_retrieval.export checkpoint=<run folder>/checkpoints/best.ckpt output=<folder>")
     if (free_bytes(folder.parent) or needed) < needed:
         raise DiskFullError("the model export", folder.parent, needed, advice)
     # A sibling, so the final rename stays on one file system (and is atomic there).
