@@ -110,6 +110,20 @@ def test_training_step_is_the_loss_of_the_encoded_batch(pairs: Any, tiny_encoder
     assert module.training_step(batch, 0).item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+def test_dynamic_padding_with_a_left_padding_tokenizer_is_refused_naming_the_option(tiny_encoder: Any) -> None:
+    import copy
+
+    from hybrid_retrieval.config_error import ConfigError
+
+    encoder = copy.deepcopy(tiny_encoder)
+    HybridRetrievalModule(encoder, InfoNCELoss(0.05), OptimizerSettings(), dynamic_padding=True)
+    encoder.tokenizer.padding_side = "left"
+    HybridRetrievalModule(encoder, InfoNCELoss(0.05), OptimizerSettings())  # off: nothing to refuse
+    with pytest.raises(ConfigError, match=r"train\.dynamic_padding=true: .*pads on the left.*"
+                                          r"set train\.dynamic_padding=false"):
+        HybridRetrievalModule(encoder, InfoNCELoss(0.05), OptimizerSettings(), dynamic_padding=True)
+
+
 def test_dynamic_padding_gives_the_same_embeddings_and_gradients_with_less_padded_work(
         pairs: Any, tiny_encoder: Any) -> None:
     import copy

@@ -132,8 +132,14 @@ class HybridRetrievalModule(pl.LightningModule):
             self._start.append(start)
         self.sparse_embeddings = sparse_embeddings
         self.encoder = encoder
-        # Slicing off padding assumes it is on the right (every tokenizer this project configures pads there).
-        self.dynamic_padding = dynamic_padding and getattr(encoder.tokenizer, "padding_side", "right") == "right"
+        side = getattr(encoder.tokenizer, "padding_side", "right")
+        if dynamic_padding and side != "right":
+            from hybrid_retrieval.config_error import ConfigError
+
+            # Chunks are cut by slicing padding off the right; left padding would cut real tokens.
+            raise ConfigError(f"train.dynamic_padding=true: this model's tokenizer pads on the {side} "
+                              "(padding_side); dynamic padding needs right padding: set train.dynamic_padding=false")
+        self.dynamic_padding = dynamic_padding
         self.loss = loss
         self.optimizer_settings = optimizer
         self.model_config = dict(model_config or {})
