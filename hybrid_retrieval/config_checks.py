@@ -263,9 +263,10 @@ def check_train_config(cfg: DictConfig) -> None:
     check_extra_datasets(cfg)
     check_hardware(cfg.hardware)
     check_logger(cfg)
-    ratio = cfg.sampler.get("mono_ratio")
-    require(isinstance(ratio, (int, float)) and 0.0 <= float(ratio) <= 1.0, "sampler.mono_ratio",
-             "a number in [0, 1] (1 = monolingual batches only, 0 = cross-lingual only)", ratio)
+    if str(cfg.sampler.get("_target_", "")).endswith(".HybridBatchSampler"):
+        ratio = cfg.sampler.get("mono_ratio")
+        require(isinstance(ratio, (int, float)) and 0.0 <= float(ratio) <= 1.0, "sampler.mono_ratio",
+                "a number in [0, 1] (1 = monolingual batches only, 0 = cross-lingual only)", ratio)
     require(_positive_int(cfg.train.batch_size), "train.batch_size", "a positive integer", cfg.train.batch_size)
     require(cfg.model.get("language_projection") is None, "model.language_projection",
              "null in training (it is fitted on a trained model: python -m hybrid_retrieval.evaluate "

@@ -1,7 +1,7 @@
 """The LightningDataModule: training datasets, the hybrid batch sampler, collation, and the evaluation sets.
 
-Where a training batch is chosen: :class:`~hybrid_retrieval.training.sampler.HybridBatchSampler` (built here per
-rank); how its rows become tokens: :mod:`hybrid_retrieval.training.batches`, with the tokenizer of the model
+Where a training batch is chosen: :class:`~hybrid_retrieval.training.sampler.HybridBatchSampler`, or any
+:class:`~hybrid_retrieval.training.sampler.BatchSampler` ``conf/sampler`` names (built here per rank); how its rows become tokens: :mod:`hybrid_retrieval.training.batches`, with the tokenizer of the model
 being trained. Validation yields one :class:`~hybrid_retrieval.evaluation.sets.EvaluationSet` per step: the
 module encodes and scores each set whole.
 """
@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from hybrid_retrieval.data.pairs import ParallelPairs
 from hybrid_retrieval.evaluation.sets import EvaluationSet
 from hybrid_retrieval.training.batches import PairCollator, PairTexts
-from hybrid_retrieval.training.sampler import HybridBatchSampler
+from hybrid_retrieval.training.sampler import BatchSampler
 
 
 class HybridDataModule(pl.LightningDataModule):
@@ -26,7 +26,7 @@ class HybridDataModule(pl.LightningDataModule):
 
     Args:
         train_datasets: the training data (one dataset per batch, drawn in proportion to size).
-        sampler_factory: ``HybridBatchSampler`` with its options bound (``conf/sampler``); this module fills in
+        sampler_factory: a :class:`BatchSampler` class with its options bound (``conf/sampler``); this module fills in
             ``datasets``, ``batch_size``, ``seed``, ``num_replicas`` and ``rank``.
         batch_size: rows per batch on one device.
         seed: the sampler's base seed (the epoch is mixed in by ``set_epoch``).
@@ -35,7 +35,7 @@ class HybridDataModule(pl.LightningDataModule):
         num_workers: DataLoader workers that read and tokenize batches (``train.num_workers``; persistent).
     """
 
-    def __init__(self, train_datasets: Sequence[ParallelPairs], sampler_factory: Callable[..., HybridBatchSampler],
+    def __init__(self, train_datasets: Sequence[ParallelPairs], sampler_factory: Callable[..., BatchSampler],
                  batch_size: int, seed: int, evaluation_sets: Sequence[EvaluationSet], hard_negatives: int = 1,
                  num_workers: int = 0) -> None:
         super().__init__()
@@ -46,10 +46,10 @@ class HybridDataModule(pl.LightningDataModule):
         self.evaluation_sets = list(evaluation_sets)
         self.hard_negatives = hard_negatives
         self.num_workers = num_workers
-        self.sampler: HybridBatchSampler | None = None
+        self.sampler: BatchSampler | None = None
         self._resume_at: tuple[int, int] | None = None  # (epoch, batches done) of a resumed run
 
-    def build_sampler(self, num_replicas: int = 1, rank: int = 0) -> HybridBatchSampler:
+    def build_sampler(self, num_replicas: int = 1, rank: int = 0) -> BatchSampler:
         return self.sampler_factory(datasets=self.train_datasets, batch_size=self.batch_size, seed=self.seed,
                                     num_replicas=num_replicas, rank=rank)
 

@@ -41,8 +41,11 @@ def load_training_inputs(cfg: DictConfig) -> TrainingInputs:
             raise ConfigError(str(error)) from error
     sampler_factory = instantiate(cfg.sampler)
     datasets = build_datasets(cfg.train_data)
+    from hybrid_retrieval.training.sampler import check_batch_sampler
+
     try:  # one sampler now: the real ones are built per rank by the datamodule
-        sampler_factory(datasets=datasets, batch_size=cfg.train.batch_size, seed=cfg.train.seed)
+        check_batch_sampler(sampler_factory(datasets=datasets, batch_size=cfg.train.batch_size, seed=cfg.train.seed,
+                                            num_replicas=1, rank=0))
     except ValueError as error:
         raise ConfigError(f"sampler={cfg.sampler.name} with train.batch_size={cfg.train.batch_size}: {error}") from error
     adapt_texts = None

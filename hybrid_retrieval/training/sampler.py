@@ -32,7 +32,7 @@ import torch
 
 from hybrid_retrieval.data.pairs import LanguageCoverage, language_coverage
 
-__all__ = ["BatchInfo", "HybridBatchSampler", "PairsLike"]
+__all__ = ["BatchInfo", "BatchSampler", "HybridBatchSampler", "PairsLike", "check_batch_sampler"]
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,40 @@ class PairsLike(Protocol):
     groups: np.ndarray  # parallel-group id per row
     languages: np.ndarray  # language index per row, into language_names
     language_names: list[str]
+
+
+@runtime_checkable
+class BatchSampler(Protocol):
+    """What training needs from a batch sampler: the contract ``conf/sampler``'s ``_target_`` must meet.
+
+    The config node is instantiated as a partial and called by the datamodule, once per rank, with ``datasets``
+    (the training datasets, each :class:`PairsLike`), ``batch_size`` (rows per batch on one device), ``seed``,
+    ``num_replicas`` and ``rank``. The sampler then yields each batch of this rank as a list of ``(dataset index,
+    query row, passage row)``; no two rows of a batch should share a parallel group (a translation of a positive
+    is a false negative for the in-batch loss). :class:`HybridBatchSampler` is the project's; another one is
+    written against this protocol in ``tests/test_sampler.py`` and trains through ``run.py``.
+    """
+
+    def __iter__(self) -> Iterator[list[tuple[int, int, int]]]: ...
+
+    def __len__(self) -> int:
+        """Batches per epoch on this rank (the same on every rank)."""
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called at the start of every epoch: the epoch's batches (they should differ per epoch)."""
+
+    def skip_next(self, epoch: int, batches: int) -> None:
+        """A resume: the next iteration of ``epoch`` starts after its first ``batches`` batches."""
+
+
+def check_batch_sampler(sampler: Any) -> None:
+    """Refuse a sampler that does not meet :class:`BatchSampler`, naming what it lacks."""
+    missing = [name for name in ("__iter__", "__len__", "set_epoch", "skip_next")
+               if not callable(getattr(sampler, name, None))]
+    if missing:
+        raise ValueError(f"{type(sampler).__module__}.{type(sampler).__qualname__} is not a batch sampler: it lacks "
+                         f"{', '.join(missing)} (hybrid_retrieval.training.sampler.BatchSampler says what training "
+                         "calls)")
 
 
 @dataclass(frozen=True)

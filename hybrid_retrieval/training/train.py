@@ -233,13 +233,16 @@ def train(cfg: DictConfig, inputs: TrainingInputs | None = None, plan: RunPlan |
     output_dir, last = plan.folder, plan.last_checkpoint
     evaluate_before = evaluates_before(cfg) and not plan.resumed  # a resumed run logged it already
     checkpoint = BestCheckpoint(plan.checkpoint_dir, cfg.train.monitor, cfg.train.monitor_mode)
-    tags = {"model": cfg.model.name, "sampler": cfg.sampler.name, "mono_ratio": str(cfg.sampler.mono_ratio),
-            "dataset": cfg.dataset.name, "seed": str(cfg.train.seed), "precision": trainer_precision(cfg.hardware),
+    ratio = cfg.sampler.get("mono_ratio")  # HybridBatchSampler's alpha; another batch sampler may have none
+    tags = {"model": cfg.model.name, "sampler": cfg.sampler.name, "dataset": cfg.dataset.name,
+            "seed": str(cfg.train.seed), "precision": trainer_precision(cfg.hardware),
             "encode_dtype": encode_dtype_name(cfg.hardware)}
+    if ratio is not None:
+        tags["mono_ratio"] = str(ratio)
 
     from pytorch_lightning.utilities import rank_zero_only
 
-    title = f"{cfg.model.name} {cfg.sampler.name} α={cfg.sampler.mono_ratio} seed={cfg.train.seed}"
+    title = f"{cfg.model.name} {cfg.sampler.name}{'' if ratio is None else f' α={ratio}'} seed={cfg.train.seed}"
     if adapting:
         from hybrid_retrieval.adaptation import adapt_tags
 
@@ -335,8 +338,9 @@ def export_model(module: HybridRetrievalModule, card: dict[str, Any], folder: Pa
 def report(cfg: DictConfig, datamodule: HybridDataModule, checkpoint: BestCheckpoint, steps: int, output_dir: Path,
            model_dir: Path, run: tracking.TrackedRun, files: list[Path]) -> None:
     sets = datamodule.evaluation_sets
-    print(f"\n{describe(sets[0])}, model {cfg.model.name}, sampler {cfg.sampler.name} "
-          f"(alpha={cfg.sampler.mono_ratio}); {steps} steps; best {cfg.train.monitor} = "
+    ratio = cfg.sampler.get("mono_ratio")
+    print(f"\n{describe(sets[0])}, model {cfg.model.name}, sampler {cfg.sampler.name}"
+          f"{'' if ratio is None else f' (alpha={ratio})'}; {steps} steps; best {cfg.train.monitor} = "
           f"{checkpoint.best_metrics[cfg.train.monitor]:.4f} at step {checkpoint.best_step}")
     print(checkpoint.best_results[sets[0].key].table())
     for extra in sets[1:]:
