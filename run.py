@@ -12,7 +12,7 @@ def main(cfg: DictConfig) -> float:
     from hybrid_retrieval.config_checks import check_train_config
     from hybrid_retrieval.tracking import folder_status
     from hybrid_retrieval.cli import run_folder
-    from hybrid_retrieval.training.run_folder import finished_job, lock_run_folder, plan_run
+    from hybrid_retrieval.run_folder import finished_job, lock_run_folder, plan_run
 
     done = finished_job(cfg)  # train.resume=auto in a rerun sweep: a finished job is not run again
     if done is not None:

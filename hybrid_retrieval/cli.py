@@ -247,7 +247,7 @@ def check_model_source(cfg: DictConfig) -> None:
     """The model must be loadable: ``checkpoint`` an existing file, else ``model`` a valid config (a given
     ``model.path`` an existing model folder with its tokenizer)."""
     from hybrid_retrieval.config_checks import check_model
-    from hybrid_retrieval.training.run_folder import check_checkpoint_file
+    from hybrid_retrieval.run_folder import check_checkpoint_file
 
     if cfg.get("checkpoint"):
         check_checkpoint_file(cfg.checkpoint)

@@ -18,7 +18,7 @@ from hybrid_retrieval.evaluation.sets import kind_module, lower_is_better, monit
 from hybrid_retrieval.models.encoder import POOLINGS, check_truncate_dim
 from hybrid_retrieval.models.encoder import SOURCES as MODEL_SOURCES
 from hybrid_retrieval.models.loading import resolve_hub_folder
-from hybrid_retrieval.training.run_folder import check_checkpoint_file
+from hybrid_retrieval.run_folder import check_checkpoint_file
 
 ENCODE_DTYPES = ("float32", "bfloat16", "auto")
 
@@ -257,7 +257,7 @@ def check_callbacks(cfg: DictConfig) -> None:
 
 def check_train_config(cfg: DictConfig) -> None:
     """Every training option but ``adapt`` (checked once, with its text, by ``training/inputs.py``) and
-    ``train.resume`` (resolved once by ``training/run_folder.plan_run``)."""
+    ``train.resume`` (resolved once by ``run_folder.plan_run``)."""
     check_model(cfg.model)
     check_dataset(cfg.dataset)
     check_extra_datasets(cfg)

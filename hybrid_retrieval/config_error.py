@@ -1,6 +1,6 @@
 """How a config check fails: :class:`ConfigError`, whose message names the option, the value and what was expected.
 
-Its own module so that the owners of a concern (``training/run_folder.py``, ...) and :mod:`hybrid_retrieval.config_checks`
+Its own module so that the owners of a concern (``run_folder.py``, ...) and :mod:`hybrid_retrieval.config_checks`
 raise the same error without importing each other.
 """
 

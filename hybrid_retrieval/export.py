@@ -17,13 +17,13 @@ from omegaconf import DictConfig
 from hybrid_retrieval import tracking
 from hybrid_retrieval.cli import check_new_folder, hydra_main, merge_ratio
 from hybrid_retrieval.config_checks import ConfigError
-from hybrid_retrieval.training.run_folder import check_checkpoint_file
+from hybrid_retrieval.run_folder import check_checkpoint_file
 from hybrid_retrieval.models.checkpoint import (TrainingCheckpoint, encoder_from_checkpoint, merge_with_start,
                                                 read_checkpoint)
 from hybrid_retrieval.models.export import export_encoder, run_card
 from hybrid_retrieval.models.loading import SETTINGS_FILE
 from hybrid_retrieval.models.publish import REPO_ID, push_folder
-from hybrid_retrieval.training.run_folder import BEST_CHECKPOINT_EXAMPLE
+from hybrid_retrieval.run_folder import BEST_CHECKPOINT_EXAMPLE
 
 
 def check_export_config(cfg: DictConfig) -> tuple[Path, Path]:

@@ -37,7 +37,7 @@ from hybrid_retrieval.config_checks import ConfigError, check_device, check_hard
 from hybrid_retrieval.data.sources import OFFLINE_ENV
 from hybrid_retrieval.models.export import run_model_name
 from hybrid_retrieval.models.loading import folder_matryoshka
-from hybrid_retrieval.training.run_folder import CHECKPOINTS, RUN_INFO
+from hybrid_retrieval.run_folder import CHECKPOINTS, RUN_INFO
 
 RUN_MARKERS = (RUN_INFO, ".hydra", CHECKPOINTS, "metrics.json")
 

@@ -10,7 +10,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from hybrid_retrieval.config_checks import ConfigError
-from hybrid_retrieval.training.run_folder import RUN_INFO, RunPlan, finished_job, plan_run
+from hybrid_retrieval.run_folder import RUN_INFO, RunPlan, finished_job, plan_run
 from tests.test_cli import REPO_ROOT, mlflow_client, run_command
 
 TINY = ["model=tiny", "train.seed=42", "trainer.limit_train_batches=2", "train.batch_size=8",
@@ -160,12 +160,12 @@ def test_a_second_process_is_refused_a_folder_in_use_until_its_holder_dies(tmp_p
     import subprocess
     import sys
 
-    from hybrid_retrieval.training import run_folder
+    from hybrid_retrieval import run_folder
 
     folder = tmp_path / "run"
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from pathlib import Path; "
-         "from hybrid_retrieval.training.run_folder import lock_run_folder; "
+         "from hybrid_retrieval.run_folder import lock_run_folder; "
          f"lock_run_folder(Path({str(folder)!r})); print('held', flush=True); time.sleep(120)"],
         stdout=subprocess.PIPE, text=True, cwd=REPO_ROOT)
     try:

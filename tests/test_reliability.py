@@ -241,7 +241,7 @@ def test_a_run_and_its_resume_resolve_train_resume_and_check_each_option_once(tm
     import run
     from hybrid_retrieval import config_checks
     from hybrid_retrieval.adaptation import mlm
-    from hybrid_retrieval.training import run_folder
+    from hybrid_retrieval import run_folder
     from hybrid_retrieval.training import train as train_module
 
     calls: Counter[str] = Counter()

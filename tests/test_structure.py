@@ -189,7 +189,7 @@ def test_a_run_from_before_conf_callbacks_resumes_and_other_changes_are_still_re
 
     from omegaconf import OmegaConf
 
-    from hybrid_retrieval.training.run_folder import RUN_INFO, check_same_config
+    from hybrid_retrieval.run_folder import RUN_INFO, check_same_config
 
     cfg = composed(["train.resume=somewhere"])
     saved = OmegaConf.to_container(cfg, resolve=False)

@@ -179,7 +179,7 @@ CARD_TAGS = ["sentence-transformers", "feature-extraction", "sentence-similarity
 # Parts of a run's config that describe how the model was trained (the card's "Training configuration").
 TRAINING_KEYS = ("model", "adapt", "sampler", "loss", "train", "trainer", "train_data", "dataset", "extra_datasets",
                  "hardware")
-RUN_INFO_FILE = "run_info.json"  # training.run_folder.RUN_INFO / HYDRA_CONFIG (not imported: models stays below it)
+RUN_INFO_FILE = "run_info.json"  # run_folder.RUN_INFO / HYDRA_CONFIG (not imported: models stays below it)
 RUN_CONFIG_FILE = ".hydra/config.yaml"
 MTEB_URL = "https://github.com/embeddings-benchmark/mteb"
 # This project's local MTEB tasks (hybrid_retrieval.evaluation.mteb_eval; not imported, it imports mteb): their

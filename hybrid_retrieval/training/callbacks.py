@@ -22,7 +22,7 @@ from pytorch_lightning.utilities import rank_zero_only
 
 
 from hybrid_retrieval.tracking import TrackedRun
-from hybrid_retrieval.training.run_folder import BEST, LAST
+from hybrid_retrieval.run_folder import BEST, LAST
 
 
 class BestCheckpoint(ModelCheckpoint):
@@ -490,7 +490,7 @@ class RankWatch(pl.Callback):
 
     def _resume_text(self) -> str:
         from hybrid_retrieval.tracking import job_command, job_context
-        from hybrid_retrieval.training.run_folder import LAST_CHECKPOINT
+        from hybrid_retrieval.run_folder import LAST_CHECKPOINT
 
         last = self.run_folder / LAST_CHECKPOINT
         if not last.is_file():

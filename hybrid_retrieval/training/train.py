@@ -35,7 +35,7 @@ from hybrid_retrieval.training.callbacks import (BatchLog, BestCheckpoint, RankW
 from hybrid_retrieval.training.datamodule import HybridDataModule
 from hybrid_retrieval.training.inputs import TrainingInputs, load_training_inputs
 from hybrid_retrieval.training.module import EvaluationSettings, HybridRetrievalModule, OptimizerSettings
-from hybrid_retrieval.training.run_folder import CHECKPOINTS, RunPlan, plan_run, record_best, write_run_info
+from hybrid_retrieval.run_folder import CHECKPOINTS, RunPlan, plan_run, record_best, write_run_info
 
 log = logging.getLogger(__name__)
 
