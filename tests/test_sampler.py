@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from typing import Any, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -328,69 +327,3 @@ def test_hydra_configs(name, alpha):
     assert sampler.mono_ratio == alpha and sampler.name == name and sampler.language_weighting == "uniform"
     assert isinstance(next(iter(sampler.batch_infos())), BatchInfo)
 
-
-class InOrderSampler:
-    """A second batch sampler, written against ``training.sampler.BatchSampler`` alone: each batch holds
-    ``batch_size`` rows of the first dataset in file order, one row per parallel group, as query and passage."""
-
-    def __init__(self, datasets: list[Any], batch_size: int, seed: int, num_replicas: int = 1, rank: int = 0,
-                 name: str = "in_order") -> None:
-        _, first = np.unique(datasets[0].groups, return_index=True)
-        rows, step = np.sort(first), batch_size * num_replicas
-        self.batches = [rows[start + rank * batch_size:start + (rank + 1) * batch_size]
-                        for start in range(0, len(rows) - step + 1, step)]
-        self.epoch, self.skip = 0, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def skip_next(self, epoch: int, batches: int) -> None:
-        self.skip = batches
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
-        skip, self.skip = self.skip, 0
-        for batch in self.batches[skip:]:
-            yield [(0, int(row), int(row)) for row in batch]
-
-
-def test_a_sampler_written_against_the_protocol_is_one_and_a_class_missing_a_method_is_refused() -> None:
-    from hybrid_retrieval.training.sampler import BatchSampler, check_batch_sampler
-
-    data = full_pairs("a", 20, 3)
-    for sampler in (InOrderSampler([data], 4, 0), HybridBatchSampler([data], batch_size=4, mono_ratio=0.5, seed=0)):
-        assert isinstance(sampler, BatchSampler)
-        check_batch_sampler(sampler)
-
-    class NoResume(InOrderSampler):
-        skip_next = None  # type: ignore[assignment]
-
-    with pytest.raises(ValueError, match=r"NoResume is not a batch sampler: it lacks skip_next"):
-        check_batch_sampler(NoResume([data], 4, 0))
-
-
-@pytest.mark.slow
-def test_run_py_trains_with_a_sampler_of_its_own_from_a_config_folder_of_its_own(tmp_path: Path,
-                                                                                   data_root: Path) -> None:
-    """``--config-dir`` adds ``sampler/in_order.yaml`` (no schema: it is not HybridBatchSampler's); the run trains
-    on exactly the batches that sampler yields, and says no alpha."""
-    import json
-
-    from tests.test_cli import REPO_ROOT, SMALL_TRAIN, run_command
-
-    (tmp_path / "conf" / "sampler").mkdir(parents=True)
-    (tmp_path / "conf" / "sampler" / "in_order.yaml").write_text(
-        "_target_: tests.test_sampler.InOrderSampler\n_partial_: true\nname: in_order\n")
-    run = tmp_path / "run"
-    proc = run_command(["run.py", "--config-dir", str(tmp_path / "conf"), "sampler=in_order", *SMALL_TRAIN,
-                        "train.log_batches=true", "train.evaluate_before=false",
-                        f"logger.tracking_uri=sqlite:///{tmp_path}/mlflow.db", f"hydra.run.dir={run}"],
-                       data_root, REPO_ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    logged = [json.loads(line) for line in (run / "batches" / "rank0.jsonl").read_text().splitlines()]
-    assert len(logged) == 3  # trainer.limit_train_batches
-    rows = [[query for _, query, _ in batch["rows"]] for batch in logged]
-    assert all(r == sorted(r) for r in rows) and rows[0][-1] < rows[1][0] < rows[2][0]  # in file order
-    assert "sampler in_order;" in proc.stdout and "alpha" not in proc.stdout.split("sampler in_order")[1][:20]

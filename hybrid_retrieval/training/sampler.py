@@ -57,8 +57,8 @@ class BatchSampler(Protocol):
     (the training datasets, each :class:`PairsLike`), ``batch_size`` (rows per batch on one device), ``seed``,
     ``num_replicas`` and ``rank``. The sampler then yields each batch of this rank as a list of ``(dataset index,
     query row, passage row)``; no two rows of a batch should share a parallel group (a translation of a positive
-    is a false negative for the in-batch loss). :class:`HybridBatchSampler` is the project's; another one is
-    written against this protocol in ``tests/test_sampler.py`` and trains through ``run.py``.
+    is a false negative for the in-batch loss). :class:`HybridBatchSampler` is the project's; ``docs/extending.md``
+    writes another against this protocol (its test trains with it through ``run.py``).
     """
 
     def __iter__(self) -> Iterator[list[tuple[int, int, int]]]: ...
