@@ -76,6 +76,42 @@ def test_the_model_is_restored_exactly_also_after_an_error(tiny_encoder) -> None
     assert [m.intermediate_act_fn for m in tiny_encoder.modules() if hasattr(m, "intermediate_act_fn")] == acts
 
 
+def test_threads_encoding_with_one_model_get_the_same_embeddings_and_leave_it_restored(tiny_encoder) -> None:
+    """Two threads encode with one model at once, many times: every result equals the single-threaded one and
+    the model ends as it started (a second swap inside the first once took the swapped layers for the originals:
+    GELU stayed replaced by the identity after both blocks ended)."""
+    import copy
+    import threading
+
+    model = copy.deepcopy(tiny_encoder)
+    classes, state = _snapshot(model)
+    acts = [m.intermediate_act_fn for m in model.modules() if hasattr(m, "intermediate_act_fn")]
+    expected = model.encode(TEXTS, "passage", batch_size=4)
+    start = threading.Barrier(2)
+    results: list = []
+    errors: list = []
+
+    def work() -> None:
+        try:
+            for _ in range(6):
+                start.wait()
+                results.append(model.encode(TEXTS, "passage", batch_size=4))
+        except Exception as error:  # noqa: BLE001 - reported by the assertion below
+            errors.append(error)
+
+    threads = [threading.Thread(target=work) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert not errors and len(results) == 12, errors
+    assert all(abs(result - expected).max() < 1e-5 for result in results)
+    assert _snapshot(model)[0] == classes
+    assert [m.intermediate_act_fn for m in model.modules() if hasattr(m, "intermediate_act_fn")] == acts
+    assert abs(model.encode(TEXTS, "passage", batch_size=4) - expected).max() < 1e-5
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
 def test_training_and_autocast_inside_the_block_are_unchanged(tiny_encoder) -> None:
     batch = tiny_encoder.tokenize(TEXTS[:6], "query")
 

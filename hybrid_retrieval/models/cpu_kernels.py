@@ -16,7 +16,9 @@ records, under autocast, for other dtypes and devices, so training and bf16 enco
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -119,15 +121,50 @@ def onednn_linears(model: nn.Module, enabled: bool = True) -> Iterator[None]:
     the block opens: changing them inside it changes only what autograd or autocast runs). Parameters, buffers
     and ``state_dict`` are untouched (only the layers' Python classes change); the model is restored on exit,
     also after an error.
-    A no-op when `enabled` is false or this torch build lacks the operator."""
+
+    Safe for threads sharing one model: blocks of one model overlap into one swapped state, made by the first to
+    open and restored by the last to close (a second swap would take the swapped layers for the originals and
+    restore those). A no-op when `enabled` is false or this torch build lacks the operator."""
     if not enabled or not available():
         yield
         return
+    with _ACTIVE_LOCK:
+        active = _ACTIVE.get(id(model))
+        if active is None:
+            active = _ACTIVE[id(model)] = [0, _swap_in(model)]
+        active[0] += 1
+    try:
+        yield
+    finally:
+        with _ACTIVE_LOCK:
+            active[0] -= 1
+            if active[0] == 0:
+                del _ACTIVE[id(model)]
+                active[1]()
+
+
+# id(model) -> [open blocks, the function that restores it]: the models onednn_linears holds swapped now.
+_ACTIVE: dict[int, list[Any]] = {}
+_ACTIVE_LOCK = threading.Lock()
+
+
+def _swap_in(model: nn.Module) -> Callable[[], None]:
+    """Swap `model`'s layers as :func:`onednn_linears` describes; returns the function that restores them."""
     intermediates = _fusable_intermediates(model)
     fused = {id(m.dense) for m in intermediates}
     activations = [(m, m.intermediate_act_fn) for m in intermediates]
     linears = [m for m in model.modules() if type(m) is nn.Linear]
     attentions = _self_attentions(model)
+
+    def restore() -> None:
+        for attention in attentions:
+            attention.__dict__.pop(_FUSED_QKV, None)
+        for block, act in activations:
+            block.intermediate_act_fn = act
+        for layer in linears:
+            layer.__dict__.pop(_PACKED_WEIGHT, None)
+            layer.__class__ = nn.Linear
+
     try:
         for attention in attentions:
             with torch.no_grad():
@@ -147,12 +184,7 @@ def onednn_linears(model: nn.Module, enabled: bool = True) -> Iterator[None]:
                 object.__setattr__(layer, _PACKED_WEIGHT, packed)
         for block, _ in activations:
             block.intermediate_act_fn = nn.Identity()
-        yield
-    finally:
-        for attention in attentions:
-            attention.__dict__.pop(_FUSED_QKV, None)
-        for block, act in activations:
-            block.intermediate_act_fn = act
-        for layer in linears:
-            layer.__dict__.pop(_PACKED_WEIGHT, None)
-            layer.__class__ = nn.Linear
+    except BaseException:
+        restore()
+        raise
+    return restore
