@@ -6,7 +6,7 @@ Four ways to embed the same texts with the same model, timed in one run:
 * naive: batches of 64 in file order, every text padded to 128 tokens;
 * encode: ``Encoder.encode`` (tokenise once, sort by length, pad each batch only to its longest text);
 * encode, default BLAS linears: the same with torch's default fp32 linear layers instead of the oneDNN ones
-  ``Encoder.encode`` runs in fp32 on CPU (``hybrid_retrieval/models/cpu_kernels.py``);
+  ``Encoder.encode`` runs in fp32 on CPU (``hybrid_retrieval/kernels/onednn.py``);
 * encode-bf16: the same under bfloat16 autocast.
 
 All use a 128-token truncation limit, so the embeddings are comparable (their agreement is printed too). The same
@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from hybrid_retrieval.data.lareqa import load_split
-from hybrid_retrieval.models import cpu_kernels
+from hybrid_retrieval.kernels import onednn as cpu_kernels
 from hybrid_retrieval.models import encoder as encoder_module
 from hybrid_retrieval.models.encoder import Encoder, cosine, load_encoder
 from machine import cpu_description  # benchmarks/machine.py (the script's own folder is on sys.path)

@@ -19,7 +19,7 @@ batches in the same order for every configuration. Each configuration runs in a 
 - ``project_loop``: this project's LightningModule through a Lightning Trainer, AdamW as a per-parameter loop
   (what the project did before: ``foreach=False``), fp32.
 - ``project_fp32``: the same with the fused AdamW the module now uses, and the backbone on real tokens only
-  (``model.unpad=true``, the default: :mod:`hybrid_retrieval.models.unpadded`).
+  (``model.unpad=true``, the default: :mod:`hybrid_retrieval.kernels.unpadded`).
 - ``project_fp32_padded``: ``project_fp32`` with ``model.unpad=false`` (every row padded to the batch's longest).
 - ``project_bf16`` / ``project_bf16_padded``: the same two with ``bf16-mixed`` autocast (fp32 master weights):
   ``hardware=cpu_bf16``, or what ``hardware=cpu_auto`` picks on a CPU with bf16 units.

@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from hybrid_retrieval.models import cpu_kernels
-from hybrid_retrieval.models.cpu_kernels import onednn_linears
+from hybrid_retrieval.kernels import onednn as cpu_kernels
+from hybrid_retrieval.kernels.onednn import onednn_linears
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="this torch build has no oneDNN linear operator")
 

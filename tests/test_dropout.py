@@ -1,5 +1,5 @@
-"""models/dropout.py: the fast CPU dropout keeps each element with probability 1 - p, scales by 1 / (1 - p), and
-replays its mask wherever torch's RNG state is replayed; attention groups (models/unpadded.py) are the cheapest
+"""kernels/dropout.py: the fast CPU dropout keeps each element with probability 1 - p, scales by 1 / (1 - p), and
+replays its mask wherever torch's RNG state is replayed; attention groups (kernels/unpadded.py) are the cheapest
 split of the rows."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-from hybrid_retrieval.models.dropout import dropout, keep_mask
-from hybrid_retrieval.models.unpadded import attention_groups, pack
+from hybrid_retrieval.kernels.dropout import dropout, keep_mask
+from hybrid_retrieval.kernels.unpadded import attention_groups, pack
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])

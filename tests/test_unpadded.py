@@ -1,4 +1,4 @@
-"""model.unpad: the packed forward (models/unpadded.py) gives the padded forward's embeddings and gradients."""
+"""model.unpad: the packed forward (kernels/unpadded.py) gives the padded forward's embeddings and gradients."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from torch import nn
 
 from hybrid_retrieval.config_checks import ConfigError, check_model
 from hybrid_retrieval.losses.info_nce import InfoNCELoss
-from hybrid_retrieval.models import unpadded
+from hybrid_retrieval.kernels import unpadded
 from hybrid_retrieval.models.encoder import Encoder, load_encoder
-from hybrid_retrieval.models.unpadded import (
+from hybrid_retrieval.kernels.unpadded import (
     _attend,
     pack,
     packed_forward,

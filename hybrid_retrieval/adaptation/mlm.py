@@ -46,7 +46,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from hybrid_retrieval.models.unpadded import packed_forward, unsupported_reason
+from hybrid_retrieval.kernels.unpadded import packed_forward, unsupported_reason
 from hybrid_retrieval.progress import Progress
 
 __all__ = ["METHODS", "AdaptConfigError", "MLMHead", "MLMSettings", "adapt_encoder", "adapt_tags",
@@ -353,7 +353,7 @@ def _cycle(texts: Sequence[str], batch_size: int, rng: np.random.Generator) -> I
 def _loss_sum(backbone: nn.Module, head: MLMHead, batch: Mapping[str, torch.Tensor],
               device: torch.device, frozen: bool = False, unpad: bool = False) -> tuple[torch.Tensor, int]:
     """Summed cross-entropy over the masked tokens, and their count; only masked positions reach the head.
-    `unpad`: the backbone runs on real tokens only (``model.unpad``, models/unpadded.py) where it can."""
+    `unpad`: the backbone runs on real tokens only (``model.unpad``, kernels/unpadded.py) where it can."""
     input_ids, attention_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
     labels = batch["labels"].to(device)
     selected = labels != -100

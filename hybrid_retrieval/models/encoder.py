@@ -14,7 +14,7 @@ the optional dense head is :mod:`hybrid_retrieval.models.dense`.
 
 The same module serves training (``forward`` is differentiable) and inference (``encode``: length-sorted
 batches with per-batch padding, returned in input order, optionally under bfloat16 autocast). Both run the
-backbone on the real tokens only (``model.unpad``, :mod:`hybrid_retrieval.models.unpadded`) where its architecture
+backbone on the real tokens only (``model.unpad``, :mod:`hybrid_retrieval.kernels.unpadded`) where its architecture
 allows, and the padded forward otherwise.
 """
 
@@ -31,13 +31,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from hybrid_retrieval.models.cpu_kernels import onednn_linears
+from hybrid_retrieval.kernels.onednn import onednn_linears
 from hybrid_retrieval.models.dense import build_dense, dense_linear, save_dense
 from hybrid_retrieval.models.loading import (
     ModelNotFoundError, check_tokenizer_files, folder_matryoshka, load_backbone, load_tokenizer,
     merge_folder_settings, random_backbone, resolve_hub_folder,
 )
-from hybrid_retrieval.models.unpadded import packed_forward, unsupported_reason
+from hybrid_retrieval.kernels.unpadded import packed_forward, unsupported_reason
 
 __all__ = ["Encoder", "ModelNotFoundError", "check_unpad", "cosine", "load_encoder", "plan_batches"]
 
@@ -95,7 +95,7 @@ class Encoder(nn.Module):
         # The sizes a Matryoshka loss trained (loss.matryoshka_dims); recorded by the export, no effect here.
         self.matryoshka_dims = [int(d) for d in matryoshka_dims] if matryoshka_dims else None
         check_unpad(unpad)
-        # Run the backbone on real tokens only (models/unpadded.py) where it supports that; else padded, logged once.
+        # Run the backbone on real tokens only (kernels/unpadded.py) where it supports that; else padded, logged once.
         self.unpad = unpad
         self._fallbacks_logged: set[str] = set()
         # Set after loading (models/language_projection.py): encode() projects the language subspace out.
@@ -200,7 +200,7 @@ class Encoder(nn.Module):
         All texts are tokenised once, sorted by length and cut into batches of at most `batch_size` texts (see
         :func:`plan_batches`), each padded only to its own longest text, which removes most padding work.
         ``dtype=torch.bfloat16`` runs the backbone under autocast (fast only where the CPU/GPU has bf16 units);
-        fp32 on CPU runs the linear layers through oneDNN (:mod:`hybrid_retrieval.models.cpu_kernels`).
+        fp32 on CPU runs the linear layers through oneDNN (:mod:`hybrid_retrieval.kernels.onednn`).
         `max_batch_tokens` caps padded tokens per batch; default: 2048 on CPU (cache-friendly), none elsewhere.
         `progress`: texts/s on stderr; None = on from PROGRESS_MIN_TEXTS texts. ``shard=(rank, world)`` encodes
         only every ``world``-th batch of that plan, from ``rank`` on (the other rows stay zero; :meth:`shard_rows`
@@ -236,7 +236,7 @@ class Encoder(nn.Module):
         bar = Progress(sum(stop - start for start, stop in batches), label, "texts", enabled=enabled)
         was_training = self.training
         self.eval()
-        # fp32 on CPU: oneDNN's linear kernels (faster than the default BLAS here; see models/cpu_kernels.py).
+        # fp32 on CPU: oneDNN's linear kernels (faster than the default BLAS here; see kernels/onednn.py).
         kernels = onednn_linears(self, enabled=device.type == "cpu" and not use_autocast)
         try:
             with torch.inference_mode(), kernels:
@@ -425,7 +425,7 @@ def load_encoder(
     ``hybrid_retrieval.json``, if any, override the ones given here (with a warning naming those that differ).
     truncate_dim: :meth:`Encoder.encode` returns the first k dimensions, re-normalised; None = all (or the
     ``truncate_dim`` an exported folder records).
-    unpad: run the backbone on the real tokens only (:mod:`hybrid_retrieval.models.unpadded`; same embeddings to
+    unpad: run the backbone on the real tokens only (:mod:`hybrid_retrieval.kernels.unpadded`; same embeddings to
     float rounding); architectures it does not cover run padded, with the reason logged once.
     language_projection: its options are fitted on the loaded model by the commands (``cli.load_model``); here a
     model folder's saved ``language_projection.npz`` is attached (:mod:`hybrid_retrieval.models.language_projection`).

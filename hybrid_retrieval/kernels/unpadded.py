@@ -11,11 +11,11 @@ does not pay the longest row's width everywhere. Where the rows come in at most 
 (``Encoder.encode`` sorts texts by length) and dropout is off, each run attends in place on the packed tokens:
 no padding, scatter or gather at all. LayerNorm and dropout are per token, so they are safe on packed
 tokens; attention is not, hence the re-pad. Dropout (hidden states and, in training on CPU, the attention
-probabilities, whose product then runs outside SDPA) draws its masks with :mod:`hybrid_retrieval.models.dropout`.
+probabilities, whose product then runs outside SDPA) draws its masks with :mod:`hybrid_retrieval.kernels.dropout`.
 
 The forward calls the backbone's own modules (embeddings, ``attention.self.query/key/value``, ``attention.output``'s
 and ``output``'s dense / dropout / LayerNorm, ``intermediate``): no parameter is copied, ``state_dict`` and
-checkpoints are the padded model's. Within :func:`hybrid_retrieval.models.cpu_kernels.onednn_linears` (fp32 CPU
+checkpoints are the padded model's. Within :func:`hybrid_retrieval.kernels.onednn.onednn_linears` (fp32 CPU
 inference) Q/K/V run as one joined product. Position ids are the padded path's (BERT's column index; XLM-R's
 ``padding_idx + cumulative count of non-pad ids``), gathered with the tokens, as are token type ids. Results equal
 the padded forward's on the real tokens to float rounding; dropout draws its masks on the packed tokens, so a
@@ -38,8 +38,8 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
-from hybrid_retrieval.models.cpu_kernels import attention_scale, fused_qkv, runs_onednn
-from hybrid_retrieval.models.dropout import dropout
+from hybrid_retrieval.kernels.onednn import attention_scale, fused_qkv, runs_onednn
+from hybrid_retrieval.kernels.dropout import dropout
 
 __all__ = ["SUPPORTED_MODEL_TYPES", "AttentionGroup", "Packing", "attention_groups", "equal_length_runs", "pack",
            "packed_forward", "position_ids", "unsupported_reason"]
@@ -243,7 +243,7 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.T
     """Attention of ``[rows, heads, width, head_dim]`` queries over keys where `key_mask` is True (None: all),
     dropout `p` on the probabilities. On CPU the product runs here with two matmuls and a softmax when there is
     dropout (in fp32, as SDPA's math path does for bf16 inputs, so that the probabilities' dropout mask comes from
-    :func:`hybrid_retrieval.models.dropout.dropout`) and for fp32 groups at most :data:`MATMUL_ATTENTION_WIDTH`
+    :func:`hybrid_retrieval.kernels.dropout.dropout`) and for fp32 groups at most :data:`MATMUL_ATTENTION_WIDTH`
     wide, where SDPA's blocked kernel is slower; otherwise ``scaled_dot_product_attention`` (its fused kernels)."""
     cpu = q.device.type == "cpu"
     short = cpu and q.dtype is torch.float32 and q.shape[-2] <= MATMUL_ATTENTION_WIDTH
@@ -268,7 +268,7 @@ def _residual_block(block: nn.Module, x: torch.Tensor, residual: torch.Tensor) -
 
 def _qkv(attention: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, float]:
     """``[tokens, 3 * width]``: queries, keys and values side by side, and the factor still to apply to the
-    scores: one product with pre-scaled queries where :func:`~hybrid_retrieval.models.cpu_kernels.onednn_linears`
+    scores: one product with pre-scaled queries where :func:`~hybrid_retrieval.kernels.onednn.onednn_linears`
     joined the three weights for inference."""
     joined = fused_qkv(attention)
     if joined is not None and runs_onednn(hidden, joined.weight):
