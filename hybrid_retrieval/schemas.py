@@ -50,3 +50,25 @@ def check_known_keys(cfg: Any) -> None:
             raise ConfigError(f"{node}.{unknown[0]}: not an option of {node} (its schema "
                               f"{schema.__module__}.{schema.__name__}); the options are: "
                               f"{', '.join(sorted(known - {'_target_', '_partial_'}))}")
+
+
+def describe(nodes: list[str] | None = None) -> str:
+    """Every option of the typed nodes with its type and default, one line each (``python -m
+    hybrid_retrieval.options``)."""
+    import dataclasses
+    import typing
+
+    lines = []
+    for node, schema in schemas().items():
+        if nodes and node not in nodes:
+            continue
+        hints = typing.get_type_hints(schema)
+        lines.append(f"{node}:  ({schema.__module__}.{schema.__name__})")
+        for field in dataclasses.fields(schema):
+            if field.name in ("_target_", "_partial_"):
+                continue
+            hint = hints[field.name]
+            kind = hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
+            default = "required" if field.default is dataclasses.MISSING else repr(field.default)
+            lines.append(f"  {node}.{field.name}: {kind} = {default}")
+    return "\n".join(lines)

@@ -176,3 +176,25 @@ def test_a_renamed_option_is_refused_naming_the_new_one() -> None:
                               cwd=Path(CONF).parent, timeout=120)
         assert proc.returncode == 1 and "out= is now output=" in proc.stderr, (command, proc.stderr[-2000:])
         assert "write output=/nowhere/model" in proc.stderr and not Path("/nowhere").exists()
+
+
+def test_the_options_command_lists_every_typed_option_with_its_type_and_default() -> None:
+    import dataclasses
+    import subprocess
+    import sys
+
+    from hybrid_retrieval.schemas import schemas
+
+    proc = subprocess.run([sys.executable, "-m", "hybrid_retrieval.options"], capture_output=True, text=True,
+                          cwd=Path(CONF).parent, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    for node, schema in schemas().items():
+        for field in dataclasses.fields(schema):
+            if not field.name.startswith("_"):
+                assert any(line.strip().startswith(f"{node}.{field.name}: ") for line in lines), (node, field.name)
+    assert "  train.batch_size: int = 32" in lines and "  hardware.collective_timeout_s: Optional[float] = None" in lines
+    assert "  sampler.mono_ratio: float = required" in lines
+    bad = subprocess.run([sys.executable, "-m", "hybrid_retrieval.options", "trian"], capture_output=True, text=True,
+                         cwd=Path(CONF).parent, timeout=120)
+    assert bad.returncode == 2 and "unknown node 'trian'" in bad.stderr

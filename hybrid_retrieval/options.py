@@ -1,0 +1,23 @@
+"""``python -m hybrid_retrieval.options [node ...]``: the typed config nodes' options, each with its type and
+default, read from their schemas (``hybrid_retrieval/schemas.py``). ``python run.py --cfg job`` shows the composed
+values; ``conf/config.yaml`` and the group files say what each option does."""
+
+from __future__ import annotations
+
+import sys
+
+from hybrid_retrieval.schemas import describe, schemas
+
+
+def main(argv: list[str] | None = None) -> int:
+    nodes = list(sys.argv[1:] if argv is None else argv)
+    unknown = [node for node in nodes if node not in schemas()]
+    if unknown:
+        print(f"unknown node {unknown[0]!r}: the typed nodes are {', '.join(schemas())}", file=sys.stderr)
+        return 2
+    print(describe(nodes))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
