@@ -79,7 +79,9 @@ def saved_config(folder: Path) -> dict:
 
 def check_same_config(cfg: DictConfig, folder: Path) -> None:
     """A resumed (or skipped) run continues the same experiment: its config equals this one but for ``train.resume``."""
-    saved = saved_config(folder)
+    from hybrid_retrieval.schemas import with_schema_defaults
+
+    saved = with_schema_defaults(saved_config(folder))  # options added since the run started: their defaults
     current = OmegaConf.to_container(cfg, resolve=False)
     for config in (saved, current):
         config.get("train", {}).pop("resume", None)

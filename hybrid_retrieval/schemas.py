@@ -31,6 +31,22 @@ def register() -> None:
         store.store(group="schema", name=node, node=schema)
 
 
+def with_schema_defaults(config: dict[str, Any]) -> dict[str, Any]:
+    """A config written before an option existed (a run folder's saved config), with each typed node's missing
+    options set to their schema defaults, in place: what composing it today would give. A resume compares it
+    with today's config, so an option added since does not count as a change."""
+    import dataclasses
+
+    for node, schema in schemas().items():
+        section = config.get(node)
+        if not isinstance(section, dict):
+            continue
+        for field in dataclasses.fields(schema):
+            if field.name not in section and field.default is not dataclasses.MISSING:
+                section[field.name] = field.default
+    return config
+
+
 def check_known_keys(cfg: Any) -> None:
     """A key added with ``+`` on the command line (``+train.bach_size=8``) is not checked by Hydra against the
     node's schema: refused here, before any work, naming the key and the ones the node has."""

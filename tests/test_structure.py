@@ -202,3 +202,21 @@ def test_a_run_from_before_conf_callbacks_resumes_and_other_changes_are_still_re
     (tmp_path / RUN_INFO).write_text(json.dumps({"mlflow_run_id": "x", "config": saved}))
     with pytest.raises(ConfigError, match="callbacks"):
         check_same_config(cfg, tmp_path)
+
+
+def test_a_run_saved_before_a_typed_option_existed_resumes_at_its_default_and_not_otherwise(tmp_path: Path) -> None:
+    import json
+
+    from omegaconf import OmegaConf
+
+    from hybrid_retrieval.run_folder import RUN_INFO, check_same_config
+
+    cfg = composed(["train.resume=somewhere"])
+    saved = OmegaConf.to_container(cfg, resolve=False)
+    for node, key in (("hardware", "cudnn_attention"), ("hardware", "collective_timeout_s"),
+                      ("logger", "delivery_timeout"), ("train", "dynamic_padding")):
+        del saved[node][key]  # what a run folder written before the option existed holds
+    (tmp_path / RUN_INFO).write_text(json.dumps({"mlflow_run_id": "x", "config": saved}))
+    check_same_config(cfg, tmp_path)  # today's values are the defaults: the same experiment
+    with pytest.raises(ConfigError, match=r"train\.dynamic_padding"):
+        check_same_config(composed(["train.resume=somewhere", "train.dynamic_padding=true"]), tmp_path)
