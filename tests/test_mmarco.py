@@ -215,7 +215,7 @@ def test_a_malformed_language_file(mini: MiniMmarco, cache: Path) -> None:
     path = mini.collection_file("chinese")
     lines = path.read_text(encoding="utf-8").split("\n")
     path.write_text("\n".join([*lines[:2], "no tab here", *lines[2:]]), encoding="utf-8")
-    with pytest.raises(StoreError, match=rf"chinese_collection\.tsv:3: field 'pid' must be a non-negative integer "
+    with pytest.raises(StoreError, match=r"chinese_collection\.tsv:3: field 'pid' must be a non-negative integer "
                                          r"followed by a tab and the text, got 'no tab here'"):
         from_mmarco(mini.root, LANGUAGES)
     assert store_entries(cache) == []
