@@ -81,7 +81,7 @@ def check_same_config(cfg: DictConfig, folder: Path) -> None:
     """A resumed (or skipped) run continues the same experiment: its config equals this one but for ``train.resume``."""
     from hybrid_retrieval.schemas import with_schema_defaults
 
-    saved = with_schema_defaults(saved_config(folder))  # options added since the run started: their defaults
+    saved = with_schema_defaults(saved_config(folder), cfg)  # options added since the run started: defaults
     current = OmegaConf.to_container(cfg, resolve=False)
     for config in (saved, current):
         config.get("train", {}).pop("resume", None)

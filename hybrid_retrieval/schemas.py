@@ -31,13 +31,24 @@ def register() -> None:
         store.store(group="schema", name=node, node=schema)
 
 
-def with_schema_defaults(config: dict[str, Any]) -> dict[str, Any]:
-    """A config written before an option existed (a run folder's saved config), with each typed node's missing
-    options set to their schema defaults, in place: what composing it today would give. A resume compares it
-    with today's config, so an option added since does not count as a change."""
+def typed_nodes(cfg: Any) -> list[tuple[str, Any]]:
+    """(node, schema) for each node of the composed ``cfg`` that its schema types (a sampler file of another
+    class names no schema: its node is untyped)."""
+    from omegaconf import DictConfig, OmegaConf
+
+    return [(node, schema) for node, schema in schemas().items()
+            if isinstance(cfg, DictConfig) and isinstance(cfg.get(node), DictConfig)
+            and OmegaConf.get_type(cfg[node]) is schema]
+
+
+def with_schema_defaults(config: dict[str, Any], current: Any) -> dict[str, Any]:
+    """A config written before an option existed (a run folder's saved config), with the options added since set
+    to their schema defaults, in place, in each node ``current`` (today's composed config) types: what composing
+    it today would give. A resume compares it with today's config, so an option added since does not count as a
+    change."""
     import dataclasses
 
-    for node, schema in schemas().items():
+    for node, schema in typed_nodes(current):
         section = config.get(node)
         if not isinstance(section, dict):
             continue
@@ -52,16 +63,11 @@ def check_known_keys(cfg: Any) -> None:
     node's schema: refused here, before any work, naming the key and the ones the node has."""
     from dataclasses import fields
 
-    from omegaconf import DictConfig, OmegaConf
-
     from hybrid_retrieval.config_error import ConfigError
 
-    for node, schema in schemas().items():
-        value = cfg.get(node) if isinstance(cfg, DictConfig) else None
-        if not isinstance(value, DictConfig) or OmegaConf.get_type(value) is not schema:
-            continue
+    for node, schema in typed_nodes(cfg):
         known = {field.name for field in fields(schema)}
-        unknown = sorted(str(key) for key in value.keys() if key not in known)
+        unknown = sorted(str(key) for key in cfg[node].keys() if key not in known)
         if unknown:
             raise ConfigError(f"{node}.{unknown[0]}: not an option of {node} (its schema "
                               f"{schema.__module__}.{schema.__name__}); the options are: "

@@ -220,3 +220,8 @@ def test_a_run_saved_before_a_typed_option_existed_resumes_at_its_default_and_no
     check_same_config(cfg, tmp_path)  # today's values are the defaults: the same experiment
     with pytest.raises(ConfigError, match=r"train\.dynamic_padding"):
         check_same_config(composed(["train.resume=somewhere", "train.dynamic_padding=true"]), tmp_path)
+    from hybrid_retrieval.schemas import with_schema_defaults
+
+    # A sampler of another class names no schema: its saved node gets no HybridBatchSampler options.
+    other = {"_target_": "my_extensions.InOrderSampler", "_partial_": True, "name": "in_order"}
+    assert with_schema_defaults({"sampler": dict(other)}, OmegaConf.create({"sampler": other})) == {"sampler": other}
