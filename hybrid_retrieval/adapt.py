@@ -35,8 +35,9 @@ def adapt(cfg: DictConfig) -> Path:
     if settings is None:
         raise AdaptConfigError("adapt.method=none: nothing to do; use adapt=mlm")
     check_device(cfg.hardware)
-    # Where the model goes (``out``, else ``<run folder>/model``): new, empty or overwritable.
-    folder = check_new_folder(output_folder(cfg, "output", "model"), "output", bool(cfg.get("overwrite")), AdaptConfigError)
+    # Where the model goes (``output``, else ``<run folder>/model``): new, empty or overwritable.
+    folder = check_new_folder(output_folder(cfg, "output", "model"), "output", bool(cfg.get("overwrite")),
+                              AdaptConfigError)
     torch.set_num_threads(cfg.hardware.num_threads)
     torch.manual_seed(settings.seed)
     texts = load_adapt_texts(cfg.adapt, settings=settings)

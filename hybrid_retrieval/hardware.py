@@ -16,7 +16,7 @@ BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 @dataclass
 class HardwareConfig:
     """The ``hardware`` node's schema (``conf/hardware/*.yaml``): an unknown key or a value of the wrong type is
-    refused when Hydra composes the config. Rules across keys and ranges: :func:`validate`."""
+    refused when Hydra composes the config. Ranges and allowed values: ``config_checks.check_hardware``."""
 
     name: str
     accelerator: str = "cpu"            # Lightning accelerator: cpu | gpu

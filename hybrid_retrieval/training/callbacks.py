@@ -304,7 +304,8 @@ def _collective_timed_out(error: BaseException) -> bool:
     seen = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
-        if isinstance(error, RuntimeError) and ("timed out" in str(error).lower() or "timeout" in str(error).lower()):
+        text = str(error).lower()
+        if isinstance(error, RuntimeError) and ("timed out" in text or "timeout" in text):
             return True
         error = error.__cause__ or error.__context__
     return False
@@ -457,16 +458,17 @@ class RankWatch(pl.Callback):
         deadline = time.monotonic() + wait_s
         while self.dead is None and time.monotonic() < deadline:
             time.sleep(self.poll_s / 2)
-        if self.dead is None:
-            if failure is None or not _collective_timed_out(failure):
-                return None
+        if self.dead is not None:
+            error: RankDiedError = RankDiedError(self.message(), by_signal=self.dead[2] < 0)
+        elif failure is not None and _collective_timed_out(failure):
+            # The ranks' states are read before they are stopped.
             states = [(rank, proc.pid, _process_state(proc.pid)) for rank, proc in enumerate(self.procs, start=1)]
-            self.reported.set()
-            self._stop_children()
-            return RankHungError(self.hung_message(states))
+            error = RankHungError(self.hung_message(states))
+        else:
+            return None
         self.reported.set()
         self._stop_children()
-        return RankDiedError(self.message(), by_signal=self.dead[2] < 0)
+        return error
 
     def hung_message(self, states: list[tuple[int, int, str]]) -> str:
         waited = f"{self.collective_timeout_s:g} s" if self.collective_timeout_s else "torch's default timeout"

@@ -1,8 +1,8 @@
 """The LightningDataModule: training datasets, the hybrid batch sampler, collation, and the evaluation sets.
 
 Where a training batch is chosen: :class:`~hybrid_retrieval.training.sampler.HybridBatchSampler`, or any
-:class:`~hybrid_retrieval.training.sampler.BatchSampler` ``conf/sampler`` names (built here per rank); how its rows become tokens: :mod:`hybrid_retrieval.training.batches`, with the tokenizer of the model
-being trained. Validation yields one :class:`~hybrid_retrieval.evaluation.sets.EvaluationSet` per step: the
+:class:`~hybrid_retrieval.training.sampler.BatchSampler` ``conf/sampler`` names (built here per rank); how its rows
+become tokens: :mod:`hybrid_retrieval.training.batches`, with the tokenizer of the model being trained. Validation yields one :class:`~hybrid_retrieval.evaluation.sets.EvaluationSet` per step: the
 module encodes and scores each set whole.
 """
 
