@@ -23,19 +23,20 @@ REPO = Path(__file__).resolve().parents[1]
 
 from machine import cpu_description, peak_rss_mb  # noqa: E402 (benchmarks/machine.py)
 
+from hybrid_retrieval.schemas import load_node
+
 
 def child(args: argparse.Namespace) -> None:
     import torch
     from hydra.utils import instantiate
-    from omegaconf import OmegaConf
 
-    from hybrid_retrieval.data.pairs import from_lareqa
+    from hybrid_retrieval.data.lareqa_pairs import from_lareqa
     from hybrid_retrieval.losses.cached import cached_backward
     from hybrid_retrieval.losses.info_nce import InfoNCELoss
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model_cfg = OmegaConf.load(REPO / "conf" / "model" / f"{args.model}.yaml")
+    model_cfg = load_node(REPO / "conf" / "model" / f"{args.model}.yaml")
     model_cfg.max_query_length = model_cfg.max_passage_length = 64
     encoder = instantiate(model_cfg).train()
     pairs = from_lareqa("mlqa_r", args.data_root)

@@ -105,7 +105,7 @@ def tree(pid: int) -> list[int]:
 
 
 def worker_convert(path: str) -> dict[str, Any]:
-    from hybrid_retrieval.data.pairs import from_jsonl
+    from hybrid_retrieval.data.jsonl_pairs import from_jsonl
 
     started = time.perf_counter()
     pairs = from_jsonl(path)
@@ -114,7 +114,7 @@ def worker_convert(path: str) -> dict[str, Any]:
 
 
 def worker_startup(path: str) -> dict[str, Any]:
-    from hybrid_retrieval.data.pairs import from_jsonl
+    from hybrid_retrieval.data.jsonl_pairs import from_jsonl
     from hybrid_retrieval.training.sampler import HybridBatchSampler
 
     base = memory_mb()
@@ -143,7 +143,7 @@ def worker_fetch(path: str, workers: int, batches: int) -> dict[str, Any]:
     import torch
     from torch.utils.data import DataLoader
 
-    from hybrid_retrieval.data.pairs import from_jsonl
+    from hybrid_retrieval.data.jsonl_pairs import from_jsonl
     from hybrid_retrieval.models.encoder import load_encoder
     from hybrid_retrieval.training.batches import PairCollator, PairTexts
     from hybrid_retrieval.training.sampler import HybridBatchSampler

@@ -29,12 +29,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from machine import cpu_description  # benchmarks/machine.py (the script's own folder is on sys.path)
 
 from hybrid_retrieval.data.lareqa import load_split
 from hybrid_retrieval.kernels import onednn as cpu_kernels
 from hybrid_retrieval.models import encoder as encoder_module
 from hybrid_retrieval.models.encoder import Encoder, cosine, load_encoder
-from machine import cpu_description  # benchmarks/machine.py (the script's own folder is on sys.path)
+from hybrid_retrieval.schemas import load_node
 
 PAD_TO = 128
 
@@ -145,7 +146,7 @@ def main() -> None:
 
     from omegaconf import OmegaConf
 
-    cfg = OmegaConf.to_container(OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "model"
+    cfg = OmegaConf.to_container(load_node(Path(__file__).resolve().parents[1] / "conf" / "model"
                                                 / f"{args.model}.yaml"))
     for key in ("_target_", "_convert_"):
         cfg.pop(key, None)

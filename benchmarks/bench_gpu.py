@@ -30,6 +30,8 @@ import sys
 import time
 from pathlib import Path
 
+from hybrid_retrieval.schemas import load_node
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 HERE = Path(__file__).resolve().parent
@@ -60,16 +62,15 @@ def evaluate_xquad_r(data_root: str, batch_size: int, threads: int, device: str 
     """Full XQuAD-R (or `max_questions` per language) on `device` in bf16 and fp32: timings and summary
     metrics of each."""
     import torch
-    from omegaconf import OmegaConf
-
     from hydra.utils import instantiate
+    from omegaconf import OmegaConf
 
     from hybrid_retrieval.evaluation.sets import evaluate_set, load_evaluation_sets
     from hybrid_retrieval.hardware import set_attention_backends
 
     torch.set_num_threads(threads)
     started = time.perf_counter()
-    dataset = OmegaConf.load(REPO / "conf" / "dataset" / "xquad_r.yaml")
+    dataset = load_node(REPO / "conf" / "dataset" / "xquad_r.yaml")
     dataset.root = data_root
     dataset.max_questions_per_language = max_questions
     sets = load_evaluation_sets(dataset)

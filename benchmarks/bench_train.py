@@ -26,7 +26,7 @@ batches in the same order for every configuration. Each configuration runs in a 
 - ``project_fp32_sparse`` / ``project_bf16_sparse``: ``project_fp32`` / ``project_bf16`` with
   ``train.sparse_embeddings`` (the vocabulary matrix's sparse gradient and exact row-sparse AdamW).
 - ``project_fp32_sparse_distill``: ``project_fp32_sparse`` plus distillation from the starting model
-  (``loss.distill_weight=1``: a frozen copy of the model encodes every batch again, without gradients).
+  (``distill.weight=1``: a frozen copy of the model encodes every batch again, without gradients).
 - ``project_bf16_dynpad``: the same plus ``train.dynamic_padding`` (each side of the batch embedded in
   length-sorted chunks, each padded to its own longest text: the same batch, less padded work).
 - ``project_bf16_compile``: ``project_bf16`` with the backbone wrapped in ``torch.compile(dynamic=True)`` (a lead
@@ -67,6 +67,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from machine import cpu_description, peak_rss_mb  # noqa: E402 (benchmarks/machine.py)
+
+from hybrid_retrieval.schemas import load_node
+
 CONFIGS = ("st", "project_fp32_padded", "project_fp32", "st_bf16", "project_bf16_padded", "project_bf16",
            "project_loop", "project_fp32_sparse", "project_bf16_sparse", "project_fp32_sparse_distill",
            "project_bf16_dynpad", "project_bf16_compile",
@@ -84,7 +87,7 @@ def batches_of_pairs(data_root: str, batch: int, steps: int, seed: int) -> list[
     """The same (question, answer sentence) batches for every configuration: MLQA-R pairs in a seeded order."""
     import numpy as np
 
-    from hybrid_retrieval.data.pairs import from_lareqa
+    from hybrid_retrieval.data.lareqa_pairs import from_lareqa
 
     pairs = from_lareqa("mlqa_r", data_root)
     order = np.random.default_rng(seed).permutation(len(pairs.queries))
@@ -156,14 +159,13 @@ def run_project(args: argparse.Namespace, batches: list, config: str) -> dict:
     import pytorch_lightning as pl
     import torch
     from hydra.utils import instantiate
-    from omegaconf import OmegaConf
 
+    from hybrid_retrieval.losses.distill import InBatchDistillation
     from hybrid_retrieval.losses.info_nce import InfoNCELoss
     from hybrid_retrieval.training import module as module_lib
-    from hybrid_retrieval.losses.distill import InBatchDistillation
     from hybrid_retrieval.training.module import HybridRetrievalModule, OptimizerSettings
 
-    model_cfg = OmegaConf.load(REPO / "conf" / "model" / "me5_small.yaml")
+    model_cfg = load_node(REPO / "conf" / "model" / "me5_small.yaml")
     model_cfg.max_query_length = model_cfg.max_passage_length = args.max_length
     # Compiled backbones are opaque to the packed forward (it would fall back, with a logged reason): say so here.
     model_cfg.unpad = not config.endswith(("_padded", "_compile", "_graphs"))

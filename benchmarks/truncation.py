@@ -24,10 +24,11 @@ from typing import Any
 import faiss
 import numpy as np
 import torch
+from machine import cpu_description  # benchmarks/machine.py (the script's own folder is on sys.path)
 
 from hybrid_retrieval.data.lareqa import load_split
 from hybrid_retrieval.evaluation.evaluator import evaluate_split
-from machine import cpu_description  # benchmarks/machine.py (the script's own folder is on sys.path)
+from hybrid_retrieval.schemas import load_node
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 COLUMNS = (("mono", "map", "Mo mAP"), ("cross", "map", "Cr mAP"), ("multi", "map", "Mul mAP"),
@@ -44,9 +45,8 @@ def truncated(embeddings: np.ndarray, dim: int) -> np.ndarray:
 
 def encode(model: str, model_path: str | None, split) -> tuple[np.ndarray, np.ndarray]:
     from hydra.utils import instantiate
-    from omegaconf import OmegaConf
 
-    config = OmegaConf.load(REPO_ROOT / "conf" / "model" / f"{model}.yaml")
+    config = load_node(REPO_ROOT / "conf" / "model" / f"{model}.yaml")
     if model_path:
         config.path = model_path
     encoder = instantiate(config)

@@ -19,14 +19,19 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from hybrid_retrieval import tracking
-from hybrid_retrieval.adaptation.mlm import (AdaptConfigError, adapt_encoder, adapt_tags, check_adapt_config,
-                                             load_adapt_texts)
-from hybrid_retrieval.cli import check_new_folder, hydra_main, output_folder, run_folder
-from hybrid_retrieval.config_checks import check_device
+from hybrid_retrieval.adaptation.mlm import (
+    AdaptConfigError,
+    adapt_encoder,
+    adapt_tags,
+    check_adapt_config,
+    load_adapt_texts,
+)
+from hybrid_retrieval.cli import hydra_main
 from hybrid_retrieval.data.fingerprint import texts_data
-from hybrid_retrieval.hardware import torch_device
+from hybrid_retrieval.hardware import check_device, torch_device
 from hybrid_retrieval.models.export import export_encoder
 from hybrid_retrieval.models.loading import SETTINGS_FILE
+from hybrid_retrieval.run_folder import check_new_folder, job_folder, output_folder
 
 
 def adapt(cfg: DictConfig) -> Path:
@@ -63,7 +68,7 @@ def adapt(cfg: DictConfig) -> Path:
         started = time.perf_counter()
         folder = export_encoder(encoder.cpu(), folder, card=card, overwrite=bool(cfg.get("overwrite")))
         run.log_metrics({"time/export_s": time.perf_counter() - started})
-        report = run_folder() / "adapt.json"
+        report = job_folder() / "adapt.json"
         report.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         run.log_artifact(report)
         for name in (SETTINGS_FILE, "README.md"):

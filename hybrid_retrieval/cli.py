@@ -6,7 +6,6 @@
   whole stack; an unexpected exception keeps its traceback.
 * :func:`quiet_third_party` — the one place where library warnings that tell this project's user nothing are
   dropped, each by its message and category (never a blanket ignore).
-* The model a command encodes with (``checkpoint=`` or ``model=``) and the folder it writes into.
 
 Drivers compose these and library code; no driver imports another.
 """
@@ -19,27 +18,20 @@ import math
 import os
 import re
 import sys
-import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Callable, Sequence, TypeVar
 
-import numpy as np
 from hydra.errors import CompactHydraException
 from omegaconf import DictConfig, OmegaConf
 
-from hybrid_retrieval.config_checks import ConfigError, projection_options
+from hybrid_retrieval.config_error import UserError
 
 PACKAGE_DIR = Path(__file__).resolve().parent
-ENTRY_POINT = PACKAGE_DIR.parent / "run.py"
 DEBUG_ENV = "HYDRA_FULL_ERROR"  # Hydra's own switch: set to 1, every error shows its full stack
 R = TypeVar("R")
 
 # ---------------------------------------------------------------------------------------------------- errors
-
-# Built-in exception types the project's checks raise with a message meant for the user (``raise ValueError(...)``
-# in a check); the same types raised anywhere else are bugs and keep their traceback.
-CHECK_TYPES = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
 
 
 class InputError(CompactHydraException):
@@ -47,34 +39,16 @@ class InputError(CompactHydraException):
     overrides above it and the ``HYDRA_FULL_ERROR=1`` hint below, and exits with status 1)."""
 
 
-def _defined_in_project(error: BaseException) -> bool:
-    return any(kind.__module__.split(".")[0] == PACKAGE_DIR.name for kind in type(error).__mro__)
-
-
-def _raised_by_a_check(error: BaseException) -> bool:
-    """A built-in error whose ``raise`` statement is the project's own code (not a library's, not a failed call)."""
-    import linecache
-
-    tb = error.__traceback__
-    if tb is None:
-        return False
-    while tb.tb_next is not None:
-        tb = tb.tb_next
-    file = Path(tb.tb_frame.f_code.co_filename).resolve()
-    if PACKAGE_DIR not in file.parents and file != ENTRY_POINT:
-        return False
-    return linecache.getline(str(file), tb.tb_lineno).strip().startswith("raise ")
-
-
 def own_error(error: BaseException) -> BaseException | None:
-    """The project's own input error in ``error``: itself, or what Hydra's ``instantiate`` (or OmegaConf) wrapped;
-    None for anything else (a bug, a library failure)."""
+    """The project's own input error in ``error`` (a :class:`~hybrid_retrieval.config_error.UserError`, or another
+    exception class the project defines for its input, such as ``DataNotFoundError``): itself, or what Hydra's
+    ``instantiate`` (or OmegaConf) wrapped; None for anything else (a bug, a library failure)."""
     candidates = [error]
     if error.__cause__ is not None and type(error).__module__.split(".")[0] in ("hydra", "omegaconf"):
         candidates.append(error.__cause__)
     for candidate in candidates:
-        if isinstance(candidate, Exception) and (
-                _defined_in_project(candidate) or (isinstance(candidate, CHECK_TYPES) and _raised_by_a_check(candidate))):
+        if isinstance(candidate, Exception) and any(kind.__module__.split(".")[0] == PACKAGE_DIR.name
+                                                    for kind in type(candidate).__mro__):
             return candidate
     return None
 
@@ -96,7 +70,8 @@ def _config_key(cfg: DictConfig, wrapper: BaseException) -> str | None:
 def error_block(error: BaseException, cause: BaseException, cfg: DictConfig | None = None) -> str:
     """The message a user reads: ``<Kind>: <message>``, and the option being built when Hydra's ``instantiate``
     wrapped it."""
-    text = f"{type(cause).__name__}: {cause}"
+    name = cause.shown_name() if isinstance(cause, UserError) else type(cause).__name__
+    text = f"{name}: {cause}"
     if cause is not error and cfg is not None:
         key = _config_key(cfg, error)
         if key:
@@ -194,17 +169,17 @@ def hydra_main(config_name: str, config_path: str = "../conf") -> Callable[[Call
     return decorate
 
 
-# Options renamed since earlier versions: old name -> new. A command line that uses an old name is refused before
-# Hydra composes (which would only say the key is unknown), naming the new one.
-RENAMED_OPTIONS = {"out": "output"}
-
-
 def refuse_renamed_options(overrides: Sequence[str]) -> None:
+    """A command line with an option renamed since (``upgrade.RENAMED_OPTIONS``) is refused before Hydra composes
+    (which would only say the key is unknown), naming the new one."""
+    from hybrid_retrieval.upgrade import RENAMED_OPTIONS
+
     for override in overrides:
         key = override.lstrip("+~").split("=", 1)[0]
         if key in RENAMED_OPTIONS:
-            raise SystemExit(f"ConfigError: {key}= is now {RENAMED_OPTIONS[key]}= (one name for the output folder "
-                             f"of every command): write {override.replace(key, RENAMED_OPTIONS[key], 1)}")
+            new, why = RENAMED_OPTIONS[key]
+            raise SystemExit(f"ConfigError: {key}= is now {new}= ({why}): write "
+                             f"{override.replace(key, new, 1).lstrip('+')}")
 
 
 def sweep_reports_failures() -> bool:
@@ -238,120 +213,3 @@ def report_failed_job(error: BaseException | str) -> None:
     summary = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
     record_failed_job(Path(hydra_cfg.sweep.dir).resolve(), hydra_cfg.runtime.output_dir, hydra_cfg.overrides.task,
                       summary)
-
-
-# ------------------------------------------------------------------------------------------------ the model
-
-
-def check_model_source(cfg: DictConfig) -> None:
-    """The model must be loadable: ``checkpoint`` an existing file, else ``model`` a valid config (a given
-    ``model.path`` an existing model folder with its tokenizer)."""
-    from hybrid_retrieval.config_checks import check_model
-    from hybrid_retrieval.run_folder import check_checkpoint_file
-
-    if cfg.get("checkpoint"):
-        check_checkpoint_file(cfg.checkpoint)
-        projection_options(cfg.get("model"))  # checked here too: the checkpoint brings its model, not these options
-        return
-    check_model(cfg.model)
-    if cfg.model.get("path"):
-        from hybrid_retrieval.models.loading import check_tokenizer_files, resolve_hub_folder
-
-        check_tokenizer_files(resolve_hub_folder(cfg.model.name, None, cfg.model.path))
-
-
-def load_model(cfg: DictConfig) -> Any:
-    """The encoder of ``checkpoint`` if set, else of the ``model`` config, in eval mode on ``hardware``'s device."""
-    from hybrid_retrieval.hardware import torch_device
-
-    if cfg.get("checkpoint"):
-        from hybrid_retrieval.models.checkpoint import encoder_from_checkpoint, merge_with_start, read_checkpoint
-
-        ratio = merge_ratio(cfg)
-        checkpoint = read_checkpoint(cfg.checkpoint)
-        encoder = encoder_from_checkpoint(checkpoint)
-        if ratio is not None:  # WiSE-FT with the run's starting model
-            encoder = merge_with_start(encoder, checkpoint, ratio)
-        truncate_dim = cfg.get("model", {}).get("truncate_dim")
-        if truncate_dim is not None:  # the command line's size wins over the one the checkpoint was trained with
-            from hybrid_retrieval.models.encoder import check_truncate_dim
-
-            check_truncate_dim(truncate_dim, encoder.embedding_dim)
-            encoder.truncate_dim = int(truncate_dim)
-    else:
-        from hydra.utils import instantiate
-
-        encoder = instantiate(cfg.model)
-    encoder = encoder.to(torch_device(cfg.hardware)).eval()
-    options = projection_options(cfg.get("model"))
-    if options is not None:
-        from hybrid_retrieval.hardware import encode_dtype
-        from hybrid_retrieval.models.language_projection import fit_for_encoder
-
-        projection = fit_for_encoder(encoder, options, batch_size=cfg.hardware.encode_batch_size,
-                                     dtype=encode_dtype(cfg.hardware))
-        projection.save(run_folder())
-        encoder.language_projection = projection
-    return encoder
-
-
-def merge_ratio(cfg: DictConfig) -> float | None:
-    """``merge_with=start merge_ratio=r`` (checked; only with ``checkpoint=``), or None."""
-    from hybrid_retrieval.models.merge import check_merge
-
-    try:
-        ratio = check_merge(cfg.get("merge_with"), cfg.get("merge_ratio", 1.0))
-    except ValueError as error:
-        raise ConfigError(str(error)) from error
-    if ratio is not None and not cfg.get("checkpoint"):
-        raise ConfigError("merge_with=start needs checkpoint=<run folder>/checkpoints/best.ckpt: the checkpoint "
-                          "records the model its run started from")
-    return ratio
-
-
-def model_source(cfg: DictConfig) -> str:
-    """Where the weights came from, for meta files and MLflow tags."""
-    if cfg.get("checkpoint"):
-        merged = f" merged with start at {cfg.merge_ratio}" if cfg.get("merge_with") else ""
-        return f"checkpoint:{Path(str(cfg.checkpoint)).expanduser().resolve()}{merged}"
-    if cfg.model.get("path"):
-        return f"path:{Path(str(cfg.model.path)).expanduser().resolve()}"
-    return f"{cfg.model.source}:{cfg.model.get('checkpoint') or cfg.model.name}"
-
-
-def encode_texts(encoder: Any, texts: list[str], kind: str, hardware: DictConfig) -> tuple[np.ndarray, float]:
-    """Embeddings (float32, input order) and the seconds it took."""
-    from hybrid_retrieval.hardware import encode_dtype
-
-    dtype = encode_dtype(hardware)
-    start = time.perf_counter()
-    emb = encoder.encode(texts, kind, batch_size=int(hardware.encode_batch_size), dtype=dtype)
-    return emb.astype(np.float32, copy=False), time.perf_counter() - start
-
-
-# ------------------------------------------------------------------------------------------------ the output
-
-
-def run_folder() -> Path:
-    """This job's Hydra run folder (the current folder outside Hydra)."""
-    from hybrid_retrieval.tracking import job_context
-
-    return Path(job_context()["output_dir"])
-
-
-def output_folder(cfg: DictConfig, option: str = "output", subfolder: str | None = None) -> Path:
-    """``cfg.<option>``, else the run folder (or its ``subfolder``) when it is null."""
-    if cfg.get(option):
-        return Path(str(cfg.get(option))).expanduser()
-    return run_folder() / subfolder if subfolder else run_folder()
-
-
-def check_new_folder(folder: Path, option: str, overwrite: bool,
-                     error: type[Exception] = ConfigError) -> Path:
-    """A folder a command fills: new, empty, or ``overwrite=true``."""
-    if folder.exists() and not folder.is_dir():
-        raise error(f"{option}={str(folder)!r}: exists and is not a folder")
-    if folder.is_dir() and any(folder.iterdir()) and not overwrite:
-        raise error(f"{option}={str(folder)!r}: folder exists and is not empty; choose another folder or pass "
-                    "overwrite=true to replace it")
-    return folder

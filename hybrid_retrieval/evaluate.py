@@ -15,15 +15,34 @@ import torch
 from omegaconf import DictConfig
 
 from hybrid_retrieval import tracking
-from hybrid_retrieval.cli import hydra_main, load_model, run_folder
-from hybrid_retrieval.config_checks import ConfigError, check_evaluate_config
+from hybrid_retrieval.cli import hydra_main
+from hybrid_retrieval.config_error import ConfigError
 from hybrid_retrieval.data.fingerprint import evaluation_data
 from hybrid_retrieval.evaluation.evaluator import EvaluationResult, evaluate_split
 from hybrid_retrieval.evaluation.index import write_rankings
 from hybrid_retrieval.evaluation.lareqa import LareqaSet
 from hybrid_retrieval.evaluation.sets import describe, evaluate_set, load_evaluation_sets, metric_values, write_reports
 from hybrid_retrieval.hardware import encode_dtype, encode_dtype_name
+from hybrid_retrieval.models.source import load_model
+from hybrid_retrieval.run_folder import job_folder
 
+
+def check_evaluate_config(cfg: DictConfig) -> None:
+    """Every option evaluate reads, before any model loads: each node by its owner."""
+    from hybrid_retrieval.evaluation.config import check_dataset, check_extra_datasets
+    from hybrid_retrieval.hardware import check_device, check_hardware
+    from hybrid_retrieval.models.config import check_model
+    from hybrid_retrieval.run_folder import check_checkpoint_file
+
+    if cfg.get("checkpoint") is not None:
+        check_checkpoint_file(cfg.checkpoint)
+    else:  # a checkpoint carries its own model config
+        check_model(cfg.model)
+    check_dataset(cfg.dataset)
+    check_extra_datasets(cfg)
+    check_hardware(cfg.hardware)
+    check_device(cfg.hardware)
+    tracking.check_logger(cfg)
 
 def saved_embeddings(folder: str, main: object) -> tuple[np.ndarray, np.ndarray]:
     """``embeddings=<folder>``'s query and candidate matrices, checked against the main set before any model loads."""
@@ -65,7 +84,7 @@ def evaluate(cfg: DictConfig) -> dict[str, EvaluationResult]:
     sets = load_evaluation_sets(cfg.dataset, cfg.get("extra_datasets"))
     saved = saved_embeddings(cfg.get("embeddings"), sets[0]) if cfg.get("embeddings") else None
     encoder = load_model(cfg)
-    folder = run_folder()
+    folder = job_folder()
     results: dict[str, EvaluationResult] = {}
     tags = {"model": encoder.name, "dataset": cfg.dataset.name, "encode_dtype": encode_dtype_name(cfg.hardware)}
     if cfg.get("checkpoint"):

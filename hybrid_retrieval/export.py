@@ -15,15 +15,19 @@ from typing import Any
 from omegaconf import DictConfig
 
 from hybrid_retrieval import tracking
-from hybrid_retrieval.cli import check_new_folder, hydra_main, merge_ratio
-from hybrid_retrieval.config_checks import ConfigError
-from hybrid_retrieval.run_folder import check_checkpoint_file
-from hybrid_retrieval.models.checkpoint import (TrainingCheckpoint, encoder_from_checkpoint, merge_with_start,
-                                                read_checkpoint)
+from hybrid_retrieval.cli import hydra_main
+from hybrid_retrieval.config_error import ConfigError
+from hybrid_retrieval.models.checkpoint import (
+    TrainingCheckpoint,
+    encoder_from_checkpoint,
+    merge_with_start,
+    read_checkpoint,
+)
 from hybrid_retrieval.models.export import export_encoder, run_card
 from hybrid_retrieval.models.loading import SETTINGS_FILE
 from hybrid_retrieval.models.publish import REPO_ID, push_folder
-from hybrid_retrieval.run_folder import BEST_CHECKPOINT_EXAMPLE
+from hybrid_retrieval.models.source import merge_ratio
+from hybrid_retrieval.run_folder import BEST_CHECKPOINT_EXAMPLE, check_checkpoint_file, check_new_folder
 
 
 def check_export_config(cfg: DictConfig) -> tuple[Path, Path]:
@@ -73,9 +77,9 @@ def export(cfg: DictConfig) -> Path:
         encoder.language_projection = LanguageProjection.load(Path(str(projection_file)).expanduser())
         card["language_projection"] = (f"the language subspace (rank {encoder.language_projection.rank}, "
                                        f"{encoder.language_projection.source}) is projected out")
-    loss = (card.get("training") or {}).get("loss")
-    if isinstance(loss, dict) and loss.get("matryoshka_dims"):  # the folder records the sizes it was trained at
-        encoder.matryoshka_dims = [int(d) for d in loss["matryoshka_dims"]]
+    matryoshka = (card.get("training") or {}).get("matryoshka")
+    if isinstance(matryoshka, dict) and matryoshka.get("dims"):  # the folder records the sizes it was trained at
+        encoder.matryoshka_dims = [int(d) for d in matryoshka["dims"]]
     with tracking.mlflow_run(cfg, job="export", tags={"model": encoder.name},
                              title=f"export {encoder.name}") as run:
         start = time.perf_counter()

@@ -11,12 +11,13 @@ from pathlib import Path
 from typing import Any, Optional
 
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+ENCODE_DTYPES = ("float32", "bfloat16", "auto")
 
 
 @dataclass
 class HardwareConfig:
     """The ``hardware`` node's schema (``conf/hardware/*.yaml``): an unknown key or a value of the wrong type is
-    refused when Hydra composes the config. Ranges and allowed values: ``config_checks.check_hardware``."""
+    refused when Hydra composes the config. Ranges and allowed values: :func:`check_hardware`."""
 
     name: str
     accelerator: str = "cpu"            # Lightning accelerator: cpu | gpu
@@ -92,7 +93,7 @@ def uses_gpu(hardware: Any) -> bool:
 
 def torch_device(hardware: Any) -> Any:
     """Where a driver without a Lightning Trainer (evaluate, encode, search, adapt) puts the model: the current
-    CUDA device for ``accelerator: gpu``, else the CPU. ``config_checks.check_device`` has already refused a GPU
+    CUDA device for ``accelerator: gpu``, else the CPU. :func:`check_device` has already refused a GPU
     config on a machine without one. Also applies :func:`set_attention_backends`."""
     import torch
 
@@ -118,16 +119,35 @@ def encode_dtype(hardware: Any) -> Any:
     return torch.bfloat16 if encode_dtype_name(hardware) == "bfloat16" else None
 
 
-def trainer_strategy(hardware: Any) -> Any:
-    """Lightning's ``strategy``: ``hardware.strategy`` as named, or for ``ddp`` with ``hardware.collective_timeout_s``
-    a DDP strategy whose collectives give up after that many seconds (a peer that died or hangs), while the
-    rendezvous keeps torch's default (:class:`~hybrid_retrieval.training.strategy.CollectiveTimeoutDDP`)."""
-    strategy = str(hardware.get("strategy", "auto"))
+def check_hardware(hardware: Any) -> None:
+    """What the schema's types cannot say: ranges and allowed values, before any work."""
+    from hybrid_retrieval.config_error import require
+
+    def positive_int(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+    require(positive_int(hardware.get("num_threads")), "hardware.num_threads", "a positive integer",
+            hardware.get("num_threads"))
+    require(hardware.get("encode_dtype") in ENCODE_DTYPES, "hardware.encode_dtype",
+            f"one of {ENCODE_DTYPES}", hardware.get("encode_dtype"))
+    require(positive_int(hardware.get("encode_batch_size")), "hardware.encode_batch_size",
+            "a positive integer", hardware.get("encode_batch_size"))
+    require(positive_int(hardware.get("num_nodes", 1)), "hardware.num_nodes", "a positive integer",
+            hardware.get("num_nodes"))
     timeout = hardware.get("collective_timeout_s")
-    if strategy != "ddp" or timeout is None:
-        return strategy
-    from datetime import timedelta
+    number = isinstance(timeout, (int, float)) and not isinstance(timeout, bool)
+    require(timeout is None or (number and timeout > 0), "hardware.collective_timeout_s",
+            "a number of seconds > 0, or null (torch's default)", timeout)
 
-    from hybrid_retrieval.training.strategy import CollectiveTimeoutDDP
 
-    return CollectiveTimeoutDDP(collective_timeout=timedelta(seconds=float(timeout)))
+def check_device(hardware: Any) -> None:
+    """A single-process driver (evaluate, encode, search, adapt) asked for a GPU that torch cannot see: refused
+    before any model loads. (Training leaves this to Lightning: a job may be built on a node without GPUs.)"""
+    if uses_gpu(hardware):
+        import torch
+
+        from hybrid_retrieval.config_error import require
+
+        require(torch.cuda.is_available(), "hardware.accelerator", "a CUDA device visible to torch "
+                f"(torch {torch.__version__} sees none); use hardware=cpu or hardware=cpu_auto on this machine",
+                hardware.get("accelerator"))

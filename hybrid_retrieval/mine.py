@@ -18,10 +18,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from hybrid_retrieval import tracking
-from hybrid_retrieval.cli import check_model_source, encode_texts, hydra_main, load_model, model_source, output_folder
-from hybrid_retrieval.config_checks import ConfigError, check_device, check_hardware
+from hybrid_retrieval.cli import hydra_main
+from hybrid_retrieval.config_error import ConfigError
 from hybrid_retrieval.data.pairs import build_datasets
+from hybrid_retrieval.hardware import check_device, check_hardware
 from hybrid_retrieval.mining import MiningSettings, mine_negatives, passage_pool
+from hybrid_retrieval.models.source import check_model_source, encode_texts, load_model, model_source
+from hybrid_retrieval.run_folder import output_folder
 
 OUTPUT_FILES = ("pairs.jsonl", "pairs.provenance.jsonl", "mine.json")
 

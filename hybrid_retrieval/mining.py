@@ -17,6 +17,8 @@ from typing import Sequence
 
 import numpy as np
 
+from hybrid_retrieval.config_error import BadValue
+
 __all__ = ["MinedNegative", "MiningSettings", "mine_negatives", "passage_pool"]
 
 
@@ -29,10 +31,10 @@ class MiningSettings:
     def __post_init__(self) -> None:
         low, high = self.rank_window
         if not (isinstance(low, int) and isinstance(high, int) and 1 <= low <= high):
-            raise ValueError(f"mining.rank_window must be [first, last] with 1 <= first <= last, got {self.rank_window}")
+            raise BadValue(f"mining.rank_window must be [first, last] with 1 <= first <= last, got {self.rank_window}")
         ratio = self.max_score_ratio
         if ratio is not None and not (isinstance(ratio, (int, float)) and 0 < ratio <= 1):
-            raise ValueError(f"mining.max_score_ratio must be null or a number in (0, 1], got {ratio!r}")
+            raise BadValue(f"mining.max_score_ratio must be null or a number in (0, 1], got {ratio!r}")
 
 
 @dataclass

@@ -33,13 +33,16 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from hybrid_retrieval import tracking
 from hybrid_retrieval.cli import hydra_main
-from hybrid_retrieval.config_checks import ConfigError, check_device, check_hardware, check_logger, check_model
+from hybrid_retrieval.config_error import ConfigError
 from hybrid_retrieval.data.sources import OFFLINE_ENV
-from hybrid_retrieval.models.export import run_model_name
+from hybrid_retrieval.hardware import check_device, check_hardware
+from hybrid_retrieval.models.config import check_model
+from hybrid_retrieval.models.export import read_run_config, run_model_name
 from hybrid_retrieval.models.loading import folder_matryoshka
-from hybrid_retrieval.run_folder import CHECKPOINTS, RUN_INFO
+from hybrid_retrieval.run_folder import CHECKPOINTS, HYDRA_CONFIG, RUN_INFO
+from hybrid_retrieval.tracking import check_logger
 
-RUN_MARKERS = (RUN_INFO, ".hydra", CHECKPOINTS, "metrics.json")
+RUN_MARKERS = (RUN_INFO, HYDRA_CONFIG.split("/")[0], CHECKPOINTS, "metrics.json")
 
 
 def locate_model(path: str | os.PathLike[str]) -> tuple[Path, Path | None]:
@@ -72,12 +75,10 @@ def model_name(cfg: DictConfig, folder: Path | None, run_dir: Path | None, encod
 
 def base_model(run_dir: Path | None, encoder_name: str) -> str:
     """What a fine-tuned model was adapted from (MTEB's ``adapted_from``): the run's ``model.checkpoint`` (or its
-    ``model.name``) from its ``.hydra/config.yaml``, else the name the folder's settings give."""
-    config_file = run_dir / ".hydra" / "config.yaml" if run_dir is not None else None
-    if config_file is not None and config_file.is_file():
-        model = OmegaConf.load(config_file).get("model") or {}
-        if model.get("checkpoint") or model.get("name"):
-            return str(model.get("checkpoint") or model.get("name"))
+    ``model.name``) from its saved config, else the name the folder's settings give."""
+    model = (read_run_config(run_dir).get("model") or {}) if run_dir is not None else {}
+    if model.get("checkpoint") or model.get("name"):
+        return str(model.get("checkpoint") or model.get("name"))
     return encoder_name
 
 
@@ -109,11 +110,19 @@ def run_mteb(cfg: DictConfig) -> dict[str, float]:
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     import mteb
 
-    from hybrid_retrieval.cli import load_model
-    from hybrid_retrieval.evaluation.mteb_eval import (MtebEncoder, TaskDataError, check_task_data, embedding_cache,
-                                                       encoder_settings, main_scores, model_meta, resolve_tasks,
-                                                       weights_revision)
+    from hybrid_retrieval.evaluation.mteb_eval import (
+        MtebEncoder,
+        TaskDataError,
+        check_task_data,
+        embedding_cache,
+        encoder_settings,
+        main_scores,
+        model_meta,
+        resolve_tasks,
+        weights_revision,
+    )
     from hybrid_retrieval.hardware import encode_dtype
+    from hybrid_retrieval.models.source import load_model
 
     local = OmegaConf.to_container(cfg.get("local") or {}, resolve=True)
     try:

@@ -6,14 +6,15 @@ from __future__ import annotations
 
 import sys
 
-from hybrid_retrieval.schemas import describe, schemas
+from hybrid_retrieval.schemas import describe, node_of, schemas
 
 
 def main(argv: list[str] | None = None) -> int:
     nodes = list(sys.argv[1:] if argv is None else argv)
-    unknown = [node for node in nodes if node not in schemas()]
+    typed = sorted({node_of(name) for name in schemas()} | set(schemas()))
+    unknown = [node for node in nodes if node not in typed]
     if unknown:
-        print(f"unknown node {unknown[0]!r}: the typed nodes are {', '.join(schemas())}", file=sys.stderr)
+        print(f"unknown node {unknown[0]!r}: the typed nodes are {', '.join(typed)}", file=sys.stderr)
         return 2
     print(describe(nodes))
     return 0

@@ -15,7 +15,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from hybrid_retrieval.cli import hydra_main
-from hybrid_retrieval.config_checks import ConfigError
+from hybrid_retrieval.config_error import ConfigError
 from hybrid_retrieval.data.pairs import build_datasets
 
 

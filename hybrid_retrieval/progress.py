@@ -13,6 +13,8 @@ import sys
 import time
 from typing import Any
 
+from hybrid_retrieval.config_error import BadValue
+
 log = logging.getLogger("hybrid_retrieval.progress")
 EVERY_ENV = "HYBRID_RETRIEVAL_PROGRESS_EVERY_S"
 
@@ -24,9 +26,9 @@ def every_seconds(default: float = 30.0) -> float:
     try:
         seconds = float(value)
     except ValueError:
-        raise ValueError(f"{EVERY_ENV}={value!r}: expected a number of seconds") from None
+        raise BadValue(f"{EVERY_ENV}={value!r}: expected a number of seconds") from None
     if seconds <= 0:
-        raise ValueError(f"{EVERY_ENV}={value!r}: expected a positive number of seconds")
+        raise BadValue(f"{EVERY_ENV}={value!r}: expected a positive number of seconds")
     return seconds
 
 

@@ -11,23 +11,24 @@ from omegaconf import DictConfig, OmegaConf
 
 from hybrid_retrieval import tracking
 from hybrid_retrieval.cli import hydra_main
+from hybrid_retrieval.config_error import BadValue
 from hybrid_retrieval.reporting.sweep import make_report, print_report
 
 
 def check_report_config(cfg: DictConfig) -> None:
     sources = [name for name in ("sweep", "runs") if cfg.get(name)] + (["all_runs"] if cfg.all_runs else [])
     if len(sources) > 1:
-        raise ValueError(f"{' and '.join(sources)}: choose one source of runs (sweep, runs or all_runs)")
+        raise BadValue(f"{' and '.join(sources)}: choose one source of runs (sweep, runs or all_runs)")
     if OmegaConf.is_list(cfg.get("sweep")) and not cfg.get("output"):
-        raise ValueError(f"sweep={list(cfg.sweep)}: several sweeps make one report; set output=<folder> for it")
+        raise BadValue(f"sweep={list(cfg.sweep)}: several sweeps make one report; set output=<folder> for it")
     if cfg.at not in ("best", "last"):
-        raise ValueError(f"at={cfg.at!r}: expected best or last")
+        raise BadValue(f"at={cfg.at!r}: expected best or last")
     for name in ("heatmap_rows", "diff"):
         value = cfg.get(name)
         if value is not None and (not OmegaConf.is_list(value) or not all(isinstance(v, int) for v in value)):
-            raise ValueError(f"{name}={value!r}: expected a list of row numbers, e.g. [0, 1]")
+            raise BadValue(f"{name}={value!r}: expected a list of row numbers, e.g. [0, 1]")
     if cfg.get("diff") is not None and len(cfg.diff) != 2:
-        raise ValueError(f"diff={list(cfg.diff)!r}: expected two row numbers [a, b] (b minus a)")
+        raise BadValue(f"diff={list(cfg.diff)!r}: expected two row numbers [a, b] (b minus a)")
     tracking.check_tracking_uri(cfg.logger.tracking_uri)
 
 

@@ -79,14 +79,12 @@ def saved_config(folder: Path) -> dict:
 
 def check_same_config(cfg: DictConfig, folder: Path) -> None:
     """A resumed (or skipped) run continues the same experiment: its config equals this one but for ``train.resume``."""
-    from hybrid_retrieval.schemas import with_schema_defaults
+    from hybrid_retrieval.upgrade import upgrade_config
 
-    saved = with_schema_defaults(saved_config(folder), cfg)  # options added since the run started: defaults
+    saved = upgrade_config(saved_config(folder), cfg)  # what an older version wrote, in today's spelling
     current = OmegaConf.to_container(cfg, resolve=False)
     for config in (saved, current):
         config.get("train", {}).pop("resume", None)
-    if "callbacks" not in saved:  # a run started before conf/callbacks existed: its callbacks were the default ones
-        current.pop("callbacks", None)
     differences = sorted(_differences(saved, current))
     require(not differences, "train.resume", "the same command as the run being resumed, plus train.resume; these "
              f"options differ: {differences[:8]}", f"{cfg.train.get('resume')} ({folder})")
@@ -253,3 +251,31 @@ def finished_job(cfg: DictConfig) -> float | None:
         return None
     check_same_config(cfg, folder)
     return float(info["best"])
+
+
+# ------------------------------------------------------------------------------------------------ a command's output
+
+
+def job_folder() -> Path:
+    """This job's Hydra run folder (the current folder outside Hydra)."""
+    from hybrid_retrieval.tracking import job_context
+
+    return Path(job_context()["output_dir"])
+
+
+def output_folder(cfg: DictConfig, option: str = "output", subfolder: str | None = None) -> Path:
+    """``cfg.<option>``, else the run folder (or its ``subfolder``) when it is null."""
+    if cfg.get(option):
+        return Path(str(cfg.get(option))).expanduser()
+    return job_folder() / subfolder if subfolder else job_folder()
+
+
+def check_new_folder(folder: Path, option: str, overwrite: bool,
+                     error: type[Exception] = ConfigError) -> Path:
+    """A folder a command fills: new, empty, or ``overwrite=true``."""
+    if folder.exists() and not folder.is_dir():
+        raise error(f"{option}={str(folder)!r}: exists and is not a folder")
+    if folder.is_dir() and any(folder.iterdir()) and not overwrite:
+        raise error(f"{option}={str(folder)!r}: folder exists and is not empty; choose another folder or pass "
+                    "overwrite=true to replace it")
+    return folder

@@ -1,9 +1,10 @@
-"""The config groups' schemas, registered with Hydra's ConfigStore as ``schema/<node>``.
+"""The config nodes' schemas, registered with Hydra's ConfigStore as ``schema/<name>``.
 
 Each schema is a dataclass beside the code that reads the node; a group's YAML files name it first in their
 defaults list (``- /schema/hardware@_here_``), ``conf/config.yaml`` names the ``train`` node's. Hydra then
 refuses, while composing, a key the schema does not have and a value of the wrong type, naming the key
-(``hardware.num_threads=two``, ``train.bach_size=8``, a misspelt key in an experiment preset). Every entry point
+(``hardware.num_threads=two``, ``train.bach_size=8``, a misspelt key in an experiment preset). A file of another
+class (a sampler or loss of one's own, docs/extending.md) names no schema: its node is untyped. Every entry point
 registers them before composing: :func:`hybrid_retrieval.cli.hydra_main`, and the tests' ``conftest.py``.
 """
 
@@ -13,13 +14,22 @@ from typing import Any
 
 
 def schemas() -> dict[str, Any]:
-    """node -> its schema dataclass."""
+    """ConfigStore name -> its schema dataclass."""
+    from hybrid_retrieval.evaluation.config import SCHEMAS as DATASETS
     from hybrid_retrieval.hardware import HardwareConfig
+    from hybrid_retrieval.losses.config import DistillConfig, InfoNCELossConfig, MatryoshkaConfig
+    from hybrid_retrieval.models.config import ModelConfig
     from hybrid_retrieval.tracking import LoggerConfig
     from hybrid_retrieval.training.config import TrainConfig
     from hybrid_retrieval.training.sampler import SamplerConfig
 
-    return {"hardware": HardwareConfig, "logger": LoggerConfig, "sampler": SamplerConfig, "train": TrainConfig}
+    return {"hardware": HardwareConfig, "logger": LoggerConfig, "loss": InfoNCELossConfig, "matryoshka": MatryoshkaConfig,
+            "distill": DistillConfig, "model": ModelConfig, "sampler": SamplerConfig, "train": TrainConfig, **DATASETS}
+
+
+def node_of(name: str) -> str:
+    """The config node a schema types: ``dataset_miracl`` -> ``dataset`` (one schema per kind of evaluation set)."""
+    return name.split("_", 1)[0]
 
 
 def register() -> None:
@@ -27,35 +37,8 @@ def register() -> None:
     from hydra.core.config_store import ConfigStore
 
     store = ConfigStore.instance()
-    for node, schema in schemas().items():
-        store.store(group="schema", name=node, node=schema)
-
-
-def typed_nodes(cfg: Any) -> list[tuple[str, Any]]:
-    """(node, schema) for each node of the composed ``cfg`` that its schema types (a sampler file of another
-    class names no schema: its node is untyped)."""
-    from omegaconf import DictConfig, OmegaConf
-
-    return [(node, schema) for node, schema in schemas().items()
-            if isinstance(cfg, DictConfig) and isinstance(cfg.get(node), DictConfig)
-            and OmegaConf.get_type(cfg[node]) is schema]
-
-
-def with_schema_defaults(config: dict[str, Any], current: Any) -> dict[str, Any]:
-    """A config written before an option existed (a run folder's saved config), with the options added since set
-    to their schema defaults, in place, in each node ``current`` (today's composed config) types: what composing
-    it today would give. A resume compares it with today's config, so an option added since does not count as a
-    change."""
-    import dataclasses
-
-    for node, schema in typed_nodes(current):
-        section = config.get(node)
-        if not isinstance(section, dict):
-            continue
-        for field in dataclasses.fields(schema):
-            if field.name not in section and field.default is not dataclasses.MISSING:
-                section[field.name] = field.default
-    return config
+    for name, schema in schemas().items():
+        store.store(group="schema", name=name, node=schema)
 
 
 def check_known_keys(cfg: Any) -> None:
@@ -63,34 +46,54 @@ def check_known_keys(cfg: Any) -> None:
     node's schema: refused here, before any work, naming the key and the ones the node has."""
     from dataclasses import fields
 
-    from hybrid_retrieval.config_error import ConfigError
+    from omegaconf import OmegaConf
 
-    for node, schema in typed_nodes(cfg):
+    from hybrid_retrieval.config_error import ConfigError
+    from hybrid_retrieval.upgrade import typed_nodes
+
+    for path, schema in typed_nodes(cfg):
         known = {field.name for field in fields(schema)}
-        unknown = sorted(str(key) for key in cfg[node].keys() if key not in known)
+        unknown = sorted(str(key) for key in OmegaConf.select(cfg, path).keys() if key not in known)
         if unknown:
-            raise ConfigError(f"{node}.{unknown[0]}: not an option of {node} (its schema "
+            raise ConfigError(f"{path}.{unknown[0]}: not an option of {path} (its schema "
                               f"{schema.__module__}.{schema.__name__}); the options are: "
-                              f"{', '.join(sorted(known - {'_target_', '_partial_'}))}")
+                              f"{', '.join(sorted(known - {'_target_', '_partial_', '_convert_'}))}")
 
 
 def describe(nodes: list[str] | None = None) -> str:
     """Every option of the typed nodes with its type and default, one line each (``python -m
-    hybrid_retrieval.options``)."""
+    hybrid_retrieval.options``); ``nodes`` picks nodes (``dataset``) or schemas (``dataset_miracl``)."""
     import dataclasses
     import typing
 
     lines = []
-    for node, schema in schemas().items():
-        if nodes and node not in nodes:
+    for name, schema in schemas().items():
+        node = node_of(name)
+        if nodes and node not in nodes and name not in nodes:
             continue
         hints = typing.get_type_hints(schema)
-        lines.append(f"{node}:  ({schema.__module__}.{schema.__name__})")
+        kind = f", {name.split('_', 1)[1]} files" if name != node else ""
+        lines.append(f"{node}:  ({schema.__module__}.{schema.__name__}{kind})")
         for field in dataclasses.fields(schema):
-            if field.name in ("_target_", "_partial_"):
+            if field.name.startswith("_"):
                 continue
             hint = hints[field.name]
-            kind = hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
-            default = "required" if field.default is dataclasses.MISSING else repr(field.default)
-            lines.append(f"  {node}.{field.name}: {kind} = {default}")
+            shown = hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
+            default = "required" if field.default in (dataclasses.MISSING, "???") else repr(field.default)
+            lines.append(f"  {node}.{field.name}: {shown} = {default}")
     return "\n".join(lines)
+
+
+def load_node(path: Any) -> Any:
+    """One group file read alone, outside a composition (``conf/model/tiny.yaml``): its schema's defaults merged
+    with its keys, as composing it gives, with the ``defaults`` list gone."""
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.load(path)
+    defaults = node.pop("defaults", None) or []
+    for entry in defaults:
+        entry = str(entry)
+        if entry.startswith("/schema/"):
+            name = entry[len("/schema/"):].split("@", 1)[0]
+            node = OmegaConf.merge(OmegaConf.structured(schemas()[name]), node)
+    return node

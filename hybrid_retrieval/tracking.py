@@ -17,6 +17,8 @@ from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 
+from hybrid_retrieval.config_error import BadValue, MissingPath
+
 
 @dataclass
 class LoggerConfig:
@@ -79,16 +81,16 @@ def check_tracking_uri(tracking_uri: str, option: str = "logger.tracking_uri") -
         return
     path = sqlite_path(tracking_uri)
     if path is None:
-        raise ValueError(f"{option}={tracking_uri!r}: expected sqlite:///<path>.db (the default), a database URI or "
+        raise BadValue(f"{option}={tracking_uri!r}: expected sqlite:///<path>.db (the default), a database URI or "
                          "an http(s):// MLflow server; MLflow >= 3.13 refuses plain folder stores")
     folder = path.parent
     existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
     if existing is None or not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"{option}={tracking_uri!r}: cannot create or write the folder {folder} "
+        raise BadValue(f"{option}={tracking_uri!r}: cannot create or write the folder {folder} "
                          f"({existing} is not a writable folder); point it at a writable place, e.g. "
                          "logger.tracking_uri=sqlite:///$HOME/mlruns/mlflow.db")
     if path.exists() and not os.access(path, os.W_OK):
-        raise ValueError(f"{option}={tracking_uri!r}: the store {path} is not writable")
+        raise BadValue(f"{option}={tracking_uri!r}: the store {path} is not writable")
 
 
 def get_client(tracking_uri: str):
@@ -414,7 +416,7 @@ def apply_write(client: Any, run_id: str, tracking_uri: str, write: Mapping[str,
     elif op == "status":
         with_retry(lambda: client.set_terminated(run_id, write["status"]))
     elif op != "header":
-        raise ValueError(f"unknown MLflow write {op!r}")
+        raise BadValue(f"unknown MLflow write {op!r}")
 
 
 _ARTIFACT_FOLDERS: dict[str, Path | None] = {}  # run id -> its local artifact folder (a run's never changes)
@@ -436,7 +438,7 @@ def _log_artifacts(client: Any, run_id: str, path: Path, artifact_path: str | No
     from hybrid_retrieval.storage import copy_file_atomic
 
     if not path.exists():
-        raise FileNotFoundError(f"{path}: gone before it was sent to MLflow")
+        raise MissingPath(f"{path}: gone before it was sent to MLflow")
     local = _local_artifact_folder(client, run_id)
     if local is None:
         if path.is_dir():
@@ -638,14 +640,14 @@ def deliver(folder: str | Path, timeout: float = 600.0) -> tuple[int, list[str]]
 
     path = Path(folder) / JOURNAL
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no MLflow journal in {folder}; expected the run folder of a command")
+        raise MissingPath(f"{path}: no MLflow journal in {folder}; expected the run folder of a command")
     header = None
     for line in path.open(encoding="utf-8"):
         write = json.loads(line)
         if write["op"] == "header":
             header = write
     if header is None:
-        raise ValueError(f"{path}: no header line naming the MLflow store and run")
+        raise BadValue(f"{path}: no header line naming the MLflow store and run")
     delivery = Delivery(get_client(header["tracking_uri"]), header["run_id"], header["tracking_uri"], Path(folder))
     return delivery.close(timeout), delivery.dropped
 
@@ -807,7 +809,7 @@ def sweep_runs(tracking_uri: str, experiment_name: str, sweep: str | Sequence[st
     client = get_client(tracking_uri)
     experiment = with_retry(lambda: client.get_experiment_by_name(experiment_name))
     if experiment is None:
-        raise ValueError(f"logger.experiment_name={experiment_name!r}: no such experiment in {tracking_uri}")
+        raise BadValue(f"logger.experiment_name={experiment_name!r}: no such experiment in {tracking_uri}")
     eid = experiment.experiment_id
     parent: Any = None
     order: dict[str, int] = {}  # sweep_id -> its place in `sweep`
@@ -820,7 +822,7 @@ def sweep_runs(tracking_uri: str, experiment_name: str, sweep: str | Sequence[st
                                                         order_by=["attributes.start_time DESC"], max_results=5000))
         if sweep is None:
             if not parents:
-                raise ValueError(f"no sweep in experiment {experiment_name!r} of {tracking_uri}: run one with "
+                raise BadValue(f"no sweep in experiment {experiment_name!r} of {tracking_uri}: run one with "
                                  "`python run.py -m ...`, or name runs with report.runs=[id,...]")
             chosen = [parents[0]]
         else:
@@ -830,7 +832,7 @@ def sweep_runs(tracking_uri: str, experiment_name: str, sweep: str | Sequence[st
                 found = next((p for p in parents if p.info.run_id == name or p.data.tags.get("sweep_id") == folder),
                              None)
                 if found is None:
-                    raise ValueError(f"report.sweep={name!r}: neither a sweep folder nor a sweep's parent run id in "
+                    raise BadValue(f"report.sweep={name!r}: neither a sweep folder nor a sweep's parent run id in "
                                      f"experiment {experiment_name!r} of {tracking_uri}")
                 chosen.append(found)
         parent = chosen[0] if len(chosen) == 1 else None
@@ -862,3 +864,26 @@ def log_artifacts_to(tracking_uri: str, run_id: str, folder: str | Path, artifac
     """Log a folder's files to an existing run (e.g. a report to its sweep's parent run)."""
     client = get_client(tracking_uri)
     with_retry(lambda: client.log_artifacts(run_id, str(folder), artifact_path))
+
+
+def check_logger(cfg: Any) -> None:
+    """The ``logger`` node's rules beyond its schema: a tracking URI MLflow can use, and sentence-transformers
+    installed where the model is logged in its MLflow flavour; before any work."""
+    from omegaconf.errors import InterpolationResolutionError
+
+    from hybrid_retrieval.config_error import ConfigError, require
+
+    try:
+        uri = str(cfg.logger.tracking_uri)
+    except InterpolationResolutionError:
+        return  # the default names Hydra's launch folder: it resolves, and is checked, inside a Hydra run
+    try:
+        check_tracking_uri(uri)
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
+    if cfg.logger.get("log_model", True):
+        import importlib.util
+
+        require(importlib.util.find_spec("sentence_transformers") is not None, "logger.log_model",
+                "false, or sentence-transformers installed (pip install 'sentence-transformers>=6.2,<7'): the model "
+                "is logged in its MLflow flavour", cfg.logger.get("log_model"))

@@ -17,8 +17,9 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from hybrid_retrieval import tracking
-from hybrid_retrieval.cli import hydra_main, run_folder
+from hybrid_retrieval.cli import hydra_main
 from hybrid_retrieval.data.fingerprint import describe
+from hybrid_retrieval.run_folder import job_folder
 from hybrid_retrieval.translation.job import TranslateJob, prepare_job, run_job
 from hybrid_retrieval.translation.stage import TranslationStopped
 
@@ -27,7 +28,7 @@ def translate(cfg: DictConfig) -> TranslateJob:
     """Run the translation that ``cfg`` describes (checked first) and log it; returns the job with its stats."""
     import torch
 
-    folder = run_folder()
+    folder = job_folder()
     job = prepare_job(cfg, folder)
     torch.set_num_threads(cfg.hardware.num_threads)
     tags = {"model": ",".join(sorted(set(job.models.values()))), "source_language": job.source_language,

@@ -39,7 +39,7 @@ if [ "$round" = 2 ]; then                     # on top of the temperature, the c
   merge_eval base 0                            # the starting model on the selection split
   merge_eval base 1                            # the old recipe again, with the bias metrics
   train t01_hn loss.temperature=0.01 train_data.datasets.0.hard_negative=same_paragraph
-  train t01_distill loss.temperature=0.01 loss.distill_weight=1.0 loss.distill_temperature=0.01
+  train t01_distill loss.temperature=0.01 distill.weight=1.0 distill.temperature=0.01
   merge_eval t01 0.5
 fi
 if [ "$round" = 3 ]; then                     # more cross-lingual signal on top of the chosen t01_hn

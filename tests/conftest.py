@@ -8,6 +8,8 @@ from typing import Any
 
 import pytest
 
+from hybrid_retrieval.schemas import load_node
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO_ROOT / "conf"
 DATA_ENV = "HYBRID_RETRIEVAL_DATA"
@@ -30,9 +32,8 @@ _register_schemas()
 
 def model_config(name: str) -> Any:
     """The DictConfig of ``conf/model/<name>.yaml``, as Hydra would hand it to ``instantiate``."""
-    from omegaconf import OmegaConf
 
-    return OmegaConf.load(CONF_DIR / "model" / f"{name}.yaml")
+    return load_node(CONF_DIR / "model" / f"{name}.yaml")
 
 
 @pytest.fixture(scope="session")

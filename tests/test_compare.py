@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from hybrid_retrieval.config_checks import ConfigError
+from hybrid_retrieval.config_error import ConfigError
 from hybrid_retrieval.run_folder import RUN_INFO, RunPlan, finished_job, plan_run
 from tests.test_cli import REPO_ROOT, mlflow_client, run_command
 
@@ -187,7 +187,7 @@ def test_a_second_process_is_refused_a_folder_in_use_until_its_holder_dies(tmp_p
 
 
 def test_evaluate_before_takes_true_false_or_first_job() -> None:
-    from hybrid_retrieval.config_checks import check_train_config
+    from hybrid_retrieval.training.config import check_train_config
 
     with pytest.raises(ConfigError, match=r"train\.evaluate_before.*first_job"):
         check_train_config(_compose("train.evaluate_before=sometimes"))

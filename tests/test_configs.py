@@ -8,7 +8,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from hybrid_retrieval.config_checks import ConfigError, check_train_config
+from hybrid_retrieval.config_error import ConfigError
+from hybrid_retrieval.training.config import check_train_config
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 
@@ -65,7 +66,8 @@ def test_labse_is_cls_dense_tanh_normalised() -> None:
     ("dataset.max_questions_per_language=0", "dataset.max_questions_per_language"),
     ("hardware.encode_dtype=float16", "hardware.encode_dtype"),
     ("model.pooling=max", "model.pooling"),
-    ("model.unpad=yes", "model.unpad"),
+    ("model.source=pypi", "model.source"),
+    ("model.max_query_length=0", "model.max_query_length"),
 ])
 def test_bad_values_name_the_option(override: str, option: str) -> None:
     with pytest.raises(ConfigError, match=option.replace(".", r"\.")):
@@ -104,10 +106,13 @@ def test_hardware_options(hardware: str, strategy: str, devices: int) -> None:
     check_train_config(cfg)
 
 
-SCHEMA_GROUPS = ("hardware", "sampler", "logger")
+SCHEMA_GROUPS = ("hardware", "sampler", "logger", "model", "loss", "dataset")
+DATASET_SCHEMAS = {"xquad_r": "dataset_lareqa", "xquad_r_slice": "dataset_lareqa", "mlqa_r": "dataset_lareqa",
+                   "mlqa_r_selection": "dataset_lareqa_selection", "tatoeba": "dataset_tatoeba",
+                   "miracl": "dataset_miracl"}
 
 
-@pytest.mark.parametrize("command", ["config", "evaluate", "encode", "export", "adapt"])
+@pytest.mark.parametrize("command", ["config", "evaluate", "encode", "export", "adapt", "search", "mine", "mteb"])
 def test_every_option_of_a_schema_group_composes_into_its_schema(command: str) -> None:
     from omegaconf import OmegaConf
 
@@ -115,12 +120,33 @@ def test_every_option_of_a_schema_group_composes_into_its_schema(command: str) -
 
     conf = Path(CONF)
     default = composed([], command)
+    holdout = "+train_data.holdout={dataset: mlqa_r, groups: 40, seed: 0}"
     for group in (g for g in SCHEMA_GROUPS if g in default):
         for option in sorted(p.stem for p in (conf / group).glob("*.yaml")):
-            cfg = composed([f"{group}={option}"], command)
-            assert OmegaConf.get_type(cfg[group]) is schemas()[group], (command, group, option)
+            extra = [holdout] if option == "mlqa_r_selection" and "train_data" not in default else []
+            if option == "mlqa_r_selection" and "train_data" in default:
+                extra = ["train_data.holdout={dataset: mlqa_r, groups: 40, seed: 0}"]
+            cfg = composed([f"{group}={option}", *extra], command)
+            name = DATASET_SCHEMAS[option] if group == "dataset" else group
+            assert OmegaConf.get_type(cfg[group]) is schemas()[name], (command, group, option)
     if command == "config":
         assert OmegaConf.get_type(composed([]).train) is schemas()["train"]
+
+
+def test_an_extra_evaluation_set_is_typed_by_its_own_schema() -> None:
+    from omegaconf import OmegaConf
+
+    from hybrid_retrieval.schemas import check_known_keys, schemas
+    from hybrid_retrieval.upgrade import typed_nodes
+
+    cfg = composed(["+dataset@extra_datasets.tatoeba=tatoeba", "+dataset@extra_datasets.miracl=miracl"])
+    assert OmegaConf.get_type(cfg.extra_datasets.tatoeba) is schemas()["dataset_tatoeba"]
+    assert ("extra_datasets.miracl", schemas()["dataset_miracl"]) in typed_nodes(cfg)
+    with pytest.raises(Exception) as raised:
+        composed(["+dataset@extra_datasets.tatoeba=tatoeba", "extra_datasets.tatoeba.max_pairs_per_language=many"])
+    assert "full_key: extra_datasets.tatoeba.max_pairs_per_language" in f"{raised.value} {raised.value.__cause__}"
+    with pytest.raises(ConfigError, match=r"extra_datasets\.tatoeba\.kinds: not an option"):
+        check_known_keys(composed(["+dataset@extra_datasets.tatoeba=tatoeba", "+extra_datasets.tatoeba.kinds=x"]))
 
 
 @pytest.mark.parametrize("override, key, expected", [
@@ -129,10 +155,17 @@ def test_every_option_of_a_schema_group_composes_into_its_schema(command: str) -
     ("train.batch_size=abc", "train.batch_size", "Integer"),
     ("train.freeze_embeddings=maybe", "train.freeze_embeddings", "bool"),
     ("sampler.mono_ratio=half", "sampler.mono_ratio", "Float"),
-    ("logger.log_model=maybe", "logger.log_model", "bool")])
+    ("logger.log_model=maybe", "logger.log_model", "bool"),
+    ("model.unpad=maybe", "model.unpad", "bool"),
+    ("model.max_passage_length=long", "model.max_passage_length", "Integer"),
+    ("loss.temperature=warm", "loss.temperature", "Float"),
+    ("matryoshka.dims=[384,half]", "matryoshka.dims", "Integer"),
+    ("distill.weight=heavy", "distill.weight", "Float"),
+    ("dataset.max_questions_per_language=all", "dataset.max_questions_per_language", "Integer"),
+    ("dataset=miracl dataset.top_k=many", "dataset.top_k", "Integer")])
 def test_a_wrong_type_is_refused_at_composition_naming_the_key(override: str, key: str, expected: str) -> None:
     with pytest.raises(Exception) as raised:
-        composed([override])
+        composed(override.split())
     text = f"{raised.value} {raised.value.__cause__}"
     assert f"full_key: {key}" in text and expected in text, text
 
@@ -143,7 +176,12 @@ def test_a_wrong_type_is_refused_at_composition_naming_the_key(override: str, ke
     ("hardware", "defaults:\n  - /schema/hardware@_here_\n  - _self_\nname: typo\nnum_thread: 3\n",
      "hardware.num_thread"),
     ("sampler", "defaults:\n  - /schema/sampler@_here_\n  - _self_\nname: typo\nmono_ration: 0.3\n",
-     "sampler.mono_ration")])
+     "sampler.mono_ration"),
+    ("model", "defaults:\n  - /schema/model@_here_\n  - _self_\nname: typo\nsource: random\npoolling: cls\n",
+     "model.poolling"),
+    ("loss", "defaults:\n  - /schema/loss@_here_\n  - _self_\ntemprature: 0.02\n", "loss.temprature"),
+    ("dataset", "defaults:\n  - /schema/dataset_miracl@_here_\n  - _self_\ntopk: 10\n", "dataset.topk"),
+    ("experiment", "# @package _global_\nmodel:\n  max_query_lenght: 32\n", "model.max_query_lenght")])
 def test_a_misspelt_key_in_a_config_file_is_refused_at_composition(tmp_path: Path, group: str, text: str,
                                                                     key: str) -> None:
     import shutil
@@ -162,7 +200,8 @@ def test_a_key_added_with_plus_is_refused_before_any_work() -> None:
 
     check_known_keys(composed(["model=tiny"]))
     for override, key in (("+train.bach_size=8", "train.bach_size"), ("+hardware.foo=1", "hardware.foo"),
-                          ("+logger.uri=x", "logger.uri")):
+                          ("+logger.uri=x", "logger.uri"), ("+model.pool=cls", "model.pool"),
+                          ("+loss.temp=1", "loss.temp"), ("+dataset.lang=[en]", "dataset.lang")):
         with pytest.raises(ConfigError, match=rf"{key}: not an option of .*the options are: .*"):
             check_known_keys(composed([override]))
 
@@ -176,6 +215,24 @@ def test_a_renamed_option_is_refused_naming_the_new_one() -> None:
                               cwd=Path(CONF).parent, timeout=120)
         assert proc.returncode == 1 and "out= is now output=" in proc.stderr, (command, proc.stderr[-2000:])
         assert "write output=/nowhere/model" in proc.stderr and not Path("/nowhere").exists()
+    proc = subprocess.run([sys.executable, "run.py", "loss.matryoshka_dims=[384,64]", "+loss.distill_weight=1"],
+                          capture_output=True, text=True, cwd=Path(CONF).parent, timeout=120)
+    assert proc.returncode == 1 and "loss.matryoshka_dims= is now matryoshka.dims=" in proc.stderr, proc.stderr[-2000:]
+    assert "write matryoshka.dims=[384,64]" in proc.stderr
+
+
+def test_a_saved_config_of_an_older_version_reads_in_todays_spelling() -> None:
+    from omegaconf import OmegaConf
+
+    from hybrid_retrieval.upgrade import upgrade_config
+
+    current = composed(["model=tiny", "matryoshka.dims=[64,32]", "distill.weight=0.5"])
+    today = OmegaConf.to_container(current, resolve=False)
+    old = OmegaConf.to_container(current, resolve=False)
+    del old["matryoshka"], old["distill"], old["callbacks"], old["model"]["cache_dir"]
+    old["loss"].update(matryoshka_dims=[64, 32], distill_weight=0.5, distill_temperature=0.05)
+    old["train_data"]["datasets"][0]["_target_"] = "hybrid_retrieval.data.pairs.from_lareqa"
+    assert upgrade_config(old, current) == today
 
 
 def test_the_options_command_lists_every_typed_option_with_its_type_and_default() -> None:
@@ -183,18 +240,20 @@ def test_the_options_command_lists_every_typed_option_with_its_type_and_default(
     import subprocess
     import sys
 
-    from hybrid_retrieval.schemas import schemas
+    from hybrid_retrieval.schemas import node_of, schemas
 
     proc = subprocess.run([sys.executable, "-m", "hybrid_retrieval.options"], capture_output=True, text=True,
                           cwd=Path(CONF).parent, timeout=120)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
-    for node, schema in schemas().items():
+    for name, schema in schemas().items():
+        node = node_of(name)
         for field in dataclasses.fields(schema):
             if not field.name.startswith("_"):
                 assert any(line.strip().startswith(f"{node}.{field.name}: ") for line in lines), (node, field.name)
     assert "  train.batch_size: int = 32" in lines and "  hardware.collective_timeout_s: Optional[float] = None" in lines
-    assert "  sampler.mono_ratio: float = required" in lines
+    assert "  sampler.mono_ratio: float = required" in lines and "  dataset.top_k: int = 100" in lines
+    assert "dataset:  (hybrid_retrieval.evaluation.config.MiraclDatasetConfig, miracl files)" in lines
     bad = subprocess.run([sys.executable, "-m", "hybrid_retrieval.options", "trian"], capture_output=True, text=True,
                          cwd=Path(CONF).parent, timeout=120)
     assert bad.returncode == 2 and "unknown node 'trian'" in bad.stderr

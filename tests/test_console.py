@@ -52,14 +52,14 @@ def test_hydra_full_error_shows_the_stack(tmp_path: Path, data_root: Path) -> No
     finally:
         del os.environ["HYDRA_FULL_ERROR"]
     assert proc.returncode != 0
-    assert "Traceback" in proc.stderr and "config_checks.py" in proc.stderr and "sampler.mono_ratio" in proc.stderr
+    assert "Traceback" in proc.stderr and "training/config.py" in proc.stderr and "sampler.mono_ratio" in proc.stderr
 
 
 def test_own_errors_are_told_apart_from_bugs() -> None:
     from hydra.errors import InstantiationException
 
     from hybrid_retrieval.cli import own_error
-    from hybrid_retrieval.config_checks import ConfigError
+    from hybrid_retrieval.config_error import ConfigError, UserError
     from hybrid_retrieval.data.sources import DataNotFoundError
     from hybrid_retrieval.tracking import check_tracking_uri
 
@@ -72,9 +72,10 @@ def test_own_errors_are_told_apart_from_bugs() -> None:
 
     config = ConfigError("x=1: expected 2")
     assert own_error(config) is config
-    # A built-in error raised by one of the project's checks (a `raise` statement in the package) is the user's.
+    # A check's error is the user's: one of config_error's kinds, still the built-in type for callers.
     check = raised(lambda: check_tracking_uri("./mlruns"))
-    assert isinstance(check, ValueError) and own_error(check) is check
+    assert isinstance(check, ValueError) and isinstance(check, UserError) and own_error(check) is check
+    assert check.shown_name() == "ValueError" and config.shown_name() == "ConfigError"
     # The same type raised inside a library, or by a failed call on a project line, is a bug: it keeps its stack.
     assert own_error(raised(lambda: np.zeros(3).reshape(2, 2))) is None
     assert own_error(raised(lambda: int("three"))) is None
@@ -152,7 +153,7 @@ def test_lightnings_mid_epoch_resume_warning_is_filtered_only_when_resuming() ->
 
 def test_a_dataset_digest_changes_with_its_file_and_not_with_its_place(tmp_path: Path) -> None:
     from hybrid_retrieval.data.fingerprint import training_data
-    from hybrid_retrieval.data.pairs import from_jsonl
+    from hybrid_retrieval.data.jsonl_pairs import from_jsonl
 
     rows = [{"group": f"g{i // 2}", "language": "en" if i % 2 else "de", "query": f"q {i}", "passage": f"p {i}"}
             for i in range(8)]

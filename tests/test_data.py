@@ -18,9 +18,12 @@ import pytest
 from omegaconf import OmegaConf
 
 from hybrid_retrieval.data import lareqa, sources
+from hybrid_retrieval.data.jsonl_pairs import from_jsonl
 from hybrid_retrieval.data.lareqa import DataFormatError, load_split
-from hybrid_retrieval.data.pairs import ParallelPairs, build_datasets, from_jsonl, from_lareqa
+from hybrid_retrieval.data.lareqa_pairs import from_lareqa
+from hybrid_retrieval.data.pairs import ParallelPairs, build_datasets
 from hybrid_retrieval.data.sources import DataChecksumError, DataNotFoundError, resolve_dataset_dir
+from hybrid_retrieval.schemas import load_node
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -333,7 +336,7 @@ def test_passage_text_option(xquad: lareqa.LareqaSplit) -> None:
 
 def test_dataset_configs_drive_load_split(data_root: Path) -> None:
     for name in ("xquad_r", "mlqa_r"):
-        cfg = OmegaConf.load(CONF / "dataset" / f"{name}.yaml")
+        cfg = load_node(CONF / "dataset" / f"{name}.yaml")
         assert set(cfg) == {"name", "root", "languages", "max_questions_per_language", "passage_text"}
         assert cfg.name == name and cfg.root is None
         split = load_split(cfg.name, data_root, cfg.languages, cfg.max_questions_per_language)
@@ -544,23 +547,25 @@ def test_json_objects_numbers_lines_skips_blanks_and_names_the_bad_line() -> Non
         list(json_objects(["[1, 2]"], lambda n: f"f.jsonl:{n}", BadInput, "a JSON object with a"))
 
 
-def test_every_target_in_conf_resolves_and_pairs_keeps_the_readers_names() -> None:
-    """The readers live in their own modules; ``hybrid_retrieval.data.pairs.<reader>``, which conf/train_data (and
-    the configs earlier runs logged) name, is the same function."""
+def test_every_target_in_conf_resolves_and_an_old_target_is_upgraded() -> None:
+    """The readers live in their own modules, which conf/train_data names; a config an older version logged names
+    ``hybrid_retrieval.data.pairs.<reader>``, which the upgrade step maps to the reader's module."""
     import re
 
     from hydra.utils import get_object
+    from omegaconf import OmegaConf
 
-    from hybrid_retrieval.data import jsonl_pairs, lareqa_pairs, pairs, sentences, squad
+    from hybrid_retrieval.data import pairs
+    from hybrid_retrieval.upgrade import RENAMED_TARGETS, upgrade_config
 
     conf = Path(__file__).resolve().parents[1] / "conf"
     targets = {t for file in conf.rglob("*.yaml") for t in re.findall(r"_target_: *([\w.]+)", file.read_text())}
-    assert "hybrid_retrieval.data.pairs.from_squad" in targets
+    assert "hybrid_retrieval.data.squad.from_squad" in targets and not targets & set(RENAMED_TARGETS)
     for target in targets:
         assert get_object(target) is not None, target
-    for module in (lareqa_pairs, jsonl_pairs, squad, sentences):
-        for name in module.__all__:
-            assert getattr(pairs, name) is getattr(module, name), name
-    assert set(pairs.__all__) >= {*lareqa_pairs.__all__, *jsonl_pairs.__all__, *squad.__all__, *sentences.__all__}
-    with pytest.raises(AttributeError, match="no_such_reader"):
-        pairs.no_such_reader  # noqa: B018
+    for old, new in RENAMED_TARGETS.items():
+        assert not hasattr(pairs, old.rsplit(".", 1)[1])  # no shim left in data/pairs.py
+        saved = {"train_data": {"datasets": [{"_target_": old, "name": "mlqa_r"}]}}
+        assert upgrade_config(saved, OmegaConf.create({})) == {"train_data": {"datasets": [{"_target_": new,
+                                                                                            "name": "mlqa_r"}]}}
+        assert get_object(new) is not None

@@ -109,7 +109,7 @@ VARIANTS = {
 
 @pytest.fixture(scope="module")
 def setup(tiny_encoder: Any, data_root: Path) -> tuple[Any, dict[str, Any]]:
-    from hybrid_retrieval.data.pairs import from_lareqa
+    from hybrid_retrieval.data.lareqa_pairs import from_lareqa
 
     pairs = from_lareqa("xquad_r", data_root, languages=["en"], max_groups=ROWS + sum(NEGATIVES))
     encoder = copy.deepcopy(tiny_encoder).eval()  # no dropout: one process and two must see the same network

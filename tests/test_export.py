@@ -563,7 +563,7 @@ def test_export_and_encode_cli(tmp_path: Path, data_root: Path) -> None:
     (tmp_path / "run" / ".hydra").mkdir()
     (tmp_path / "run" / ".hydra" / "config.yaml").write_text(
         "train:\n  lr: 3.0e-05\nsampler:\n  mono_ratio: 0.5\ntrain_data:\n  datasets:\n"
-        "  - _target_: hybrid_retrieval.data.pairs.from_lareqa\n    name: mlqa_r\n    languages: [en, de]\n"
+        "  - _target_: hybrid_retrieval.data.lareqa_pairs.from_lareqa\n    name: mlqa_r\n    languages: [en, de]\n"
         "    root: null\nunrelated: 1\n")
     out = tmp_path / "exported"
     proc = run_cli(["hybrid_retrieval.export", f"checkpoint={checkpoint}", f"output={out}", "title=Tiny test model",
@@ -611,7 +611,7 @@ def encode_config(*overrides: str) -> Any:
 
 
 def test_encode_config_errors_come_before_any_work(tmp_path: Path) -> None:
-    from hybrid_retrieval.config_checks import ConfigError
+    from hybrid_retrieval.config_error import ConfigError
     from hybrid_retrieval.data.text_files import InputFileError
     from hybrid_retrieval.encode import encode
 

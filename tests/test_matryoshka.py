@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from hybrid_retrieval.losses.cached import cached_backward
 from hybrid_retrieval.losses.info_nce import InfoNCELoss
-from hybrid_retrieval.losses.matryoshka import MatryoshkaLoss, check_matryoshka, instantiate_loss, truncate
+from hybrid_retrieval.losses.matryoshka import MatryoshkaLoss, check_matryoshka, truncate
 
 
 def embeddings(batch: int = 6, dim: int = 16, seed: int = 0) -> tuple[torch.Tensor, ...]:
@@ -56,7 +56,7 @@ def test_each_size_scores_the_renormalised_prefix_and_the_terms_are_weighted() -
 
 
 def test_gradients_with_gradient_caching_equal_the_plain_loss(tiny_encoder: Any, data_root: Path) -> None:
-    from hybrid_retrieval.data.pairs import from_lareqa
+    from hybrid_retrieval.data.lareqa_pairs import from_lareqa
 
     pairs = from_lareqa("xquad_r", data_root, languages=["en"], max_groups=10)
     encoder = copy.deepcopy(tiny_encoder).eval()
@@ -84,19 +84,24 @@ def test_gradients_with_gradient_caching_equal_the_plain_loss(tiny_encoder: Any,
 
 
 def test_config_entry_builds_the_wrapper_and_bad_values_name_the_option() -> None:
-    from omegaconf import OmegaConf
 
-    conf = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "loss" / "info_nce.yaml")
-    assert isinstance(instantiate_loss(conf), InfoNCELoss)  # null = off: the plain loss itself
-    conf.matryoshka_dims = [64, 32]
-    built = instantiate_loss(conf)
+    from hydra import compose, initialize_config_dir
+
+    from hybrid_retrieval.training.train import build_losses
+
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
+        plain, wrapped = (compose(config_name="config", overrides=overrides)
+                          for overrides in ([], ["matryoshka.dims=[64,32]"]))
+    assert isinstance(build_losses(plain)[0], InfoNCELoss)  # null = off: the plain loss itself
+    built = build_losses(wrapped)[0]
     assert isinstance(built, MatryoshkaLoss) and built.dims == [64, 32] and built.weights == [1.0, 1.0]
-    for dims, weights, message in (([0, 8], None, "matryoshka_dims"), ([8, 8], None, "twice"),
-                                   ([8, 4], [1.0], "matryoshka_weights"), (None, [1.0], "matryoshka_dims"),
-                                   ([8], [0.0], "matryoshka_weights")):
+    assert isinstance(built.loss, InfoNCELoss) and "matryoshka" not in wrapped.loss  # the loss node is the loss alone
+    for dims, weights, message in (([0, 8], None, "matryoshka.dims"), ([8, 8], None, "twice"),
+                                   ([8, 4], [1.0], "matryoshka.weights"), (None, [1.0], "matryoshka.dims"),
+                                   ([8], [0.0], "matryoshka.weights")):
         with pytest.raises(ValueError, match=message):
             check_matryoshka(dims, weights)
-    with pytest.raises(ValueError, match=r"loss.matryoshka_dims=\[768, 64\]: 768 exceeds the model's 384"):
+    with pytest.raises(ValueError, match=r"matryoshka.dims=\[768, 64\]: 768 exceeds the model's 384"):
         check_matryoshka([768, 64], None, 384)
 
 
@@ -116,15 +121,17 @@ def test_truncate_dim_encodes_the_renormalised_prefix(tiny_encoder: Any) -> None
 def test_a_truncate_dim_beyond_the_model_is_refused_by_the_config_check() -> None:
     from hydra import compose, initialize_config_dir
 
-    from hybrid_retrieval.config_checks import ConfigError, check_evaluate_config, check_train_config
+    from hybrid_retrieval.config_error import ConfigError
+    from hybrid_retrieval.evaluate import check_evaluate_config
+    from hybrid_retrieval.training.config import check_train_config
 
     conf = str(Path(__file__).resolve().parents[1] / "conf")
     with initialize_config_dir(config_dir=conf, version_base="1.3"):
         evaluate = compose(config_name="evaluate", overrides=["model=tiny", "model.truncate_dim=65"])
-        train = compose(config_name="config", overrides=["model=me5_small", "loss.matryoshka_dims=[512,64]"])
+        train = compose(config_name="config", overrides=["model=me5_small", "matryoshka.dims=[512,64]"])
         fine = compose(config_name="evaluate", overrides=["model=me5_small", "model.truncate_dim=384"])
     with pytest.raises(ConfigError, match=r"model.truncate_dim=65 exceeds the model's 64 embedding dimensions"):
         check_evaluate_config(evaluate)
-    with pytest.raises(ConfigError, match=r"loss.matryoshka_dims=\[512, 64\]: 512 exceeds the model's 384"):
+    with pytest.raises(ConfigError, match=r"matryoshka.dims=\[512, 64\]: 512 exceeds the model's 384"):
         check_train_config(train)
     check_evaluate_config(fine)

@@ -18,20 +18,22 @@ from conftest import CONF_DIR, REPO_ROOT
 from miracl_corpus import write_shard, write_synthetic_corpus
 from omegaconf import OmegaConf
 
-from hybrid_retrieval.config_checks import ConfigError, check_dataset
+from hybrid_retrieval.config_error import ConfigError
 from hybrid_retrieval.data import miracl as data
 from hybrid_retrieval.data.sources import DataNotFoundError
 from hybrid_retrieval.evaluation import ir
+from hybrid_retrieval.evaluation.config import check_dataset
 from hybrid_retrieval.evaluation.corpus import CorpusEncodingError
 from hybrid_retrieval.evaluation.miracl import SUMMARY_METRICS, MiraclSet, check_config, load_set
 from hybrid_retrieval.evaluation.sets import monitor_keys
+from hybrid_retrieval.schemas import load_node
 
 LANGUAGES = ["sw", "te", "yo"]
 TREC_MEASURES = {"ndcg_cut.10", "recall.100", "recip_rank"}
 
 
 def dataset_config(**overrides: Any) -> Any:
-    cfg = OmegaConf.load(CONF_DIR / "dataset" / "miracl.yaml")
+    cfg = load_node(CONF_DIR / "dataset" / "miracl.yaml")
     for key, value in overrides.items():
         OmegaConf.update(cfg, key, value, merge=False)
     return cfg

@@ -253,8 +253,8 @@ def test_matryoshka_training_to_card_to_mteb_results_filed_under_the_run(tmp_pat
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     run = tmp_path / "2026-12-04" / "15-06-38"
-    proc = run_command(["run.py", *SMALL_TRAIN, "trainer.limit_train_batches=2", "loss.matryoshka_dims=[64,32]",
-                        "loss.matryoshka_weights=[1,0.5]", "train.grad_cache_chunk=4", "model.truncate_dim=32",
+    proc = run_command(["run.py", *SMALL_TRAIN, "trainer.limit_train_batches=2", "matryoshka.dims=[64,32]",
+                        "matryoshka.weights=[1,0.5]", "train.grad_cache_chunk=4", "model.truncate_dim=32",
                         "+dataset@extra_datasets.mlqa=mlqa_r", "extra_datasets.mlqa.languages=[en,de]",
                         "extra_datasets.mlqa.max_questions_per_language=10", "train.contamination=warn",
                         f"logger.tracking_uri={uri}",

@@ -21,7 +21,8 @@ import pytest
 
 from hybrid_retrieval.data import pair_store
 from hybrid_retrieval.data.jsonl_pairs import from_jsonl
-from hybrid_retrieval.data.pairs import ParallelPairs, from_lareqa
+from hybrid_retrieval.data.lareqa_pairs import from_lareqa
+from hybrid_retrieval.data.pairs import ParallelPairs
 from hybrid_retrieval.data.table_pairs import from_hf, from_parquet
 from hybrid_retrieval.training.batches import PairCollator, PairTexts
 from hybrid_retrieval.training.sampler import HybridBatchSampler

@@ -14,14 +14,17 @@ import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
-from hybrid_retrieval.config_checks import ConfigError, check_dataset, check_train_config
+from hybrid_retrieval.config_error import ConfigError
 from hybrid_retrieval.data.lareqa import holdout_groups, load_language_files, load_split
-from hybrid_retrieval.data.pairs import build_datasets, from_lareqa
+from hybrid_retrieval.data.lareqa_pairs import from_lareqa
+from hybrid_retrieval.data.pairs import build_datasets
+from hybrid_retrieval.evaluation.config import check_dataset
 from hybrid_retrieval.evaluation.evaluator import evaluate_embeddings
 from hybrid_retrieval.evaluation.metrics import own_language_first, per_query_metrics
 from hybrid_retrieval.losses.distill import InBatchDistillation
 from hybrid_retrieval.losses.info_nce import InfoNCELoss
 from hybrid_retrieval.models.merge import check_merge, merge_into, restore
+from hybrid_retrieval.training.config import check_train_config
 from hybrid_retrieval.training.module import HybridRetrievalModule, OptimizerSettings
 from hybrid_retrieval.training.train import build_losses
 
@@ -63,7 +66,7 @@ def test_training_leaves_out_exactly_the_held_out_groups_and_never_sees_their_se
     # A holdout naming another dataset leaves this one whole; build_datasets applies train_data.holdout.
     assert len(from_lareqa("xquad_r", data_root, languages=["en"], holdout=HOLDOUT)) == 1190
     cfg = OmegaConf.create({"holdout": HOLDOUT, "datasets": [
-        {"_target_": "hybrid_retrieval.data.pairs.from_lareqa", "name": "mlqa_r", "root": str(data_root)}]})
+        {"_target_": "hybrid_retrieval.data.lareqa_pairs.from_lareqa", "name": "mlqa_r", "root": str(data_root)}]})
     assert len(build_datasets(cfg)[0]) == len(train)
 
 
@@ -111,9 +114,9 @@ def _batch(encoder: Any, data_root: Path) -> dict[str, Any]:
 
 
 def test_zero_distill_weight_is_the_old_loss_exactly(tiny_encoder: Any, data_root: Path) -> None:
-    loss, distill = build_losses(OmegaConf.create({"_target_": "hybrid_retrieval.losses.info_nce.InfoNCELoss",
-                                                   "temperature": 0.05, "distill_weight": 0.0,
-                                                   "distill_temperature": 0.05}))
+    loss, distill = build_losses(OmegaConf.create({
+        "loss": {"_target_": "hybrid_retrieval.losses.info_nce.InfoNCELoss", "temperature": 0.05},
+        "distill": {"weight": 0.0, "temperature": 0.05}}))
     assert distill is None and isinstance(loss, InfoNCELoss)
     batch = _batch(tiny_encoder, data_root)
     plain = HybridRetrievalModule(copy.deepcopy(tiny_encoder), InfoNCELoss(0.05), OptimizerSettings())
@@ -293,7 +296,7 @@ def test_mine_command_writes_training_jsonl_without_translation_negatives(tmp_pa
     import subprocess
     import sys
 
-    from hybrid_retrieval.data.pairs import from_jsonl
+    from hybrid_retrieval.data.jsonl_pairs import from_jsonl
 
     out = tmp_path / "mined"
     env = {**os.environ, "HYBRID_RETRIEVAL_MLFLOW_URI": f"sqlite:///{tmp_path}/mlflow.db"}

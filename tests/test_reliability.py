@@ -239,9 +239,9 @@ def test_a_run_and_its_resume_resolve_train_resume_and_check_each_option_once(tm
     from collections import Counter
 
     import run
-    from hybrid_retrieval import config_checks
-    from hybrid_retrieval.adaptation import mlm
     from hybrid_retrieval import run_folder
+    from hybrid_retrieval.adaptation import mlm
+    from hybrid_retrieval.training import config as config_checks
     from hybrid_retrieval.training import train as train_module
 
     calls: Counter[str] = Counter()
@@ -284,7 +284,7 @@ def test_a_failing_sweep_job_keeps_the_others_is_reported_and_a_rerun_runs_only_
     """Job 0 reads a training file that is not there yet (a data set still being copied, a mount not up): job 1
     still runs, the sweep's report lists job 0 with its error and the rerun command, the exit status is 1; once
     the file exists, that command trains job 0 alone."""
-    from hybrid_retrieval.data.pairs import from_lareqa
+    from hybrid_retrieval.data.lareqa_pairs import from_lareqa
 
     pairs = from_lareqa("mlqa_r", data_root, languages=["en", "de", "es"], max_groups=60)
     present, missing = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
@@ -389,8 +389,8 @@ def test_a_full_disk_keeps_the_last_good_checkpoint_and_a_resume_after_freeing_s
 def test_a_full_disk_during_an_export_leaves_no_partial_model_and_keeps_the_previous_one(small_disk: Path) -> None:
     """Refused before writing when the weights alone do not fit; failing mid-way (weights fit, the tokenizer not)
     removes what it wrote. Either way the folder's earlier export stays, whole."""
-    from hybrid_retrieval.models.export import export_encoder
     from hybrid_retrieval.models.encoder import load_encoder
+    from hybrid_retrieval.models.export import export_encoder
     from hybrid_retrieval.storage import DiskFullError
 
     encoder = load_encoder(name="tiny", source="random").eval()

@@ -11,7 +11,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hybrid_retrieval.data.pairs import ParallelPairs, from_lareqa
+from hybrid_retrieval.data.lareqa_pairs import from_lareqa
+from hybrid_retrieval.data.pairs import ParallelPairs
 from hybrid_retrieval.training.sampler import BatchInfo, HybridBatchSampler
 
 CONF_SAMPLER = Path(__file__).resolve().parents[1] / "conf" / "sampler"

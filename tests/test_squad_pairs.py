@@ -16,10 +16,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hybrid_retrieval.data.lareqa import DataFormatError, read_language_file
-from hybrid_retrieval.data.pairs import (build_datasets, from_squad, load_squad, read_squad_file, sentence_spans,
-                                         split_sentences, xquad_question_ids)
-from hybrid_retrieval.data.squad import xquad_text_matches
+from hybrid_retrieval.data.pairs import build_datasets
+from hybrid_retrieval.data.sentences import sentence_spans, split_sentences
 from hybrid_retrieval.data.sources import DataNotFoundError
+from hybrid_retrieval.data.squad import from_squad, load_squad, read_squad_file, xquad_question_ids, xquad_text_matches
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ES = "squad-es/dev-v1.1-es_small.json"
@@ -273,7 +273,7 @@ def compose(overrides: list[str]):
 
 @pytest.mark.slow
 def test_train_data_configs_build_and_make_cross_lingual_batches(data_env: Path) -> None:
-    from hybrid_retrieval.config_checks import check_train_config
+    from hybrid_retrieval.training.config import check_train_config
     from hybrid_retrieval.training.sampler import HybridBatchSampler
 
     cfg = compose(["train_data=squad_mt"])

@@ -13,10 +13,16 @@ import pytest
 from sklearn.metrics import average_precision_score, ndcg_score
 
 from hybrid_retrieval.data.sources import DataNotFoundError
-from hybrid_retrieval.data.tatoeba import (LANGUAGES, LOW_RESOURCE, PAIR_COUNTS, TatoebaFormatError,
-                                           check_tatoeba_options, load_tatoeba)
-from hybrid_retrieval.evaluation.tatoeba import (evaluate_pair, evaluate_tatoeba_embeddings,
-                                                 evaluate_tatoeba_encoder)
+from hybrid_retrieval.data.tatoeba import (
+    LANGUAGES,
+    LOW_RESOURCE,
+    PAIR_COUNTS,
+    TatoebaFormatError,
+    check_tatoeba_options,
+    load_tatoeba,
+)
+from hybrid_retrieval.evaluation.tatoeba import evaluate_pair, evaluate_tatoeba_embeddings, evaluate_tatoeba_encoder
+from hybrid_retrieval.schemas import load_node
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -45,9 +51,8 @@ def test_loader_reads_all_112_languages_with_their_counts(data_root: Path) -> No
 
 
 def test_the_configured_low_resource_list_exists_in_the_files(data_root: Path) -> None:
-    from omegaconf import OmegaConf
 
-    cfg = OmegaConf.load(CONF / "dataset" / "tatoeba.yaml")
+    cfg = load_node(CONF / "dataset" / "tatoeba.yaml")
     assert tuple(cfg.low_resource) == LOW_RESOURCE
     for language in LOW_RESOURCE:
         assert (data_root / "tatoeba" / f"tatoeba.{language}-eng.{language}").is_file()

@@ -15,14 +15,15 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
 from hybrid_retrieval import tracking
-from hybrid_retrieval.config_checks import ConfigError, check_train_config
+from hybrid_retrieval.config_error import ConfigError
 from hybrid_retrieval.data.lareqa import load_split
-from hybrid_retrieval.data.pairs import from_lareqa
+from hybrid_retrieval.data.lareqa_pairs import from_lareqa
 from hybrid_retrieval.evaluation.evaluator import evaluate_encoder
 from hybrid_retrieval.evaluation.lareqa import LareqaSet
 from hybrid_retrieval.evaluation.sets import EvaluationSet, monitor_keys
 from hybrid_retrieval.losses.info_nce import InfoNCELoss
 from hybrid_retrieval.training.callbacks import BestCheckpoint
+from hybrid_retrieval.training.config import check_train_config
 from hybrid_retrieval.training.datamodule import HybridDataModule
 from hybrid_retrieval.training.module import HybridRetrievalModule, OptimizerSettings, lr_factor
 from hybrid_retrieval.training.sampler import HybridBatchSampler
@@ -227,7 +228,7 @@ def test_flatten_config_is_what_mlflow_params_show() -> None:
     assert flat["train.lr"] == "5e-05" and flat["sampler.mono_ratio"] == "0.5"
     assert flat["loss.temperature"] == "0.05" and flat["loss._target_"].endswith("InfoNCELoss")
     assert flat["dataset.languages"] == "['en', 'de']" and flat["extra_datasets"] == "{}"
-    assert flat["train_data.datasets"].startswith("[{'_target_': 'hybrid_retrieval.data.pairs.from_lareqa'")
+    assert flat["train_data.datasets"].startswith("[{'_target_': 'hybrid_retrieval.data.lareqa_pairs.from_lareqa'")
     assert flat["model.tiny.hidden_size"] == "64"
     assert not any("${" in value for value in flat.values())  # resolved
     long = tracking.flatten_config(OmegaConf.create({"a": {"b": "x" * 7000}}))

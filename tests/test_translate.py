@@ -16,7 +16,9 @@ from typing import Any
 
 import pytest
 
-from hybrid_retrieval.data.pairs import from_jsonl, load_squad, split_sentences
+from hybrid_retrieval.data.jsonl_pairs import from_jsonl
+from hybrid_retrieval.data.sentences import split_sentences
+from hybrid_retrieval.data.squad import load_squad
 from hybrid_retrieval.translation.languages import LanguageError, family_codes, model_language_code
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

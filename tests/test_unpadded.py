@@ -11,10 +11,8 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from hybrid_retrieval.config_checks import ConfigError, check_model
-from hybrid_retrieval.losses.info_nce import InfoNCELoss
+from hybrid_retrieval.config_error import ConfigError
 from hybrid_retrieval.kernels import unpadded
-from hybrid_retrieval.models.encoder import Encoder, load_encoder
 from hybrid_retrieval.kernels.unpadded import (
     _attend,
     pack,
@@ -22,6 +20,10 @@ from hybrid_retrieval.kernels.unpadded import (
     position_ids,
     unsupported_reason,
 )
+from hybrid_retrieval.losses.info_nce import InfoNCELoss
+from hybrid_retrieval.models.config import check_model
+from hybrid_retrieval.models.encoder import Encoder, load_encoder
+from hybrid_retrieval.schemas import load_node
 
 CONF_MODELS = Path(__file__).resolve().parents[1] / "conf" / "model"
 QUERIES = ["short", "what is the capital city of the country that hosted the games in the year before",
@@ -258,7 +260,8 @@ def test_unsupported_backbone_falls_back_with_one_logged_reason(
 
 
 def test_unpad_must_be_a_bool() -> None:
-    model = OmegaConf.load(CONF_MODELS / "tiny.yaml")
+    # Composed, the schema turns "yes" into true; a model config from elsewhere (a checkpoint, Python) is checked.
+    model = OmegaConf.create(OmegaConf.to_container(load_node(CONF_MODELS / "tiny.yaml")))
     model.unpad = "yes"
     with pytest.raises(ConfigError, match=r"model\.unpad='yes'"):
         check_model(model)

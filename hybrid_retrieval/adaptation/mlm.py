@@ -46,6 +46,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from hybrid_retrieval.config_error import BadValue
 from hybrid_retrieval.kernels.unpadded import packed_forward, unsupported_reason
 from hybrid_retrieval.progress import Progress
 
@@ -252,7 +253,7 @@ def build_mlm_head(backbone: nn.Module, head: str = "auto", seed: int = 0) -> tu
             with torch.no_grad():
                 for name, tensor in state.items():
                     if own[name].shape != tensor.shape:
-                        raise ValueError(f"{source}: MLM head tensor {name} has shape {tuple(tensor.shape)}, "
+                        raise BadValue(f"{source}: MLM head tensor {name} has shape {tuple(tensor.shape)}, "
                                          f"expected {tuple(own[name].shape)}")
                     own[name].copy_(tensor)
             pretrained = True
@@ -273,7 +274,7 @@ def mask_tokens(input_ids: torch.Tensor, maskable: torch.Tensor, word_ids: torch
     shape = input_ids.shape
     if settings.whole_word:
         if word_ids is None:
-            raise ValueError("whole-word masking needs word ids (a fast tokenizer)")
+            raise BadValue("whole-word masking needs word ids (a fast tokenizer)")
         words = int(word_ids.max().item()) + 1 if word_ids.numel() else 0
         chosen_words = torch.rand((shape[0], max(words, 1)), generator=generator) < settings.masking_rate
         chosen = chosen_words.gather(1, word_ids.clamp(min=0)) & maskable
@@ -295,7 +296,7 @@ class _Batcher:
 
     def __init__(self, tokenizer: Any, max_length: int) -> None:
         if tokenizer.mask_token_id is None:
-            raise ValueError("the tokenizer has no mask token; masked language modelling needs one")
+            raise BadValue("the tokenizer has no mask token; masked language modelling needs one")
         self.tokenizer = tokenizer
         self.max_length = max_length
         special = set(tokenizer.all_special_ids)

@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.json as pj
 
+from hybrid_retrieval.config_error import BadValue, MissingPath
 from hybrid_retrieval.data.jsonl import json_objects
 from hybrid_retrieval.data.pair_store import TEXT_FIELDS, Chunk, StoreError, cached_store, joined_negatives
 from hybrid_retrieval.data.pairs import PairRow, ParallelPairs
@@ -76,7 +77,7 @@ def read_jsonl_rows(path: str | os.PathLike[str]) -> list[tuple[int, PairRow]]:
 def _existing(path: str | os.PathLike[str]) -> Path:
     file = Path(path).expanduser()
     if not file.is_file():
-        raise FileNotFoundError(f"training data file {str(file)!r} does not exist (train_data path)")
+        raise MissingPath(f"training data file {str(file)!r} does not exist (train_data path)")
     return file
 
 
@@ -159,7 +160,7 @@ def from_jsonl(path: str | os.PathLike[str], name: str | None = None, hard_negat
     Converted once into the pairs cache; an error names the file, the line number and the field.
     """
     if hard_negative not in JSONL_HARD_NEGATIVES:
-        raise ValueError(f"hard_negative must be one of {list(JSONL_HARD_NEGATIVES)}, got {hard_negative!r}")
+        raise BadValue(f"hard_negative must be one of {list(JSONL_HARD_NEGATIVES)}, got {hard_negative!r}")
     file = _existing(path)
     folder = cached_store(name or file.stem, "jsonl", {"hard_negative": hard_negative}, [file],
                           jsonl_chunks(file, hard_negative == "file"))

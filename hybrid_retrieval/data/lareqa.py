@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from hybrid_retrieval.config_error import BadValue
 from hybrid_retrieval.data.sources import check_languages, get_source, resolve_dataset_dir
 
 __all__ = [
@@ -60,7 +61,7 @@ def format_passage(sentence: str, paragraph: str, passage_text: str) -> str:
         return sentence
     if passage_text == "sentence_paragraph":
         return f"{sentence} {paragraph}"
-    raise ValueError(f"passage_text={passage_text!r}: expected one of {list(PASSAGE_TEXTS)}")
+    raise BadValue(f"passage_text={passage_text!r}: expected one of {list(PASSAGE_TEXTS)}")
 
 
 class DataFormatError(ValueError):
@@ -270,7 +271,7 @@ def _check_cap(value: int | None) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"max_questions_per_language must be null or a positive int, got {value!r}")
+        raise BadValue(f"max_questions_per_language must be null or a positive int, got {value!r}")
     return int(value)
 
 
@@ -292,17 +293,17 @@ def check_holdout(holdout: Any, option: str = "train_data.holdout") -> dict[str,
     if holdout is None:
         return None
     if not hasattr(holdout, "get") or set(holdout) - set(HOLDOUT_KEYS):
-        raise ValueError(f"{option} must be null or a mapping with keys {list(HOLDOUT_KEYS)} "
+        raise BadValue(f"{option} must be null or a mapping with keys {list(HOLDOUT_KEYS)} "
                          f"(e.g. {{dataset: mlqa_r, groups: 400, seed: 0}}), got {holdout!r}")
     spec = {"dataset": holdout.get("dataset", "mlqa_r"), "groups": holdout.get("groups"),
             "seed": holdout.get("seed", 0)}
     if spec["dataset"] not in ("mlqa_r", "xquad_r"):
-        raise ValueError(f"{option}.dataset must be mlqa_r or xquad_r, got {spec['dataset']!r}")
+        raise BadValue(f"{option}.dataset must be mlqa_r or xquad_r, got {spec['dataset']!r}")
     groups = spec["groups"]
     if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
-        raise ValueError(f"{option}.groups must be a positive int (question groups held out), got {groups!r}")
+        raise BadValue(f"{option}.groups must be a positive int (question groups held out), got {groups!r}")
     if isinstance(spec["seed"], bool) or not isinstance(spec["seed"], int):
-        raise ValueError(f"{option}.seed must be an int, got {spec['seed']!r}")
+        raise BadValue(f"{option}.seed must be an int, got {spec['seed']!r}")
     return spec
 
 
@@ -326,7 +327,7 @@ def _holdout_groups(name: str, root: str | None, size: int, seed: int) -> frozen
     files = load_language_files(name, root, None)
     all_ids = set().union(*({q.id for q in f.questions} for f in files.values()))
     if size >= len(all_ids):
-        raise ValueError(f"holdout.groups={size} would hold out every one of {name}'s {len(all_ids)} question ids")
+        raise BadValue(f"holdout.groups={size} would hold out every one of {name}'s {len(all_ids)} question ids")
     chosen = set(sorted(all_ids, key=lambda group: _sha1(f"{seed}:{group}"))[:size])
     by_paragraph: dict[tuple[str, int], set[str]] = {}
     for lang, parsed in files.items():
@@ -360,7 +361,7 @@ def load_split(
     cap = _check_cap(max_questions_per_language)
     spec = check_holdout(holdout, "dataset.holdout")
     if spec is not None and spec["dataset"] != name:
-        raise ValueError(f"dataset.holdout.dataset={spec['dataset']!r} but the dataset is {name!r}")
+        raise BadValue(f"dataset.holdout.dataset={spec['dataset']!r} but the dataset is {name!r}")
     files = load_language_files(name, root, languages)
     chosen = list(files)
 

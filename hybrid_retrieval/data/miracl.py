@@ -32,10 +32,18 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hybrid_retrieval.config_error import BadValue
 from hybrid_retrieval.data.jsonl import json_objects
 from hybrid_retrieval.data.sources import (
-    DATA_ENV, VERIFY_ENV, DataChecksumError, DataNotFoundError, cached_sha256, offline, verify_enabled,
-    default_cache_dir, sort_out_languages,
+    DATA_ENV,
+    VERIFY_ENV,
+    DataChecksumError,
+    DataNotFoundError,
+    cached_sha256,
+    default_cache_dir,
+    offline,
+    sort_out_languages,
+    verify_enabled,
 )
 
 __all__ = ["CORPUS_REPO", "LANGUAGES", "MiraclFormatError", "MiraclLanguage", "Passage", "check_languages",
@@ -104,11 +112,11 @@ def check_languages(languages: Sequence[str] | str | None, option: str = "datase
     if chosen is None:
         return list(LANGUAGES)
     if not chosen:
-        raise ValueError(f"{option}=[]: expected null (all) or some of {list(LANGUAGES)}")
+        raise BadValue(f"{option}=[]: expected null (all) or some of {list(LANGUAGES)}")
     if unknown:
-        raise ValueError(f"{option}: {unknown} not in MIRACL; its languages are {list(LANGUAGES)}")
+        raise BadValue(f"{option}: {unknown} not in MIRACL; its languages are {list(LANGUAGES)}")
     if repeated:
-        raise ValueError(f"{option}: {repeated} given more than once")
+        raise BadValue(f"{option}: {repeated} given more than once")
     return chosen
 
 
@@ -250,7 +258,7 @@ def load_language(language: str, root: str | os.PathLike[str] | None = None, spl
     order) that have a relevant judgment."""
     check_languages([language])
     if split not in SPLITS:
-        raise ValueError(f"dataset.split={split!r}: expected one of {SPLITS}")
+        raise BadValue(f"dataset.split={split!r}: expected one of {SPLITS}")
     folder = find_topics_dir(root, [language], split)
     topics_path, qrels_path = folder / topics_filename(language, split), folder / qrels_filename(language, split)
     if split == "dev" and verify_enabled(verify):

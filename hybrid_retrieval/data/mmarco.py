@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from hybrid_retrieval.config_error import BadValue, MissingPath
 from hybrid_retrieval.data.pair_store import Chunk, StoreError, cached_store
 from hybrid_retrieval.data.pairs import ParallelPairs
 
@@ -69,13 +70,13 @@ def mmarco_languages(languages: Sequence[str] | str | None) -> list[tuple[str, s
         key = str(language).strip().lower()
         full = key if key in MMARCO_LANGUAGES else by_code.get(key)
         if full is None:
-            raise ValueError(f"mMARCO has no language {language!r}; languages are full names or ISO codes of "
+            raise BadValue(f"mMARCO has no language {language!r}; languages are full names or ISO codes of "
                              f"{', '.join(f'{f} ({c})' for f, c in MMARCO_LANGUAGES.items())}")
         if any(full == seen for seen, _ in found):
-            raise ValueError(f"languages names {full!r} twice: {list(languages)}")
+            raise BadValue(f"languages names {full!r} twice: {list(languages)}")
         found.append((full, MMARCO_LANGUAGES[full]))
     if not found:
-        raise ValueError("languages must name at least one mMARCO language (null = all)")
+        raise BadValue("languages must name at least one mMARCO language (null = all)")
     return found
 
 
@@ -83,7 +84,7 @@ def mmarco_files(root: str | os.PathLike[str], languages: Sequence[str] | str | 
     """The files :func:`from_mmarco` reads under `root`: ``triples``, then ``<language>_queries`` and
     ``<language>_collection`` per language. A missing one raises FileNotFoundError naming the path expected."""
     if root is None or not str(root).strip():
-        raise FileNotFoundError("mMARCO root is not set: set the root option (train_data.root=/path/to/mmarco, the "
+        raise MissingPath("mMARCO root is not set: set the root option (train_data.root=/path/to/mmarco, the "
                                 f"folder holding {TRIPLES_FILE})")
     base = Path(root).expanduser()
     files = {"triples": base / TRIPLES_FILE}
@@ -92,7 +93,7 @@ def mmarco_files(root: str | os.PathLike[str], languages: Sequence[str] | str | 
         files[f"{full}_collection"] = base / COLLECTION_FILE.format(language=full)
     for path in files.values():
         if not path.is_file():
-            raise FileNotFoundError(
+            raise MissingPath(
                 f"mMARCO file {str(path)!r} does not exist; root {str(base)!r} must hold the published layout "
                 f"({TRIPLES_FILE}, {QUERIES_FILE}, {COLLECTION_FILE}): set the root option "
                 "(train_data.root=/path/to/mmarco)")
@@ -119,10 +120,10 @@ def from_mmarco(
     file, the line and the field (and the language's file), and leaves nothing in the cache.
     """
     if hard_negative not in MMARCO_HARD_NEGATIVES:
-        raise ValueError(f"hard_negative must be one of {list(MMARCO_HARD_NEGATIVES)}, got {hard_negative!r}")
+        raise BadValue(f"hard_negative must be one of {list(MMARCO_HARD_NEGATIVES)}, got {hard_negative!r}")
     if max_triples is not None and (isinstance(max_triples, bool) or not isinstance(max_triples, int)
                                     or max_triples < 1):
-        raise ValueError(f"max_triples must be null or a positive int, got {max_triples!r}")
+        raise BadValue(f"max_triples must be null or a positive int, got {max_triples!r}")
     chosen = mmarco_languages(languages)
     files = mmarco_files(root, [full for full, _ in chosen])
     codes = [code for _, code in chosen]

@@ -24,6 +24,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from hybrid_retrieval.config_error import BadValue
+
 __all__ = ["CONTAMINATION_POLICIES", "ContaminationError", "OverlapReport", "check_contamination", "find_overlap",
            "normalise", "similarity_matrices"]
 
@@ -173,7 +175,7 @@ def check_contamination(training: Sequence[Any], sets: Sequence[Any], policy: st
     ``refuse`` (default) raises :class:`ContaminationError` when evaluation passages are among the training texts,
     ``warn`` logs the overlap and goes on, ``off`` does not compare."""
     if policy not in CONTAMINATION_POLICIES:
-        raise ValueError(f"train.contamination={policy!r}: expected one of {list(CONTAMINATION_POLICIES)}")
+        raise BadValue(f"train.contamination={policy!r}: expected one of {list(CONTAMINATION_POLICIES)}")
     if policy == "off":
         return None
     groups, missing = evaluation_texts(sets)

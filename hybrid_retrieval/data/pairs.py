@@ -3,7 +3,7 @@
 Rows that share a group are translations of each other; that is what makes cross-lingual (X-Y) batches
 possible and what a batch must avoid mixing (a passage's translation would be a false negative).
 
-Readers, each in its own module; their names stay importable from here, where ``conf/train_data`` names them:
+Readers, each in its own module, which ``conf/train_data`` names:
 
 - :func:`from_lareqa` (:mod:`~hybrid_retrieval.data.lareqa_pairs`): one row per (question, language) of
   XQuAD-R / MLQA-R; query = the question, passage = its gold sentence (optionally followed by the paragraph),
@@ -14,7 +14,7 @@ Readers, each in its own module; their names stay importable from here, where ``
 - :func:`from_jsonl` (:mod:`~hybrid_retrieval.data.jsonl_pairs`): a JSON-lines file, one row per line.
 
 All three are plain functions so that Hydra can build them from a ``train_data`` config, whose ``datasets`` list
-holds entries like ``{_target_: hybrid_retrieval.data.pairs.from_lareqa, name: mlqa_r}``; build them with
+holds entries like ``{_target_: hybrid_retrieval.data.lareqa_pairs.from_lareqa, name: mlqa_r}``; build them with
 :func:`build_datasets` (a bare ``hydra.utils.instantiate`` with the default ``_convert_`` would turn the
 dataclasses back into DictConfigs).
 """
@@ -32,62 +32,30 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from hybrid_retrieval.config_error import BadValue
 from hybrid_retrieval.data.lareqa import PASSAGE_TEXTS, Paragraph, check_holdout, format_passage
-from hybrid_retrieval.data.pair_store import (META, Chunk, cached_store, content_digest, open_index, open_rows,
-                                              read_meta, store_folder, store_key)
+from hybrid_retrieval.data.pair_store import (
+    META,
+    Chunk,
+    cached_store,
+    content_digest,
+    open_index,
+    open_rows,
+    read_meta,
+    store_folder,
+    store_key,
+)
 
 __all__ = [
-    "HARD_NEGATIVE_SOURCES",
-    "JSONL_FIELDS",
-    "JSONL_HARD_NEGATIVES",
     "PASSAGE_TEXTS",
-    "SQUAD_ANSWER_MATCHES",
-    "SQUAD_HARD_NEGATIVES",
     "PairRow",
     "ParallelPairs",
-    "SquadFile",
-    "SquadQuestion",
     "LanguageCoverage",
     "build_datasets",
-    "check_jsonl_row",
     "check_reader_options",
-    "from_jsonl",
-    "from_lareqa",
-    "from_squad",
     "language_coverage",
-    "jsonl_chunks",
-    "load_squad",
     "question_rows",
-    "read_jsonl_rows",
-    "read_squad_file",
-    "resolve_squad_files",
-    "sentence_spans",
-    "split_sentences",
-    "squad_rows",
-    "xquad_question_ids",
 ]
-
-# Where the names this module re-exports live: conf/train_data's ``_target_``s (and the configs runs logged) say
-# ``hybrid_retrieval.data.pairs.from_lareqa``; loaded on first use, since those modules import this one.
-_MOVED = {
-    **dict.fromkeys(("from_lareqa", "HARD_NEGATIVE_SOURCES"), "lareqa_pairs"),
-    **dict.fromkeys(("from_jsonl", "read_jsonl_rows", "check_jsonl_row", "jsonl_chunks", "JSONL_FIELDS",
-                     "JSONL_HARD_NEGATIVES"), "jsonl_pairs"),
-    **dict.fromkeys(("from_squad", "load_squad", "read_squad_file", "resolve_squad_files", "squad_rows",
-                     "xquad_question_ids", "SquadFile", "SquadQuestion", "SQUAD_ANSWER_MATCHES",
-                     "SQUAD_HARD_NEGATIVES"), "squad"),
-    **dict.fromkeys(("sentence_spans", "split_sentences"), "sentences"),
-}
-
-
-def __getattr__(name: str) -> Any:
-    module = _MOVED.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    from importlib import import_module
-
-    return getattr(import_module(f"hybrid_retrieval.data.{module}"), name)
-
 
 class TextColumn(Sequence[Any]):
     """One column of a pairs table as a read-only sequence: ``column[i]`` reads one value, iteration reads a chunk
@@ -176,16 +144,16 @@ class ParallelPairs:
             lengths["hard_negatives"] = len(hard_negatives)
         for field, length in lengths.items():
             if length != n:
-                raise ValueError(f"{where}: {field} has {length} rows, expected {n} like groups")
+                raise BadValue(f"{where}: {field} has {length} rows, expected {n} like groups")
         for field, values in (("queries", queries), ("passages", passages)):
             bad = next((i for i, v in enumerate(values) if not isinstance(v, str)), None)
             if bad is not None:
-                raise ValueError(f"{where}: {field}[{bad}] is {type(values[bad]).__name__}, expected str")
+                raise BadValue(f"{where}: {field}[{bad}] is {type(values[bad]).__name__}, expected str")
         negatives: list[list[str]] = []
         for i, value in enumerate(hard_negatives if hard_negatives is not None else [None] * n):
             value = [] if value is None else [value] if isinstance(value, str) else value
             if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-                raise ValueError(f"{where}: hard_negatives[{i}] is {type(value).__name__}, expected str, a list of "
+                raise BadValue(f"{where}: hard_negatives[{i}] is {type(value).__name__}, expected str, a list of "
                                  "str or None")
             negatives.append(list(value))
         return pa.table({"group": pa.array([str(g) for g in self.groups.tolist()], pa.string()),
@@ -305,18 +273,18 @@ class ParallelPairs:
         for field in ("groups", "languages"):
             array = getattr(self, field)
             if array.ndim != 1 or len(array) != n:
-                raise ValueError(f"{where}: {field} has shape {array.shape}, expected ({n},) like queries")
+                raise BadValue(f"{where}: {field} has shape {array.shape}, expected ({n},) like queries")
         if n == 0:
-            raise ValueError(f"{where}: no rows")
+            raise BadValue(f"{where}: no rows")
         if len(set(self.language_names)) != len(self.language_names):
-            raise ValueError(f"{where}: language_names has repeats: {self.language_names}")
+            raise BadValue(f"{where}: language_names has repeats: {self.language_names}")
         if self.languages.min() < 0 or self.languages.max() >= len(self.language_names):
-            raise ValueError(
+            raise BadValue(
                 f"{where}: languages must index language_names (0..{len(self.language_names) - 1}), "
                 f"got range {self.languages.min()}..{self.languages.max()}"
             )
         if self.groups.min() != 0 or not np.bincount(self.groups).all():
-            raise ValueError(f"{where}: groups must be numbered 0..n_groups-1 with none unused")
+            raise BadValue(f"{where}: groups must be numbered 0..n_groups-1 with none unused")
         return self
 
     def rows_by_group(self) -> list[np.ndarray]:
@@ -401,11 +369,11 @@ def check_reader_options(passage_text: str, max_groups: int | None, hard_negativ
                          hard_negatives: Sequence[str | None]) -> None:
     """The options the LAReQA and SQuAD readers share; `hard_negatives`: the reader's accepted sources."""
     if passage_text not in PASSAGE_TEXTS:
-        raise ValueError(f"passage_text must be one of {list(PASSAGE_TEXTS)}, got {passage_text!r}")
+        raise BadValue(f"passage_text must be one of {list(PASSAGE_TEXTS)}, got {passage_text!r}")
     if hard_negative not in hard_negatives:
-        raise ValueError(f"hard_negative must be one of {list(hard_negatives)}, got {hard_negative!r}")
+        raise BadValue(f"hard_negative must be one of {list(hard_negatives)}, got {hard_negative!r}")
     if max_groups is not None and (isinstance(max_groups, bool) or not isinstance(max_groups, int) or max_groups < 1):
-        raise ValueError(f"max_groups must be null or a positive int, got {max_groups!r}")
+        raise BadValue(f"max_groups must be null or a positive int, got {max_groups!r}")
 
 
 def question_rows(files: Mapping[str, Any], passage_text: str, hard_negative: str | None,
@@ -438,7 +406,7 @@ def build_datasets(train_data: Any) -> list[ParallelPairs]:
 
     entries = train_data.datasets if isinstance(train_data, (DictConfig, dict)) else train_data
     if isinstance(entries, (DictConfig, dict)) or not entries:
-        raise ValueError("train_data.datasets must be a non-empty list of dataset configs with a _target_")
+        raise BadValue("train_data.datasets must be a non-empty list of dataset configs with a _target_")
     holdout = train_data.get("holdout") if isinstance(train_data, (DictConfig, dict)) else None
     if holdout is not None:
         check_holdout(holdout)
@@ -448,15 +416,15 @@ def build_datasets(train_data: Any) -> list[ParallelPairs]:
     try:
         built = instantiate(entries, _convert_="all")
     except MissingMandatoryValue as exc:
-        raise ValueError(
+        raise BadValue(
             f"train_data config lacks a required value ({exc.full_key}): set it on the command line, e.g. "
             "train_data.path=/path/to/file.jsonl (train_data=jsonl, parquet, hf) or train_data.root=/path/to/mmarco "
             "(train_data=mmarco)"
         ) from exc
     for i, item in enumerate(built):
         if not isinstance(item, ParallelPairs):
-            raise ValueError(
+            raise BadValue(
                 f"train_data.datasets[{i}] built a {type(item).__name__}, expected ParallelPairs "
-                f"(use _target_: hybrid_retrieval.data.pairs.from_lareqa or from_jsonl)"
+                f"(use _target_: hybrid_retrieval.data.lareqa_pairs.from_lareqa or hybrid_retrieval.data.jsonl_pairs.from_jsonl)"
             )
     return list(built)

@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from hybrid_retrieval.config_error import BadValue
+
 __all__ = [
     "CACHE_ENV",
     "DATASETS",
@@ -131,7 +133,7 @@ def get_source(name: str) -> DatasetSource:
     try:
         return DATASETS[name]
     except (KeyError, TypeError):
-        raise ValueError(f"unknown dataset {name!r}; expected one of {sorted(DATASETS)}") from None
+        raise BadValue(f"unknown dataset {name!r}; expected one of {sorted(DATASETS)}") from None
 
 
 def dataset_languages(name: str) -> list[str]:
@@ -161,11 +163,11 @@ def check_languages(name: str, languages: Sequence[str] | str | None) -> list[st
     if chosen is None:
         return valid
     if not chosen:
-        raise ValueError(f"languages for {name!r} is empty; give null (all) or some of {valid}")
+        raise BadValue(f"languages for {name!r} is empty; give null (all) or some of {valid}")
     if unknown:
-        raise ValueError(f"unknown language(s) {unknown} for dataset {name!r}; valid languages: {valid}")
+        raise BadValue(f"unknown language(s) {unknown} for dataset {name!r}; valid languages: {valid}")
     if repeated:
-        raise ValueError(f"language(s) {repeated} given more than once for dataset {name!r}")
+        raise BadValue(f"language(s) {repeated} given more than once for dataset {name!r}")
     return chosen
 
 

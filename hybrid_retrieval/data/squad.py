@@ -21,8 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from hybrid_retrieval.data.overlap import similarity_matrices
+from hybrid_retrieval.config_error import BadValue, MissingPath
 from hybrid_retrieval.data.lareqa import DataFormatError, Paragraph, get_field, sha1_order
+from hybrid_retrieval.data.overlap import similarity_matrices
 from hybrid_retrieval.data.pairs import PairRow, ParallelPairs, StoreSpec, check_reader_options, question_rows
 from hybrid_retrieval.data.sentences import sentence_spans
 from hybrid_retrieval.data.sources import DATA_ENV, DataNotFoundError, resolve_dataset_dir
@@ -241,7 +242,7 @@ def read_squad_file(
     """
     resolved = Path(path).expanduser().resolve()
     if not resolved.is_file():
-        raise FileNotFoundError(f"SQuAD file {str(resolved)!r} does not exist")
+        raise MissingPath(f"SQuAD file {str(resolved)!r} does not exist")
     stat = resolved.stat()
     return _read_squad_cached(str(resolved), language, frozenset(exclude_ids or ()), tuple(exclude_texts),
                               stat.st_mtime_ns, stat.st_size)
@@ -352,7 +353,7 @@ def resolve_squad_files(
     """language -> existing file. A relative path is looked up under `root` when given (only there), else under
     ``$HYBRID_RETRIEVAL_DATA``, then the working directory."""
     if not isinstance(files, Mapping) or not files:
-        raise ValueError(
+        raise BadValue(
             f"files must be a non-empty mapping language -> SQuAD-format file, e.g. "
             f"{{es: squad-es/dev-v1.1-es_small.json}}; got {files!r}"
         )
@@ -360,9 +361,9 @@ def resolve_squad_files(
     resolved: dict[str, Path] = {}
     for language, value in files.items():
         if not isinstance(language, str) or not language.strip():
-            raise ValueError(f"files: language key {language!r} must be a non-empty string such as 'es'")
+            raise BadValue(f"files: language key {language!r} must be a non-empty string such as 'es'")
         if not isinstance(value, (str, os.PathLike)) or not str(value).strip():
-            raise ValueError(f"files.{language}={value!r}: expected the path of a SQuAD-format .json or .json.gz")
+            raise BadValue(f"files.{language}={value!r}: expected the path of a SQuAD-format .json or .json.gz")
         path = Path(value).expanduser()
         if path.is_absolute():
             candidates = [path]
@@ -372,7 +373,7 @@ def resolve_squad_files(
             candidates = ([Path(env).expanduser() / path] if env else []) + [Path.cwd() / path]
         found = next((c for c in candidates if c.is_file()), None)
         if found is None:
-            raise FileNotFoundError(
+            raise MissingPath(
                 f"files.{language}={str(value)!r}: no such file (looked at {', '.join(str(c) for c in candidates)}); "
                 f"give an absolute path, or set root=<folder> or ${DATA_ENV} for relative ones"
             )
@@ -450,7 +451,7 @@ def from_squad(
             log.info("%s: %s", name, squad.summary())
         made = squad_rows(parsed, passage_text, max_groups, hard_negative)
         if not made:
-            raise ValueError(f"from_squad {name!r}: no answerable questions in {[str(p) for p in paths.values()]}")
+            raise BadValue(f"from_squad {name!r}: no answerable questions in {[str(p) for p in paths.values()]}")
         return made
 
     # The XQuAD data that drop_xquad removes is part of what the rows are: it enters the cache key as a digest.

@@ -19,6 +19,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from hybrid_retrieval.config_error import BadValue, MissingPath
 from hybrid_retrieval.data.pair_store import Chunk, StoreError, cached_store, joined_negatives
 from hybrid_retrieval.data.pairs import ParallelPairs
 
@@ -33,7 +34,7 @@ def _column_names(columns: Mapping[str, str] | None) -> dict[str, str]:
     names = {field: field for field in TABLE_FIELDS}
     unknown = sorted(set(columns or {}) - set(TABLE_FIELDS))
     if unknown:
-        raise ValueError(f"columns: unknown field(s) {unknown}; expected keys among {list(TABLE_FIELDS)}")
+        raise BadValue(f"columns: unknown field(s) {unknown}; expected keys among {list(TABLE_FIELDS)}")
     names.update({k: str(v) for k, v in (columns or {}).items()})
     return names
 
@@ -47,8 +48,8 @@ def parquet_files(path: str | os.PathLike[str]) -> list[Path]:
         files = sorted(source.rglob("*.parquet"))
         if files:
             return files
-        raise FileNotFoundError(f"{source}: no *.parquet file in this folder (train_data path)")
-    raise FileNotFoundError(f"training data {str(source)!r} does not exist (train_data path: a .parquet file or a "
+        raise MissingPath(f"{source}: no *.parquet file in this folder (train_data path)")
+    raise MissingPath(f"training data {str(source)!r} does not exist (train_data path: a .parquet file or a "
                             "folder of them)")
 
 
@@ -119,7 +120,7 @@ def from_parquet(path: str | os.PathLike[str], name: str | None = None, hard_neg
       ignores them.
     """
     if hard_negative not in (None, "file"):
-        raise ValueError(f"hard_negative must be one of [None, 'file'], got {hard_negative!r}")
+        raise BadValue(f"hard_negative must be one of [None, 'file'], got {hard_negative!r}")
     names = _column_names(columns)
     files = parquet_files(path)
     label = name or Path(path).expanduser().resolve().name.removesuffix(".parquet")
@@ -141,7 +142,7 @@ def from_hf(path: str, split: str = "train", name: str | None = None, hard_negat
     Options as in :func:`from_parquet`.
     """
     if hard_negative not in (None, "file"):
-        raise ValueError(f"hard_negative must be one of [None, 'file'], got {hard_negative!r}")
+        raise BadValue(f"hard_negative must be one of [None, 'file'], got {hard_negative!r}")
     names = _column_names(columns)
     folder = Path(path).expanduser()
     if folder.is_dir() and not _is_saved_dataset(folder):
@@ -152,7 +153,7 @@ def from_hf(path: str, split: str = "train", name: str | None = None, hard_negat
         loaded = datasets.load_from_disk(str(folder))
         if isinstance(loaded, datasets.DatasetDict):
             if split not in loaded:
-                raise ValueError(f"{folder}: no split {split!r}; it has {list(loaded)} (train_data split option)")
+                raise BadValue(f"{folder}: no split {split!r}; it has {list(loaded)} (train_data split option)")
             loaded = loaded[split]
         label = name or folder.resolve().name
         sources: list[Any] = [folder]
@@ -160,13 +161,13 @@ def from_hf(path: str, split: str = "train", name: str | None = None, hard_negat
         from hybrid_retrieval.data.sources import OFFLINE_ENV, offline
 
         if offline():
-            raise FileNotFoundError(f"Hugging Face dataset {path!r}: no such folder, and {OFFLINE_ENV} is set, so the "
+            raise MissingPath(f"Hugging Face dataset {path!r}: no such folder, and {OFFLINE_ENV} is set, so the "
                                     "hub is not asked; save it with datasets' save_to_disk (or as Parquet files) and "
                                     "set the path to that folder")
         try:
             loaded = datasets.load_dataset(path, config, split=split)
         except Exception as error:  # the hub unreachable, an unknown name: say what to point at instead
-            raise FileNotFoundError(
+            raise MissingPath(
                 f"Hugging Face dataset {path!r} (split {split!r}) could not be loaded: {type(error).__name__}: "
                 f"{error}. Without the hub, save it with datasets' save_to_disk (or as Parquet files) and set the "
                 "path to that folder") from None

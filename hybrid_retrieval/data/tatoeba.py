@@ -20,8 +20,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hybrid_retrieval.data.sources import (DATA_ENV, VERIFY_ENV, DataNotFoundError, default_cache_dir,
-                                          sort_out_languages)
+from hybrid_retrieval.config_error import BadValue
+from hybrid_retrieval.data.sources import DATA_ENV, VERIFY_ENV, DataNotFoundError, default_cache_dir, sort_out_languages
 
 __all__ = [
     "FOLDER",
@@ -106,10 +106,10 @@ def _codes(value: Sequence[str] | str | None, option: str) -> list[str] | None:
     if codes is None:
         return None
     if unknown:
-        raise ValueError(f"{option}: unknown Tatoeba language code(s) {unknown}; expected ISO 639-3 codes among "
+        raise BadValue(f"{option}: unknown Tatoeba language code(s) {unknown}; expected ISO 639-3 codes among "
                          f"the 112 languages: {list(LANGUAGES)}")
     if repeated:
-        raise ValueError(f"{option}: language code(s) {repeated} given more than once")
+        raise BadValue(f"{option}: language code(s) {repeated} given more than once")
     return codes
 
 
@@ -126,14 +126,14 @@ def check_tatoeba_options(
     """
     chosen = _codes(languages, f"{option}.languages")
     if chosen is not None and not chosen:
-        raise ValueError(f"{option}.languages is empty; give null (all 112) or some of {list(LANGUAGES)}")
+        raise BadValue(f"{option}.languages is empty; give null (all 112) or some of {list(LANGUAGES)}")
     chosen = list(LANGUAGES) if chosen is None else chosen
     low = _codes(low_resource, f"{option}.low_resource") or []
     if max_pairs_per_language is not None and (
         isinstance(max_pairs_per_language, bool) or not isinstance(max_pairs_per_language, int)
         or max_pairs_per_language < 1
     ):
-        raise ValueError(f"{option}.max_pairs_per_language={max_pairs_per_language!r}: expected null (all) or a "
+        raise BadValue(f"{option}.max_pairs_per_language={max_pairs_per_language!r}: expected null (all) or a "
                          "positive integer")
     selected = set(chosen)
     return chosen, [c for c in low if c in selected]

@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from hybrid_retrieval.config_error import BadValue
+
 __all__ = ["CorpusEncodingError", "EmbeddingShards", "config_hash", "encode_corpus", "encoder_fingerprint",
            "open_embeddings", "write_embedding_shards"]
 
@@ -187,7 +189,7 @@ def _encode_chunk(encode: Callable[[list[str]], np.ndarray], texts: list[str], d
         rows = order[start:start + PROGRESS_SLICE]
         emb = np.asarray(encode([texts[i] for i in rows]), dtype=np.float32)
         if emb.shape != (len(rows), dim):
-            raise ValueError(f"encode returned shape {emb.shape} for {len(rows)} texts; expected ({len(rows)}, {dim})")
+            raise BadValue(f"encode returned shape {emb.shape} for {len(rows)} texts; expected ({len(rows)}, {dim})")
         out[rows] = emb
         if bar is not None:
             bar.update(len(rows))
@@ -246,7 +248,7 @@ def encode_corpus(encode: Callable[[list[str]], np.ndarray], passages: Iterable[
     the folder in errors.
     """
     if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
-        raise ValueError(f"shard_size={shard_size!r}: expected a positive integer")
+        raise BadValue(f"shard_size={shard_size!r}: expected a positive integer")
     config = {**config, "shard_size": shard_size}
     folder = Path(folder).expanduser()
     folder.mkdir(parents=True, exist_ok=True)

@@ -13,12 +13,13 @@ can be evaluated; :func:`evaluate_encoder` encodes a LAReQA split first.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
+from hybrid_retrieval.config_error import BadValue
 from hybrid_retrieval.evaluation.metrics import BIAS_METRICS, RANKING_METRICS, own_language_first, per_query_metrics
 from hybrid_retrieval.evaluation.ranks import relevant_ranks
 from hybrid_retrieval.evaluation.result import NOT_SAVED, RetrievalResult
@@ -50,7 +51,7 @@ class EvaluationResult(RetrievalResult):
         the split), ``<setting>/group`` (index into ``<setting>/group_names``: its language, or language pair)
         and ``<setting>/<metric>``. Mono and cross rows are (query, candidate language) pairs."""
         if self.per_query is None or self.group_names is None:
-            raise ValueError("this result holds no per-query values (it was not computed in this process)")
+            raise BadValue("this result holds no per-query values (it was not computed in this process)")
         arrays: dict[str, np.ndarray] = {}
         for setting, values in self.per_query.items():
             arrays.update({f"{setting}/{name}": array for name, array in values.items()})
@@ -128,10 +129,10 @@ def evaluate_embeddings(query_emb: np.ndarray, candidate_emb: np.ndarray, query_
     candidate_language = np.asarray(candidate_language, dtype=np.int64)
     n_lang = len(languages)
     if len(query_language) != len(query_emb):
-        raise ValueError(f"query_language has {len(query_language)} entries for {len(query_emb)} queries")
+        raise BadValue(f"query_language has {len(query_language)} entries for {len(query_emb)} queries")
     for name, ids in (("query_language", query_language), ("candidate_language", candidate_language)):
         if ids.size and (ids.min() < 0 or ids.max() >= n_lang):
-            raise ValueError(f"{name} holds ids outside 0..{n_lang - 1} (languages: {list(languages)})")
+            raise BadValue(f"{name} holds ids outside 0..{n_lang - 1} (languages: {list(languages)})")
 
     ranks = relevant_ranks(query_emb, candidate_emb, candidate_language, relevant, num_threads=num_threads)
     n_queries = len(query_emb)

@@ -28,6 +28,8 @@ from typing import Any
 import faiss
 import numpy as np
 
+from hybrid_retrieval.config_error import BadValue, MissingPath
+
 
 class CandidateIndex:
     """Exact inner-product index (``faiss.IndexFlatIP``) over candidate embeddings."""
@@ -35,7 +37,7 @@ class CandidateIndex:
     def __init__(self, candidate_emb: np.ndarray) -> None:
         candidate_emb = np.ascontiguousarray(candidate_emb, dtype=np.float32)
         if candidate_emb.ndim != 2:
-            raise ValueError(f"candidate embeddings must be 2-D, got shape {candidate_emb.shape}")
+            raise BadValue(f"candidate embeddings must be 2-D, got shape {candidate_emb.shape}")
         self.index = faiss.IndexFlatIP(candidate_emb.shape[1])
         self.index.add(candidate_emb)
 
@@ -207,9 +209,9 @@ def _hnsw(index: faiss.Index) -> Any:
 def _check_queries(query_emb: np.ndarray, dim: int, k: Any) -> np.ndarray:
     query_emb = np.ascontiguousarray(query_emb, dtype=np.float32)
     if query_emb.ndim != 2 or query_emb.shape[1] != dim:
-        raise ValueError(f"query embeddings have shape {query_emb.shape}; the index expects (n, {dim})")
+        raise BadValue(f"query embeddings have shape {query_emb.shape}; the index expects (n, {dim})")
     if not _positive_int(k):
-        raise ValueError(f"top_k={k!r}: expected a positive integer")
+        raise BadValue(f"top_k={k!r}: expected a positive integer")
     return query_emb
 
 
@@ -273,7 +275,7 @@ class PassageIndex:
         if not rerank:
             return self.index.search(query_emb, k)
         if self.vectors is None:
-            raise ValueError("index.rerank needs the passage embeddings: build the index from them, or load it "
+            raise BadValue("index.rerank needs the passage embeddings: build the index from them, or load it "
                              "from a folder whose manifest names its embeddings")
         _, rows = self.index.search(query_emb, min(max(k, rerank), len(self)))
         return _rerank(query_emb, rows, self.vectors, k)
@@ -307,7 +309,7 @@ class ShardedIndex:
             return np.empty((len(query_emb), k), np.float32), np.empty((len(query_emb), k), np.int64)
         rerank = int(self.spec.get("rerank") or 0)
         if rerank and self.vectors is None:
-            raise ValueError("index.rerank needs the passage embeddings: build the index from them, or load it "
+            raise BadValue("index.rerank needs the passage embeddings: build the index from them, or load it "
                              "from a folder whose manifest names its embeddings")
         wanted = max(k, rerank)
         all_scores, all_rows = [], []
@@ -369,12 +371,12 @@ def build_index(embeddings: Any, spec: Mapping[str, Any] | None = None, ids: Seq
     if isinstance(embeddings, np.ndarray) or not hasattr(embeddings, "blocks"):
         array = np.ascontiguousarray(embeddings, dtype=np.float32)
         if array.ndim != 2 or len(array) == 0:
-            raise ValueError(f"passage embeddings must be a non-empty 2-D array, got shape {array.shape}")
+            raise BadValue(f"passage embeddings must be a non-empty 2-D array, got shape {array.shape}")
         source: Any = _ArraySource(array)
     else:
         source = embeddings
         if len(source) == 0:
-            raise ValueError(f"passage embeddings in {getattr(source, 'folder', '?')} are empty")
+            raise BadValue(f"passage embeddings in {getattr(source, 'folder', '?')} are empty")
         if ids is None:
             ids = source.ids()
         # The manifest then says which embeddings the index belongs to (and where rerank reads them).
@@ -383,7 +385,7 @@ def build_index(embeddings: Any, spec: Mapping[str, Any] | None = None, ids: Seq
     count, dim = len(source), source.dim
     ids = [str(i) for i in range(count)] if ids is None else [str(i) for i in ids]
     if len(ids) != count:
-        raise ValueError(f"{len(ids)} ids for {count} passage embeddings")
+        raise BadValue(f"{len(ids)} ids for {count} passage embeddings")
     resolved = resolve_index_spec(spec, count=count, dim=dim)
     template = _new_index(resolved["factory"], dim)
     _limit_pq_training(template)
@@ -464,15 +466,15 @@ def read_manifest(folder: str | Path, option: str = "index_dir") -> dict[str, An
         missing.insert(0, INDEX_FILE)
     if not folder.is_dir() or missing:
         what = "does not exist" if not folder.is_dir() else f"lacks {', '.join(missing)}"
-        raise FileNotFoundError(f"{option}={str(folder)!r} {what}; expected a folder written by save_index "
+        raise MissingPath(f"{option}={str(folder)!r} {what}; expected a folder written by save_index "
                                 "(<output>/index of an earlier `python -m hybrid_retrieval.search`)")
     try:
         manifest = json.loads((folder / MANIFEST_FILE).read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
-        raise ValueError(f"{folder / MANIFEST_FILE}: not valid JSON ({err})") from err
+        raise BadValue(f"{folder / MANIFEST_FILE}: not valid JSON ({err})") from err
     found = manifest.get("format") if isinstance(manifest, dict) else None
     if found != MANIFEST_FORMAT:
-        raise ValueError(f"{folder / MANIFEST_FILE}: format {found!r} is not supported; expected {MANIFEST_FORMAT}")
+        raise BadValue(f"{folder / MANIFEST_FILE}: format {found!r} is not supported; expected {MANIFEST_FORMAT}")
     return manifest
 
 
@@ -503,7 +505,7 @@ def load_index(folder: str | Path, option: str = "index_dir", vectors: Any = Non
                              model=manifest.get("model"), extra=extra, vectors=vectors)
         dims = {index.index.d}
     if len(ids) != len(index) or dims != {manifest.get("dim")}:
-        raise ValueError(f"{option}={str(folder)!r} is inconsistent: {len(index)} vectors of dimension "
+        raise BadValue(f"{option}={str(folder)!r} is inconsistent: {len(index)} vectors of dimension "
                          f"{sorted(dims)}, {len(ids)} ids, manifest says {manifest.get('count')} x {manifest.get('dim')}")
     for part in (index.parts if isinstance(index, ShardedIndex) else [index.index]):
         _apply_search_params(part, spec)
@@ -514,7 +516,7 @@ def write_trec_run(path: str | Path, query_ids: Sequence[str], scores: np.ndarra
                    passage_ids: Sequence[str], tag: str) -> Path:
     """TREC run file: ``qid Q0 docid rank score tag`` per hit, ranks from 1 in score order."""
     if not tag or any(c.isspace() for c in tag):
-        raise ValueError(f"run tag {tag!r}: expected a non-empty string without whitespace")
+        raise BadValue(f"run tag {tag!r}: expected a non-empty string without whitespace")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as out:

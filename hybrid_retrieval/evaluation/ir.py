@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from hybrid_retrieval.config_error import BadValue
+
 __all__ = ["CUTOFFS", "METRICS", "Qrels", "Run", "evaluate_run", "mean_metrics", "ranked_docids", "read_run",
            "run_from_arrays", "topic_metrics", "write_run"]
 
@@ -54,7 +56,7 @@ def topic_metrics(ranked: Sequence[str], judgments: Mapping[str, int]) -> dict[s
     """The three metrics of one topic from its ranked docids (best first) and its judgments."""
     relevant = {d: g for d, g in judgments.items() if g >= 1}
     if not relevant:
-        raise ValueError("a topic without any relevant judgment has no defined recall or nDCG")
+        raise BadValue("a topic without any relevant judgment has no defined recall or nDCG")
     top10 = [relevant.get(d, 0) for d in ranked[:10]]  # unjudged and non-relevant alike: gain 0
     dcg = float(np.dot(top10, _discount(len(top10)))) if top10 else 0.0
     ideal = sorted(relevant.values(), reverse=True)[:10]
@@ -74,7 +76,7 @@ def evaluate_run(run: Run, qrels: Qrels) -> dict[str, dict[str, float]]:
         scores = run.get(topic) or {}
         for docid, score in scores.items():
             if isinstance(score, float) and math.isnan(score):
-                raise ValueError(f"run: topic {topic!r} docid {docid!r} has score NaN")
+                raise BadValue(f"run: topic {topic!r} docid {docid!r} has score NaN")
         out[topic] = topic_metrics(ranked_docids(scores), judgments)
     return out
 
@@ -101,7 +103,7 @@ def run_from_arrays(topics: Sequence[str], scores: np.ndarray, rows: np.ndarray,
                 continue
             docid = docids[row]
             if docid in hits:
-                raise ValueError(f"run: topic {topic!r} retrieves docid {docid!r} twice (the index holds it twice?)")
+                raise BadValue(f"run: topic {topic!r} retrieves docid {docid!r} twice (the index holds it twice?)")
             hits[docid] = float(score)
         run[topic] = hits
     return run
@@ -111,7 +113,7 @@ def write_run(path: str | Path, run: Run, tag: str) -> Path:
     """TREC run file ``topic Q0 docid rank score tag``, ranks from 1 in trec_eval's order; scores written with
     17 significant digits so that reading the file back gives the same floats (and so the same ties)."""
     if not tag or any(c.isspace() for c in tag):
-        raise ValueError(f"run tag {tag!r}: expected a non-empty string without whitespace")
+        raise BadValue(f"run tag {tag!r}: expected a non-empty string without whitespace")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as out:
@@ -134,11 +136,11 @@ def read_run(path: str | Path) -> dict[str, dict[str, float]]:
                 continue
             match = _RUN_LINE.match(line)
             if match is None:
-                raise ValueError(f"{path} line {number}: expected 6 columns 'topic Q0 docid rank score tag', got "
+                raise BadValue(f"{path} line {number}: expected 6 columns 'topic Q0 docid rank score tag', got "
                                  f"{line.strip()[:120]!r}")
             topic, docid, score = match.groups()
             try:
                 run.setdefault(topic, {})[docid] = float(score)
             except ValueError:
-                raise ValueError(f"{path} line {number}: score {score!r} is not a number") from None
+                raise BadValue(f"{path} line {number}: score {score!r} is not a number") from None
     return run

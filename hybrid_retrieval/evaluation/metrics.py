@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from hybrid_retrieval.config_error import BadValue
+
 RANKING_METRICS = ("map", "recall_at_1", "recall_at_10", "mrr_at_10", "ndcg_at_10")
 BIAS_METRICS = ("rank_distance", "max_at_r", "own_language_first")  # multilingual setting only
 METRICS = (*RANKING_METRICS, *BIAS_METRICS[:2])  # per_query_metrics' outputs
@@ -33,7 +35,7 @@ def average_precision(ranks: np.ndarray) -> float:
     """AP of one query from the ranks of its relevant items (any order)."""
     ranks = np.sort(np.asarray(ranks, dtype=np.int64))
     if ranks.size == 0:
-        raise ValueError("average precision needs at least one relevant item")
+        raise BadValue("average precision needs at least one relevant item")
     hits = np.searchsorted(ranks, ranks, side="right")
     return float(np.mean(hits / ranks))
 
@@ -46,9 +48,9 @@ def per_query_metrics(query_index: np.ndarray, ranks: np.ndarray, n_queries: int
     query_index = np.asarray(query_index, dtype=np.int64)
     ranks = np.asarray(ranks, dtype=np.int64)
     if query_index.shape != ranks.shape:
-        raise ValueError(f"query_index {query_index.shape} and ranks {ranks.shape} differ in shape")
+        raise BadValue(f"query_index {query_index.shape} and ranks {ranks.shape} differ in shape")
     if ranks.size and ranks.min() < 1:
-        raise ValueError("ranks are 1-based")
+        raise BadValue("ranks are 1-based")
     order = np.lexsort((ranks, query_index))
     query_index, ranks = query_index[order], ranks[order]
     # One sortable key per (query, rank): hits = relevant items of the same query ranked at or above.

@@ -31,10 +31,16 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from hybrid_retrieval.config_error import BadValue
 from hybrid_retrieval.data import miracl as data
 from hybrid_retrieval.evaluation.corpus import encode_corpus, encoder_fingerprint, remove_embeddings
 from hybrid_retrieval.evaluation.index import (
-    IndexConfigError, build_index, load_index, read_manifest, resolve_index_spec, save_index,
+    IndexConfigError,
+    build_index,
+    load_index,
+    read_manifest,
+    resolve_index_spec,
+    save_index,
 )
 from hybrid_retrieval.evaluation.ir import METRICS, evaluate_run, mean_metrics, run_from_arrays, write_run
 from hybrid_retrieval.evaluation.result import NOT_SAVED, RetrievalResult
@@ -72,26 +78,26 @@ def check_config(dataset: Any) -> None:
     data.check_languages(_plain(dataset.get("languages")))
     split = dataset.get("split", "dev")
     if split not in data.SPLITS:
-        raise ValueError(f"dataset.split={split!r}: expected one of {data.SPLITS}")
+        raise BadValue(f"dataset.split={split!r}: expected one of {data.SPLITS}")
     for key in ("max_corpus_passages", "max_topics_per_language"):
         value = dataset.get(key)
         if value is not None and not _positive_int(value):
-            raise ValueError(f"dataset.{key}={value!r}: expected null (all) or a positive integer")
+            raise BadValue(f"dataset.{key}={value!r}: expected null (all) or a positive integer")
     top_k = dataset.get("top_k", MIN_TOP_K)
     if not _positive_int(top_k) or top_k < MIN_TOP_K:
-        raise ValueError(f"dataset.top_k={top_k!r}: expected an integer >= {MIN_TOP_K} (Recall@100 is computed on "
+        raise BadValue(f"dataset.top_k={top_k!r}: expected an integer >= {MIN_TOP_K} (Recall@100 is computed on "
                          "the retrieved list)")
     how = dataset.get("passage_text", "title_text")
     if how not in data.PASSAGE_TEXTS:
-        raise ValueError(f"dataset.passage_text={how!r}: expected one of {data.PASSAGE_TEXTS}")
+        raise BadValue(f"dataset.passage_text={how!r}: expected one of {data.PASSAGE_TEXTS}")
     shard_size = dataset.get("shard_size", 20000)
     if not _positive_int(shard_size):
-        raise ValueError(f"dataset.shard_size={shard_size!r}: expected a positive integer (passages per embedding "
+        raise BadValue(f"dataset.shard_size={shard_size!r}: expected a positive integer (passages per embedding "
                          "shard)")
     for key in ("root", "corpus_root"):
         value = dataset.get(key)
         if value is not None and not Path(str(value)).expanduser().is_dir():
-            raise ValueError(f"dataset.{key}={str(value)!r} is not a directory")
+            raise BadValue(f"dataset.{key}={str(value)!r} is not a directory")
     spec = _plain(dataset.get("index")) or {"type": "flat"}
     try:
         resolve_index_spec(spec)
@@ -107,7 +113,7 @@ def check_config(dataset: Any) -> None:
         else:
             raise errors[COMMON_DIMS.index(384)]
     except IndexConfigError as error:
-        raise ValueError(str(error).replace("index.", "dataset.index.")) from error
+        raise BadValue(str(error).replace("index.", "dataset.index.")) from error
 
 
 @dataclass

@@ -38,6 +38,8 @@ from mteb.models.cache_wrappers import CachedEmbeddingWrapper
 from mteb.models.model_meta import ModelMeta, ScoringFunction
 from mteb.types import PromptType
 
+from hybrid_retrieval.config_error import BadValue
+
 ORGANISATION = "hybrid_retrieval"
 # LAReQA language codes -> MTEB's ISO 639-3 + script codes.
 LANGUAGE_CODES = {"ar": "arb-Arab", "de": "deu-Latn", "el": "ell-Grek", "en": "eng-Latn", "es": "spa-Latn",
@@ -104,7 +106,7 @@ TASK_VERSION = 2
 def _mteb_codes(languages: Sequence[str], name: str) -> None:
     unknown = [x for x in languages if x not in LANGUAGE_CODES]
     if unknown:
-        raise ValueError(f"{name}: no MTEB language code for {unknown}; known: {sorted(LANGUAGE_CODES)}")
+        raise BadValue(f"{name}: no MTEB language code for {unknown}; known: {sorted(LANGUAGE_CODES)}")
 
 
 class _Recorder:
@@ -306,7 +308,7 @@ def lareqa_subsets(split: Any, setting: str) -> dict[str, tuple[list[int], list[
     :func:`~hybrid_retrieval.evaluation.evaluator.evaluate_embeddings` averages over.
     """
     if setting not in SETTING_NAMES:
-        raise ValueError(f"setting={setting!r}: expected one of {list(SETTING_NAMES)}")
+        raise BadValue(f"setting={setting!r}: expected one of {list(SETTING_NAMES)}")
     if setting == "multi":
         return {"default": (list(range(len(split.queries))), list(range(len(split.candidates))))}
     members = {x: [j for j, c in enumerate(split.candidates) if c.language == x] for x in split.languages}
@@ -343,14 +345,14 @@ def lareqa_task(name: str, dataset: str, setting: str = "mono", root: Any = None
     from hybrid_retrieval.data.lareqa import load_split
 
     if setting not in SETTING_NAMES:
-        raise ValueError(f"{name}: setting={setting!r}: expected one of {list(SETTING_NAMES)}")
+        raise BadValue(f"{name}: setting={setting!r}: expected one of {list(SETTING_NAMES)}")
     split = load_split(dataset, root=root, languages=list(languages) if languages else None,
                        max_questions_per_language=max_questions_per_language)
     split.candidate_texts(passage_text)  # checks the option
     _mteb_codes(split.languages, name)
     subsets = lareqa_subsets(split, setting)
     if not subsets:
-        raise ValueError(f"{name}: no queries in the {setting} setting for languages {split.languages}")
+        raise BadValue(f"{name}: no queries in the {setting} setting for languages {split.languages}")
     if setting == "mono":
         eval_langs: Any = {x: [LANGUAGE_CODES[x]] for x in subsets}
     elif setting == "cross":
@@ -429,7 +431,7 @@ def resolve_tasks(names: Sequence[str], local: dict[str, Any] | None = None) -> 
         try:
             tasks.append(mteb.get_task(name))
         except (KeyError, ValueError) as error:
-            raise ValueError(f"tasks: {name!r} is not an MTEB task ({error}); the local ones are "
+            raise BadValue(f"tasks: {name!r} is not an MTEB task ({error}); the local ones are "
                              f"{sorted(LOCAL_TASKS)}, MTEB's are listed by `mteb.get_tasks()`") from error
     return tasks
 

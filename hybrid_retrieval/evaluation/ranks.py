@@ -22,6 +22,8 @@ from typing import Iterator, Sequence
 import numba
 import numpy as np
 
+from hybrid_retrieval.config_error import BadValue
+
 
 @dataclass(frozen=True)
 class RelevantRanks:
@@ -48,28 +50,28 @@ def pad_relevant(relevant: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray
 def _validate(query_emb: np.ndarray, candidate_emb: np.ndarray, candidate_language: np.ndarray,
               relevant: Sequence[np.ndarray]) -> None:
     if query_emb.ndim != 2 or candidate_emb.ndim != 2 or query_emb.shape[1] != candidate_emb.shape[1]:
-        raise ValueError(
+        raise BadValue(
             f"embeddings must be 2-D with the same width; got queries {query_emb.shape}, "
             f"candidates {candidate_emb.shape}")
     if len(relevant) != len(query_emb):
-        raise ValueError(f"relevant has {len(relevant)} entries for {len(query_emb)} queries")
+        raise BadValue(f"relevant has {len(relevant)} entries for {len(query_emb)} queries")
     if len(candidate_language) != len(candidate_emb):
-        raise ValueError(
+        raise BadValue(
             f"candidate_language has {len(candidate_language)} entries for {len(candidate_emb)} candidates")
     if len(candidate_language) and candidate_language.min() < 0:
-        raise ValueError("candidate_language holds negative language ids; expected ids 0, 1, 2, ...")
+        raise BadValue("candidate_language holds negative language ids; expected ids 0, 1, 2, ...")
     for name, emb in (("query", query_emb), ("candidate", candidate_emb)):
         if not np.isfinite(emb).all():
-            raise ValueError(f"{name} embeddings hold NaN or infinite values; ranks would be undefined")
+            raise BadValue(f"{name} embeddings hold NaN or infinite values; ranks would be undefined")
     lengths = np.fromiter((len(rel) for rel in relevant), dtype=np.int64, count=len(relevant))
     if np.any(lengths == 0):
-        raise ValueError(f"query {int(np.argmin(lengths))} has no relevant candidate")
+        raise BadValue(f"query {int(np.argmin(lengths))} has no relevant candidate")
     if len(relevant):
         flat = np.concatenate([np.asarray(rel, dtype=np.int64) for rel in relevant])
         outside = (flat < 0) | (flat >= len(candidate_emb))
         if outside.any():
             query = int(np.searchsorted(np.cumsum(lengths), np.argmax(outside), side="right"))
-            raise ValueError(f"query {query} has a relevant index outside 0..{len(candidate_emb) - 1}")
+            raise BadValue(f"query {query} has a relevant index outside 0..{len(candidate_emb) - 1}")
 
 
 def score_chunks(query_emb: np.ndarray, candidate_emb: np.ndarray,

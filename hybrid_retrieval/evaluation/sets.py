@@ -8,7 +8,8 @@ and an evaluation run of the same model on the same data log the same metric key
   one under its dataset name (e.g. ``val/xquad_r/cross/en-de/map``), extra sets under their key;
 - ``time/<key>/encode_s``, ``time/<key>/metrics_s``.
 
-A dataset name maps to a *kind* of evaluation set (:data:`KIND_OF_DATASET`). The kind's module provides
+A dataset name maps to a *kind* of evaluation set (:data:`KIND_OF_DATASET`; a set of your own names its module
+with ``dataset.module``, :func:`register_kind`, docs/extending.md#an-evaluation-set). The kind's module provides
 ``SUMMARY_METRICS`` (setting -> metrics its summary holds, known before any data is read, so that config checks
 can validate ``train.monitor``), ``LOWER_IS_BETTER`` and ``load_set(key, dataset_config) -> EvaluationSet``.
 An :class:`EvaluationSet` evaluates an encoder into a result with ``summary``, ``per_language``, ``timings``,
@@ -23,6 +24,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
+
+from hybrid_retrieval.config_error import BadValue
 
 PREFIX = "val"
 
@@ -65,17 +68,42 @@ class EvaluationSet(ABC):
         """``<prefix>metrics.json`` and any figures, in ``folder``; returns the files written."""
 
 
+def register_kind(dataset: Any, option: str = "dataset") -> None:
+    """A set of your own: a dataset config that names its kind's module (``module: my_extensions``) makes that
+    module evaluate the datasets of its ``name`` in this process. The project's sets name none."""
+    module = dataset.get("module") if hasattr(dataset, "get") else None
+    if module is None:
+        return
+    name = dataset.get("name")
+    known = KIND_OF_DATASET.get(name)
+    if known is not None and known != module and known.startswith("hybrid_retrieval."):
+        raise BadValue(f"{option}.name={name!r} is one of the project's sets ({known}): give your set another name")
+    try:
+        loaded = importlib.import_module(str(module))
+    except ImportError as error:
+        raise BadValue(f"{option}.module={module!r}: not importable ({error}); put its folder on PYTHONPATH or run "
+                         "from it") from error
+    missing = [attribute for attribute in ("SUMMARY_METRICS", "load_set") if not hasattr(loaded, attribute)]
+    if missing:
+        raise BadValue(f"{option}.module={module!r} lacks {', '.join(missing)} (what a kind of evaluation set "
+                         "provides: hybrid_retrieval/evaluation/sets.py)")
+    KIND_OF_DATASET[name] = str(module)
+
+
 def kind_module(dataset_name: str) -> Any:
     """The module that evaluates datasets called ``dataset_name``; a clear error for an unknown name."""
     if dataset_name not in KIND_OF_DATASET:
-        raise ValueError(f"dataset.name={dataset_name!r}: expected one of {sorted(KIND_OF_DATASET)}")
+        raise BadValue(f"dataset.name={dataset_name!r}: expected one of {sorted(KIND_OF_DATASET)}, or a set of "
+                         "your own that names its module (dataset.module; docs/extending.md#an-evaluation-set)")
     return importlib.import_module(KIND_OF_DATASET[dataset_name])
 
 
 def load_evaluation_sets(dataset: Any, extra_datasets: Mapping[str, Any] | None = None) -> list[EvaluationSet]:
     """The main set (key = its dataset name) first, then each extra set under its key."""
+    register_kind(dataset)
     sets = [kind_module(dataset.name).load_set(dataset.name, dataset)]
     for key, extra in (extra_datasets or {}).items():
+        register_kind(extra, f"extra_datasets.{key}")
         sets.append(kind_module(extra.name).load_set(str(key), extra))
     return sets
 

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from hybrid_retrieval.config_error import BadValue
 from hybrid_retrieval.data.lareqa import LareqaSplit, format_passage, load_split
 from hybrid_retrieval.evaluation.evaluator import SETTINGS, SUMMARY_METRICS, EvaluationResult, evaluate_split
 from hybrid_retrieval.evaluation.sets import KIND_OF_DATASET
@@ -53,7 +54,7 @@ def _check_settings(settings: Any) -> tuple[str, ...]:
     chosen = (settings,) if isinstance(settings, str) else tuple(settings)
     unknown = [s for s in chosen if s not in SETTINGS]
     if not chosen or unknown:
-        raise ValueError(f"settings={settings!r}: expected a non-empty selection of {list(SETTINGS)}"
+        raise BadValue(f"settings={settings!r}: expected a non-empty selection of {list(SETTINGS)}"
                          + (f" (unknown: {unknown})" if unknown else ""))
     return tuple(dict.fromkeys(chosen))
 
@@ -90,22 +91,22 @@ class LareqaEvaluator(SentenceEvaluator):
         self.settings = _check_settings(settings)
         format_passage("", "", passage_text)  # a bad passage_text fails here, naming the option
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size={batch_size!r}: expected a positive int")
+            raise BadValue(f"batch_size={batch_size!r}: expected a positive int")
         if isinstance(dataset, LareqaSplit):
             file_options = {"languages": languages, "max_questions_per_language": max_questions_per_language,
                             "root": root}
             given = [k for k, v in file_options.items() if v is not None]
             if given:
-                raise ValueError(f"{given} select data from the dataset files; with a prepared LareqaSplit "
+                raise BadValue(f"{given} select data from the dataset files; with a prepared LareqaSplit "
                                  "as dataset, leave them unset")
             self.split = dataset
         elif isinstance(dataset, str) and dataset in LAREQA_DATASETS:
             self.split = load_split(dataset, root=root, languages=languages,
                                     max_questions_per_language=max_questions_per_language)
         else:
-            raise ValueError(f"dataset={dataset!r}: expected one of {list(LAREQA_DATASETS)} or a LareqaSplit")
+            raise BadValue(f"dataset={dataset!r}: expected one of {list(LAREQA_DATASETS)} or a LareqaSplit")
         if "cross" in self.settings and len(self.split.languages) < 2:
-            raise ValueError(f"settings={list(self.settings)} includes 'cross', which needs at least two languages "
+            raise BadValue(f"settings={list(self.settings)} includes 'cross', which needs at least two languages "
                              f"(got {self.split.languages}); leave 'cross' out of settings")
         self.dataset = self.split.name
         self.languages = list(self.split.languages)
@@ -133,7 +134,7 @@ class LareqaEvaluator(SentenceEvaluator):
         """The split's (query, candidate) embeddings as float32 arrays, scored by inner product."""
         similarity = str(getattr(model, "similarity_fn_name", None) or "cosine")
         if similarity not in NORMALISE_FOR:
-            raise ValueError(f"model.similarity_fn_name={similarity!r}: the LAReQA protocol ranks by inner product, "
+            raise BadValue(f"model.similarity_fn_name={similarity!r}: the LAReQA protocol ranks by inner product, "
                              f"so the model must score by one of {list(NORMALISE_FOR)}")
         options = {"batch_size": self.batch_size, "show_progress_bar": self.show_progress_bar,
                    "convert_to_numpy": True, "normalize_embeddings": NORMALISE_FOR[similarity],

@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from hybrid_retrieval.config_error import BadValue
 from hybrid_retrieval.evaluation.metrics import per_query_metrics
 from hybrid_retrieval.evaluation.ranks import relevant_ranks
 from hybrid_retrieval.evaluation.result import RetrievalResult
@@ -99,10 +100,10 @@ def evaluate_pair(source_emb: np.ndarray, english_emb: np.ndarray, num_threads: 
     """
     source_emb, english_emb = np.asarray(source_emb), np.asarray(english_emb)
     if source_emb.ndim != 2 or source_emb.shape != english_emb.shape:
-        raise ValueError(f"a pair needs two 2-D embedding arrays of the same shape (row i translates row i); got "
+        raise BadValue(f"a pair needs two 2-D embedding arrays of the same shape (row i translates row i); got "
                          f"{source_emb.shape} and {english_emb.shape}")
     if len(source_emb) == 0:
-        raise ValueError("a pair needs at least one sentence")
+        raise BadValue("a pair needs at least one sentence")
     return {"xx_to_en": _direction_metrics(source_emb, english_emb, num_threads),
             "en_to_xx": _direction_metrics(english_emb, source_emb, num_threads)}
 
@@ -123,14 +124,14 @@ def evaluate_tatoeba_embeddings(embeddings: Mapping[str, tuple[np.ndarray, np.nd
     translating row i of the other. `low_resource`: languages of the low-resource subset (those present count)."""
     started = time.perf_counter()
     if not embeddings:
-        raise ValueError("no language to evaluate: embeddings is empty")
+        raise BadValue("no language to evaluate: embeddings is empty")
     per_language: dict[str, dict[str, dict[str, float]]] = {d: {} for d in DIRECTIONS}
     pairs: dict[str, int] = {}
     for language, (source_emb, english_emb) in embeddings.items():
         try:
             values = evaluate_pair(source_emb, english_emb, num_threads=num_threads)
         except ValueError as error:
-            raise ValueError(f"language {language!r}: {error}") from error
+            raise BadValue(f"language {language!r}: {error}") from error
         for direction in DIRECTIONS:
             per_language[direction][language] = values[direction]
         pairs[language] = len(source_emb)
@@ -181,7 +182,7 @@ def check_config(dataset: Any) -> None:
     check_tatoeba_options(dataset.get("languages"), dataset.get("low_resource"),
                           dataset.get("max_pairs_per_language"), option="dataset")
     if dataset.get("kind", "query") not in KINDS:
-        raise ValueError(f"dataset.kind={dataset.get('kind')!r}: expected one of {KINDS}")
+        raise BadValue(f"dataset.kind={dataset.get('kind')!r}: expected one of {KINDS}")
 
 
 def load_set(key: str, dataset: Any) -> Any:

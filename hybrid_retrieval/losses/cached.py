@@ -20,6 +20,8 @@ from typing import Callable, Mapping
 
 import torch
 
+from hybrid_retrieval.config_error import BadValue
+
 Inputs = Mapping[str, torch.Tensor]
 
 
@@ -51,7 +53,7 @@ def cached_backward(encode: Callable[..., torch.Tensor], groups: Mapping[str, In
     Returns the loss (detached). Parameter gradients are accumulated into ``.grad`` as ``loss.backward()`` would.
     """
     if chunk_size < 1:
-        raise ValueError(f"train.grad_cache_chunk={chunk_size}: expected a positive integer")
+        raise BadValue(f"train.grad_cache_chunk={chunk_size}: expected a positive integer")
     states: dict[str, list[_RngState]] = {}
     embeddings: dict[str, torch.Tensor | None] = {}
     with torch.no_grad():

@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["DISTILL_KEYS", "InBatchDistillation"]
+from hybrid_retrieval.config_error import BadValue
 
-DISTILL_KEYS = ("distill_weight", "distill_temperature")  # conf/loss keys of this term, not of the contrastive loss
+__all__ = ["InBatchDistillation"]
 
 
 class InBatchDistillation(nn.Module):
@@ -21,7 +21,7 @@ class InBatchDistillation(nn.Module):
     distillation temperature T. The loss is ``weight * mean_i KL(p_t(i) || p_s(i))``: zero when the student ranks
     the batch as the teacher does, whatever the contrastive loss asks beyond that.
 
-    Use it with a frozen copy of the model before training as the teacher (``loss.distill_weight`` > 0): the
+    Use it with a frozen copy of the model before training as the teacher (``distill.weight`` > 0, the ``distill`` node of ``conf/config.yaml``): the
     contrastive loss moves the model towards the training task and this term keeps what the starting model ranked
     well, the usual guard against losing zero-shot quality (sentence-transformers' ``DistillKLDivLoss`` with
     in-batch candidates, BGE-M3's self-distillation). Computed in float32 whatever the autocast dtype. Teacher
@@ -31,9 +31,9 @@ class InBatchDistillation(nn.Module):
     def __init__(self, weight: float = 1.0, temperature: float = 0.05) -> None:
         super().__init__()
         if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight >= 0):
-            raise ValueError(f"loss.distill_weight must be a number >= 0, got {weight!r}")
+            raise BadValue(f"distill.weight must be a number >= 0, got {weight!r}")
         if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
-            raise ValueError(f"loss.distill_temperature must be a positive number, got {temperature!r}")
+            raise BadValue(f"distill.temperature must be a positive number, got {temperature!r}")
         self.weight = float(weight)
         self.temperature = float(temperature)
 
@@ -48,7 +48,7 @@ class InBatchDistillation(nn.Module):
                 student_negative: torch.Tensor | None, teacher_query: torch.Tensor, teacher_passage: torch.Tensor,
                 teacher_negative: torch.Tensor | None) -> torch.Tensor:
         if teacher_query.requires_grad or teacher_passage.requires_grad:
-            raise ValueError("InBatchDistillation: teacher embeddings must not require gradients (a frozen teacher)")
+            raise BadValue("InBatchDistillation: teacher embeddings must not require gradients (a frozen teacher)")
         student = self._scores(student_query, student_passage, student_negative) / self.temperature
         with torch.no_grad():
             teacher = self._scores(teacher_query, teacher_passage, teacher_negative) / self.temperature

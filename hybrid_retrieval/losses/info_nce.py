@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hybrid_retrieval.config_error import BadValue
 from hybrid_retrieval.distributed import gather_rows_with_grad, gather_with_grad, rank_and_world
 
 __all__ = ["InfoNCELoss"]
@@ -64,14 +65,14 @@ class InfoNCELoss(nn.Module):
     ) -> None:
         super().__init__()
         if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
-            raise ValueError(f"InfoNCELoss: temperature must be a positive number, got {temperature!r}")
+            raise BadValue(f"InfoNCELoss: temperature must be a positive number, got {temperature!r}")
         if similarity not in ("cosine", "dot"):
-            raise ValueError(f"InfoNCELoss: similarity must be 'cosine' or 'dot', got {similarity!r}")
+            raise BadValue(f"InfoNCELoss: similarity must be 'cosine' or 'dot', got {similarity!r}")
         if not 0 < min_temperature <= max_temperature:
-            raise ValueError("InfoNCELoss: need 0 < min_temperature <= max_temperature, got "
+            raise BadValue("InfoNCELoss: need 0 < min_temperature <= max_temperature, got "
                              f"{min_temperature!r} and {max_temperature!r}")
         if learnable_temperature and not min_temperature <= temperature <= max_temperature:
-            raise ValueError(f"InfoNCELoss: temperature {temperature} lies outside [min_temperature, max_temperature] "
+            raise BadValue(f"InfoNCELoss: temperature {temperature} lies outside [min_temperature, max_temperature] "
                              f"= [{min_temperature}, {max_temperature}]")
         self.learnable_temperature = bool(learnable_temperature)
         self.symmetric = bool(symmetric)
@@ -99,16 +100,16 @@ class InfoNCELoss(nn.Module):
         hard_negative_emb: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if query_emb.ndim != 2 or passage_emb.shape != query_emb.shape:
-            raise ValueError("InfoNCELoss: query_emb and passage_emb must both be (batch, dim), got "
+            raise BadValue("InfoNCELoss: query_emb and passage_emb must both be (batch, dim), got "
                              f"{tuple(query_emb.shape)} and {tuple(passage_emb.shape)}")
         batch, dim = query_emb.shape
         if batch == 0:
-            raise ValueError("InfoNCELoss: empty batch")
+            raise BadValue("InfoNCELoss: empty batch")
         if hard_negative_emb is not None:
             if hard_negative_emb.ndim == 3 and hard_negative_emb.shape[0] == batch and hard_negative_emb.shape[2] == dim:
                 hard_negative_emb = hard_negative_emb.reshape(-1, dim)
             elif hard_negative_emb.ndim != 2 or hard_negative_emb.shape[1] != dim:
-                raise ValueError(f"InfoNCELoss: hard_negative_emb must be (m, {dim}) or ({batch}, k, {dim}) to match "
+                raise BadValue(f"InfoNCELoss: hard_negative_emb must be (m, {dim}) or ({batch}, k, {dim}) to match "
                                  f"query_emb {tuple(query_emb.shape)}, got {tuple(hard_negative_emb.shape)}")
 
         # Half-precision logits at temperature 0.05 lose too much to rounding; compute the loss in float32.

@@ -15,49 +15,49 @@ cross-device negatives (the base loss gathers each prefix across ranks with its 
 (:mod:`hybrid_retrieval.losses.cached` differentiates it with respect to the full embeddings).
 
 Use it to train a model whose embeddings are cut to a smaller size at search time (``model.truncate_dim=k``:
-smaller indexes, faster search), e.g. ``loss.matryoshka_dims=[384,256,128,64]``.
+smaller indexes, faster search), e.g. ``matryoshka.dims=[384,256,128,64]`` (the ``matryoshka`` node of
+``conf/config.yaml``: it wraps whatever ``loss`` builds).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["MATRYOSHKA_KEYS", "MatryoshkaLoss", "check_matryoshka", "instantiate_loss"]
+from hybrid_retrieval.config_error import BadValue
 
-# Keys of a conf/loss entry that belong to this wrapper, not to the base loss's constructor.
-MATRYOSHKA_KEYS = ("matryoshka_dims", "matryoshka_weights")
+__all__ = ["MatryoshkaLoss", "check_matryoshka"]
 
 
 def check_matryoshka(dims: Any, weights: Any = None, embedding_dim: int | None = None) -> None:
-    """Raise ValueError naming ``loss.matryoshka_dims`` / ``loss.matryoshka_weights`` when they are unusable."""
+    """Raise ValueError naming ``matryoshka.dims`` / ``matryoshka.weights`` when they are unusable."""
     if dims is None:
         if weights is not None:
-            raise ValueError(f"loss.matryoshka_weights={list(weights)} is set but loss.matryoshka_dims is null; set "
-                             "loss.matryoshka_dims=[...] too, or matryoshka_weights=null")
+            raise BadValue(f"matryoshka.weights={list(weights)} is set but matryoshka.dims is null; set "
+                             "matryoshka.dims=[...] too, or matryoshka.weights=null")
         return
     dims = list(dims) if isinstance(dims, Sequence) and not isinstance(dims, str) else dims
     if not isinstance(dims, list) or not dims or not all(
             isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in dims):
-        raise ValueError(f"loss.matryoshka_dims={dims!r}: expected a non-empty list of positive integers, e.g. "
+        raise BadValue(f"matryoshka.dims={dims!r}: expected a non-empty list of positive integers, e.g. "
                          "[384,256,128,64], or null (off)")
     if len(set(dims)) != len(dims):
-        raise ValueError(f"loss.matryoshka_dims={dims}: a dimension is listed twice")
+        raise BadValue(f"matryoshka.dims={dims}: a dimension is listed twice")
     if embedding_dim is not None and max(dims) > embedding_dim:
-        raise ValueError(f"loss.matryoshka_dims={dims}: {max(dims)} exceeds the model's {embedding_dim} embedding "
+        raise BadValue(f"matryoshka.dims={dims}: {max(dims)} exceeds the model's {embedding_dim} embedding "
                          f"dimensions; use dimensions <= {embedding_dim}")
     if weights is not None:
         weights = list(weights) if isinstance(weights, Sequence) and not isinstance(weights, str) else weights
         if not isinstance(weights, list) or len(weights) != len(dims) or not all(
                 isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w >= 0
                 for w in weights) or not any(w > 0 for w in weights):
-            raise ValueError(f"loss.matryoshka_weights={weights!r}: expected {len(dims)} non-negative numbers (one per "
-                             f"dimension of loss.matryoshka_dims={dims}, not all 0), or null (equal weights)")
+            raise BadValue(f"matryoshka.weights={weights!r}: expected {len(dims)} non-negative numbers (one per "
+                             f"dimension of matryoshka.dims={dims}, not all 0), or null (equal weights)")
 
 
 def truncate(embeddings: torch.Tensor, dim: int) -> torch.Tensor:
@@ -92,7 +92,7 @@ class MatryoshkaLoss(nn.Module):
                 hard_negative_emb: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
         full = query_emb.shape[-1]
         if max(self.dims) > full:
-            raise ValueError(f"loss.matryoshka_dims={self.dims}: {max(self.dims)} exceeds the {full} dimensions of "
+            raise BadValue(f"matryoshka.dims={self.dims}: {max(self.dims)} exceeds the {full} dimensions of "
                              "the embeddings")
         total: torch.Tensor | None = None
         for dim, weight in zip(self.dims, self.weights):
@@ -107,23 +107,3 @@ class MatryoshkaLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"dims={self.dims}, weights={self.weights}"
-
-
-def instantiate_loss(loss_config: Mapping[str, Any]) -> nn.Module:
-    """The loss a ``conf/loss`` entry describes: its ``_target_`` built by Hydra from the other keys, wrapped in
-    :class:`MatryoshkaLoss` when ``matryoshka_dims`` is set."""
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
-
-    config = OmegaConf.to_container(loss_config, resolve=True) if not isinstance(loss_config, dict) \
-        else dict(loss_config)
-    dims, weights = config.pop("matryoshka_dims", None), config.pop("matryoshka_weights", None)
-    from hybrid_retrieval.losses.distill import DISTILL_KEYS
-
-    for key in DISTILL_KEYS:  # the distillation term is a module of its own (training.train.build_losses)
-        config.pop(key, None)
-    base = instantiate(config)
-    if dims is None:
-        check_matryoshka(dims, weights)
-        return base
-    return MatryoshkaLoss(base, dims, weights)

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from hybrid_retrieval.config_error import MissingPath
 from hybrid_retrieval.models.encoder import Encoder, load_encoder
 
 __all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_KEY", "CheckpointError", "TrainingCheckpoint", "encoder_from_checkpoint",
@@ -80,7 +81,7 @@ def read_checkpoint(path: str | Path) -> TrainingCheckpoint:
     path = Path(path).expanduser()
     if not path.is_file():
         where = "is a folder, not a file" if path.is_dir() else "does not exist"
-        raise FileNotFoundError(f"checkpoint {path} {where}; expected a checkpoint file such as "
+        raise MissingPath(f"checkpoint {path} {where}; expected a checkpoint file such as "
                                 "outputs/train/<date>/<time>/checkpoints/best.ckpt")
     ckpt = _torch_load(path)
     if not isinstance(ckpt, Mapping) or CHECKPOINT_KEY not in ckpt:

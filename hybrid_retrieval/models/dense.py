@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from hybrid_retrieval.config_error import BadValue
 from hybrid_retrieval.models.loading import ModelNotFoundError
 
 __all__ = ["ACTIVATIONS", "build_dense", "dense_linear", "save_dense"]
@@ -30,7 +31,7 @@ def dense_linear(dense: nn.Module) -> nn.Linear:
 def activation_module(name: str) -> nn.Module:
     key = name.rsplit(".", 1)[-1].lower()  # accepts sentence-transformers' "torch.nn.modules.activation.Tanh"
     if key not in ACTIVATIONS:
-        raise ValueError(f"model.dense.activation={name!r} is not supported; expected one of {sorted(ACTIVATIONS)}")
+        raise BadValue(f"model.dense.activation={name!r} is not supported; expected one of {sorted(ACTIVATIONS)}")
     return ACTIVATIONS[key]()
 
 
@@ -50,7 +51,7 @@ def build_dense(spec: Mapping[str, Any], model_dir: Path | None, hidden: int, se
     when that folder exists, otherwise freshly initialised (with a warning) for fine-tuning."""
     unknown = set(spec) - {"folder", "out_features", "activation", "bias"}
     if unknown:
-        raise ValueError(f"model.dense has unknown keys {sorted(unknown)}; allowed: folder, out_features, "
+        raise BadValue(f"model.dense has unknown keys {sorted(unknown)}; allowed: folder, out_features, "
                          "activation, bias")
     folder = model_dir / spec["folder"] if model_dir is not None and spec.get("folder") else None
     if folder is not None and (folder / "config.json").is_file():
@@ -60,7 +61,7 @@ def build_dense(spec: Mapping[str, Any], model_dir: Path | None, hidden: int, se
         bias = bool(st_config.get("bias", spec.get("bias", True)))
         activation = str(st_config.get("activation_function", spec.get("activation", "tanh")))
         if in_features != hidden:
-            raise ValueError(f"{folder}/config.json: in_features={in_features} but the backbone hidden size is {hidden}")
+            raise BadValue(f"{folder}/config.json: in_features={in_features} but the backbone hidden size is {hidden}")
         linear = nn.Linear(in_features, out_features, bias=bias)
         state = load_dense_weights(folder)
         linear.load_state_dict({k.removeprefix("linear."): v for k, v in state.items()})

@@ -31,13 +31,20 @@ import numpy as np
 import torch
 from torch import nn
 
+from hybrid_retrieval.config_error import BadValue
 from hybrid_retrieval.kernels.onednn import onednn_linears
+from hybrid_retrieval.kernels.unpadded import packed_forward, unsupported_reason
 from hybrid_retrieval.models.dense import build_dense, dense_linear, save_dense
 from hybrid_retrieval.models.loading import (
-    ModelNotFoundError, check_tokenizer_files, folder_matryoshka, load_backbone, load_tokenizer,
-    merge_folder_settings, random_backbone, resolve_hub_folder,
+    ModelNotFoundError,
+    check_tokenizer_files,
+    folder_matryoshka,
+    load_backbone,
+    load_tokenizer,
+    merge_folder_settings,
+    random_backbone,
+    resolve_hub_folder,
 )
-from hybrid_retrieval.kernels.unpadded import packed_forward, unsupported_reason
 
 __all__ = ["Encoder", "ModelNotFoundError", "check_unpad", "cosine", "load_encoder", "plan_batches"]
 
@@ -73,13 +80,13 @@ class Encoder(nn.Module):
     ) -> None:
         super().__init__()
         if pooling not in POOLINGS:
-            raise ValueError(f"model.pooling={pooling!r} is not supported; expected one of {POOLINGS}")
+            raise BadValue(f"model.pooling={pooling!r} is not supported; expected one of {POOLINGS}")
         limit = _max_positions(backbone)
         for option, value in (("max_query_length", max_query_length), ("max_passage_length", max_passage_length)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 3:
-                raise ValueError(f"model.{option}={value!r}: expected an integer >= 3 (tokens, specials included)")
+                raise BadValue(f"model.{option}={value!r}: expected an integer >= 3 (tokens, specials included)")
             if limit is not None and value > limit:
-                raise ValueError(f"model.{option}={value} exceeds the {limit} positions the backbone supports")
+                raise BadValue(f"model.{option}={value} exceeds the {limit} positions the backbone supports")
         self.backbone = backbone
         self.tokenizer = tokenizer
         self.dense = dense
@@ -92,7 +99,7 @@ class Encoder(nn.Module):
         check_truncate_dim(truncate_dim, self.embedding_dim)
         # encode() returns the first truncate_dim components, re-normalised (Matryoshka); training sees them all.
         self.truncate_dim = int(truncate_dim) if truncate_dim is not None else None
-        # The sizes a Matryoshka loss trained (loss.matryoshka_dims); recorded by the export, no effect here.
+        # The sizes a Matryoshka loss trained (matryoshka.dims); recorded by the export, no effect here.
         self.matryoshka_dims = [int(d) for d in matryoshka_dims] if matryoshka_dims else None
         check_unpad(unpad)
         # Run the backbone on real tokens only (kernels/unpadded.py) where it supports that; else padded, logged once.
@@ -114,7 +121,7 @@ class Encoder(nn.Module):
 
     def _check_kind(self, kind: str) -> None:
         if kind not in self.prefixes:
-            raise ValueError(f"kind={kind!r}: expected 'query' or 'passage'")
+            raise BadValue(f"kind={kind!r}: expected 'query' or 'passage'")
 
     def _prefixed(self, texts: Sequence[str], kind: str) -> list[str]:
         self._check_kind(kind)
@@ -208,9 +215,9 @@ class Encoder(nn.Module):
         a single process would run.
         """
         if batch_size < 1:
-            raise ValueError(f"batch_size={batch_size}: expected a positive integer")
+            raise BadValue(f"batch_size={batch_size}: expected a positive integer")
         if dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
-            raise ValueError(f"dtype={dtype}: expected None, torch.float32, torch.bfloat16 or torch.float16")
+            raise BadValue(f"dtype={dtype}: expected None, torch.float32, torch.bfloat16 or torch.float16")
         self._check_kind(kind)
         texts = list(texts) if not isinstance(texts, str) else texts
         if not texts:  # the tokenizer rejects an empty batch
@@ -286,7 +293,7 @@ class Encoder(nn.Module):
 def check_unpad(unpad: Any) -> None:
     """Raise ValueError naming ``model.unpad`` unless it is a bool (a string such as "yes" is refused)."""
     if not isinstance(unpad, bool):
-        raise ValueError(f"model.unpad={unpad!r}: expected true or false (run the backbone on real tokens only, "
+        raise BadValue(f"model.unpad={unpad!r}: expected true or false (run the backbone on real tokens only, "
                          "or on the padded batch)")
 
 
@@ -295,10 +302,10 @@ def check_truncate_dim(truncate_dim: Any, embedding_dim: int | None) -> None:
     if truncate_dim is None:
         return
     if not isinstance(truncate_dim, int) or isinstance(truncate_dim, bool) or truncate_dim < 1:
-        raise ValueError(f"model.truncate_dim={truncate_dim!r}: expected a positive integer (the number of leading "
+        raise BadValue(f"model.truncate_dim={truncate_dim!r}: expected a positive integer (the number of leading "
                          "embedding dimensions to keep) or null (all)")
     if embedding_dim is not None and truncate_dim > embedding_dim:
-        raise ValueError(f"model.truncate_dim={truncate_dim} exceeds the model's {embedding_dim} embedding dimensions; "
+        raise BadValue(f"model.truncate_dim={truncate_dim} exceeds the model's {embedding_dim} embedding dimensions; "
                          f"use a value <= {embedding_dim}, or null for all of them")
 
 
@@ -326,9 +333,9 @@ def plan_batches(
     lengths = np.asarray(sorted_lengths, dtype=np.int64)
     n = len(lengths)
     if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size}: expected a positive integer")
+        raise BadValue(f"batch_size={batch_size}: expected a positive integer")
     if n and np.any(np.diff(lengths) > 0):
-        raise ValueError("plan_batches expects lengths sorted in descending order")
+        raise BadValue("plan_batches expects lengths sorted in descending order")
     best = np.zeros(n + 1, dtype=np.float64)
     cut = np.zeros(n + 1, dtype=np.int64)
     for stop in range(1, n + 1):
@@ -388,7 +395,7 @@ def _as_dict(value: Any, option: str) -> dict[str, Any] | None:
     except ImportError:  # pragma: no cover - omegaconf is a dependency
         pass
     if not isinstance(value, Mapping):
-        raise ValueError(f"model.{option}: expected a mapping, got {value!r}")
+        raise BadValue(f"model.{option}: expected a mapping, got {value!r}")
     return dict(value)
 
 
@@ -434,9 +441,9 @@ def load_encoder(
     check_unpad(unpad)  # its type, before anything loads; its size once the model is known
     matryoshka_dims = None
     if source not in SOURCES:
-        raise ValueError(f"model.source={source!r} is not supported; expected one of {SOURCES}")
+        raise BadValue(f"model.source={source!r} is not supported; expected one of {SOURCES}")
     if pooling not in POOLINGS:
-        raise ValueError(f"model.pooling={pooling!r} is not supported; expected one of {POOLINGS}")
+        raise BadValue(f"model.pooling={pooling!r} is not supported; expected one of {POOLINGS}")
     dense_spec = _as_dict(dense, "dense")
     tiny_spec = _as_dict(tiny, "tiny") or {}
 
@@ -470,7 +477,7 @@ def load_encoder(
             model_dir = None
             backbone = random_backbone(len(tokenizer), int(tokenizer.pad_token_id), tiny_spec, seed)
     if len(tokenizer) > backbone.config.vocab_size:
-        raise ValueError(f"model {name!r}: tokenizer has {len(tokenizer)} tokens but the backbone only "
+        raise BadValue(f"model {name!r}: tokenizer has {len(tokenizer)} tokens but the backbone only "
                          f"{backbone.config.vocab_size} embedding rows")
 
     head = build_dense(dense_spec, model_dir, int(backbone.config.hidden_size), seed) if dense_spec else None

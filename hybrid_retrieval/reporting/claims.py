@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from hybrid_retrieval.config_error import BadValue
 from hybrid_retrieval.reporting.report import COLUMNS, PREFIX, Report, Row
 from hybrid_retrieval.reporting.significance import Paired, Welch, paired_test, welch_test
 
@@ -95,7 +96,7 @@ def per_query_values(row: Row, set_prefix: str, setting: str, metric: str) -> tu
             if reference is None:
                 reference = keys
             elif not (np.array_equal(keys[0], reference[0]) and np.array_equal(keys[1], reference[1])):
-                raise ValueError(f"{path}: its {setting} queries differ from {paths[0]}'s (another evaluation set?)")
+                raise BadValue(f"{path}: its {setting} queries differ from {paths[0]}'s (another evaluation set?)")
             values.append(data[f"{setting}/{metric}"].astype(np.float64))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a query NaN in every run stays NaN
@@ -145,7 +146,7 @@ def check_claims(report: Report, resamples: int = 10_000) -> list[Checked] | Non
         qa, qb = (per_query_values(row, "", setting, metric) for row in (a, b))
         if qa is not None and qb is not None:
             if not np.array_equal(qa[1], qb[1]):
-                raise ValueError(f"{claim.a} and {b_name} runs were evaluated on different queries")
+                raise BadValue(f"{claim.a} and {b_name} runs were evaluated on different queries")
             paired = paired_test(sign * qa[0], sign * qb[0], qa[1], resamples=resamples)
         checked.append(Checked(claim, b_name, welch.difference, welch, paired, (a.n, b.n),
                                verdict(claim.kind, welch, paired)))

@@ -27,6 +27,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from hybrid_retrieval.config_error import BadValue
+
 PREFIX = "val"
 # (column label, <setting>/<metric> under val/<key>/) per kind of evaluation set.
 COLUMNS: dict[str, list[tuple[str, str]]] = {
@@ -163,11 +165,11 @@ def values_at(record: Mapping[str, Any], step: int) -> dict[str, float]:
 def build_report(records: Sequence[Mapping[str, Any]], at: str = "best", before: bool = False) -> Report:
     """Group `records` (finished training runs) into rows; see the module docstring for the rules."""
     if at not in ("best", "last"):
-        raise ValueError(f"report.at={at!r}: expected best or last")
+        raise BadValue(f"report.at={at!r}: expected best or last")
     usable = [r for r in records if r["status"] == "FINISHED" and run_step(r, at) is not None]
     if not usable:
         states = ", ".join(f"{r['name']}: {r['status']}" for r in records) or "none"
-        raise ValueError(f"no finished training run with validation metrics to report (runs: {states})")
+        raise BadValue(f"no finished training run with validation metrics to report (runs: {states})")
     swept = swept_keys(usable)
     sets: list[tuple[str, str]] = []
     for record in usable:

@@ -27,6 +27,8 @@ from typing import Sequence
 import numpy as np
 from scipy import stats
 
+from hybrid_retrieval.config_error import BadValue
+
 EXACT_UP_TO = 16          # queries: enumerate every sign vector up to here (65,536 vectors)
 RESAMPLES = 10_000
 _CHUNK = 128              # sign vectors / bootstrap samples drawn at once (bounds memory: chunk x queries)
@@ -131,7 +133,7 @@ def paired_test(a: np.ndarray, b: np.ndarray, group: np.ndarray, level: float = 
     """Randomization p and bootstrap interval of macro(a - b) over queries that have a value in both."""
     a, b, group = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64), np.asarray(group)
     if not (a.shape == b.shape == group.shape):
-        raise ValueError(f"paired values differ in shape: {a.shape}, {b.shape}, groups {group.shape}")
+        raise BadValue(f"paired values differ in shape: {a.shape}, {b.shape}, groups {group.shape}")
     keep = np.isfinite(a) & np.isfinite(b)
     d, g = a[keep] - b[keep], group[keep]
     if d.size == 0:

@@ -12,6 +12,7 @@ from typing import Any, Sequence
 from hydra.experimental.callback import Callback
 
 from hybrid_retrieval import tracking
+from hybrid_retrieval.config_error import BadValue
 from hybrid_retrieval.reporting.claims import claims_markdown
 from hybrid_retrieval.reporting.plots import write_plots
 from hybrid_retrieval.reporting.report import Report, build_report, markdown, write_tables
@@ -42,10 +43,10 @@ def make_report(tracking_uri: str, experiment_name: str, out: str | Path | None 
     report = build_report(records, at=at, before=before)
     for index in [*(heatmap_rows or []), *(diff or [])]:
         if not -len(report.rows) <= int(index) < len(report.rows):
-            raise ValueError(f"report row {index}: the report has rows 0..{len(report.rows) - 1}")
+            raise BadValue(f"report row {index}: the report has rows 0..{len(report.rows) - 1}")
     if out is None:
         if not parent:
-            raise ValueError("report.out: set an output folder when the report is not of one sweep")
+            raise BadValue("report.out: set an output folder when the report is not of one sweep")
         out = Path(parent["sweep_id"]) / ARTIFACT_PATH
     folder = Path(out)
     files = write_tables(report, folder)

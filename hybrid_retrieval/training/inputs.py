@@ -9,9 +9,10 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from omegaconf import DictConfig
 
-from hybrid_retrieval.config_checks import ConfigError, evaluation_datasets
+from hybrid_retrieval.config_error import ConfigError
 from hybrid_retrieval.data.overlap import ContaminationError, OverlapReport, check_contamination
 from hybrid_retrieval.data.pairs import ParallelPairs, build_datasets
+from hybrid_retrieval.evaluation.config import evaluation_datasets
 from hybrid_retrieval.evaluation.sets import EvaluationSet, load_evaluation_sets
 
 if TYPE_CHECKING:

@@ -30,6 +30,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 import numpy as np
 import torch
 
+from hybrid_retrieval.config_error import BadValue
 from hybrid_retrieval.data.pairs import LanguageCoverage, language_coverage
 
 __all__ = ["BatchInfo", "BatchSampler", "HybridBatchSampler", "PairsLike", "check_batch_sampler"]
@@ -78,7 +79,7 @@ def check_batch_sampler(sampler: Any) -> None:
     missing = [name for name in ("__iter__", "__len__", "set_epoch", "skip_next")
                if not callable(getattr(sampler, name, None))]
     if missing:
-        raise ValueError(f"{type(sampler).__module__}.{type(sampler).__qualname__} is not a batch sampler: it lacks "
+        raise BadValue(f"{type(sampler).__module__}.{type(sampler).__qualname__} is not a batch sampler: it lacks "
                          f"{', '.join(missing)} (hybrid_retrieval.training.sampler.BatchSampler says what training "
                          "calls)")
 
@@ -227,13 +228,13 @@ class _DatasetIndex:
         languages = np.asarray(dataset.languages)
         self.language_names = list(dataset.language_names)
         if groups.ndim != 1 or languages.ndim != 1 or len(groups) != len(languages):
-            raise ValueError(f"HybridBatchSampler: {label}: 'groups' and 'languages' must be 1-D arrays of equal "
+            raise BadValue(f"HybridBatchSampler: {label}: 'groups' and 'languages' must be 1-D arrays of equal "
                              f"length, got shapes {groups.shape} and {languages.shape}")
         if len(groups) and not (np.issubdtype(groups.dtype, np.integer) and np.issubdtype(languages.dtype, np.integer)):
-            raise ValueError(f"HybridBatchSampler: {label}: 'groups' and 'languages' must hold integers, got dtypes "
+            raise BadValue(f"HybridBatchSampler: {label}: 'groups' and 'languages' must hold integers, got dtypes "
                              f"{groups.dtype} and {languages.dtype}")
         if len(languages) and (languages.min() < 0 or languages.max() >= len(self.language_names)):
-            raise ValueError(f"HybridBatchSampler: {label}: 'languages' must index into language_names "
+            raise BadValue(f"HybridBatchSampler: {label}: 'languages' must index into language_names "
                              f"(0..{len(self.language_names) - 1}), got values in [{languages.min()}, {languages.max()}]")
         self.n_rows = len(groups)
         dtype = _index_dtype(self.n_rows)
@@ -371,24 +372,24 @@ class HybridBatchSampler(torch.utils.data.Sampler[list[tuple[int, int, int]]]):
     ) -> None:
         super().__init__()
         if isinstance(datasets, PairsLike) or not isinstance(datasets, Sequence) or len(datasets) == 0:
-            raise ValueError("HybridBatchSampler: 'datasets' must be a non-empty list of ParallelPairs-like datasets")
+            raise BadValue("HybridBatchSampler: 'datasets' must be a non-empty list of ParallelPairs-like datasets")
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-            raise ValueError(f"HybridBatchSampler: batch_size must be a positive integer, got {batch_size!r}")
+            raise BadValue(f"HybridBatchSampler: batch_size must be a positive integer, got {batch_size!r}")
         if not isinstance(mono_ratio, (int, float, np.floating)) or not 0.0 <= float(mono_ratio) <= 1.0:
-            raise ValueError(f"HybridBatchSampler: mono_ratio (alpha) must be a number in [0, 1], got {mono_ratio!r}")
+            raise BadValue(f"HybridBatchSampler: mono_ratio (alpha) must be a number in [0, 1], got {mono_ratio!r}")
         if language_weighting not in ("uniform", "size"):
-            raise ValueError("HybridBatchSampler: language_weighting must be 'uniform' or 'size', "
+            raise BadValue("HybridBatchSampler: language_weighting must be 'uniform' or 'size', "
                              f"got {language_weighting!r}")
         if isinstance(num_replicas, bool) or not isinstance(num_replicas, (int, np.integer)) or num_replicas < 1:
-            raise ValueError(f"HybridBatchSampler: num_replicas must be a positive integer, got {num_replicas!r}")
+            raise BadValue(f"HybridBatchSampler: num_replicas must be a positive integer, got {num_replicas!r}")
         if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or not 0 <= rank < num_replicas:
-            raise ValueError(f"HybridBatchSampler: rank must be an integer in [0, num_replicas={num_replicas}), "
+            raise BadValue(f"HybridBatchSampler: rank must be an integer in [0, num_replicas={num_replicas}), "
                              f"got {rank!r}")
         if batches_per_epoch is not None and (
             isinstance(batches_per_epoch, bool) or not isinstance(batches_per_epoch, (int, np.integer))
             or batches_per_epoch < 1
         ):
-            raise ValueError("HybridBatchSampler: batches_per_epoch must be a positive integer or None, "
+            raise BadValue("HybridBatchSampler: batches_per_epoch must be a positive integer or None, "
                              f"got {batches_per_epoch!r}")
 
         self.batch_size = int(batch_size)
@@ -437,10 +438,10 @@ class HybridBatchSampler(torch.utils.data.Sampler[list[tuple[int, int, int]]]):
         need = (f"batch_size={self.batch_size} x num_replicas={self.num_replicas} = {n} rows from distinct "
                 "parallel groups")
         if self.mono_ratio > 0 and not mono_sizes.any():
-            raise ValueError(f"HybridBatchSampler: no dataset language can fill a monolingual batch of {need}: "
+            raise BadValue(f"HybridBatchSampler: no dataset language can fill a monolingual batch of {need}: "
                              f"{summary('mono')}. Lower batch_size or add data.")
         if self.mono_ratio < 1 and not cross_sizes.any():
-            raise ValueError(f"HybridBatchSampler: no dataset can fill a cross-lingual batch of {need}: "
+            raise BadValue(f"HybridBatchSampler: no dataset can fill a cross-lingual batch of {need}: "
                              f"{summary('cross')}. Lower batch_size, add parallel data, or set mono_ratio=1.")
         for d, size in zip(self._datasets, cross_sizes):
             if self.mono_ratio < 1 and size == 0:

@@ -10,6 +10,7 @@ set on the process group once every rank has joined.
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Any
 
 from pytorch_lightning.strategies import DDPStrategy
 
@@ -29,3 +30,14 @@ class CollectiveTimeoutDDP(DDPStrategy):
         from torch.distributed import distributed_c10d
 
         distributed_c10d._set_pg_timeout(self.collective_timeout)
+
+
+def trainer_strategy(hardware: Any) -> Any:
+    """Lightning's ``strategy``: ``hardware.strategy`` as named, or for ``ddp`` with ``hardware.collective_timeout_s``
+    a DDP strategy whose collectives give up after that many seconds (a peer that died or hangs), while the
+    rendezvous keeps torch's default (:class:`CollectiveTimeoutDDP`)."""
+    strategy = str(hardware.get("strategy", "auto"))
+    timeout = hardware.get("collective_timeout_s")
+    if strategy != "ddp" or timeout is None:
+        return strategy
+    return CollectiveTimeoutDDP(collective_timeout=timedelta(seconds=float(timeout)))

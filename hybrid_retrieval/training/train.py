@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import logging
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -24,18 +24,29 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from hybrid_retrieval import tracking
-from hybrid_retrieval.config_checks import check_train_config
 from hybrid_retrieval.evaluation.sets import describe, write_reports
-from hybrid_retrieval.hardware import (encode_dtype, encode_dtype_name, set_attention_backends, trainer_precision,
-                                       trainer_strategy, uses_gpu)
-from hybrid_retrieval.losses.matryoshka import instantiate_loss
+from hybrid_retrieval.hardware import (
+    encode_dtype,
+    encode_dtype_name,
+    set_attention_backends,
+    trainer_precision,
+    uses_gpu,
+)
 from hybrid_retrieval.models.export import run_card
-from hybrid_retrieval.training.callbacks import (BatchLog, BestCheckpoint, RankWatch, ResumeCheckpoint,
-                                                 RunFolderCheckpointIO, TrackedRunLogger)
+from hybrid_retrieval.run_folder import CHECKPOINTS, RunPlan, plan_run, record_best, write_run_info
+from hybrid_retrieval.training.callbacks import (
+    BatchLog,
+    BestCheckpoint,
+    RankWatch,
+    ResumeCheckpoint,
+    RunFolderCheckpointIO,
+    TrackedRunLogger,
+)
+from hybrid_retrieval.training.config import check_train_config
 from hybrid_retrieval.training.datamodule import HybridDataModule
 from hybrid_retrieval.training.inputs import TrainingInputs, load_training_inputs
 from hybrid_retrieval.training.module import EvaluationSettings, HybridRetrievalModule, OptimizerSettings
-from hybrid_retrieval.run_folder import CHECKPOINTS, RunPlan, plan_run, record_best, write_run_info
+from hybrid_retrieval.training.strategy import trainer_strategy
 
 log = logging.getLogger(__name__)
 
@@ -68,20 +79,24 @@ def build_datamodule(cfg: DictConfig, inputs: TrainingInputs | None = None) -> H
                             inputs.evaluation_sets, cfg.train.get("hard_negatives", 1), cfg.train.get("num_workers", 0))
 
 
-def build_losses(loss: DictConfig) -> tuple[torch.nn.Module, torch.nn.Module | None]:
-    """The contrastive loss of ``conf/loss`` (Matryoshka-wrapped when ``matryoshka_dims`` is set) and its
-    distillation term (None when ``distill_weight`` is 0)."""
+def build_losses(cfg: DictConfig) -> tuple[torch.nn.Module, torch.nn.Module | None]:
+    """The training loss: what ``loss`` builds, wrapped in :class:`MatryoshkaLoss` when ``matryoshka.dims`` is set;
+    and the distillation term beside it (None when ``distill.weight`` is 0)."""
     from hybrid_retrieval.losses.distill import InBatchDistillation
+    from hybrid_retrieval.losses.matryoshka import MatryoshkaLoss
 
-    options = OmegaConf.to_container(loss, resolve=True)
-    weight = options.pop("distill_weight", 0.0)
-    temperature = options.pop("distill_temperature", 0.05)
-    distill = InBatchDistillation(weight, temperature) if weight else None
-    return instantiate_loss(options), distill
+    loss = instantiate(cfg.loss)
+    matryoshka = cfg.get("matryoshka") or {}
+    if matryoshka.get("dims") is not None:
+        weights = matryoshka.get("weights")
+        loss = MatryoshkaLoss(loss, list(matryoshka.dims), None if weights is None else list(weights))
+    distill = cfg.get("distill") or {}
+    weight = distill.get("weight", 0.0)
+    return loss, InBatchDistillation(weight, distill.get("temperature", 0.05)) if weight else None
 
 
 def build_module(cfg: DictConfig, encoder: Any = None) -> HybridRetrievalModule:
-    loss, distill = build_losses(cfg.loss)
+    loss, distill = build_losses(cfg)
     return HybridRetrievalModule(
         encoder=encoder if encoder is not None else instantiate(cfg.model), loss=loss, distill=distill,
         merge_ratio=cfg.train.get("merge_ratio"),
@@ -178,7 +193,7 @@ def fit(trainer: pl.Trainer, module: HybridRetrievalModule, datamodule: HybridDa
 def adapt(cfg: DictConfig, encoder: Any, inputs: TrainingInputs, run: tracking.TrackedRun | None) -> None:
     """The adaptation stage (``adapt=mlm``), in place, its ``adapt/...`` metrics in the same MLflow run."""
     from hybrid_retrieval.adaptation import adapt_encoder
-    from hybrid_retrieval.config_checks import evaluation_datasets
+    from hybrid_retrieval.evaluation.config import evaluation_datasets
 
     result = adapt_encoder(encoder, cfg.adapt, log_metrics=run.log_metrics if run is not None else None,
                            texts=inputs.adapt_texts, eval_datasets=evaluation_datasets(cfg),

@@ -22,6 +22,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from hybrid_retrieval.config_error import BadValue
+
 __all__ = ["CacheInUseError", "TranslationCache", "text_sha256"]
 
 
@@ -77,7 +79,7 @@ class TranslationCache:
                 if entry["model"] in self.models and entry["settings"] == self.settings:
                     self._entries[key] = entry["translation"]
             except (ValueError, KeyError, TypeError) as exc:
-                raise ValueError(f"{self.path}:{number}: not a translation cache line ({exc}); move the file away "
+                raise BadValue(f"{self.path}:{number}: not a translation cache line ({exc}); move the file away "
                                  "or set translate.cache to another file") from None
 
     def __len__(self) -> int:

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from hybrid_retrieval.config_error import BadValue
 from hybrid_retrieval.models.encoder import plan_batches
 from hybrid_retrieval.models.loading import ModelNotFoundError, hub_files_to_fetch
 
@@ -117,7 +118,7 @@ class Seq2SeqTranslator:
         from transformers import AutoTokenizer
 
         if dtype not in DTYPES:
-            raise ValueError(f"translate.dtype={dtype!r}: expected one of {list(DTYPES)}")
+            raise BadValue(f"translate.dtype={dtype!r}: expected one of {list(DTYPES)}")
         self.folder = Path(folder)
         self.family = family
         self.source_code = source_code
@@ -147,7 +148,7 @@ class Seq2SeqTranslator:
     def _check_token(self, token: str, role: str) -> int:
         token_id = self.tokenizer.convert_tokens_to_ids(token)
         if token_id is None or token_id == self.tokenizer.unk_token_id:
-            raise ValueError(f"the tokenizer in {self.folder} has no {role} language token {token!r}; is this an "
+            raise BadValue(f"the tokenizer in {self.folder} has no {role} language token {token!r}; is this an "
                              f"{self.family} model? (translate_model.family)")
         return int(token_id)
 
