@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from hybrid_retrieval.data.lareqa import load_split
-from hybrid_retrieval.evaluation.evaluator import evaluate_split
+from hybrid_retrieval.evaluation.lareqa_protocol import evaluate_split
 from hybrid_retrieval.evaluation.ranks import relevant_ranks, relevant_ranks_reference, score_chunks
 from machine import cpu_description  # benchmarks/machine.py (the script's own folder is on sys.path)
 

@@ -27,7 +27,7 @@ import torch
 from machine import cpu_description  # benchmarks/machine.py (the script's own folder is on sys.path)
 
 from hybrid_retrieval.data.lareqa import load_split
-from hybrid_retrieval.evaluation.evaluator import evaluate_split
+from hybrid_retrieval.evaluation.lareqa_protocol import evaluate_split
 from hybrid_retrieval.schemas import load_node
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

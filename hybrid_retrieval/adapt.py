@@ -29,7 +29,7 @@ from hybrid_retrieval.adaptation.mlm import (
 from hybrid_retrieval.cli import hydra_main
 from hybrid_retrieval.data.fingerprint import texts_data
 from hybrid_retrieval.hardware import check_device, torch_device
-from hybrid_retrieval.models.export import export_encoder
+from hybrid_retrieval.models.model_folder import export_encoder
 from hybrid_retrieval.models.loading import SETTINGS_FILE
 from hybrid_retrieval.run_folder import check_new_folder, job_folder, output_folder
 

@@ -18,7 +18,7 @@ from hybrid_retrieval import tracking
 from hybrid_retrieval.cli import hydra_main
 from hybrid_retrieval.config_error import ConfigError
 from hybrid_retrieval.data.fingerprint import evaluation_data
-from hybrid_retrieval.evaluation.evaluator import EvaluationResult, evaluate_split
+from hybrid_retrieval.evaluation.lareqa_protocol import EvaluationResult, evaluate_split
 from hybrid_retrieval.evaluation.index import write_rankings
 from hybrid_retrieval.evaluation.lareqa import LareqaSet
 from hybrid_retrieval.evaluation.sets import describe, evaluate_set, load_evaluation_sets, metric_values, write_reports

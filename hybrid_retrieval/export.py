@@ -23,7 +23,7 @@ from hybrid_retrieval.models.checkpoint import (
     merge_with_start,
     read_checkpoint,
 )
-from hybrid_retrieval.models.export import export_encoder, run_card
+from hybrid_retrieval.models.model_folder import export_encoder, run_card
 from hybrid_retrieval.models.loading import SETTINGS_FILE
 from hybrid_retrieval.models.publish import REPO_ID, push_folder
 from hybrid_retrieval.models.source import merge_ratio
@@ -46,7 +46,7 @@ def check_export_config(cfg: DictConfig) -> tuple[Path, Path]:
 
 def model_card(checkpoint: TrainingCheckpoint, cfg: DictConfig) -> dict[str, Any]:
     """Card contents: the card of the run folder holding the checkpoint (``<run>/checkpoints/<file>``), as run.py's
-    own export writes it (:func:`~hybrid_retrieval.models.export.run_card`), and the title/description options."""
+    own export writes it (:func:`~hybrid_retrieval.models.model_folder.run_card`), and the title/description options."""
     card: dict[str, Any] = {}
     if cfg.get("title"):
         card["title"] = str(cfg.title)

@@ -1,5 +1,5 @@
 """Mine hard negatives with a model: ``python -m hybrid_retrieval.mine output=mined/`` (rules in
-:mod:`hybrid_retrieval.mining`).
+:mod:`hybrid_retrieval.data.mining`).
 
 Encodes the training data's queries and distinct passages (``train_data``, its holdout respected) with the model
 (``model=...``, ``model.path=`` or ``checkpoint=``, also merged with ``merge_with=start``), mines one hard
@@ -22,7 +22,7 @@ from hybrid_retrieval.cli import hydra_main
 from hybrid_retrieval.config_error import ConfigError
 from hybrid_retrieval.data.pairs import build_datasets
 from hybrid_retrieval.hardware import check_device, check_hardware
-from hybrid_retrieval.mining import MiningSettings, mine_negatives, passage_pool
+from hybrid_retrieval.data.mining import MiningSettings, mine_negatives, passage_pool
 from hybrid_retrieval.models.source import check_model_source, encode_texts, load_model, model_source
 from hybrid_retrieval.run_folder import output_folder
 

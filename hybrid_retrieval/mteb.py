@@ -3,7 +3,7 @@
 Runs the ``mteb`` package's own evaluation (``mteb.evaluate``) on a model: a run folder of ``run.py`` (its exported
 ``model/``), an exported folder, or a configured model (``model=me5_small``, ``model=me5_small_hub`` with any
 ``model.checkpoint=<hub id>``). Queries get the model's query prefix, documents its passage prefix
-(:mod:`hybrid_retrieval.evaluation.mteb_eval`), ``model.truncate_dim`` applies. Besides MTEB's own tasks, the
+(:mod:`hybrid_retrieval.evaluation.mteb_tasks`), ``model.truncate_dim`` applies. Besides MTEB's own tasks, the
 local ones run the LAReQA protocol's three settings on the project's data: ``XQuADRMonolingual``,
 ``XQuADRCrossLingual``, ``XQuADRMultilingual`` and the ``MLQAR...`` ones.
 
@@ -37,7 +37,7 @@ from hybrid_retrieval.config_error import ConfigError
 from hybrid_retrieval.data.sources import OFFLINE_ENV
 from hybrid_retrieval.hardware import check_device, check_hardware
 from hybrid_retrieval.models.config import check_model
-from hybrid_retrieval.models.export import read_run_config, run_model_name
+from hybrid_retrieval.models.model_folder import read_run_config, run_model_name
 from hybrid_retrieval.models.loading import folder_matryoshka
 from hybrid_retrieval.run_folder import CHECKPOINTS, HYDRA_CONFIG, RUN_INFO
 from hybrid_retrieval.tracking import check_logger
@@ -110,7 +110,7 @@ def run_mteb(cfg: DictConfig) -> dict[str, float]:
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     import mteb
 
-    from hybrid_retrieval.evaluation.mteb_eval import (
+    from hybrid_retrieval.evaluation.mteb_tasks import (
         MtebEncoder,
         TaskDataError,
         check_task_data,

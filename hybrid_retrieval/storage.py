@@ -3,7 +3,7 @@ that is full (or a quota, or a file-size limit) is reported as such, naming the 
 bytes free, before or instead of an ``OSError`` deep in a library.
 
 Used for the training state (``training.callbacks.RunFolderCheckpointIO``), the exported model
-(``models.export.export_encoder``) and MLflow artifacts copied into a local store (``tracking.TrackedRun``).
+(``models.model_folder.export_encoder``) and MLflow artifacts copied into a local store (``tracking.TrackedRun``).
 """
 
 from __future__ import annotations

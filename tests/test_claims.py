@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from hybrid_retrieval.evaluation.evaluator import evaluate_embeddings
+from hybrid_retrieval.evaluation.lareqa_protocol import evaluate_embeddings
 from hybrid_retrieval.reporting.claims import MARGIN, check_claims, claims_markdown, verdict
-from hybrid_retrieval.reporting.report import Report, Row
+from hybrid_retrieval.reporting.comparison import Report, Row
 from hybrid_retrieval.reporting.significance import (Paired, Welch, macro_difference, paired_bootstrap_ci,
                                                      paired_randomization_test, paired_test, welch_test)
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from hybrid_retrieval.data.lareqa import load_split
-from hybrid_retrieval.evaluation.evaluator import evaluate_encoder, evaluate_split
+from hybrid_retrieval.evaluation.lareqa_protocol import evaluate_encoder, evaluate_split
 from hybrid_retrieval.evaluation.index import CandidateIndex
 
 

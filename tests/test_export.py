@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 
 from hybrid_retrieval.models.checkpoint import CheckpointError, load_checkpoint_encoder
 from hybrid_retrieval.models.encoder import Encoder, ModelNotFoundError, cosine, load_encoder
-from hybrid_retrieval.models.export import export_encoder
+from hybrid_retrieval.models.model_folder import export_encoder
 from hybrid_retrieval.models.loading import SETTINGS_FILE
 
 # Latin (en, de, vi), Cyrillic, Arabic, Han, Thai, Devanagari, Hangul.
@@ -215,7 +215,7 @@ def test_card_results_of_every_evaluation_set_and_a_model_index_the_hub_reads(ti
     from hybrid_retrieval.evaluation.metrics import BIAS_METRICS, RANKING_METRICS
     from hybrid_retrieval.export import model_card
     from hybrid_retrieval.models.checkpoint import read_checkpoint
-    from hybrid_retrieval.models.export import run_model_name
+    from hybrid_retrieval.models.model_folder import run_model_name
 
     run, checkpoint = card_run(tmp_path, tiny_encoder)
     card = model_card(read_checkpoint(checkpoint), OmegaConf.create({"title": None, "description": None}))
@@ -296,12 +296,12 @@ def test_card_results_of_every_evaluation_set_and_a_model_index_the_hub_reads(ti
 
 def test_the_export_command_and_run_py_write_the_same_card(tiny_encoder: Encoder, tmp_path: Path) -> None:
     """run.py's own export and ``python -m hybrid_retrieval.export`` build the card of a run folder with one
-    function (models.export.run_card): for the same run and best checkpoint, the same card."""
+    function (models.model_folder.run_card): for the same run and best checkpoint, the same card."""
     from types import SimpleNamespace
 
     from hybrid_retrieval.export import model_card as export_command_card
     from hybrid_retrieval.models.checkpoint import read_checkpoint
-    from hybrid_retrieval.models.export import encoder_settings, render_model_card
+    from hybrid_retrieval.models.model_folder import encoder_settings, render_model_card
     from hybrid_retrieval.training.train import model_card as training_card
 
     run, checkpoint = card_run(tmp_path, tiny_encoder)
@@ -352,7 +352,7 @@ def _train_data(name: str, **values: Any) -> dict[str, Any]:
 def test_the_licence_is_the_training_datas_most_restrictive(config: dict[str, Any], license_id: str,
                                                             license_name: str | None, datasets: list[str] | None,
                                                             reason: str) -> None:
-    from hybrid_retrieval.models.export import card_metadata, data_license, training_data
+    from hybrid_retrieval.models.model_folder import card_metadata, data_license, training_data
 
     data = training_data(config)
     front = card_metadata({"training_data": data}, "m")
@@ -362,7 +362,7 @@ def test_the_licence_is_the_training_datas_most_restrictive(config: dict[str, An
 
 
 def test_local_paths_become_their_last_part() -> None:
-    from hybrid_retrieval.models.export import hub_model_id, local_path_name
+    from hybrid_retrieval.models.model_folder import hub_model_id, local_path_name
 
     assert local_path_name("/work/shared/data") == "data"
     assert local_path_name("sqlite:////tmp/run/mlruns/mlflow.db") == "mlflow.db"

@@ -81,7 +81,7 @@ def test_encoder_and_sentence_transformers_export_apply_it(tmp_path: Path) -> No
     from sentence_transformers import SentenceTransformer
 
     from hybrid_retrieval.models.encoder import load_encoder
-    from hybrid_retrieval.models.export import export_encoder
+    from hybrid_retrieval.models.model_folder import export_encoder
 
     encoder, config = perturbed_tiny(seed=3)
     plain = encoder.encode(SENTENCES, "passage")

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn.metrics import average_precision_score, ndcg_score
 
-from hybrid_retrieval.evaluation.evaluator import evaluate_embeddings
+from hybrid_retrieval.evaluation.lareqa_protocol import evaluate_embeddings
 from hybrid_retrieval.evaluation.index import CandidateIndex
 from hybrid_retrieval.evaluation.metrics import average_precision, per_query_metrics
 from hybrid_retrieval.evaluation.ranks import relevant_ranks, relevant_ranks_reference, score_chunks

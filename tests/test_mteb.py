@@ -1,4 +1,4 @@
-"""MTEB's own evaluation on this project's models (hybrid_retrieval/evaluation/mteb_eval.py, hybrid_retrieval/mteb.py)."""
+"""MTEB's own evaluation on this project's models (hybrid_retrieval/evaluation/mteb_tasks.py, hybrid_retrieval/mteb.py)."""
 
 from __future__ import annotations
 
@@ -36,8 +36,8 @@ def three_settings(tiny_encoder: Any, data_root: Path, tmp_path_factory: pytest.
     import mteb
 
     from hybrid_retrieval.data.lareqa import load_split
-    from hybrid_retrieval.evaluation.evaluator import evaluate_encoder
-    from hybrid_retrieval.evaluation.mteb_eval import MtebEncoder, model_meta, resolve_tasks, weights_revision
+    from hybrid_retrieval.evaluation.lareqa_protocol import evaluate_encoder
+    from hybrid_retrieval.evaluation.mteb_tasks import MtebEncoder, model_meta, resolve_tasks, weights_revision
 
     folder = tmp_path_factory.mktemp("mteb_three_settings")
     tasks = resolve_tasks(list(SETTING_TASKS.values()), {"root": str(data_root), **SLICE})
@@ -52,7 +52,7 @@ def three_settings(tiny_encoder: Any, data_root: Path, tmp_path_factory: pytest.
 @pytest.mark.parametrize("setting", ["mono", "cross", "multi"])
 def test_mteb_main_score_of_each_setting_equals_the_project_evaluator(three_settings: dict[str, Any],
                                                                       setting: str) -> None:
-    from hybrid_retrieval.evaluation.mteb_eval import main_scores
+    from hybrid_retrieval.evaluation.mteb_tasks import main_scores
 
     name = SETTING_TASKS[setting]
     ours = three_settings["ours"]
@@ -88,7 +88,7 @@ def test_mteb_main_score_of_each_setting_equals_the_project_evaluator(three_sett
 def test_local_task_metadata_and_results_are_validated_by_mteb(three_settings: dict[str, Any]) -> None:
     import mteb
 
-    from hybrid_retrieval.evaluation.mteb_eval import LANGUAGE_CODES, LOCAL_TASKS
+    from hybrid_retrieval.evaluation.mteb_tasks import LANGUAGE_CODES, LOCAL_TASKS
 
     assert set(LOCAL_TASKS) == {f"{d}{s}" for d in ("XQuADR", "MLQAR")
                                 for s in ("Monolingual", "CrossLingual", "Multilingual")}
@@ -117,7 +117,7 @@ def test_a_search_model_gets_the_project_scores_from_mteb_top_k(tiny_encoder: An
     import mteb
     from mteb.models import SearchEncoderWrapper
 
-    from hybrid_retrieval.evaluation.mteb_eval import MtebEncoder, resolve_tasks
+    from hybrid_retrieval.evaluation.mteb_tasks import MtebEncoder, resolve_tasks
 
     # A search model (MTEB's SearchProtocol: no embeddings to rank the whole pool with): every pool of the slice is
     # under MTEB's top 1000, so the scores read off its retrieved lists are the project's.
@@ -134,8 +134,8 @@ def test_mteb_files_results_in_its_layout_and_agrees_with_the_project_on_a_trunc
     import mteb
 
     from hybrid_retrieval.data.lareqa import load_split
-    from hybrid_retrieval.evaluation.evaluator import evaluate_encoder
-    from hybrid_retrieval.evaluation.mteb_eval import (MtebEncoder, main_scores, model_meta, resolve_tasks,
+    from hybrid_retrieval.evaluation.lareqa_protocol import evaluate_encoder
+    from hybrid_retrieval.evaluation.mteb_tasks import (MtebEncoder, main_scores, model_meta, resolve_tasks,
                                                        weights_revision)
 
     encoder = copy.deepcopy(tiny_encoder)
@@ -181,7 +181,7 @@ def test_a_second_command_reuses_cached_embeddings_and_reruns_a_changed_selectio
         tiny_encoder: Any, data_root: Path, tmp_path: Path, three_settings: dict[str, Any]) -> None:
     import mteb
 
-    from hybrid_retrieval.evaluation.mteb_eval import (MtebEncoder, embedding_cache, encoder_settings, main_scores,
+    from hybrid_retrieval.evaluation.mteb_tasks import (MtebEncoder, embedding_cache, encoder_settings, main_scores,
                                                        resolve_tasks)
     from hybrid_retrieval.mteb import evaluation_groups
 
@@ -212,7 +212,7 @@ def test_a_second_command_reuses_cached_embeddings_and_reruns_a_changed_selectio
 def test_model_names_never_fall_back_to_the_base_model(tmp_path: Path, tiny_encoder: Any) -> None:
     from omegaconf import OmegaConf
 
-    from hybrid_retrieval.models.export import export_encoder, run_model_name
+    from hybrid_retrieval.models.model_folder import export_encoder, run_model_name
     from hybrid_retrieval.mteb import locate_model, model_name
 
     run = tmp_path / "outputs" / "train" / "2026-12-04" / "15-06-38"
@@ -299,7 +299,7 @@ def test_matryoshka_training_to_card_to_mteb_results_filed_under_the_run(tmp_pat
     assert not (tmp_path / "mteb_zero_shot" / "results").exists()
     import mteb
 
-    from hybrid_retrieval.evaluation.mteb_eval import resolve_tasks
+    from hybrid_retrieval.evaluation.mteb_tasks import resolve_tasks
 
     tasks = resolve_tasks(["XQuADRMonolingual"], {"root": str(data_root), "languages": ["en"],
                                                   "max_questions_per_language": 20})

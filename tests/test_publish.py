@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from hybrid_retrieval.models.export import export_encoder
+from hybrid_retrieval.models.model_folder import export_encoder
 from hybrid_retrieval.models.publish import PublishError, check_publishable, push_folder
 
 

@@ -19,7 +19,7 @@ from hybrid_retrieval.data.lareqa import holdout_groups, load_language_files, lo
 from hybrid_retrieval.data.lareqa_pairs import from_lareqa
 from hybrid_retrieval.data.pairs import build_datasets
 from hybrid_retrieval.evaluation.config import check_dataset
-from hybrid_retrieval.evaluation.evaluator import evaluate_embeddings
+from hybrid_retrieval.evaluation.lareqa_protocol import evaluate_embeddings
 from hybrid_retrieval.evaluation.metrics import own_language_first, per_query_metrics
 from hybrid_retrieval.losses.distill import InBatchDistillation
 from hybrid_retrieval.losses.info_nce import InfoNCELoss
@@ -260,7 +260,7 @@ def _unit(rows: list[list[float]]) -> np.ndarray:
 
 
 def test_mining_never_picks_a_translation_and_applies_the_window_and_the_margin() -> None:
-    from hybrid_retrieval.mining import MiningSettings, mine_negatives, passage_pool
+    from hybrid_retrieval.data.mining import MiningSettings, mine_negatives, passage_pool
 
     # Pool (language 0 unless noted): 0 = query 0's passage (group 0); 1 = group 0's passage in language 1 (its
     # translation); 2 = group 0's passage in language 0 written again by another question of group 0;

@@ -390,7 +390,7 @@ def test_a_full_disk_during_an_export_leaves_no_partial_model_and_keeps_the_prev
     """Refused before writing when the weights alone do not fit; failing mid-way (weights fit, the tokenizer not)
     removes what it wrote. Either way the folder's earlier export stays, whole."""
     from hybrid_retrieval.models.encoder import load_encoder
-    from hybrid_retrieval.models.export import export_encoder
+    from hybrid_retrieval.models.model_folder import export_encoder
     from hybrid_retrieval.storage import DiskFullError
 
     encoder = load_encoder(name="tiny", source="random").eval()

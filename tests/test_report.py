@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hybrid_retrieval.reporting.report import build_report, group_label, markdown, swept_keys
+from hybrid_retrieval.reporting.comparison import build_report, group_label, markdown, swept_keys
 from tests.test_cli import REPO_ROOT, SMALL_TRAIN, artifact_paths, mlflow_client, run_command
 
 SCREENSHOTS_ENV = "HYBRID_RETRIEVAL_SCREENSHOTS"  # a folder to keep the UI screenshots in (docs/reports.md shows them)

@@ -14,10 +14,10 @@ from conftest import model_config
 from omegaconf import OmegaConf
 
 from hybrid_retrieval.data.lareqa import load_split
-from hybrid_retrieval.evaluation.evaluator import SUMMARY_METRICS, evaluate_encoder
+from hybrid_retrieval.evaluation.lareqa_protocol import SUMMARY_METRICS, evaluate_encoder
 from hybrid_retrieval.evaluation.st_evaluator import LareqaEvaluator
 from hybrid_retrieval.models.encoder import Encoder, load_encoder
-from hybrid_retrieval.models.export import export_encoder
+from hybrid_retrieval.models.model_folder import export_encoder
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

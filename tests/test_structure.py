@@ -110,7 +110,7 @@ def test_no_driver_imports_another_driver() -> None:
 FLOORS = {
     "base": ("config_error", "storage", "progress", "distributed", "hardware", "kernels", "upgrade"),
     "libraries": ("run_folder", "data", "models", "losses", "evaluation", "tracking", "adaptation", "translation",
-                  "mining", "reporting"),
+                  "reporting"),
     "training": ("training",),
     "commands": ("cli", "schemas", "options", *DRIVERS, "prepare", "deliver"),
 }
@@ -125,6 +125,14 @@ def test_every_part_of_the_package_is_on_one_floor() -> None:
     parts = {m.split(".")[1] for m in module_names() if m.count(".") >= 1}
     placed = [part for parts_ in FLOORS.values() for part in parts_]
     assert sorted(placed) == sorted(set(placed)) and parts == set(placed)
+
+
+def test_no_library_module_is_named_like_a_command() -> None:
+    """``python -m hybrid_retrieval.<command>`` is a command; no module below it takes a command's name, so a listing
+    of the package tells them apart."""
+    commands = set(FLOORS["commands"]) - {"cli", "schemas", "options"}
+    clashing = [m for m in module_names() if m.count(".") >= 2 and m.rsplit(".", 1)[1] in commands]
+    assert clashing == [] and "hybrid_retrieval.evaluation.evaluator" not in module_names()
 
 
 def test_no_import_runs_back_up_a_floor() -> None:
@@ -208,7 +216,7 @@ def test_every_result_kind_shares_one_json_form_and_one_metric_name_scheme(tmp_p
 
     import numpy as np
 
-    from hybrid_retrieval.evaluation.evaluator import EvaluationResult
+    from hybrid_retrieval.evaluation.lareqa_protocol import EvaluationResult
     from hybrid_retrieval.evaluation.miracl import MiraclResult
     from hybrid_retrieval.evaluation.result import RetrievalResult
     from hybrid_retrieval.evaluation.tatoeba import TatoebaResult

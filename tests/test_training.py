@@ -18,7 +18,7 @@ from hybrid_retrieval import tracking
 from hybrid_retrieval.config_error import ConfigError
 from hybrid_retrieval.data.lareqa import load_split
 from hybrid_retrieval.data.lareqa_pairs import from_lareqa
-from hybrid_retrieval.evaluation.evaluator import evaluate_encoder
+from hybrid_retrieval.evaluation.lareqa_protocol import evaluate_encoder
 from hybrid_retrieval.evaluation.lareqa import LareqaSet
 from hybrid_retrieval.evaluation.sets import EvaluationSet, monitor_keys
 from hybrid_retrieval.losses.info_nce import InfoNCELoss

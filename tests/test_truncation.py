@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from hybrid_retrieval.data.lareqa import load_split
-from hybrid_retrieval.evaluation.evaluator import evaluate_split
+from hybrid_retrieval.evaluation.lareqa_protocol import evaluate_split
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 LANGUAGES = ["de", "en", "es"]

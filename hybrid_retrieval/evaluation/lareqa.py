@@ -1,5 +1,5 @@
 """The LAReQA kind of evaluation set (XQuAD-R, MLQA-R): the mono / cross / multi protocol of
-:mod:`hybrid_retrieval.evaluation.evaluator` over a split, reported as ``metrics.json`` and a cross-lingual heatmap."""
+:mod:`hybrid_retrieval.evaluation.lareqa_protocol` over a split, reported as ``metrics.json`` and a cross-lingual heatmap."""
 
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ from pathlib import Path
 from typing import Any
 
 from hybrid_retrieval.data.lareqa import LareqaSplit, load_split
-from hybrid_retrieval.evaluation import evaluator
-from hybrid_retrieval.evaluation.evaluator import EvaluationResult, evaluate_encoder, evaluate_split
+from hybrid_retrieval.evaluation import lareqa_protocol
+from hybrid_retrieval.evaluation.lareqa_protocol import EvaluationResult, evaluate_encoder, evaluate_split
 from hybrid_retrieval.evaluation.sets import EvaluationSet, SetTexts
 
 __all__ = ["LOWER_IS_BETTER", "SUMMARY_METRICS", "LareqaSet", "load_dataset", "load_set"]
 
-SUMMARY_METRICS = evaluator.SUMMARY_METRICS
+SUMMARY_METRICS = lareqa_protocol.SUMMARY_METRICS
 LOWER_IS_BETTER = ("rank_distance", "max_at_r", "own_language_first")
 
 

@@ -10,9 +10,9 @@
 
 It encodes the split's queries with ``model.encode_query`` (the model's ``query`` prompt, when it has one) and its
 candidate sentences with ``model.encode_document`` (the ``document`` / ``passage`` / ``corpus`` prompt, when it has
-one); the folders :func:`~hybrid_retrieval.models.export.export_encoder` writes define ``query`` and ``document``.
+one); the folders :func:`~hybrid_retrieval.models.model_folder.export_encoder` writes define ``query`` and ``document``.
 Embeddings are L2-normalised when the model scores by cosine (``similarity_fn_name``), kept as they are when it
-scores by dot product, and handed to :func:`~hybrid_retrieval.evaluation.evaluator.evaluate_split`: the metrics are
+scores by dot product, and handed to :func:`~hybrid_retrieval.evaluation.lareqa_protocol.evaluate_split`: the metrics are
 this project's, computed by its code, exact over the full ranking.
 
 Metric names follow sentence-transformers: ``{name}_{setting}_{metric}`` (``name`` defaults to the dataset name),
@@ -32,7 +32,7 @@ import numpy as np
 
 from hybrid_retrieval.config_error import BadValue
 from hybrid_retrieval.data.lareqa import LareqaSplit, format_passage, load_split
-from hybrid_retrieval.evaluation.evaluator import SETTINGS, SUMMARY_METRICS, EvaluationResult, evaluate_split
+from hybrid_retrieval.evaluation.lareqa_protocol import SETTINGS, SUMMARY_METRICS, EvaluationResult, evaluate_split
 from hybrid_retrieval.evaluation.sets import KIND_OF_DATASET
 
 try:  # sentence-transformers 5.4 and later

@@ -428,7 +428,7 @@ def load_encoder(
     dense: optional head ``{folder, out_features, activation, bias}``; weights come from
     ``<model folder>/<folder>`` (sentence-transformers ``Dense`` format) when present.
     path: a local model folder is loaded whatever `source` says (an export of
-    :func:`hybrid_retrieval.models.export.export_encoder`, a fine-tuned copy); the settings in its
+    :func:`hybrid_retrieval.models.model_folder.export_encoder`, a fine-tuned copy); the settings in its
     ``hybrid_retrieval.json``, if any, override the ones given here (with a warning naming those that differ).
     truncate_dim: :meth:`Encoder.encode` returns the first k dimensions, re-normalised; None = all (or the
     ``truncate_dim`` an exported folder records).

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from hybrid_retrieval.config_error import BadValue
-from hybrid_retrieval.reporting.report import COLUMNS, PREFIX, Report, Row
+from hybrid_retrieval.reporting.comparison import COLUMNS, PREFIX, Report, Row
 from hybrid_retrieval.reporting.significance import Paired, Welch, paired_test, welch_test
 
 SAMPLERS = ("mono", "cross", "hybrid")

@@ -9,7 +9,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from hybrid_retrieval.evaluation.heatmap import draw_heatmap
-from hybrid_retrieval.reporting.report import PREFIX, Report, Row, per_language
+from hybrid_retrieval.reporting.comparison import PREFIX, Report, Row, per_language
 
 SETTING_LABELS = {"mono": "Mo", "cross": "Cr", "multi": "Mul"}
 

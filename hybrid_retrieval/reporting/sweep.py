@@ -15,7 +15,7 @@ from hybrid_retrieval import tracking
 from hybrid_retrieval.config_error import BadValue
 from hybrid_retrieval.reporting.claims import claims_markdown
 from hybrid_retrieval.reporting.plots import write_plots
-from hybrid_retrieval.reporting.report import Report, build_report, markdown, write_tables
+from hybrid_retrieval.reporting.comparison import Report, build_report, markdown, write_tables
 from hybrid_retrieval.run_folder import RUN_INFO, read_run_info
 
 log = logging.getLogger(__name__)

@@ -32,7 +32,7 @@ from hybrid_retrieval.hardware import (
     trainer_precision,
     uses_gpu,
 )
-from hybrid_retrieval.models.export import run_card
+from hybrid_retrieval.models.model_folder import run_card
 from hybrid_retrieval.run_folder import CHECKPOINTS, RunPlan, plan_run, record_best, write_run_info
 from hybrid_retrieval.training.callbacks import (
     BatchLog,
@@ -221,7 +221,7 @@ def load_best_weights(module: HybridRetrievalModule, checkpoint: BestCheckpoint)
 
 def model_card(output_dir: Path, checkpoint: BestCheckpoint) -> dict[str, Any]:
     """The card of the run's own export: the card ``python -m hybrid_retrieval.export`` writes for the same checkpoint
-    (:func:`~hybrid_retrieval.models.export.run_card`: from the run folder, its config, reports and MTEB results,
+    (:func:`~hybrid_retrieval.models.model_folder.run_card`: from the run folder, its config, reports and MTEB results,
     and the best checkpoint's model config and step)."""
     return run_card(output_dir, checkpoint.best_model_path)
 
@@ -338,7 +338,7 @@ def start_run(cfg: DictConfig, run: tracking.TrackedRun, plan: RunPlan, inputs: 
 
 def export_model(module: HybridRetrievalModule, card: dict[str, Any], folder: Path) -> Path:
     from hybrid_retrieval.losses.matryoshka import MatryoshkaLoss
-    from hybrid_retrieval.models.export import export_encoder
+    from hybrid_retrieval.models.model_folder import export_encoder
 
     if isinstance(module.loss, MatryoshkaLoss):  # the folder records the sizes it was trained at
         module.encoder.matryoshka_dims = list(module.loss.dims)

@@ -181,7 +181,7 @@ CARD_TAGS = ["sentence-transformers", "feature-extraction", "sentence-similarity
 TRAINING_KEYS = ("model", "adapt", "sampler", "loss", "matryoshka", "distill", "train", "trainer", "train_data",
                  "dataset", "extra_datasets", "hardware")
 MTEB_URL = "https://github.com/embeddings-benchmark/mteb"
-# This project's local MTEB tasks (hybrid_retrieval.evaluation.mteb_eval; not imported, it imports mteb): their
+# This project's local MTEB tasks (hybrid_retrieval.evaluation.mteb_tasks; not imported, it imports mteb): their
 # results name a dataset revision "local..." and the task a dataset prefix (XQuADRMonolingual, MLQARMultilingual).
 LOCAL_MTEB_PREFIXES = {"XQuADR": "xquad_r", "MLQAR": "mlqa_r"}
 

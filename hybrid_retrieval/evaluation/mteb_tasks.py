@@ -14,7 +14,7 @@ check.
   with corpus / queries / relevant_docs): one subset per language (mono), per ordered language pair (cross,
   ``en-de``: English questions against German sentences) or one subset over the pooled candidates of every
   language (multi). Their main score ``map`` is this project's mean average precision over the whole ranking, and
-  equals :func:`~hybrid_retrieval.evaluation.evaluator.evaluate_embeddings`' ``summary[setting]["map"]``; the
+  equals :func:`~hybrid_retrieval.evaluation.lareqa_protocol.evaluate_embeddings`' ``summary[setting]["map"]``; the
   multilingual task adds rank distance, Max@R and own-language-first. MTEB does not know these tasks by name:
   pass the task objects (:func:`resolve_tasks`) to ``ResultCache.load_results(tasks=...)`` or
   ``TaskResult.validate_and_filter_scores(task)``.
@@ -192,9 +192,9 @@ def lareqa_scores(query_index: np.ndarray, ranks: np.ndarray, n_queries: int,
     With them (the multilingual subset; ``pair_language``: each pair's document language, ``query_language``: each
     query's, both indices into ``languages``): the macro averages over query languages of ``map``,
     ``rank_distance``, ``max_at_r`` and ``own_language_first``, computed as
-    :func:`~hybrid_retrieval.evaluation.evaluator.evaluate_embeddings` does, plus each language's values as
+    :func:`~hybrid_retrieval.evaluation.lareqa_protocol.evaluate_embeddings` does, plus each language's values as
     ``<metric>_<language>``."""
-    from hybrid_retrieval.evaluation.evaluator import macro_mean, mean_by_group
+    from hybrid_retrieval.evaluation.lareqa_protocol import macro_mean, mean_by_group
     from hybrid_retrieval.evaluation.metrics import own_language_first, per_query_metrics
 
     by_query = per_query_metrics(query_index, ranks, n_queries)
@@ -305,7 +305,7 @@ def lareqa_subsets(split: Any, setting: str) -> dict[str, tuple[list[int], list[
     ``mono``: ``<x>`` per language (x's queries, x's candidates); ``cross``: ``<x>-<y>`` per ordered pair of
     different languages holding at least one query of x with a relevant candidate in y (those queries, y's
     candidates); ``multi``: ``default``, every query against every candidate. These are exactly the groups
-    :func:`~hybrid_retrieval.evaluation.evaluator.evaluate_embeddings` averages over.
+    :func:`~hybrid_retrieval.evaluation.lareqa_protocol.evaluate_embeddings` averages over.
     """
     if setting not in SETTING_NAMES:
         raise BadValue(f"setting={setting!r}: expected one of {list(SETTING_NAMES)}")
