@@ -10,13 +10,17 @@ A FOLDER holds query_emb.npy / candidate_emb.npy, as ``python -m hybrid_retrieva
 writes them into its run folder (full XQuAD-R in fp32: the embeddings of the protocol's pool). A label given
 several times (one folder per seed) is reported as mean ± standard deviation over its folders. ``--model`` encodes
 instead (and, with ``--embeddings``, keeps the embeddings there for the next run). ``--out`` writes
-``truncation.json`` and ``truncation.md``.
+``truncation.json`` (every figure, each run's own values and the commit of the checkout its folder lies in, the
+command, the CPU), ``truncation.md`` and ``per_run.csv`` (one row per run folder and size).
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -94,6 +98,13 @@ def measure(queries: np.ndarray, candidates: np.ndarray, split, dims: list[int],
     return rows
 
 
+def checkout_commit(folder: Path | None) -> str | None:
+    """The commit of the git checkout a folder lies in (the code that trained and encoded it), or None."""
+    where = folder if folder is not None and folder.exists() else REPO_ROOT
+    found = subprocess.run(["git", "-C", str(where), "rev-parse", "HEAD"], capture_output=True, text=True)
+    return found.stdout.strip() or None
+
+
 def parse_runs(values: list[str]) -> dict[str, list[Path]]:
     runs: dict[str, list[Path]] = {}
     for value in values:
@@ -159,7 +170,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     split = load_split(args.dataset, languages=args.languages, max_questions_per_language=args.max_questions)
     results: dict[str, Any] = {"dataset": args.dataset, "queries": len(split.queries),
                                "candidates": len(split.candidates), "machine": cpu_description(),
-                               "threads": args.threads, "date": time.strftime("%Y-%m-%d"), "models": {}}
+                               "threads": args.threads, "date": time.strftime("%Y-%m-%d"),
+                               "command": " ".join(["python", "benchmarks/truncation.py", *sys.argv[1:]]),
+                               "table_commit": checkout_commit(None), "models": {}}
     for label, folders in runs.items():
         per_run = []
         for folder in folders:
@@ -176,7 +189,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             dims = [d for d in args.dims if d <= queries.shape[1]]
             per_run.append(measure(queries, candidates, split, dims, args.threads))
             print(f"{label}: {folder} measured", flush=True)
-        results["models"][label] = {"folders": [str(f) for f in folders], "dims": aggregate(per_run)}
+        results["models"][label] = {"folders": [str(f) for f in folders], "dims": aggregate(per_run),
+                                    "runs": [{"folder": str(f), "commit": checkout_commit(f), "dims": run}
+                                             for f, run in zip(folders, per_run)]}
     text = (f"{args.dataset}: {results['queries']:,} queries x {results['candidates']:,} candidates; "
             f"{results['machine']}; FAISS flat inner-product index, top 100, {args.threads} threads, best of 3\n\n"
             + table(results))
@@ -185,6 +200,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "truncation.json").write_text(json.dumps(results, indent=1) + "\n")
         (args.out / "truncation.md").write_text(text + "\n")
+        with (args.out / "per_run.csv").open("w", newline="") as file:
+            writer = csv.writer(file)
+            names = [name for _, _, name in COLUMNS]
+            writer.writerow(["model", "folder", "commit", "dims", *names])
+            for label, entry in results["models"].items():
+                for run in entry["runs"]:
+                    for dim, row in run["dims"].items():
+                        writer.writerow([label, run["folder"], run["commit"], dim,
+                                         *(f"{row[name]:.6f}" for name in names)])
     return results
 
 

@@ -15,21 +15,29 @@ from typing import Any
 
 def schemas() -> dict[str, Any]:
     """ConfigStore name -> its schema dataclass."""
+    from hybrid_retrieval.adaptation.config import SCHEMAS as ADAPT
+    from hybrid_retrieval.data.config import SCHEMAS as TRAIN_DATA
     from hybrid_retrieval.evaluation.config import SCHEMAS as DATASETS
     from hybrid_retrieval.hardware import HardwareConfig
     from hybrid_retrieval.losses.config import DistillConfig, InfoNCELossConfig, MatryoshkaConfig
     from hybrid_retrieval.models.config import ModelConfig
     from hybrid_retrieval.tracking import LoggerConfig
-    from hybrid_retrieval.training.config import TrainConfig
+    from hybrid_retrieval.training.config import TrainConfig, TrainerConfig
     from hybrid_retrieval.training.sampler import SamplerConfig
 
     return {"hardware": HardwareConfig, "logger": LoggerConfig, "loss": InfoNCELossConfig, "matryoshka": MatryoshkaConfig,
-            "distill": DistillConfig, "model": ModelConfig, "sampler": SamplerConfig, "train": TrainConfig, **DATASETS}
+            "distill": DistillConfig, "model": ModelConfig, "sampler": SamplerConfig, "train": TrainConfig, "trainer": TrainerConfig, **DATASETS,
+            **TRAIN_DATA, **ADAPT}
+
+
+# Nodes with one schema per kind of group file: ``dataset_miracl`` types the ``dataset`` node.
+KINDED_NODES = ("dataset", "train_data", "adapt")
 
 
 def node_of(name: str) -> str:
-    """The config node a schema types: ``dataset_miracl`` -> ``dataset`` (one schema per kind of evaluation set)."""
-    return name.split("_", 1)[0]
+    """The config node a schema types: ``dataset_miracl`` -> ``dataset``, ``train_data_hf`` -> ``train_data``,
+    ``adapt_mlm`` -> ``adapt``."""
+    return next((node for node in KINDED_NODES if name.startswith(f"{node}_")), name)
 
 
 def register() -> None:
@@ -72,7 +80,7 @@ def describe(nodes: list[str] | None = None) -> str:
         if nodes and node not in nodes and name not in nodes:
             continue
         hints = typing.get_type_hints(schema)
-        kind = f", {name.split('_', 1)[1]} files" if name != node else ""
+        kind = f", {name[len(node) + 1:]} files" if name != node else ""
         lines.append(f"{node}:  ({schema.__module__}.{schema.__name__}{kind})")
         for field in dataclasses.fields(schema):
             if field.name.startswith("_"):

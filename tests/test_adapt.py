@@ -44,7 +44,9 @@ def fresh_tiny() -> Any:
 def mlm_config(**overrides: Any) -> dict[str, Any]:
     from omegaconf import OmegaConf
 
-    cfg = OmegaConf.to_container(OmegaConf.load(REPO_ROOT / "conf" / "adapt" / "mlm.yaml"), resolve=False)
+    from hybrid_retrieval.schemas import load_node
+
+    cfg = OmegaConf.to_container(load_node(REPO_ROOT / "conf" / "adapt" / "mlm.yaml"), resolve=False)
     cfg["seed"] = 0
     text = overrides.pop("text", None)
     if text is not None:

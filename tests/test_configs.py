@@ -106,13 +106,17 @@ def test_hardware_options(hardware: str, strategy: str, devices: int) -> None:
     check_train_config(cfg)
 
 
-SCHEMA_GROUPS = ("hardware", "sampler", "logger", "model", "loss", "dataset")
-DATASET_SCHEMAS = {"xquad_r": "dataset_lareqa", "xquad_r_slice": "dataset_lareqa", "mlqa_r": "dataset_lareqa",
-                   "mlqa_r_selection": "dataset_lareqa_selection", "tatoeba": "dataset_tatoeba",
-                   "miracl": "dataset_miracl"}
+SCHEMA_GROUPS = ("hardware", "sampler", "logger", "model", "loss", "dataset", "train_data", "trainer", "adapt")
+KIND_SCHEMAS = {"dataset": {"xquad_r": "dataset_lareqa", "xquad_r_slice": "dataset_lareqa", "mlqa_r": "dataset_lareqa",
+                            "mlqa_r_selection": "dataset_lareqa_selection", "tatoeba": "dataset_tatoeba",
+                            "miracl": "dataset_miracl"},
+                "train_data": {"hf": "train_data_hf", "jsonl": "train_data_file", "parquet": "train_data_file",
+                               "mmarco": "train_data_mmarco"},
+                "adapt": {"mlm": "adapt_mlm", "mlm_target": "adapt_mlm"}}
 
 
-@pytest.mark.parametrize("command", ["config", "evaluate", "encode", "export", "adapt", "search", "mine", "mteb"])
+@pytest.mark.parametrize("command", ["config", "evaluate", "encode", "export", "adapt", "search", "mine", "mteb",
+                                     "prepare"])
 def test_every_option_of_a_schema_group_composes_into_its_schema(command: str) -> None:
     from omegaconf import OmegaConf
 
@@ -127,7 +131,7 @@ def test_every_option_of_a_schema_group_composes_into_its_schema(command: str) -
             if option == "mlqa_r_selection" and "train_data" in default:
                 extra = ["train_data.holdout={dataset: mlqa_r, groups: 40, seed: 0}"]
             cfg = composed([f"{group}={option}", *extra], command)
-            name = DATASET_SCHEMAS[option] if group == "dataset" else group
+            name = KIND_SCHEMAS[group][option] if group == "dataset" else KIND_SCHEMAS.get(group, {}).get(option, group)
             assert OmegaConf.get_type(cfg[group]) is schemas()[name], (command, group, option)
     if command == "config":
         assert OmegaConf.get_type(composed([]).train) is schemas()["train"]
@@ -161,6 +165,9 @@ def test_an_extra_evaluation_set_is_typed_by_its_own_schema() -> None:
     ("loss.temperature=warm", "loss.temperature", "Float"),
     ("matryoshka.dims=[384,half]", "matryoshka.dims", "Integer"),
     ("distill.weight=heavy", "distill.weight", "Float"),
+    ("trainer.max_steps=many", "trainer.max_steps", "Integer"),
+    ("train_data=hf train_data.split=[a,b]", "train_data.split", "str"),
+    ("adapt=mlm adapt.steps=many", "adapt.steps", "Integer"),
     ("dataset.max_questions_per_language=all", "dataset.max_questions_per_language", "Integer"),
     ("dataset=miracl dataset.top_k=many", "dataset.top_k", "Integer")])
 def test_a_wrong_type_is_refused_at_composition_naming_the_key(override: str, key: str, expected: str) -> None:
@@ -201,7 +208,8 @@ def test_a_key_added_with_plus_is_refused_before_any_work() -> None:
     check_known_keys(composed(["model=tiny"]))
     for override, key in (("+train.bach_size=8", "train.bach_size"), ("+hardware.foo=1", "hardware.foo"),
                           ("+logger.uri=x", "logger.uri"), ("+model.pool=cls", "model.pool"),
-                          ("+loss.temp=1", "loss.temp"), ("+dataset.lang=[en]", "dataset.lang")):
+                          ("+loss.temp=1", "loss.temp"), ("+dataset.lang=[en]", "dataset.lang"),
+                          ("+trainer.max_step=5", "trainer.max_step"), ("+train_data.paht=x", "train_data.paht")):
         with pytest.raises(ConfigError, match=rf"{key}: not an option of .*the options are: .*"):
             check_known_keys(composed([override]))
 
@@ -257,3 +265,36 @@ def test_the_options_command_lists_every_typed_option_with_its_type_and_default(
     bad = subprocess.run([sys.executable, "-m", "hybrid_retrieval.options", "trian"], capture_output=True, text=True,
                          cwd=Path(CONF).parent, timeout=120)
     assert bad.returncode == 2 and "unknown node 'trian'" in bad.stderr
+
+
+def test_the_trainer_options_are_lightning_trainer_arguments_with_lightnings_defaults() -> None:
+    """Every ``trainer`` option is passed to ``pytorch_lightning.Trainer`` as is: a field of the schema must be one of
+    its arguments, with its default (an option at its default changes nothing), and not one the project sets."""
+    import dataclasses
+    import inspect
+
+    import pytorch_lightning as pl
+
+    from hybrid_retrieval.training.config import TrainerConfig
+
+    parameters = inspect.signature(pl.Trainer.__init__).parameters
+    for field in dataclasses.fields(TrainerConfig):
+        assert field.name in parameters, field.name
+        assert field.default == parameters[field.name].default, field.name
+    set_by_the_project = {"accelerator", "devices", "num_nodes", "strategy", "precision", "logger", "callbacks",
+                          "plugins", "default_root_dir", "use_distributed_sampler", "enable_model_summary"}
+    assert not set_by_the_project & {field.name for field in dataclasses.fields(TrainerConfig)}
+
+
+def test_the_adapt_schema_holds_exactly_the_mlm_settings() -> None:
+    import dataclasses
+
+    from hybrid_retrieval.adaptation.config import AdaptMlmConfig
+    from hybrid_retrieval.adaptation.mlm import MLMSettings
+
+    schema = {f.name: f.default for f in dataclasses.fields(AdaptMlmConfig)}
+    settings = {f.name: f.default for f in dataclasses.fields(MLMSettings)}
+    assert {k: v for k, v in schema.items() if k not in ("method", "text")} == settings
+    with pytest.raises(Exception) as raised:
+        composed(["adapt=none", "adapt.steps=5"])
+    assert "adapt.steps" in str(raised.value)  # an option adapt=none would ignore is refused

@@ -1,6 +1,7 @@
 """The ``train`` node's schema (``conf/config.yaml``, overridden by ``conf/experiment/*.yaml``): an unknown key or a
-value of the wrong type is refused when Hydra composes the config; ranges and rules across keys (and across the
-nodes a training run reads) are checked by :func:`check_train_config` before any model loads. ``conf/config.yaml`` says what each option does."""
+value of the wrong type is refused when Hydra composes the config. :func:`check_train_config` checks, before any
+model loads, what a type cannot say: ranges, and rules across keys and across the nodes a training run reads.
+``conf/config.yaml`` says what each option does."""
 
 from __future__ import annotations
 
@@ -35,6 +36,37 @@ class TrainConfig:
     merge_ratio: Optional[float] = None
     monitor: str = "val/multi/map"
     monitor_mode: str = "max"                # max | min
+
+
+@dataclass
+class TrainerConfig:
+    """The ``trainer`` node (``conf/trainer/default.yaml``): Lightning ``Trainer`` arguments, each with Lightning's
+    own default. The ones the project sets itself are not options: the hardware's (``hardware.*``), the logger,
+    the callbacks and checkpoints (``conf/callbacks``, the run folder), the sampler (``use_distributed_sampler``)."""
+
+    max_epochs: Optional[int] = None
+    min_epochs: Optional[int] = None
+    max_steps: int = -1
+    min_steps: Optional[int] = None
+    max_time: Optional[Any] = None              # "DD:HH:MM:SS" or {days, hours, ...}
+    limit_train_batches: Optional[Any] = None   # an int (batches) or a float (share of an epoch)
+    limit_val_batches: Optional[Any] = None
+    val_check_interval: Optional[Any] = None    # an int (batches) or a float (share of an epoch)
+    check_val_every_n_epoch: Optional[int] = 1
+    num_sanity_val_steps: Optional[int] = None
+    overfit_batches: Any = 0.0
+    fast_dev_run: Any = False
+    log_every_n_steps: Optional[int] = None
+    enable_progress_bar: Optional[bool] = None
+    accumulate_grad_batches: int = 1
+    gradient_clip_val: Optional[float] = None
+    gradient_clip_algorithm: Optional[str] = None   # norm | value
+    deterministic: Optional[Any] = None         # true | false | warn
+    benchmark: Optional[bool] = None
+    inference_mode: bool = True
+    profiler: Optional[str] = None              # simple | advanced | pytorch
+    detect_anomaly: bool = False
+    reload_dataloaders_every_n_epochs: int = 0
 
 
 def _positive_int(value: Any) -> bool:
@@ -111,14 +143,12 @@ def check_train_config(cfg: DictConfig) -> None:
              cfg.model.get("language_projection"))
     for option in ("num_workers", "hard_negatives"):
         value = cfg.train.get(option, 0)
-        require(value >= 0, f"train.{option}",
-                 "a non-negative integer", value)
+        require(value >= 0, f"train.{option}", "a non-negative integer", value)
     from hybrid_retrieval.data.overlap import CONTAMINATION_POLICIES
 
     require(cfg.train.get("contamination", "refuse") in CONTAMINATION_POLICIES, "train.contamination",
              f"one of {', '.join(CONTAMINATION_POLICIES)}", cfg.train.get("contamination"))
-    require(cfg.train.lr > 0, "train.lr", "a positive number",
-             cfg.train.lr)
+    require(cfg.train.lr > 0, "train.lr", "a positive number", cfg.train.lr)
     require(cfg.train.get("schedule") in ("linear", "cosine", "constant"), "train.schedule",
              "linear, cosine or constant", cfg.train.get("schedule"))
     require(float(cfg.train.get("warmup_ratio", 0)) >= 0 and float(cfg.train.get("warmup_ratio", 0)) < 1,
@@ -126,7 +156,8 @@ def check_train_config(cfg: DictConfig) -> None:
     from hybrid_retrieval.losses.matryoshka import check_matryoshka
 
     try:
-        check_matryoshka(cfg.matryoshka.get("dims"), cfg.matryoshka.get("weights"),
+        matryoshka = cfg.get("matryoshka") or {}
+        check_matryoshka(matryoshka.get("dims"), matryoshka.get("weights"),
                          model_dimension(cfg.model, model_folder(cfg.model)))
     except ValueError as error:
         raise ConfigError(str(error)) from error
@@ -151,7 +182,8 @@ def check_train_config(cfg: DictConfig) -> None:
     try:  # the checks of the merge and of the distillation term themselves, before any model loads
         if cfg.train.get("merge_ratio") is not None:
             check_merge("start", cfg.train.merge_ratio, "train.")
-        InBatchDistillation(cfg.distill.get("weight", 0.0), cfg.distill.get("temperature", 0.05))
+        distill = cfg.get("distill") or {}
+        InBatchDistillation(distill.get("weight", 0.0), distill.get("temperature", 0.05))
     except ValueError as error:
         raise ConfigError(str(error)) from error
     chunk = cfg.train.get("grad_cache_chunk")
