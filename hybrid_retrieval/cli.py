@@ -145,7 +145,8 @@ def hydra_main(config_name: str, config_path: str = "../conf") -> Callable[[Call
         def guarded(cfg: DictConfig) -> R:
             quiet_third_party(resuming=bool(OmegaConf.select(cfg, "train.resume", default=None)))
             try:
-                check_known_keys(cfg)
+                check_known_keys(cfg, command_line_additions(), config_groups(Path(task.__code__.co_filename).parent
+                                                                              / config_path))
                 return task(cfg)
             except Exception as error:
                 cause = own_error(error)
@@ -167,6 +168,20 @@ def hydra_main(config_name: str, config_path: str = "../conf") -> Callable[[Call
         return entry
 
     return decorate
+
+
+def command_line_additions() -> list[str]:
+    """This job's ``+key=value`` overrides (none outside a Hydra run)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    return [str(o) for o in HydraConfig.get().overrides.task if str(o).startswith("+")]
+
+
+def config_groups(conf: Path) -> set[str]:
+    """The config groups a command can add with ``+group=option``: the folders of its config directory."""
+    return {p.name for p in conf.resolve().iterdir() if p.is_dir()} if conf.is_dir() else set()
 
 
 def refuse_renamed_options(overrides: Sequence[str]) -> None:

@@ -49,15 +49,25 @@ def register() -> None:
         store.store(group="schema", name=name, node=schema)
 
 
-def check_known_keys(cfg: Any) -> None:
+def check_known_keys(cfg: Any, added: list[str] | None = None, groups: Any = ()) -> None:
     """A key added with ``+`` on the command line (``+train.bach_size=8``) is not checked by Hydra against the
-    node's schema: refused here, before any work, naming the key and the ones the node has."""
+    node's schema: refused here, before any work, naming the key and the ones the node has. ``added``: the
+    command line's ``+key=value`` overrides; a new top-level key (``+run_nmae=x``) is no option of any command
+    and is refused too, unless it names a config group (``groups``: ``+experiment=...``)."""
     from dataclasses import fields
 
     from omegaconf import OmegaConf
 
     from hybrid_retrieval.config_error import ConfigError
     from hybrid_retrieval.upgrade import typed_nodes
+
+    for override in added or []:
+        key = override.lstrip("+").split("=", 1)[0]
+        if override.startswith("+") and not override.startswith("++") and "." not in key and "@" not in key \
+                and key.split("/")[0] not in groups:
+            options = sorted(str(k) for k in cfg.keys() if k != key)
+            raise ConfigError(f"{key}: not an option of this command (added with +{key}=); its options are: "
+                              f"{', '.join(options)}")
 
     for path, schema in typed_nodes(cfg):
         known = {field.name for field in fields(schema)}

@@ -214,6 +214,20 @@ def test_a_key_added_with_plus_is_refused_before_any_work() -> None:
             check_known_keys(composed([override]))
 
 
+def test_a_top_level_key_added_with_plus_is_refused_unless_it_names_a_group() -> None:
+    from hybrid_retrieval.cli import config_groups
+    from hybrid_retrieval.schemas import check_known_keys
+
+    groups = config_groups(Path(CONF))
+    assert {"experiment", "dataset", "model"} <= groups
+    cfg = composed(["+run_nmae=x"])
+    with pytest.raises(ConfigError, match=r"run_nmae: not an option of this command .*run_name, sampler"):
+        check_known_keys(cfg, ["+run_nmae=x"], groups)
+    check_known_keys(composed(["+index=flat"]), ["+index=flat"], groups)  # a group the command does not use
+    check_known_keys(composed(["+dataset@extra_datasets.t=tatoeba"]), ["+dataset@extra_datasets.t=tatoeba"], groups)
+    check_known_keys(composed(["+callbacks.extra=null"]), ["+callbacks.extra=null"], groups)  # an untyped node
+
+
 def test_a_renamed_option_is_refused_naming_the_new_one() -> None:
     import subprocess
     import sys
