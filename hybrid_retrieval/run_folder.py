@@ -120,7 +120,8 @@ class RunPlan:
         return self.folder / LAST_CHECKPOINT if self.resumed else None
 
 
-def _job_folder() -> Path:
+def job_folder() -> Path:
+    """This job's Hydra run folder (the current folder outside Hydra)."""
     from hybrid_retrieval.tracking import job_context
 
     return Path(job_context()["output_dir"])
@@ -139,9 +140,9 @@ def plan_run(cfg: DictConfig) -> RunPlan:
     (finished jobs are skipped by :func:`finished_job`)."""
     value = cfg.train.get("resume")
     if not value:
-        return RunPlan(lock_run_folder(_job_folder()))
+        return RunPlan(lock_run_folder(job_folder()))
     if value == "auto":
-        folder = lock_run_folder(_job_folder())
+        folder = lock_run_folder(job_folder())
         if not _resumable(folder):
             return RunPlan(folder)
     elif value == "last":
@@ -242,7 +243,7 @@ def finished_job(cfg: DictConfig) -> float | None:
     command is refused here without marking the finished run's folder failed."""
     if cfg.train.get("resume") != "auto":
         return None
-    folder = _job_folder()
+    folder = job_folder()
     status = folder / STATUS_FILE
     if not (status.is_file() and (folder / RUN_INFO).is_file()):
         return None
@@ -254,13 +255,6 @@ def finished_job(cfg: DictConfig) -> float | None:
 
 
 # ------------------------------------------------------------------------------------------------ a command's output
-
-
-def job_folder() -> Path:
-    """This job's Hydra run folder (the current folder outside Hydra)."""
-    from hybrid_retrieval.tracking import job_context
-
-    return Path(job_context()["output_dir"])
 
 
 def output_folder(cfg: DictConfig, option: str = "output", subfolder: str | None = None) -> Path:

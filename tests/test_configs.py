@@ -300,15 +300,15 @@ def test_the_trainer_options_are_lightning_trainer_arguments_with_lightnings_def
     assert not set_by_the_project & {field.name for field in dataclasses.fields(TrainerConfig)}
 
 
-def test_the_adapt_schema_holds_exactly_the_mlm_settings() -> None:
+def test_the_adapt_schema_is_the_mlm_settings_with_method_and_text() -> None:
     import dataclasses
 
-    from hybrid_retrieval.adaptation.config import AdaptMlmConfig
-    from hybrid_retrieval.adaptation.mlm import MLMSettings
+    from hybrid_retrieval.adaptation.config import AdaptMlmConfig, MLMSettings
 
     schema = {f.name: f.default for f in dataclasses.fields(AdaptMlmConfig)}
     settings = {f.name: f.default for f in dataclasses.fields(MLMSettings)}
-    assert {k: v for k, v in schema.items() if k not in ("method", "text")} == settings
+    assert schema == {"method": "mlm", "text": None, **settings}
+    assert composed(["adapt=mlm", "adapt.steps=7"]).adapt.steps == 7
     with pytest.raises(Exception) as raised:
         composed(["adapt=none", "adapt.steps=5"])
     assert "adapt.steps" in str(raised.value)  # an option adapt=none would ignore is refused

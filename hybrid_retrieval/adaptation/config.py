@@ -1,9 +1,11 @@
 """The ``adapt`` node's schemas (``conf/adapt/*.yaml``): Hydra refuses an unknown key or a wrong type while composing.
-``adaptation/mlm.py`` checks the ranges and the ``text`` source's options before any work; its ``MLMSettings`` are
-these options (a test keeps the two equal)."""
+:class:`MLMSettings` are the MLM stage's options; ``adapt=mlm``'s schema is they plus ``method`` and ``text`` (the
+unlabelled text). ``adaptation/mlm.py`` checks the ranges and the text source's options before any work."""
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,16 +17,12 @@ class AdaptNoneConfig:
     method: str = "none"
 
 
-@dataclass
-class AdaptMlmConfig:
-    """Masked-language-model adaptation (``adapt=mlm``, ``adapt=mlm_target``); ``conf/adapt/mlm.yaml`` says what each
-    option does."""
+@dataclass(frozen=True)
+class MLMSettings:
+    """The MLM options of ``conf/adapt/mlm.yaml`` (their meaning: that file and ``adaptation/mlm.py``)."""
 
-    method: str = "mlm"
-    text: Any = None                      # the unlabelled text: {source, name, unit, languages, root, path, ...}
     steps: int = 100
     head_warmup_steps: int = 50
-    head: str = "auto"                    # auto | new
     batch_size: int = 16
     max_length: int = 128
     lr: float = 5e-5
@@ -39,8 +37,16 @@ class AdaptMlmConfig:
     heldout_size: int = 64
     heldout_mask_seed: int = 1234
     freeze_embeddings: bool = False
+    head: str = "auto"
     log_every: int = 10
     seed: int = 42
 
+
+# ``adapt=mlm`` / ``adapt=mlm_target``: the MLM settings, the method and the text ({source, name, unit, ...}).
+AdaptMlmConfig = dataclasses.make_dataclass(
+    "AdaptMlmConfig",
+    [("method", str, dataclasses.field(default="mlm")), ("text", Any, dataclasses.field(default=None)),
+     *((f.name, typing.get_type_hints(MLMSettings)[f.name], dataclasses.field(default=f.default))
+       for f in dataclasses.fields(MLMSettings))])
 
 SCHEMAS = {"adapt": AdaptNoneConfig, "adapt_mlm": AdaptMlmConfig}

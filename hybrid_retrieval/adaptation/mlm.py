@@ -38,7 +38,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,7 @@ import torch
 from torch import nn
 
 from hybrid_retrieval.config_error import BadValue
+from hybrid_retrieval.adaptation.config import MLMSettings
 from hybrid_retrieval.kernels.unpadded import packed_forward, unsupported_reason
 from hybrid_retrieval.progress import Progress
 
@@ -61,31 +62,6 @@ LogMetrics = Callable[[Mapping[str, float], int], None]
 
 class AdaptConfigError(ValueError):
     """An ``adapt`` option that cannot work; the message names it and what was expected."""
-
-
-@dataclass(frozen=True)
-class MLMSettings:
-    """The MLM options of ``conf/adapt/mlm.yaml`` (their meaning: the module docstring)."""
-
-    steps: int = 100
-    head_warmup_steps: int = 50
-    batch_size: int = 16
-    max_length: int = 128
-    lr: float = 5e-5
-    head_lr: float = 1e-3
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.1
-    grad_clip: float = 1.0
-    masking_rate: float = 0.15
-    whole_word: bool = False
-    mask_token_prob: float = 0.8
-    random_token_prob: float = 0.1
-    heldout_size: int = 64
-    heldout_mask_seed: int = 1234
-    freeze_embeddings: bool = False
-    head: str = "auto"
-    log_every: int = 10
-    seed: int = 42
 
 
 def _check(condition: bool, option: str, expected: str, value: Any) -> None:
