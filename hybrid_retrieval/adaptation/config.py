@@ -48,5 +48,6 @@ AdaptMlmConfig = dataclasses.make_dataclass(
     [("method", str, dataclasses.field(default="mlm")), ("text", Any, dataclasses.field(default=None)),
      *((f.name, typing.get_type_hints(MLMSettings)[f.name], dataclasses.field(default=f.default))
        for f in dataclasses.fields(MLMSettings))])
+AdaptMlmConfig.__module__ = __name__
 
 SCHEMAS = {"adapt": AdaptNoneConfig, "adapt_mlm": AdaptMlmConfig}
