@@ -15,7 +15,7 @@ from typing import Any
 
 def schemas() -> dict[str, Any]:
     """ConfigStore name -> its schema dataclass."""
-    from hybrid_retrieval.adaptation.config import SCHEMAS as ADAPT
+    from hybrid_retrieval.adaptation.config import AdaptConfig
     from hybrid_retrieval.data.config import SCHEMAS as TRAIN_DATA
     from hybrid_retrieval.evaluation.config import SCHEMAS as DATASETS
     from hybrid_retrieval.hardware import HardwareConfig
@@ -27,16 +27,15 @@ def schemas() -> dict[str, Any]:
 
     return {"hardware": HardwareConfig, "logger": LoggerConfig, "loss": InfoNCELossConfig, "matryoshka": MatryoshkaConfig,
             "distill": DistillConfig, "model": ModelConfig, "sampler": SamplerConfig, "train": TrainConfig, "trainer": TrainerConfig, **DATASETS,
-            **TRAIN_DATA, **ADAPT}
+            **TRAIN_DATA, "adapt": AdaptConfig}
 
 
 # Nodes with one schema per kind of group file: ``dataset_miracl`` types the ``dataset`` node.
-KINDED_NODES = ("dataset", "train_data", "adapt")
+KINDED_NODES = ("dataset", "train_data")
 
 
 def node_of(name: str) -> str:
-    """The config node a schema types: ``dataset_miracl`` -> ``dataset``, ``train_data_hf`` -> ``train_data``,
-    ``adapt_mlm`` -> ``adapt``."""
+    """The config node a schema types: ``dataset_miracl`` -> ``dataset``, ``train_data_hf`` -> ``train_data``."""
     return next((node for node in KINDED_NODES if name.startswith(f"{node}_")), name)
 
 

@@ -111,8 +111,7 @@ KIND_SCHEMAS = {"dataset": {"xquad_r": "dataset_lareqa", "xquad_r_slice": "datas
                             "mlqa_r_selection": "dataset_lareqa_selection", "tatoeba": "dataset_tatoeba",
                             "miracl": "dataset_miracl"},
                 "train_data": {"hf": "train_data_hf", "jsonl": "train_data_file", "parquet": "train_data_file",
-                               "mmarco": "train_data_mmarco"},
-                "adapt": {"mlm": "adapt_mlm", "mlm_target": "adapt_mlm"}}
+                               "mmarco": "train_data_mmarco"}}
 
 
 @pytest.mark.parametrize("command", ["config", "evaluate", "encode", "export", "adapt", "search", "mine", "mteb",
@@ -168,6 +167,7 @@ def test_an_extra_evaluation_set_is_typed_by_its_own_schema() -> None:
     ("trainer.max_steps=many", "trainer.max_steps", "Integer"),
     ("train_data=hf train_data.split=[a,b]", "train_data.split", "str"),
     ("adapt=mlm adapt.steps=many", "adapt.steps", "Integer"),
+    ("adapt=none adapt.steps=many", "adapt.steps", "Integer"),
     ("dataset.max_questions_per_language=all", "dataset.max_questions_per_language", "Integer"),
     ("dataset=miracl dataset.top_k=many", "dataset.top_k", "Integer")])
 def test_a_wrong_type_is_refused_at_composition_naming_the_key(override: str, key: str, expected: str) -> None:
@@ -300,15 +300,25 @@ def test_the_trainer_options_are_lightning_trainer_arguments_with_lightnings_def
     assert not set_by_the_project & {field.name for field in dataclasses.fields(TrainerConfig)}
 
 
-def test_the_adapt_schema_is_the_mlm_settings_with_method_and_text() -> None:
+def test_the_adapt_schema_is_the_mlm_settings_with_method_and_text(caplog: pytest.LogCaptureFixture) -> None:
     import dataclasses
+    import logging
 
-    from hybrid_retrieval.adaptation.config import AdaptMlmConfig, MLMSettings
+    from hybrid_retrieval.adaptation.config import AdaptConfig, MLMSettings
+    from hybrid_retrieval.adaptation.mlm import check_adapt_config
 
-    schema = {f.name: f.default for f in dataclasses.fields(AdaptMlmConfig)}
+    schema = {f.name: f.default for f in dataclasses.fields(AdaptConfig)}
     settings = {f.name: f.default for f in dataclasses.fields(MLMSettings)}
-    assert schema == {"method": "mlm", "text": None, **settings}
+    assert schema == {"method": "none", "text": None, **settings}
     assert composed(["adapt=mlm", "adapt.steps=7"]).adapt.steps == 7
     with pytest.raises(Exception) as raised:
-        composed(["adapt=none", "adapt.steps=5"])
-    assert "adapt.steps" in str(raised.value)  # an option adapt=none would ignore is refused
+        composed(["adapt=mlm", "adapt.step=7"])
+    assert "adapt.step" in str(raised.value)
+    # A sweep over adapt=none,mlm sets the MLM options once: adapt=none takes them and says it does not use them.
+    with caplog.at_level(logging.INFO, logger="hybrid_retrieval.adaptation.mlm"):
+        assert check_adapt_config(composed(["adapt=none", "adapt.steps=5"]).adapt) is None
+    assert "adapt=none: adapt.steps not used" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="hybrid_retrieval.adaptation.mlm"):
+        check_adapt_config(composed(["adapt=none"]).adapt)
+    assert "not used" not in caplog.text

@@ -241,7 +241,7 @@ def test_a_run_and_its_resume_resolve_train_resume_and_check_each_option_once(tm
     import run
     from hybrid_retrieval import run_folder
     from hybrid_retrieval.adaptation import mlm
-    from hybrid_retrieval.training import config as config_checks
+    from hybrid_retrieval.training import config as training_config
     from hybrid_retrieval.training import train as train_module
 
     calls: Counter[str] = Counter()
@@ -255,7 +255,7 @@ def test_a_run_and_its_resume_resolve_train_resume_and_check_each_option_once(tm
 
         monkeypatch.setattr(module, name, counted)
 
-    for module, name in [(config_checks, "check_train_config"), (train_module, "check_train_config"),
+    for module, name in [(training_config, "check_train_config"), (train_module, "check_train_config"),
                          (run_folder, "plan_run"), (train_module, "plan_run"), (run_folder, "check_same_config"),
                          (mlm, "check_adapt_config")]:
         count(module, name)

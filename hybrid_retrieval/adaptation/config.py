@@ -1,6 +1,7 @@
-"""The ``adapt`` node's schemas (``conf/adapt/*.yaml``): Hydra refuses an unknown key or a wrong type while composing.
-:class:`MLMSettings` are the MLM stage's options; ``adapt=mlm``'s schema is they plus ``method`` and ``text`` (the
-unlabelled text). ``adaptation/mlm.py`` checks the ranges and the text source's options before any work."""
+"""The ``adapt`` node's schema (``conf/adapt/*.yaml``): Hydra refuses an unknown key or a wrong type while composing.
+:class:`MLMSettings` are the MLM stage's options; the schema is they plus ``method`` and ``text`` (the unlabelled
+text), for ``adapt=none`` too, so that a sweep over ``adapt=none,mlm`` can set the MLM options once (``none`` logs
+the ones it does not use). ``adaptation/mlm.py`` checks the ranges and the text source's options before any work."""
 
 from __future__ import annotations
 
@@ -8,13 +9,6 @@ import dataclasses
 import typing
 from dataclasses import dataclass
 from typing import Any
-
-
-@dataclass
-class AdaptNoneConfig:
-    """No adaptation stage (``adapt=none``)."""
-
-    method: str = "none"
 
 
 @dataclass(frozen=True)
@@ -42,12 +36,10 @@ class MLMSettings:
     seed: int = 42
 
 
-# ``adapt=mlm`` / ``adapt=mlm_target``: the MLM settings, the method and the text ({source, name, unit, ...}).
-AdaptMlmConfig = dataclasses.make_dataclass(
-    "AdaptMlmConfig",
-    [("method", str, dataclasses.field(default="mlm")), ("text", Any, dataclasses.field(default=None)),
+# The method (none | mlm), the text ({source, name, unit, ...}) and the MLM settings.
+AdaptConfig = dataclasses.make_dataclass(
+    "AdaptConfig",
+    [("method", str, dataclasses.field(default="none")), ("text", Any, dataclasses.field(default=None)),
      *((f.name, typing.get_type_hints(MLMSettings)[f.name], dataclasses.field(default=f.default))
        for f in dataclasses.fields(MLMSettings))])
-AdaptMlmConfig.__module__ = __name__
-
-SCHEMAS = {"adapt": AdaptNoneConfig, "adapt_mlm": AdaptMlmConfig}
+AdaptConfig.__module__ = __name__

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -46,8 +47,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from hybrid_retrieval.config_error import BadValue
 from hybrid_retrieval.adaptation.config import MLMSettings
+from hybrid_retrieval.config_error import BadValue
 from hybrid_retrieval.kernels.unpadded import packed_forward, unsupported_reason
 from hybrid_retrieval.progress import Progress
 
@@ -56,6 +57,7 @@ __all__ = ["METHODS", "AdaptConfigError", "MLMHead", "MLMSettings", "adapt_encod
            "split_heldout", "train_mlm", "unigram_log_prior", "warm_up_head"]
 
 METHODS = ("none", "mlm")
+log = logging.getLogger(__name__)
 HEADS = ("auto", "new")
 LogMetrics = Callable[[Mapping[str, float], int], None]
 
@@ -134,6 +136,11 @@ def check_adapt_config(adapt_cfg: Any, eval_datasets: Sequence[str] = ()) -> MLM
     method = cfg.get("method")
     _check(method in METHODS, "method", f"one of {METHODS}", method)
     if method == "none":
+        defaults = {f.name: f.default for f in fields(MLMSettings)}
+        unused = sorted(k for k, v in cfg.items()
+                        if (k == "text" and v is not None) or (k in defaults and v != defaults[k]))
+        if unused:  # a sweep over adapt=none,mlm sets the MLM options for both arms
+            log.info("adapt=none: %s not used (no adaptation stage)", ", ".join(f"adapt.{k}" for k in unused))
         return None
     if not isinstance(cfg.get("text"), Mapping):
         raise AdaptConfigError(f"adapt.text={cfg.get('text')!r}: expected a mapping with at least `source` (see "

@@ -434,7 +434,7 @@ def load_encoder(
     ``truncate_dim`` an exported folder records).
     unpad: run the backbone on the real tokens only (:mod:`hybrid_retrieval.kernels.unpadded`; same embeddings to
     float rounding); architectures it does not cover run padded, with the reason logged once.
-    language_projection: its options are fitted on the loaded model by the commands (``cli.load_model``); here a
+    language_projection: its options are fitted on the loaded model by the commands (``models.source.load_model``); here a
     model folder's saved ``language_projection.npz`` is attached (:mod:`hybrid_retrieval.models.language_projection`).
     """
     check_truncate_dim(truncate_dim, None)  # its type, before anything loads; its size once the model is known
