@@ -94,9 +94,9 @@ def test_policies() -> None:
 
 TRAIN_DATA = ["mlqa_r", "xquad_r", "squad_mt", "mlqa_r_squad_mt"]
 NEEDS_FILES = {"jsonl", "parquet", "hf", "mmarco"}  # readers of the user's own files: nothing here to read
-DATASETS = ["xquad_r", "mlqa_r", "mlqa_r_selection", "tatoeba", "miracl"]
+DATASETS = ["xquad_r", "xquad_r_slice", "mlqa_r", "mlqa_r_selection", "tatoeba", "miracl"]
 # evaluation set -> the training data that holds its texts (a set trained and evaluated on itself)
-SOURCE = {"xquad_r": {"xquad_r"}, "mlqa_r": {"mlqa_r", "mlqa_r_squad_mt"},
+SOURCE = {"xquad_r": {"xquad_r"}, "xquad_r_slice": {"xquad_r"}, "mlqa_r": {"mlqa_r", "mlqa_r_squad_mt"},
           "mlqa_r_selection": {"mlqa_r", "mlqa_r_squad_mt"}, "tatoeba": set(), "miracl": set()}
 
 
