@@ -19,13 +19,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from hybrid_retrieval import tracking
-from hybrid_retrieval.adaptation.mlm import (
-    AdaptConfigError,
-    adapt_encoder,
-    adapt_tags,
-    check_adapt_config,
-    load_adapt_texts,
-)
+from hybrid_retrieval.adaptation.mlm import (AdaptConfigError, adapt_encoder, adapt_tags, check_adapt_config,
+                                             load_adapt_texts)
 from hybrid_retrieval.cli import hydra_main
 from hybrid_retrieval.data.fingerprint import texts_data
 from hybrid_retrieval.hardware import check_device, torch_device

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = ["BadValue", "ConfigError", "FolderExpected", "MissingPath", "NoPermission", "NotAFile", "UserError",
-           "require"]
+           "positive_int", "require"]
 
 
 class UserError:
@@ -54,3 +54,8 @@ def require(condition: bool, option: str, expected: str, value: Any) -> None:
     """Raise ``ConfigError("<option>=<value>: expected <expected>")`` unless `condition`."""
     if not condition:
         raise ConfigError(f"{option}={value!r}: expected {expected}")
+
+
+def positive_int(value: Any) -> bool:
+    """An int above 0 (not a bool)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0

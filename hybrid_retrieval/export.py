@@ -17,12 +17,8 @@ from omegaconf import DictConfig
 from hybrid_retrieval import tracking
 from hybrid_retrieval.cli import hydra_main
 from hybrid_retrieval.config_error import ConfigError
-from hybrid_retrieval.models.checkpoint import (
-    TrainingCheckpoint,
-    encoder_from_checkpoint,
-    merge_with_start,
-    read_checkpoint,
-)
+from hybrid_retrieval.models.checkpoint import (TrainingCheckpoint, encoder_from_checkpoint, merge_with_start,
+                                                read_checkpoint)
 from hybrid_retrieval.models.model_folder import export_encoder, run_card
 from hybrid_retrieval.models.loading import SETTINGS_FILE
 from hybrid_retrieval.models.publish import REPO_ID, push_folder

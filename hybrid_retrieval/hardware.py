@@ -121,10 +121,7 @@ def encode_dtype(hardware: Any) -> Any:
 
 def check_hardware(hardware: Any) -> None:
     """What the schema's types cannot say: ranges and allowed values, before any work."""
-    from hybrid_retrieval.config_error import require
-
-    def positive_int(value: Any) -> bool:
-        return isinstance(value, int) and not isinstance(value, bool) and value > 0
+    from hybrid_retrieval.config_error import positive_int, require
 
     require(positive_int(hardware.get("num_threads")), "hardware.num_threads", "a positive integer",
             hardware.get("num_threads"))

@@ -110,17 +110,9 @@ def run_mteb(cfg: DictConfig) -> dict[str, float]:
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     import mteb
 
-    from hybrid_retrieval.evaluation.mteb_tasks import (
-        MtebEncoder,
-        TaskDataError,
-        check_task_data,
-        embedding_cache,
-        encoder_settings,
-        main_scores,
-        model_meta,
-        resolve_tasks,
-        weights_revision,
-    )
+    from hybrid_retrieval.evaluation.mteb_tasks import (MtebEncoder, TaskDataError, check_task_data, embedding_cache,
+                                                         encoder_settings, main_scores, model_meta, resolve_tasks,
+                                                         weights_revision)
     from hybrid_retrieval.hardware import encode_dtype
     from hybrid_retrieval.models.source import load_model
 

@@ -25,9 +25,9 @@ def schemas() -> dict[str, Any]:
     from hybrid_retrieval.training.config import TrainConfig, TrainerConfig
     from hybrid_retrieval.training.sampler import SamplerConfig
 
-    return {"hardware": HardwareConfig, "logger": LoggerConfig, "loss": InfoNCELossConfig, "matryoshka": MatryoshkaConfig,
-            "distill": DistillConfig, "model": ModelConfig, "sampler": SamplerConfig, "train": TrainConfig, "trainer": TrainerConfig, **DATASETS,
-            **TRAIN_DATA, "adapt": AdaptConfig}
+    return {"hardware": HardwareConfig, "logger": LoggerConfig, "loss": InfoNCELossConfig,
+            "matryoshka": MatryoshkaConfig, "distill": DistillConfig, "model": ModelConfig, "sampler": SamplerConfig,
+            "train": TrainConfig, "trainer": TrainerConfig, "adapt": AdaptConfig, **DATASETS, **TRAIN_DATA}
 
 
 # Nodes with one schema per kind of group file: ``dataset_miracl`` types the ``dataset`` node.

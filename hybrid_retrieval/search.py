@@ -22,16 +22,8 @@ from hybrid_retrieval.cli import hydra_main
 from hybrid_retrieval.config_error import ConfigError
 from hybrid_retrieval.data.fingerprint import describe_file
 from hybrid_retrieval.data.text_files import TEXT_COLUMNS, TextFile, read_texts
-from hybrid_retrieval.evaluation.index import (
-    PassageIndex,
-    build_index,
-    load_index,
-    read_manifest,
-    resolve_index_spec,
-    save_index,
-    write_search_results,
-    write_trec_run,
-)
+from hybrid_retrieval.evaluation.index import (PassageIndex, build_index, load_index, read_manifest, resolve_index_spec,
+                                               save_index, write_search_results, write_trec_run)
 from hybrid_retrieval.hardware import check_device, check_hardware
 from hybrid_retrieval.models.source import check_model_source, encode_texts, load_model, model_source
 from hybrid_retrieval.run_folder import output_folder

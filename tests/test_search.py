@@ -16,15 +16,8 @@ from omegaconf import OmegaConf
 from hybrid_retrieval.config_error import ConfigError
 from hybrid_retrieval.data.lareqa import LareqaSplit, load_split
 from hybrid_retrieval.data.text_files import InputFileError, read_texts
-from hybrid_retrieval.evaluation.index import (
-    IndexConfigError,
-    build_index,
-    load_index,
-    resolve_index_spec,
-    save_index,
-    write_search_results,
-    write_trec_run,
-)
+from hybrid_retrieval.evaluation.index import (IndexConfigError, build_index, load_index, resolve_index_spec,
+                                               save_index, write_search_results, write_trec_run)
 from hybrid_retrieval.evaluation.ranks import relevant_ranks
 from hybrid_retrieval.models.encoder import Encoder
 

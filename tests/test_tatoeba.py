@@ -13,14 +13,8 @@ import pytest
 from sklearn.metrics import average_precision_score, ndcg_score
 
 from hybrid_retrieval.data.sources import DataNotFoundError
-from hybrid_retrieval.data.tatoeba import (
-    LANGUAGES,
-    LOW_RESOURCE,
-    PAIR_COUNTS,
-    TatoebaFormatError,
-    check_tatoeba_options,
-    load_tatoeba,
-)
+from hybrid_retrieval.data.tatoeba import (LANGUAGES, LOW_RESOURCE, PAIR_COUNTS, TatoebaFormatError,
+                                           check_tatoeba_options, load_tatoeba)
 from hybrid_retrieval.evaluation.tatoeba import evaluate_pair, evaluate_tatoeba_embeddings, evaluate_tatoeba_encoder
 from hybrid_retrieval.schemas import load_node
 

@@ -34,17 +34,8 @@ from pathlib import Path
 
 from hybrid_retrieval.config_error import BadValue
 from hybrid_retrieval.data.jsonl import json_objects
-from hybrid_retrieval.data.sources import (
-    DATA_ENV,
-    VERIFY_ENV,
-    DataChecksumError,
-    DataNotFoundError,
-    cached_sha256,
-    default_cache_dir,
-    offline,
-    sort_out_languages,
-    verify_enabled,
-)
+from hybrid_retrieval.data.sources import (DATA_ENV, VERIFY_ENV, DataChecksumError, DataNotFoundError, cached_sha256,
+                                           default_cache_dir, offline, sort_out_languages, verify_enabled)
 
 __all__ = ["CORPUS_REPO", "LANGUAGES", "MiraclFormatError", "MiraclLanguage", "Passage", "check_languages",
            "corpus_dir", "corpus_shards", "find_topics_dir", "iter_passages", "load_language", "passage_text",

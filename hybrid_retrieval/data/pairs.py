@@ -34,17 +34,8 @@ import pyarrow.compute as pc
 
 from hybrid_retrieval.config_error import BadValue
 from hybrid_retrieval.data.lareqa import PASSAGE_TEXTS, Paragraph, check_holdout, format_passage
-from hybrid_retrieval.data.pair_store import (
-    META,
-    Chunk,
-    cached_store,
-    content_digest,
-    open_index,
-    open_rows,
-    read_meta,
-    store_folder,
-    store_key,
-)
+from hybrid_retrieval.data.pair_store import (META, Chunk, cached_store, content_digest, open_index, open_rows,
+                                              read_meta, store_folder, store_key)
 
 __all__ = [
     "PASSAGE_TEXTS",

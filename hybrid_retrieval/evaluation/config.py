@@ -9,7 +9,7 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig
 
-from hybrid_retrieval.config_error import ConfigError, require
+from hybrid_retrieval.config_error import ConfigError, positive_int, require
 
 
 @dataclass
@@ -65,10 +65,6 @@ SCHEMAS = {"dataset_lareqa": LareqaDatasetConfig, "dataset_lareqa_selection": La
            "dataset_tatoeba": TatoebaDatasetConfig, "dataset_miracl": MiraclDatasetConfig}
 
 
-def _positive_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
-
 def check_dataset(dataset: DictConfig, option: str = "dataset") -> None:
     from hybrid_retrieval.data.lareqa import PASSAGE_TEXTS
     from hybrid_retrieval.data.sources import check_languages
@@ -94,7 +90,7 @@ def check_dataset(dataset: DictConfig, option: str = "dataset") -> None:
     except (ValueError, KeyError) as error:
         raise ConfigError(f"{option}: {error}") from error
     cap = dataset.get("max_questions_per_language")
-    require(cap is None or _positive_int(cap), f"{option}.max_questions_per_language",
+    require(cap is None or positive_int(cap), f"{option}.max_questions_per_language",
              "null or a positive integer", cap)
     require(dataset.get("passage_text") in PASSAGE_TEXTS, f"{option}.passage_text",
              f"one of {PASSAGE_TEXTS}", dataset.get("passage_text"))

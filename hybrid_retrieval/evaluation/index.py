@@ -28,7 +28,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from hybrid_retrieval.config_error import BadValue, MissingPath
+from hybrid_retrieval.config_error import BadValue, MissingPath, positive_int
 
 
 class CandidateIndex:
@@ -94,10 +94,6 @@ class IndexConfigError(ValueError):
     """An index config FAISS cannot build for these passages; the message names the option (``index.*``)."""
 
 
-def _positive_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
-
 def default_nlist(count: int) -> int:
     """IVF lists for `count` passages when ``index.nlist`` is null: about 4·√n (FAISS's rule of thumb), at
     least 1, and small enough that every list gets about 39 training points, as FAISS asks."""
@@ -127,9 +123,9 @@ def resolve_index_spec(spec: Mapping[str, Any] | None, count: int | None = None,
         if key in ("type", "factory", "seed", "rerank"):
             continue
         if key in nullable:
-            if value is not None and not _positive_int(value):
+            if value is not None and not positive_int(value):
                 raise IndexConfigError(f"index.{key}={value!r}: expected null or a positive integer")
-        elif not _positive_int(value):
+        elif not positive_int(value):
             raise IndexConfigError(f"index.{key}={value!r}: expected a positive integer")
     if "seed" in resolved and (isinstance(resolved["seed"], bool) or not isinstance(resolved["seed"], int)):
         raise IndexConfigError(f"index.seed={resolved['seed']!r}: expected an integer")
@@ -210,7 +206,7 @@ def _check_queries(query_emb: np.ndarray, dim: int, k: Any) -> np.ndarray:
     query_emb = np.ascontiguousarray(query_emb, dtype=np.float32)
     if query_emb.ndim != 2 or query_emb.shape[1] != dim:
         raise BadValue(f"query embeddings have shape {query_emb.shape}; the index expects (n, {dim})")
-    if not _positive_int(k):
+    if not positive_int(k):
         raise BadValue(f"top_k={k!r}: expected a positive integer")
     return query_emb
 

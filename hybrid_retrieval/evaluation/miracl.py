@@ -31,17 +31,11 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from hybrid_retrieval.config_error import BadValue
+from hybrid_retrieval.config_error import BadValue, positive_int
 from hybrid_retrieval.data import miracl as data
 from hybrid_retrieval.evaluation.corpus import encode_corpus, encoder_fingerprint, remove_embeddings
-from hybrid_retrieval.evaluation.index import (
-    IndexConfigError,
-    build_index,
-    load_index,
-    read_manifest,
-    resolve_index_spec,
-    save_index,
-)
+from hybrid_retrieval.evaluation.index import (IndexConfigError, build_index, load_index, read_manifest,
+                                               resolve_index_spec, save_index)
 from hybrid_retrieval.evaluation.ir import METRICS, evaluate_run, mean_metrics, run_from_arrays, write_run
 from hybrid_retrieval.evaluation.result import NOT_SAVED, RetrievalResult
 from hybrid_retrieval.evaluation.sets import EvaluationSet, SetTexts
@@ -69,10 +63,6 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _positive_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
-
 def check_config(dataset: Any) -> None:
     """Check ``conf/dataset/miracl.yaml``'s options without reading any data; ValueError names the option."""
     data.check_languages(_plain(dataset.get("languages")))
@@ -81,17 +71,17 @@ def check_config(dataset: Any) -> None:
         raise BadValue(f"dataset.split={split!r}: expected one of {data.SPLITS}")
     for key in ("max_corpus_passages", "max_topics_per_language"):
         value = dataset.get(key)
-        if value is not None and not _positive_int(value):
+        if value is not None and not positive_int(value):
             raise BadValue(f"dataset.{key}={value!r}: expected null (all) or a positive integer")
     top_k = dataset.get("top_k", MIN_TOP_K)
-    if not _positive_int(top_k) or top_k < MIN_TOP_K:
+    if not positive_int(top_k) or top_k < MIN_TOP_K:
         raise BadValue(f"dataset.top_k={top_k!r}: expected an integer >= {MIN_TOP_K} (Recall@100 is computed on "
                          "the retrieved list)")
     how = dataset.get("passage_text", "title_text")
     if how not in data.PASSAGE_TEXTS:
         raise BadValue(f"dataset.passage_text={how!r}: expected one of {data.PASSAGE_TEXTS}")
     shard_size = dataset.get("shard_size", 20000)
-    if not _positive_int(shard_size):
+    if not positive_int(shard_size):
         raise BadValue(f"dataset.shard_size={shard_size!r}: expected a positive integer (passages per embedding "
                          "shard)")
     for key in ("root", "corpus_root"):

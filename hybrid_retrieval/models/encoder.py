@@ -35,16 +35,9 @@ from hybrid_retrieval.config_error import BadValue
 from hybrid_retrieval.kernels.onednn import onednn_linears
 from hybrid_retrieval.kernels.unpadded import packed_forward, unsupported_reason
 from hybrid_retrieval.models.dense import build_dense, dense_linear, save_dense
-from hybrid_retrieval.models.loading import (
-    ModelNotFoundError,
-    check_tokenizer_files,
-    folder_matryoshka,
-    load_backbone,
-    load_tokenizer,
-    merge_folder_settings,
-    random_backbone,
-    resolve_hub_folder,
-)
+from hybrid_retrieval.models.loading import (ModelNotFoundError, check_tokenizer_files, folder_matryoshka,
+                                             load_backbone, load_tokenizer, merge_folder_settings, random_backbone,
+                                             resolve_hub_folder)
 
 __all__ = ["Encoder", "ModelNotFoundError", "check_unpad", "cosine", "load_encoder", "plan_batches"]
 

@@ -154,13 +154,8 @@ def _complete_model_folder(folder: Path) -> bool:
 def _hub_failure_reason(err: BaseException) -> str:
     """A short reason for a failed hub look-up or download: offline, not found, or a network error."""
     from huggingface_hub import constants
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        HfHubHTTPError,
-        OfflineModeIsEnabled,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
+    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, OfflineModeIsEnabled, RepositoryNotFoundError,
+                                        RevisionNotFoundError)
 
     seen: set[int] = set()
     chain: list[BaseException] = []

@@ -10,7 +10,7 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig
 
-from hybrid_retrieval.config_error import ConfigError, require
+from hybrid_retrieval.config_error import ConfigError, positive_int, require
 
 
 @dataclass
@@ -67,10 +67,6 @@ class TrainerConfig:
     profiler: Optional[str] = None              # simple | advanced | pytorch
     detect_anomaly: bool = False
     reload_dataloaders_every_n_epochs: int = 0
-
-
-def _positive_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def check_monitor(cfg: DictConfig) -> None:
@@ -136,7 +132,7 @@ def check_train_config(cfg: DictConfig) -> None:
         ratio = cfg.sampler.get("mono_ratio")
         require(isinstance(ratio, (int, float)) and 0.0 <= float(ratio) <= 1.0, "sampler.mono_ratio",
                 "a number in [0, 1] (1 = monolingual batches only, 0 = cross-lingual only)", ratio)
-    require(_positive_int(cfg.train.batch_size), "train.batch_size", "a positive integer", cfg.train.batch_size)
+    require(positive_int(cfg.train.batch_size), "train.batch_size", "a positive integer", cfg.train.batch_size)
     require(cfg.model.get("language_projection") is None, "model.language_projection",
              "null in training (it is fitted on a trained model: python -m hybrid_retrieval.evaluate "
              "checkpoint=<run folder>/checkpoints/best.ckpt model.language_projection={rank: r})",
@@ -187,7 +183,7 @@ def check_train_config(cfg: DictConfig) -> None:
     except ValueError as error:
         raise ConfigError(str(error)) from error
     chunk = cfg.train.get("grad_cache_chunk")
-    require(chunk is None or _positive_int(chunk), "train.grad_cache_chunk", "null or a positive integer", chunk)
+    require(chunk is None or positive_int(chunk), "train.grad_cache_chunk", "null or a positive integer", chunk)
     if chunk is not None:
         accumulate = cfg.trainer.get("accumulate_grad_batches", 1)
         require(accumulate == 1, "trainer.accumulate_grad_batches", "1 with train.grad_cache_chunk (gradient "

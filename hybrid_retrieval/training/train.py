@@ -25,23 +25,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from hybrid_retrieval import tracking
 from hybrid_retrieval.evaluation.sets import describe, write_reports
-from hybrid_retrieval.hardware import (
-    encode_dtype,
-    encode_dtype_name,
-    set_attention_backends,
-    trainer_precision,
-    uses_gpu,
-)
+from hybrid_retrieval.hardware import (encode_dtype, encode_dtype_name, set_attention_backends, trainer_precision,
+                                       uses_gpu)
 from hybrid_retrieval.models.model_folder import run_card
 from hybrid_retrieval.run_folder import CHECKPOINTS, RunPlan, plan_run, record_best, write_run_info
-from hybrid_retrieval.training.callbacks import (
-    BatchLog,
-    BestCheckpoint,
-    RankWatch,
-    ResumeCheckpoint,
-    RunFolderCheckpointIO,
-    TrackedRunLogger,
-)
+from hybrid_retrieval.training.callbacks import (BatchLog, BestCheckpoint, RankWatch, ResumeCheckpoint,
+                                                 RunFolderCheckpointIO, TrackedRunLogger)
 from hybrid_retrieval.training.config import check_train_config
 from hybrid_retrieval.training.datamodule import HybridDataModule
 from hybrid_retrieval.training.inputs import TrainingInputs, load_training_inputs
